@@ -1,0 +1,16 @@
+//! Names of the empty programs `ws1-probe check` loads and attaches to learn which hooks this
+//! kernel allows. They live in the same object as the collectors, so a passing check means the
+//! collectors' program types load too.
+
+/// Program names in the eBPF object, one per hook kind.
+pub const PROBE_TRACEPOINT: &str = "check_tracepoint";
+pub const PROBE_RAW_TP: &str = "check_raw_tp";
+pub const PROBE_TP_BTF: &str = "check_tp_btf";
+pub const PROBE_KPROBE: &str = "check_kprobe";
+pub const PROBE_FENTRY: &str = "check_fentry";
+pub const PROBE_UPROBE: &str = "check_uprobe";
+pub const PROBE_PERF_EVENT: &str = "check_perf_event";
+/// An empty raw tracepoint pair on sys_enter/sys_exit: the floor of any syscall collector,
+/// measured by `cargo xtask bench syscalls`.
+pub const FLOOR_SYS_ENTER: &str = "floor_sys_enter";
+pub const FLOOR_SYS_EXIT: &str = "floor_sys_exit";

@@ -1,0 +1,107 @@
+//! Kernel programs of ws1-probe. This file holds entry points only: each is a thin wrapper that
+//! calls a `try_*` function of its probe module and turns errors into a return value, so kernel
+//! code never panics. Maps and logic live in the probe modules.
+#![no_std]
+#![no_main]
+
+mod syscalls;
+mod targets;
+
+use aya_ebpf::{
+    macros::{btf_tracepoint, fentry, kprobe, perf_event, raw_tracepoint, tracepoint, uprobe},
+    programs::{
+        BtfTracePointContext, FEntryContext, PerfEventContext, ProbeContext, RawTracePointContext,
+        TracePointContext,
+    },
+};
+
+// --- process targeting ---
+
+#[tracepoint]
+pub fn task_newtask(ctx: TracePointContext) -> u32 {
+    targets::try_task_newtask(&ctx).unwrap_or(0)
+}
+
+#[tracepoint]
+pub fn sched_process_exec(ctx: TracePointContext) -> u32 {
+    targets::try_sched_process_exec(&ctx).unwrap_or(0)
+}
+
+#[tracepoint]
+pub fn sched_process_exit(ctx: TracePointContext) -> u32 {
+    targets::try_sched_process_exit(&ctx).unwrap_or(0)
+}
+
+// --- syscall latency ---
+
+#[raw_tracepoint(tracepoint = "sys_enter")]
+pub fn sys_enter(ctx: RawTracePointContext) -> i32 {
+    // Raw tracepoint arguments of sys_enter: (struct pt_regs *regs, long id).
+    syscalls::try_sys_enter(ctx.arg::<u64>(1))
+}
+
+#[raw_tracepoint(tracepoint = "sys_exit")]
+pub fn sys_exit(ctx: RawTracePointContext) -> i32 {
+    // Raw tracepoint arguments of sys_exit: (struct pt_regs *regs, long ret).
+    syscalls::try_sys_exit(ctx.arg::<i64>(1))
+}
+
+// --- hook probes for `ws1-probe check` and the benchmark floor ---
+
+#[tracepoint]
+pub fn check_tracepoint(_ctx: TracePointContext) -> u32 {
+    0
+}
+
+#[raw_tracepoint]
+pub fn check_raw_tp(_ctx: RawTracePointContext) -> i32 {
+    0
+}
+
+#[btf_tracepoint(function = "sched_process_exit")]
+pub fn check_tp_btf(_ctx: BtfTracePointContext) -> i32 {
+    0
+}
+
+#[kprobe]
+pub fn check_kprobe(_ctx: ProbeContext) -> u32 {
+    0
+}
+
+#[fentry(function = "do_exit")]
+pub fn check_fentry(_ctx: FEntryContext) -> u32 {
+    0
+}
+
+#[uprobe]
+pub fn check_uprobe(_ctx: ProbeContext) -> u32 {
+    0
+}
+
+#[perf_event]
+pub fn check_perf_event(_ctx: PerfEventContext) -> u32 {
+    0
+}
+
+#[raw_tracepoint(tracepoint = "sys_enter")]
+pub fn floor_sys_enter(_ctx: RawTracePointContext) -> i32 {
+    0
+}
+
+#[raw_tracepoint(tracepoint = "sys_exit")]
+pub fn floor_sys_exit(_ctx: RawTracePointContext) -> i32 {
+    0
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    // Unreachable: the verifier rejects any program with a reachable loop like this one, so a
+    // program that loads cannot panic.
+    loop {}
+}
+
+/// GPL-compatible licence, required for bpf_probe_read_kernel and the ring buffer helpers.
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

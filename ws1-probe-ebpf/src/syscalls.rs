@@ -1,0 +1,166 @@
+//! Syscall latency: raw tracepoints on sys_enter/sys_exit.
+//!
+//! sys_enter records the start time of a targeted thread's syscall; sys_exit folds the duration
+//! into a per-CPU histogram keyed by (service, syscall) and counts `-errno` returns. O(1) work
+//! per event, nothing streamed.
+
+use aya_ebpf::{
+    bindings::BPF_NOEXIST,
+    helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns},
+    macros::map,
+    maps::{Array, HashMap, PerCpuHashMap},
+};
+use ws1_probe_common::{
+    hist::{
+        DEFAULT_EXPORT_BOUNDS_NS, EXPORT_BOUND_SLOTS, LatencyHist, export_index, fine_index,
+        pad_bounds,
+    },
+    syscalls::{
+        ERROR_ENTRIES, HIST_ENTRIES, MAX_ERRNO, START_ENTRIES, SyscallErrorKey, SyscallKey,
+        SyscallStart,
+    },
+    targets::DropReason,
+};
+
+use crate::targets::{count_drop, service_of};
+
+#[inline(always)]
+fn now_ns() -> u64 {
+    // SAFETY: bpf_ktime_get_ns has no preconditions; aya marks every raw helper unsafe.
+    unsafe { bpf_ktime_get_ns() }
+}
+
+/// tid → syscall in flight.
+#[map]
+static SYSCALL_START: HashMap<u32, SyscallStart> = HashMap::with_max_entries(START_ENTRIES, 0);
+
+/// (service, syscall) → latency histogram, per CPU.
+#[map]
+static SYSCALL_HIST: PerCpuHashMap<SyscallKey, LatencyHist> =
+    PerCpuHashMap::with_max_entries(HIST_ENTRIES, 0);
+
+/// (service, syscall, errno) → failed calls, per CPU.
+#[map]
+static SYSCALL_ERRORS: PerCpuHashMap<SyscallErrorKey, u64> =
+    PerCpuHashMap::with_max_entries(ERROR_ENTRIES, 0);
+
+/// One zeroed histogram: the source value for new `SYSCALL_HIST` entries, which are too large for
+/// the 512-byte BPF stack.
+#[map]
+static HIST_ZERO: Array<LatencyHist> = Array::with_max_entries(1, 0);
+
+/// Prometheus `le` bounds in nanoseconds, padded with `u64::MAX`; the agent may override them.
+#[unsafe(no_mangle)]
+static SYSCALL_BOUNDS_NS: [u64; EXPORT_BOUND_SLOTS] = pad_bounds(&DEFAULT_EXPORT_BOUNDS_NS);
+
+#[inline(always)]
+pub fn try_sys_enter(nr: u64) -> i32 {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let Some(service) = service_of((pid_tgid >> 32) as u32) else {
+        return 0;
+    };
+    let start = SyscallStart {
+        ts_ns: now_ns(),
+        nr: nr as u32,
+        service,
+    };
+    if SYSCALL_START.insert(pid_tgid as u32, start, 0).is_err() {
+        count_drop(DropReason::SyscallStartFull);
+    }
+    0
+}
+
+#[inline(always)]
+pub fn try_sys_exit(ret: i64) -> i32 {
+    let tid = bpf_get_current_pid_tgid() as u32;
+    let Some(start) = SYSCALL_START.get_ptr(tid) else {
+        return 0;
+    };
+    // SAFETY: pointer from a successful lookup; copied out before the entry is removed.
+    let start = unsafe { *start };
+    let _ = SYSCALL_START.remove(tid);
+    let duration = now_ns().saturating_sub(start.ts_ns);
+    let key = SyscallKey {
+        service: start.service,
+        nr: start.nr,
+    };
+    record(&key, duration);
+    if ret < 0 && ret.unsigned_abs() <= MAX_ERRNO {
+        count_error(&SyscallErrorKey {
+            service: start.service,
+            nr: start.nr,
+            errno: ret.unsigned_abs() as u32,
+            _pad: 0,
+        });
+    }
+    0
+}
+
+#[inline(always)]
+fn record(key: &SyscallKey, duration: u64) {
+    let hist = match SYSCALL_HIST.get_ptr_mut(key) {
+        Some(hist) => hist,
+        None => {
+            let Some(zero) = HIST_ZERO.get(0) else {
+                return;
+            };
+            // BPF_NOEXIST: another CPU may have created it meanwhile; then the lookup below
+            // finds that entry.
+            let _ = SYSCALL_HIST.insert(key, zero, BPF_NOEXIST as u64);
+            match SYSCALL_HIST.get_ptr_mut(key) {
+                Some(hist) => hist,
+                None => {
+                    count_drop(DropReason::SyscallHistFull);
+                    return;
+                }
+            }
+        }
+    };
+    // SAFETY: bounds are a global the loader may have rewritten; read once per event.
+    let bounds = unsafe { &*core::ptr::addr_of!(SYSCALL_BOUNDS_NS) };
+    let export = export_index(bounds, duration);
+    let fine = fine_index(duration);
+    // SAFETY: the per-CPU value of this CPU; programs do not migrate while they run, and the
+    // indices are checked by `get_mut`.
+    unsafe {
+        let hist = &mut *hist;
+        hist.count += 1;
+        hist.sum_ns += duration;
+        if duration > hist.max_ns {
+            hist.max_ns = duration;
+        }
+        if let Some(bucket) = hist.export.get_mut(export) {
+            *bucket += 1;
+        }
+        if let Some(bucket) = hist.fine.get_mut(fine) {
+            *bucket += 1;
+        }
+    }
+}
+
+#[inline(always)]
+fn count_error(key: &SyscallErrorKey) {
+    if let Some(count) = SYSCALL_ERRORS.get_ptr_mut(key) {
+        // SAFETY: per-CPU value of this CPU.
+        unsafe { *count += 1 };
+        return;
+    }
+    if SYSCALL_ERRORS
+        .insert(key, 1u64, BPF_NOEXIST as u64)
+        .is_err()
+    {
+        // Lost a race with another CPU creating the same key, or the map is full.
+        match SYSCALL_ERRORS.get_ptr_mut(key) {
+            // SAFETY: per-CPU value of this CPU.
+            Some(count) => unsafe { *count += 1 },
+            None => count_drop(DropReason::SyscallErrorsFull),
+        }
+    }
+}
+
+/// Forgets a thread's in-flight syscall when it exits (exit and exit_group never return, so
+/// their sys_exit never fires).
+#[inline(always)]
+pub fn forget_thread(tid: u32) {
+    let _ = SYSCALL_START.remove(tid);
+}
