@@ -1,0 +1,468 @@
+//! The TOML configuration file and the precedence that turns defaults, file, environment and
+//! flags into one [`Settings`]: built-in defaults < file < environment < flags.
+//!
+//! ```toml
+//! [agent]
+//! listen = "127.0.0.1:9479"
+//!
+//! [[service]]
+//! name = "trading-engine"
+//! match = { comm = "^trading-engine$", cgroup = "/system.slice/trading.service" }
+//! ```
+
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+};
+
+use serde::Deserialize;
+use toml::Spanned;
+use ws1_probe_common::hist::{DEFAULT_EXPORT_BOUNDS_NS, EXPORT_BOUND_SLOTS};
+
+use super::{
+    Rule, TargetSpec,
+    selector::{CGROUP_ROOT, regex_reason},
+};
+
+/// Default listen address of the agent (loopback: the agent runs as root).
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:9479";
+/// Environment variable naming the config file.
+pub const ENV_CONFIG: &str = "WS1_PROBE_CONFIG";
+/// Environment variable overriding the listen address.
+pub const ENV_LISTEN: &str = "WS1_PROBE_LISTEN";
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    #[serde(default)]
+    pub agent: AgentSection,
+    #[serde(default)]
+    pub histogram: HistogramSection,
+    #[serde(default, rename = "service")]
+    pub services: Vec<ServiceSection>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentSection {
+    pub listen: Option<Spanned<String>>,
+    pub bpf_stats: Option<bool>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HistogramSection {
+    /// Prometheus `le` bounds in seconds, ascending.
+    pub buckets_seconds: Option<Spanned<Vec<f64>>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceSection {
+    pub name: Spanned<String>,
+    #[serde(rename = "match")]
+    pub matches: Spanned<MatchSection>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MatchSection {
+    pub comm: Option<Spanned<String>>,
+    pub exe: Option<Spanned<String>>,
+    pub cgroup: Option<String>,
+    pub pid: Option<u32>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}:{line}:{column}: {message}")]
+    Parse {
+        path: PathBuf,
+        line: usize,
+        column: usize,
+        message: String,
+    },
+    #[error("{path}:{line}: {field}: {reason}")]
+    Invalid {
+        path: PathBuf,
+        line: usize,
+        field: String,
+        reason: String,
+    },
+    #[error("{source_name} {field}: {reason}")]
+    BadValue {
+        source_name: String,
+        field: &'static str,
+        reason: String,
+    },
+}
+
+/// Settings given on the command line; `None` means "not given".
+#[derive(Clone, Debug, Default)]
+pub struct FlagOverrides {
+    pub config: Option<PathBuf>,
+    pub listen: Option<String>,
+    pub bpf_stats: bool,
+}
+
+/// Everything the agent and CLI need to know, resolved.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub listen: SocketAddr,
+    pub bpf_stats: bool,
+    /// Prometheus `le` bounds in nanoseconds (ascending, at most `EXPORT_BOUND_SLOTS`).
+    pub bounds_ns: Vec<u64>,
+    pub targets: TargetSpec,
+    pub config_path: Option<PathBuf>,
+}
+
+/// Parses a config file's text; `path` only names it in errors.
+pub fn parse(path: &Path, text: &str) -> Result<FileConfig, ConfigError> {
+    toml::from_str(text).map_err(|err| {
+        let (line, column) = err
+            .span()
+            .map(|span| line_col(text, span.start))
+            .unwrap_or((1, 1));
+        ConfigError::Parse {
+            path: path.to_owned(),
+            line,
+            column,
+            message: err.message().replace('\n', " "),
+        }
+    })
+}
+
+/// 1-based line and column of a byte offset.
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+    (line, column)
+}
+
+/// Turns the file's services into rules, checking every field.
+pub fn service_rules(path: &Path, text: &str, cfg: &FileConfig) -> Result<Vec<Rule>, ConfigError> {
+    let invalid = |offset: usize, field: &str, reason: String| ConfigError::Invalid {
+        path: path.to_owned(),
+        line: line_col(text, offset).0,
+        field: field.to_owned(),
+        reason,
+    };
+    let mut rules = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    for svc in &cfg.services {
+        let name = svc.name.get_ref();
+        let name_at = svc.name.span().start;
+        if name.is_empty() || name == "other" {
+            return Err(invalid(
+                name_at,
+                "service.name",
+                format!("`{name}` is reserved or empty: pick another name"),
+            ));
+        }
+        if !seen.insert(name.clone()) {
+            return Err(invalid(
+                name_at,
+                "service.name",
+                format!("duplicate service `{name}`"),
+            ));
+        }
+        let m = svc.matches.get_ref();
+        let mut rule = Rule::labeled(Some(name.clone()));
+        rule.pid = m.pid;
+        if let Some(comm) = &m.comm {
+            rule.comm = Some(regex::Regex::new(comm.get_ref()).map_err(|e| {
+                invalid(
+                    comm.span().start,
+                    "match.comm",
+                    format!("invalid regex: {}", regex_reason(&e)),
+                )
+            })?);
+        }
+        if let Some(exe) = &m.exe {
+            rule.exe = Some(regex::Regex::new(exe.get_ref()).map_err(|e| {
+                invalid(
+                    exe.span().start,
+                    "match.exe",
+                    format!("invalid regex: {}", regex_reason(&e)),
+                )
+            })?);
+        }
+        if let Some(cgroup) = &m.cgroup {
+            let rel = cgroup.strip_prefix(CGROUP_ROOT).unwrap_or(cgroup);
+            rule.cgroup = Some(format!("/{}", rel.trim_matches('/')));
+        }
+        if rule.is_empty() {
+            return Err(invalid(
+                svc.matches.span().start,
+                "service.match",
+                format!("service `{name}` matches nothing: give comm, exe, cgroup or pid"),
+            ));
+        }
+        rules.push(rule);
+    }
+    Ok(rules)
+}
+
+/// Converts configured bucket bounds in seconds to nanoseconds, checking order and count.
+pub fn bounds_from_seconds(secs: &[f64]) -> Result<Vec<u64>, String> {
+    if secs.is_empty() || secs.len() > EXPORT_BOUND_SLOTS - 1 {
+        return Err(format!(
+            "give between 1 and {} bounds",
+            EXPORT_BOUND_SLOTS - 1
+        ));
+    }
+    let mut out = Vec::with_capacity(secs.len());
+    for &s in secs {
+        if !(s.is_finite() && s > 0.0) {
+            return Err(format!("bound {s} is not a positive number of seconds"));
+        }
+        let ns = (s * 1e9).round() as u64;
+        if out.last().is_some_and(|prev| *prev >= ns) {
+            return Err("bounds must be strictly ascending".to_owned());
+        }
+        out.push(ns);
+    }
+    Ok(out)
+}
+
+/// Resolves defaults < file < environment < flags. `selectors` are the CLI's `--pid/--comm/
+/// --cgroup` rules; when given they replace the file's services.
+pub fn resolve(
+    flags: &FlagOverrides,
+    selectors: Vec<Rule>,
+    env: impl Fn(&str) -> Option<String>,
+) -> Result<Settings, ConfigError> {
+    let config_path = flags
+        .config
+        .clone()
+        .or_else(|| env(ENV_CONFIG).filter(|s| !s.is_empty()).map(PathBuf::from));
+    let (file, text) = match &config_path {
+        Some(path) => {
+            let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                path: path.clone(),
+                source,
+            })?;
+            (parse(path, &text)?, text)
+        }
+        None => (FileConfig::default(), String::new()),
+    };
+    let path = config_path.clone().unwrap_or_default();
+
+    let mut listen = (DEFAULT_LISTEN.to_owned(), "default".to_owned());
+    if let Some(l) = &file.agent.listen {
+        listen = (
+            l.get_ref().clone(),
+            format!("{}:{}", path.display(), line_col(&text, l.span().start).0),
+        );
+    }
+    if let Some(l) = env(ENV_LISTEN).filter(|s| !s.is_empty()) {
+        listen = (l, ENV_LISTEN.to_owned());
+    }
+    if let Some(l) = &flags.listen {
+        listen = (l.clone(), "--listen".to_owned());
+    }
+    let listen_addr: SocketAddr = listen.0.parse().map_err(|_| ConfigError::BadValue {
+        source_name: listen.1.clone(),
+        field: "listen",
+        reason: format!("`{}` is not an address like 127.0.0.1:9479", listen.0),
+    })?;
+
+    let bounds_ns = match &file.histogram.buckets_seconds {
+        Some(b) => bounds_from_seconds(b.get_ref()).map_err(|reason| ConfigError::Invalid {
+            path: path.clone(),
+            line: line_col(&text, b.span().start).0,
+            field: "histogram.buckets_seconds".to_owned(),
+            reason,
+        })?,
+        None => DEFAULT_EXPORT_BOUNDS_NS.to_vec(),
+    };
+
+    let file_rules = service_rules(&path, &text, &file)?;
+    let targets = if !selectors.is_empty() {
+        TargetSpec::Rules(selectors)
+    } else if !file_rules.is_empty() {
+        TargetSpec::Rules(file_rules)
+    } else {
+        TargetSpec::Host
+    };
+
+    Ok(Settings {
+        listen: listen_addr,
+        bpf_stats: flags.bpf_stats || file.agent.bpf_stats.unwrap_or(false),
+        bounds_ns,
+        targets,
+        config_path,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+[agent]
+listen = "127.0.0.1:9600"
+
+[[service]]
+name = "trading-engine"
+match = { comm = "^trading", cgroup = "/sys/fs/cgroup/system.slice/trading.service" }
+
+[[service]]
+name = "risk"
+match = { exe = "/opt/ws1/bin/risk$", pid = 77 }
+"#;
+
+    fn write_tmp(name: &str, text: &str) -> PathBuf {
+        let p = std::env::temp_dir().join(format!("ws1-cfg-{}-{name}.toml", std::process::id()));
+        std::fs::write(&p, text).unwrap();
+        p
+    }
+
+    fn no_env(_: &str) -> Option<String> {
+        None
+    }
+
+    #[test]
+    fn parses_services() {
+        let path = Path::new("ws1.toml");
+        let cfg = parse(path, GOOD).unwrap();
+        let rules = service_rules(path, GOOD, &cfg).unwrap();
+        assert_eq!(rules.len(), 2);
+        assert_eq!(rules[0].service.as_deref(), Some("trading-engine"));
+        assert_eq!(
+            rules[0].cgroup.as_deref(),
+            Some("/system.slice/trading.service")
+        );
+        assert!(rules[0].comm.as_ref().unwrap().is_match("trading-eng"));
+        assert_eq!(rules[1].pid, Some(77));
+    }
+
+    #[test]
+    fn unknown_field_names_file_line_and_field() {
+        let text = "[[service]]\nname = \"x\"\nmatch = { comn = \"a\" }\n";
+        let err = parse(Path::new("/etc/ws1.toml"), text)
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("/etc/ws1.toml:3:"), "{err}");
+        assert!(err.contains("unknown field `comn`"), "{err}");
+    }
+
+    #[test]
+    fn bad_regex_names_line_and_field() {
+        let text = "[[service]]\nname = \"x\"\nmatch = { comm = \"(\" }\n";
+        let path = Path::new("c.toml");
+        let cfg = parse(path, text).unwrap();
+        let err = service_rules(path, text, &cfg).unwrap_err().to_string();
+        assert!(
+            err.starts_with("c.toml:3: match.comm: invalid regex"),
+            "{err}"
+        );
+        assert!(!err.contains('\n'));
+    }
+
+    #[test]
+    fn empty_match_and_duplicates_rejected() {
+        let path = Path::new("c.toml");
+        let text = "[[service]]\nname = \"x\"\nmatch = {}\n";
+        let err = service_rules(path, text, &parse(path, text).unwrap()).unwrap_err();
+        assert!(err.to_string().contains("matches nothing"), "{err}");
+        let text = "[[service]]\nname = \"x\"\nmatch = {pid = 1}\n[[service]]\nname = \"x\"\nmatch = {pid = 2}\n";
+        let err = service_rules(path, text, &parse(path, text).unwrap()).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "c.toml:5: service.name: duplicate service `x`"
+        );
+    }
+
+    #[test]
+    fn precedence_default_file_env_flag() {
+        let p = write_tmp("prec", GOOD);
+        // Defaults only.
+        let s = resolve(&FlagOverrides::default(), vec![], no_env).unwrap();
+        assert_eq!(s.listen.to_string(), DEFAULT_LISTEN);
+        assert!(s.targets.is_host());
+        assert_eq!(s.bounds_ns, DEFAULT_EXPORT_BOUNDS_NS.to_vec());
+        // File beats defaults, and its services become the targets.
+        let flags = FlagOverrides {
+            config: Some(p.clone()),
+            ..Default::default()
+        };
+        let s = resolve(&flags, vec![], no_env).unwrap();
+        assert_eq!(s.listen.to_string(), "127.0.0.1:9600");
+        assert!(matches!(&s.targets, TargetSpec::Rules(r) if r.len() == 2));
+        // Environment beats the file; the config path may come from the environment too.
+        let env = |k: &str| match k {
+            ENV_LISTEN => Some("127.0.0.1:9700".to_owned()),
+            ENV_CONFIG => Some(p.to_string_lossy().into_owned()),
+            _ => None,
+        };
+        let s = resolve(&FlagOverrides::default(), vec![], env).unwrap();
+        assert_eq!(s.listen.to_string(), "127.0.0.1:9700");
+        assert_eq!(s.config_path.as_deref(), Some(p.as_path()));
+        // Flags beat everything; CLI selectors replace configured services.
+        let flags = FlagOverrides {
+            config: Some(p.clone()),
+            listen: Some("127.0.0.1:9800".into()),
+            bpf_stats: true,
+        };
+        let mut sel = Rule::labeled(None);
+        sel.pid = Some(1);
+        let s = resolve(&flags, vec![sel], env).unwrap();
+        assert_eq!(s.listen.to_string(), "127.0.0.1:9800");
+        assert!(s.bpf_stats);
+        assert!(matches!(&s.targets, TargetSpec::Rules(r) if r.len() == 1 && r[0].pid == Some(1)));
+        std::fs::remove_file(p).unwrap();
+    }
+
+    #[test]
+    fn bad_listen_and_missing_file() {
+        let flags = FlagOverrides {
+            listen: Some("localhost".into()),
+            ..Default::default()
+        };
+        let err = resolve(&flags, vec![], no_env).unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "--listen listen: `localhost` is not an address like 127.0.0.1:9479"
+        );
+        let flags = FlagOverrides {
+            config: Some("/nonexistent/ws1.toml".into()),
+            ..Default::default()
+        };
+        let err = resolve(&flags, vec![], no_env).unwrap_err().to_string();
+        assert!(
+            err.starts_with("cannot read config file /nonexistent/ws1.toml: "),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn bucket_bounds() {
+        assert_eq!(
+            bounds_from_seconds(&[0.001, 0.005]).unwrap(),
+            vec![1_000_000, 5_000_000]
+        );
+        assert!(bounds_from_seconds(&[0.005, 0.001]).is_err());
+        assert!(bounds_from_seconds(&[]).is_err());
+        assert!(bounds_from_seconds(&[-1.0]).is_err());
+        let text = "[histogram]\nbuckets_seconds = [2.0, 1.0]\n";
+        let p = write_tmp("buckets", text);
+        let flags = FlagOverrides {
+            config: Some(p.clone()),
+            ..Default::default()
+        };
+        let err = resolve(&flags, vec![], no_env).unwrap_err().to_string();
+        assert!(
+            err.ends_with(":2: histogram.buckets_seconds: bounds must be strictly ascending"),
+            "{err}"
+        );
+        std::fs::remove_file(p).unwrap();
+    }
+}

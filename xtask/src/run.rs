@@ -1,0 +1,95 @@
+//! `build`, `run` and `test`: thin wrappers over cargo that make sure bootstrap ran first.
+
+use std::{env, ffi::OsString};
+
+use anyhow::{Context as _, Result, bail};
+
+use crate::{
+    bootstrap,
+    util::{self, cargo, run_cmd},
+};
+
+/// `cargo build --release -p <packages>...`; public so `bench` can build what it measures.
+pub fn cargo_build_release(packages: &[&str]) -> Result<()> {
+    cargo_build(true, packages)
+}
+
+fn cargo_build(release: bool, packages: &[&str]) -> Result<()> {
+    let mut cmd = cargo();
+    cmd.arg("build");
+    if release {
+        cmd.arg("--release");
+    }
+    for package in packages {
+        cmd.args(["-p", package]);
+    }
+    run_cmd(&mut cmd)
+}
+
+pub fn build(release: bool) -> Result<()> {
+    bootstrap::run()?;
+    cargo_build(release, &["ws1-probe"])
+}
+
+/// Builds the agent and replaces this process with it (through sudo when not root), so signals
+/// such as Ctrl-C reach the agent directly.
+pub fn run(debug: bool, args: &[String]) -> Result<()> {
+    bootstrap::run()?;
+    cargo_build_release(&["ws1-probe"])?;
+    let agent = util::target_dir().join("release/ws1-probe");
+    let mut agent_args = vec![OsString::from("agent")];
+    agent_args.extend(args.iter().map(OsString::from));
+    // --debug only turns up the agent's logging (it reads RUST_LOG through tracing's EnvFilter);
+    // the build stays release because debug eBPF-loading userspace is not what we profile with.
+    let envs = if debug {
+        vec![("RUST_LOG", OsString::from("debug"))]
+    } else {
+        Vec::new()
+    };
+    Err(util::exec_as_root(&agent, &agent_args, &envs))
+}
+
+/// Unit tests (no root), then the privileged integration tests against the release binaries.
+pub fn test(args: &[String]) -> Result<()> {
+    bootstrap::run()?;
+
+    let mut unit = cargo();
+    // The tests crate needs root and built binaries; the eBPF crate only builds for BPF targets.
+    unit.args(["test", "--workspace", "--exclude", "ws1-probe-tests"])
+        .args(["--exclude", "ws1-probe-ebpf"]);
+    run_cmd(&mut unit).context("xtask test: unit tests failed")?;
+
+    let privileged = if util::is_root()? {
+        privileged_tests(args)?;
+        "privileged ok"
+    } else if in_ci() {
+        // A CI job that silently skips the tests that matter would pass for the wrong reason.
+        bail!("xtask test: privileged tests need root and CI is set: run the CI job as root");
+    } else {
+        eprintln!("skipping privileged tests - not root (run as root or set up sudo)");
+        "privileged skipped (not root)"
+    };
+    eprintln!("xtask test: unit ok, {privileged}");
+    Ok(())
+}
+
+fn privileged_tests(args: &[String]) -> Result<()> {
+    let mut build = cargo();
+    build.args(["build", "--release", "-p", "ws1-probe", "-p", "ws1-probe-tests", "--bins"]);
+    run_cmd(&mut build).context("xtask test: building binaries for privileged tests failed")?;
+
+    let release = util::target_dir().join("release");
+    let mut test = cargo();
+    test.args(["test", "--release", "-p", "ws1-probe-tests", "--"])
+        // One at a time: the tests attach kernel programs and share tracefs/perf state.
+        .arg("--test-threads=1")
+        .args(args)
+        .env("WS1_PROBE_BIN", release.join("ws1-probe"))
+        .env("WS1_WORKLOAD_BIN", release.join("ws1-workload"));
+    run_cmd(&mut test).context("xtask test: privileged tests failed")
+}
+
+/// CI systems set CI=true (or 1); treat empty/"false"/"0" as unset.
+fn in_ci() -> bool {
+    env::var("CI").is_ok_and(|v| !matches!(v.trim(), "" | "0" | "false" | "FALSE" | "False"))
+}
