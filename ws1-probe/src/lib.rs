@@ -1,5 +1,12 @@
 //! ws1-probe library: everything the `ws1-probe` binary does, as testable pieces.
 
+pub mod collectors;
+pub mod ebpf;
 pub mod histogram;
+pub mod metrics;
 pub mod names;
+pub mod preflight;
+pub mod probe;
+pub mod selfmetrics;
+pub mod server;
 pub mod targeting;

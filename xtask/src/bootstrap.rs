@@ -34,7 +34,9 @@ pub fn run() -> Result<()> {
 fn installed_toolchains() -> Result<Vec<String>> {
     let step = "rustup with the nightly toolchain";
     if find_in_path("rustup").is_none() {
-        bail!("rustup not found on PATH: install rustup (https://rustup.rs) and add ~/.cargo/bin to PATH");
+        bail!(
+            "rustup not found on PATH: install rustup (https://rustup.rs) and add ~/.cargo/bin to PATH"
+        );
     }
     let list = capture(Command::new("rustup").args(["toolchain", "list"]))
         .context("rustup is not working: check `rustup toolchain list`")?;
@@ -85,8 +87,14 @@ fn ensure_rust_src() -> Result<()> {
         return Ok(());
     }
     report(step, "installing");
-    run_cmd(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))
-        .context("rust-src: run `rustup component add rust-src --toolchain nightly`")?;
+    run_cmd(Command::new("rustup").args([
+        "component",
+        "add",
+        "rust-src",
+        "--toolchain",
+        "nightly",
+    ]))
+    .context("rust-src: run `rustup component add rust-src --toolchain nightly`")?;
     report(step, "done");
     Ok(())
 }
@@ -105,7 +113,9 @@ fn nightly_llvm() -> Result<NightlyLlvm> {
         .lines()
         .find_map(|line| line.strip_prefix("LLVM version:"))
         .map(str::trim)
-        .ok_or_else(|| anyhow!("`rustc +nightly -vV` reports no LLVM version: reinstall nightly"))?;
+        .ok_or_else(|| {
+            anyhow!("`rustc +nightly -vV` reports no LLVM version: reinstall nightly")
+        })?;
     let major = version
         .split('.')
         .next()
@@ -185,10 +195,13 @@ fn inspect_linker(expected_lib: &Path) -> Linker {
 
 fn ensure_bpf_linker(toolchains: &[String]) -> Result<()> {
     let llvm = nightly_llvm()?;
-    let step = format!("bpf-linker {BPF_LINKER_VERSION} for nightly's LLVM {}", llvm.major);
+    let step = format!(
+        "bpf-linker {BPF_LINKER_VERSION} for nightly's LLVM {}",
+        llvm.major
+    );
     match inspect_linker(&llvm.lib) {
-        Linker::Good(_) => {
-            report(&step, "already installed");
+        Linker::Good(path) => {
+            report(&step, &format!("already installed ({})", path.display()));
             return Ok(());
         }
         Linker::Missing => report(&step, "installing (not on PATH; takes ~1 min)"),
@@ -198,12 +211,20 @@ fn ensure_bpf_linker(toolchains: &[String]) -> Result<()> {
         ),
     }
     if !toolchains.iter().any(|t| t == "stable") {
-        bail!("stable toolchain not installed (bpf-linker is built with it): run `rustup toolchain install stable`");
+        bail!(
+            "stable toolchain not installed (bpf-linker is built with it): run `rustup toolchain install stable`"
+        );
     }
     let prefix = make_llvm_prefix(&llvm)?;
     let mut install = Command::new("cargo");
     install
-        .args(["+stable", "install", "bpf-linker", "--version", BPF_LINKER_VERSION])
+        .args([
+            "+stable",
+            "install",
+            "bpf-linker",
+            "--version",
+            BPF_LINKER_VERSION,
+        ])
         .args(["--no-default-features", "--features"])
         .arg(format!("llvm-{}", llvm.major))
         // --force: we only get here when an installed copy is missing, broken or the wrong
@@ -213,8 +234,8 @@ fn ensure_bpf_linker(toolchains: &[String]) -> Result<()> {
     run_cmd(&mut install).context("bpf-linker install failed: see the cargo output above")?;
 
     match inspect_linker(&llvm.lib) {
-        Linker::Good(_) => {
-            report(&step, "done");
+        Linker::Good(path) => {
+            report(&step, &format!("done ({})", path.display()));
             Ok(())
         }
         // The install succeeded, so PATH finds another or no copy: say where ours went.
@@ -229,7 +250,7 @@ fn ensure_bpf_linker(toolchains: &[String]) -> Result<()> {
     }
 }
 
-/// Where `cargo install` puts binaries: $CARGO_INSTALL_ROOT, else $CARGO_HOME, else ~/.cargo.
+/// Where `cargo install` puts binaries: `$CARGO_INSTALL_ROOT`, else `$CARGO_HOME`, else `~/.cargo`.
 fn cargo_install_root() -> Result<PathBuf> {
     for var in ["CARGO_INSTALL_ROOT", "CARGO_HOME"] {
         if let Some(dir) = env::var_os(var).filter(|d| !d.is_empty()) {
@@ -246,7 +267,7 @@ fn home() -> Result<PathBuf> {
         .ok_or_else(|| anyhow!("HOME is not set: set HOME (or XDG_DATA_HOME)"))
 }
 
-/// Builds the LLVM_PREFIX for llvm-sys: `lib/libLLVM.so` for the link step and
+/// Builds the `LLVM_PREFIX` for llvm-sys: `lib/libLLVM.so` for the link step and
 /// `lib/<SONAME file>` for the loader (bpf-linker's RUNPATH points at this lib dir). It lives
 /// outside target/ because the installed binary keeps loading through it after `cargo clean`.
 fn make_llvm_prefix(llvm: &NightlyLlvm) -> Result<PathBuf> {
@@ -254,7 +275,9 @@ fn make_llvm_prefix(llvm: &NightlyLlvm) -> Result<PathBuf> {
         Some(dir) if dir.is_absolute() => dir,
         _ => home()?.join(".local/share"),
     };
-    let prefix = data_home.join("ws1-probe").join(format!("llvm-{}", llvm.major));
+    let prefix = data_home
+        .join("ws1-probe")
+        .join(format!("llvm-{}", llvm.major));
     let lib_dir = prefix.join("lib");
     let step = format!("LLVM prefix {}", prefix.display());
     let file_name = llvm
@@ -265,8 +288,12 @@ fn make_llvm_prefix(llvm: &NightlyLlvm) -> Result<PathBuf> {
         .with_context(|| format!("cannot create {}: check permissions", lib_dir.display()))?;
     for name in [Path::new("libLLVM.so"), Path::new(file_name)] {
         let link = lib_dir.join(name);
-        replace_symlink(&llvm.lib, &link)
-            .with_context(|| format!("cannot create symlink {}: check permissions", link.display()))?;
+        replace_symlink(&llvm.lib, &link).with_context(|| {
+            format!(
+                "cannot create symlink {}: check permissions",
+                link.display()
+            )
+        })?;
     }
     report(&step, "ready");
     Ok(prefix)
@@ -275,10 +302,9 @@ fn make_llvm_prefix(llvm: &NightlyLlvm) -> Result<PathBuf> {
 fn replace_symlink(target: &Path, link: &Path) -> io::Result<()> {
     match fs::read_link(link) {
         Ok(current) if current == target => return Ok(()),
-        Ok(_) => fs::remove_file(link)?,
         Err(err) if err.kind() == io::ErrorKind::NotFound => {}
-        // Exists but is not a symlink (e.g. a stale copy): replace it too.
-        Err(_) => fs::remove_file(link)?,
+        // A symlink to elsewhere (an older nightly) or not a symlink at all: replace it.
+        Ok(_) | Err(_) => fs::remove_file(link)?,
     }
     std::os::unix::fs::symlink(target, link)
 }

@@ -1,1 +1,96 @@
-fn main() {}
+//! Developer tasks for ws1-probe: `cargo xtask <bootstrap|build|run|test|bench>`.
+//! Every subcommand bootstraps the toolchain first, so a fresh checkout needs only rustup.
+
+mod apt;
+mod bench;
+mod bootstrap;
+mod run;
+mod util;
+
+use std::{env, ffi::OsString, process::ExitCode};
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "cargo xtask",
+    bin_name = "cargo xtask",
+    about = "ws1-probe developer tasks"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Check/install nightly + rust-src and bpf-linker linked against nightly's libLLVM.
+    Bootstrap,
+    /// Build the agent (and its eBPF object).
+    Build {
+        #[arg(long)]
+        release: bool,
+    },
+    /// Build the agent (release) and run `ws1-probe agent <args>` as root.
+    Run {
+        /// Run the agent with RUST_LOG=debug.
+        #[arg(long)]
+        debug: bool,
+        /// Arguments for `ws1-probe agent`, after `--`.
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+    /// Unit tests, then privileged integration tests when root.
+    Test {
+        /// Extra arguments for the integration test binary (e.g. test name filters), after `--`.
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+    /// Run a benchmark as root.
+    Bench {
+        /// Which benchmark (e.g. syscalls).
+        what: String,
+        /// Arguments for the benchmark, after `--`.
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match dispatch(cli.command) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            // One line: the chain reads "<missing piece>: <fix>" and the failing command's
+            // output is already on the terminal above it.
+            let msg = format!("{err:#}");
+            eprintln!(
+                "error: {}",
+                msg.split_whitespace().collect::<Vec<_>>().join(" ")
+            );
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn dispatch(command: Cmd) -> Result<()> {
+    match command {
+        Cmd::Bootstrap => bootstrap::run(),
+        Cmd::Build { release } => run::build(release),
+        Cmd::Run { debug, args } => run::run(debug, &args),
+        Cmd::Test { args } => run::test(&args),
+        Cmd::Bench { what, args } => {
+            bootstrap::run()?;
+            if !util::is_root()? {
+                // Re-run this same xtask command as root; the marker skips a second bootstrap,
+                // whose toolchain belongs to this user and may not exist for root.
+                let exe = env::current_exe()?;
+                let args: Vec<OsString> = env::args_os().skip(1).collect();
+                let marker = (util::BOOTSTRAPPED_ENV, OsString::from("1"));
+                return Err(util::exec_as_root(&exe, &args, &[marker]));
+            }
+            bench::run(&what, &args)
+        }
+    }
+}

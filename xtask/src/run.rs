@@ -40,7 +40,7 @@ pub fn run(debug: bool, args: &[String]) -> Result<()> {
     let mut agent_args = vec![OsString::from("agent")];
     agent_args.extend(args.iter().map(OsString::from));
     // --debug only turns up the agent's logging (it reads RUST_LOG through tracing's EnvFilter);
-    // the build stays release because debug eBPF-loading userspace is not what we profile with.
+    // the build stays release so what runs is what gets deployed and measured.
     let envs = if debug {
         vec![("RUST_LOG", OsString::from("debug"))]
     } else {
@@ -75,7 +75,15 @@ pub fn test(args: &[String]) -> Result<()> {
 
 fn privileged_tests(args: &[String]) -> Result<()> {
     let mut build = cargo();
-    build.args(["build", "--release", "-p", "ws1-probe", "-p", "ws1-probe-tests", "--bins"]);
+    build.args([
+        "build",
+        "--release",
+        "-p",
+        "ws1-probe",
+        "-p",
+        "ws1-probe-tests",
+        "--bins",
+    ]);
     run_cmd(&mut build).context("xtask test: building binaries for privileged tests failed")?;
 
     let release = util::target_dir().join("release");

@@ -129,7 +129,9 @@ pub fn exec_as_root(program: &Path, args: &[OsString], envs: &[(&str, OsString)]
         cmd
     } else {
         let Some(sudo) = find_in_path("sudo") else {
-            return anyhow!("root privileges: not root and sudo is not installed: run this as root");
+            return anyhow!(
+                "root privileges: not root and sudo is not installed: run this as root"
+            );
         };
         let mut cmd = Command::new(sudo);
         // `-E` keeps RUST_LOG and friends; PATH goes through `env` because sudo's secure_path

@@ -80,6 +80,21 @@ impl Matcher {
         &self.spec
     }
 
+    /// Ids of the configured (named) services, which always keep their own label.
+    pub fn configured_ids(&self) -> Vec<u32> {
+        match &self.spec {
+            TargetSpec::Host => Vec::new(),
+            TargetSpec::Rules(rules) => {
+                let mut table = self.services.clone();
+                rules
+                    .iter()
+                    .filter_map(|r| r.service.as_deref())
+                    .map(|name| table.intern(name))
+                    .collect()
+            }
+        }
+    }
+
     pub fn services(&self) -> &ServiceTable {
         &self.services
     }
@@ -174,6 +189,7 @@ mod tests {
         let mut m = Matcher::new(TargetSpec::Rules(vec![trading, risk]));
         assert_eq!(m.services().name(1), "trading-engine");
         assert_eq!(m.services().name(2), "risk");
+        assert_eq!(m.configured_ids(), vec![1, 2]);
         let cg = "/system.slice/trading.service";
         assert_eq!(m.decide(&proc(10, "trader", "/x", cg)), Some(1));
         assert_eq!(m.decide(&proc(11, "trader", "/x", "/user.slice")), None);

@@ -1,0 +1,114 @@
+//! Syscall latency, userspace half: attaches sys_enter/sys_exit and reads the per-CPU
+//! histograms and error counters into a [`SyscallSnapshot`].
+
+use std::collections::BTreeMap;
+
+use aya::{
+    Ebpf,
+    maps::{HashMap, IterableMap, MapData, PerCpuHashMap},
+};
+use ws1_probe_common::{
+    hist::LatencyHist,
+    syscalls::{SyscallErrorKey, SyscallKey, SyscallStart},
+};
+
+use super::{MapUsage, capacity, take_map, typed};
+use crate::{
+    ebpf::{LoadError, attach_raw_tracepoint},
+    histogram::Histogram,
+};
+
+/// Everything the syscall probe has counted since it was attached.
+#[derive(Clone, Debug, Default)]
+pub struct SyscallSnapshot {
+    /// (service id, syscall nr) → latency histogram summed over CPUs.
+    pub hists: BTreeMap<(u32, u32), Histogram>,
+    /// (service id, syscall nr, errno) → failed calls.
+    pub errors: BTreeMap<(u32, u32, u32), u64>,
+}
+
+impl SyscallSnapshot {
+    /// Total calls per service id (the activity that ranks services in host mode).
+    pub fn calls_by_service(&self) -> BTreeMap<u32, u64> {
+        let mut out = BTreeMap::new();
+        for ((service, _), h) in &self.hists {
+            *out.entry(*service).or_insert(0) += h.count;
+        }
+        out
+    }
+
+    /// Histograms and error counts per syscall, summed over services.
+    pub fn by_syscall(&self) -> BTreeMap<u32, (Histogram, u64)> {
+        let mut out: BTreeMap<u32, (Histogram, u64)> = BTreeMap::new();
+        for ((_, nr), h) in &self.hists {
+            out.entry(*nr).or_default().0.add(h);
+        }
+        for ((_, nr, _), n) in &self.errors {
+            out.entry(*nr).or_default().1 += n;
+        }
+        out
+    }
+
+    /// Total observations.
+    pub fn total_calls(&self) -> u64 {
+        self.hists.values().map(|h| h.count).sum()
+    }
+}
+
+pub struct SyscallCollector {
+    hist: PerCpuHashMap<MapData, SyscallKey, LatencyHist>,
+    errors: PerCpuHashMap<MapData, SyscallErrorKey, u64>,
+    start: HashMap<MapData, u32, SyscallStart>,
+}
+
+impl SyscallCollector {
+    /// Attaches the raw tracepoints. Raw tracepoints are the cheapest syscall hook every kernel
+    /// since 4.17 offers (no fentry equivalent exists for the generic syscall path).
+    pub fn attach(ebpf: &mut Ebpf) -> Result<Self, LoadError> {
+        attach_raw_tracepoint(ebpf, "sys_enter", "sys_enter")?;
+        attach_raw_tracepoint(ebpf, "sys_exit", "sys_exit")?;
+        Ok(Self {
+            hist: typed("SYSCALL_HIST", take_map(ebpf, "SYSCALL_HIST")?)?,
+            errors: typed("SYSCALL_ERRORS", take_map(ebpf, "SYSCALL_ERRORS")?)?,
+            start: typed("SYSCALL_START", take_map(ebpf, "SYSCALL_START")?)?,
+        })
+    }
+
+    /// Reads both maps. Entries that disappear mid-walk are skipped.
+    pub fn snapshot(&self) -> SyscallSnapshot {
+        let mut snap = SyscallSnapshot::default();
+        for (key, per_cpu) in self.hist.iter().flatten() {
+            let h = snap.hists.entry((key.service, key.nr)).or_default();
+            for cpu in per_cpu.iter() {
+                h.add_kernel(cpu);
+            }
+        }
+        for (key, per_cpu) in self.errors.iter().flatten() {
+            *snap
+                .errors
+                .entry((key.service, key.nr, key.errno))
+                .or_insert(0) += per_cpu.iter().sum::<u64>();
+        }
+        snap
+    }
+
+    pub fn usage(&self) -> Vec<MapUsage> {
+        vec![
+            MapUsage {
+                map: "SYSCALL_START",
+                entries: self.start.keys().count() as u64,
+                capacity: capacity(self.start.map()),
+            },
+            MapUsage {
+                map: "SYSCALL_HIST",
+                entries: self.hist.keys().count() as u64,
+                capacity: capacity(self.hist.map()),
+            },
+            MapUsage {
+                map: "SYSCALL_ERRORS",
+                entries: self.errors.keys().count() as u64,
+                capacity: capacity(self.errors.map()),
+            },
+        ]
+    }
+}

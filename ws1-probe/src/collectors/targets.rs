@@ -1,0 +1,190 @@
+//! Process targeting, userspace half: fills `TARGETS` from a /proc scan, answers exec events the
+//! kernel could not decide, and caches per-comm decisions in `COMM_SERVICES`.
+
+use std::path::{Path, PathBuf};
+
+use aya::{
+    Ebpf,
+    maps::{HashMap, IterableMap, MapData, PerCpuArray, RingBuf},
+};
+use ws1_probe_common::targets::{Comm, DropReason, ExecEvent, SERVICE_NONE};
+
+use super::{MapUsage, capacity, take_map, typed};
+use crate::{
+    ebpf::{LoadError, attach_tracepoint},
+    targeting::{Matcher, ProcessInfo, process::list_pids},
+};
+
+/// Result of the start-up scan.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ScanSummary {
+    pub seen: usize,
+    pub targeted: usize,
+}
+
+pub struct Targets {
+    matcher: Matcher,
+    proc_root: PathBuf,
+    targets: HashMap<MapData, u32, u32>,
+    comm_services: HashMap<MapData, Comm, u32>,
+    drops: PerCpuArray<MapData, u64>,
+}
+
+impl Targets {
+    /// Attaches the fork/exec/exit programs. Do this before [`Targets::scan`] so that no process
+    /// forked during the scan is missed.
+    pub fn attach(
+        ebpf: &mut Ebpf,
+        matcher: Matcher,
+    ) -> Result<(Self, RingBuf<MapData>), LoadError> {
+        attach_tracepoint(ebpf, "task_newtask", "task", "task_newtask")?;
+        attach_tracepoint(ebpf, "sched_process_exec", "sched", "sched_process_exec")?;
+        attach_tracepoint(ebpf, "sched_process_exit", "sched", "sched_process_exit")?;
+        let targets = typed("TARGETS", take_map(ebpf, "TARGETS")?)?;
+        let comm_services = typed("COMM_SERVICES", take_map(ebpf, "COMM_SERVICES")?)?;
+        let drops = typed("DROPS", take_map(ebpf, "DROPS")?)?;
+        let ring = typed("EXEC_EVENTS", take_map(ebpf, "EXEC_EVENTS")?)?;
+        Ok((
+            Self {
+                matcher,
+                proc_root: PathBuf::from("/proc"),
+                targets,
+                comm_services,
+                drops,
+            },
+            ring,
+        ))
+    }
+
+    pub fn matcher(&self) -> &Matcher {
+        &self.matcher
+    }
+
+    /// Decides every existing process. Processes that vanish mid-scan are skipped.
+    pub fn scan(&mut self) -> std::io::Result<ScanSummary> {
+        let needs = self.matcher.needs();
+        let mut summary = ScanSummary::default();
+        for pid in list_pids(&self.proc_root)? {
+            let Ok(info) = ProcessInfo::read(&self.proc_root, pid, needs) else {
+                continue;
+            };
+            summary.seen += 1;
+            if let Some(service) = self.matcher.decide(&info) {
+                summary.targeted += 1;
+                self.set(pid, Some(service));
+            }
+        }
+        Ok(summary)
+    }
+
+    /// Re-decides a process after an exec the kernel could not decide alone.
+    pub fn handle_exec(&mut self, event: &ExecEvent) {
+        let comm = ProcessInfo::comm_from_kernel(&event.comm);
+        let needs = self.matcher.needs();
+        let info = if needs.exe || needs.cgroup {
+            match ProcessInfo::read(&self.proc_root, event.tgid, needs) {
+                Ok(mut info) => {
+                    info.comm = comm;
+                    info
+                }
+                // Gone already: its exit removed the entry.
+                Err(_) => return,
+            }
+        } else {
+            ProcessInfo {
+                pid: event.tgid,
+                comm,
+                exe: None,
+                cgroup: None,
+            }
+        };
+        let decision = self.matcher.decide(&info);
+        if decision != Some(event.prev_service) || event.prev_service == SERVICE_NONE {
+            self.set(event.tgid, decision);
+        }
+        if self.matcher.comm_only() {
+            // Later execs of this name are decided in the kernel.
+            let _ = self
+                .comm_services
+                .insert(event.comm, decision.unwrap_or(SERVICE_NONE), 0);
+        }
+    }
+
+    /// Drains pending exec events without blocking.
+    pub fn drain(&mut self, ring: &mut RingBuf<MapData>) -> usize {
+        let mut n = 0;
+        while let Some(item) = ring.next() {
+            if item.len() >= std::mem::size_of::<ExecEvent>() {
+                // SAFETY: the kernel wrote an ExecEvent (repr(C), any bit pattern valid); the
+                // read is unaligned-safe.
+                let event = unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<ExecEvent>()) };
+                drop(item);
+                self.handle_exec(&event);
+                n += 1;
+            }
+        }
+        n
+    }
+
+    fn set(&mut self, tgid: u32, service: Option<u32>) {
+        match service {
+            Some(service) => {
+                if let Err(err) = self.targets.insert(tgid, service, 0) {
+                    tracing::warn!("cannot target pid {tgid}: {err} (TARGETS full?)");
+                }
+            }
+            None => {
+                let _ = self.targets.remove(&tgid);
+            }
+        }
+    }
+
+    /// Targeted processes per service id (walks the map; called per scrape).
+    pub fn targeted_by_service(&self) -> std::collections::BTreeMap<u32, u64> {
+        let mut out = std::collections::BTreeMap::new();
+        for (_, service) in self.targets.iter().flatten() {
+            *out.entry(service).or_insert(0) += 1;
+        }
+        out
+    }
+
+    /// Whether `pid` has an entry in `TARGETS`.
+    pub fn is_targeted(&self, pid: u32) -> bool {
+        self.targets.get(&pid, 0).is_ok()
+    }
+
+    /// Dropped events per reason, summed over CPUs.
+    pub fn drops(&self) -> Vec<(DropReason, u64)> {
+        DropReason::ALL
+            .iter()
+            .map(|reason| {
+                let total = self
+                    .drops
+                    .get(&(*reason as u32), 0)
+                    .map(|per_cpu| per_cpu.iter().sum())
+                    .unwrap_or(0);
+                (*reason, total)
+            })
+            .collect()
+    }
+
+    pub fn usage(&self) -> Vec<MapUsage> {
+        vec![
+            MapUsage {
+                map: "TARGETS",
+                entries: self.targets.keys().count() as u64,
+                capacity: capacity(self.targets.map()),
+            },
+            MapUsage {
+                map: "COMM_SERVICES",
+                entries: self.comm_services.keys().count() as u64,
+                capacity: capacity(self.comm_services.map()),
+            },
+        ]
+    }
+
+    /// For tests: scan a different /proc.
+    pub fn set_proc_root(&mut self, root: &Path) {
+        self.proc_root = root.to_owned();
+    }
+}

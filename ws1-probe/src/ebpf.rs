@@ -1,0 +1,260 @@
+//! Loading the embedded eBPF object and attaching its programs, with errors that name the
+//! program, the hook and the fix.
+
+use std::path::Path;
+
+use aya::{
+    Ebpf, EbpfLoader,
+    programs::{Program, ProgramError, RawTracePoint, TracePoint},
+};
+use ws1_probe_common::{hist::EXPORT_BOUND_SLOTS, targets::TracepointOffsets};
+
+/// The kernel programs, built by build.rs from `ws1-probe-ebpf`.
+pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ws1-probe"));
+
+/// Where tracefs is normally mounted.
+pub const TRACEFS: &str = "/sys/kernel/tracing";
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("cannot load the eBPF object: {source}")]
+    Object {
+        #[source]
+        source: aya::EbpfError,
+    },
+    #[error("program {program} is missing from the eBPF object (rebuild with `cargo xtask build`)")]
+    MissingProgram { program: String },
+    #[error("map {map} is missing from the eBPF object (rebuild with `cargo xtask build`)")]
+    MissingMap { map: String },
+    #[error("the kernel verifier rejected program {program}: {tail}")]
+    Verifier { program: String, tail: String },
+    #[error("cannot load program {program}: {source}")]
+    Load {
+        program: String,
+        #[source]
+        source: ProgramError,
+    },
+    #[error("cannot attach program {program} to {hook}: {reason}")]
+    Attach {
+        program: String,
+        hook: String,
+        reason: String,
+    },
+    #[error("map {map}: {source}")]
+    Map {
+        map: String,
+        #[source]
+        source: aya::maps::MapError,
+    },
+}
+
+/// Load-time settings written into the object's globals (no recompiles).
+#[derive(Clone, Debug)]
+pub struct LoadOptions {
+    pub host_mode: bool,
+    pub offsets: TracepointOffsets,
+    pub bounds_ns: Vec<u64>,
+}
+
+/// Loads the object (maps are created; programs are loaded later, one by one, on attach).
+pub fn load(opts: &LoadOptions) -> Result<Ebpf, LoadError> {
+    let host_mode: u32 = opts.host_mode.into();
+    let mut bounds = [u64::MAX; EXPORT_BOUND_SLOTS];
+    for (slot, b) in bounds.iter_mut().zip(&opts.bounds_ns) {
+        *slot = *b;
+    }
+    EbpfLoader::new()
+        .override_global("HOST_MODE", &host_mode, true)
+        .override_global("TP_OFFSETS", &opts.offsets, true)
+        .override_global("SYSCALL_BOUNDS_NS", &bounds, true)
+        .load(OBJECT)
+        .map_err(|source| LoadError::Object { source })
+}
+
+/// Turns a program load failure into a one-line error; verifier rejections keep the log's tail.
+pub fn load_error(program: &str, err: ProgramError) -> LoadError {
+    match err {
+        ProgramError::LoadError { verifier_log, .. } => LoadError::Verifier {
+            program: program.to_owned(),
+            tail: log_tail(&verifier_log.to_string(), 3),
+        },
+        source => LoadError::Load {
+            program: program.to_owned(),
+            source,
+        },
+    }
+}
+
+/// The last `n` non-empty lines of a verifier log, joined on one line.
+pub fn log_tail(log: &str, n: usize) -> String {
+    let lines: Vec<&str> = log
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect();
+    let start = lines.len().saturating_sub(n);
+    let tail = lines[start..].join(" | ");
+    if tail.is_empty() {
+        "(empty verifier log)".to_owned()
+    } else {
+        tail
+    }
+}
+
+/// Why an attach failed, with the fix where one is known.
+pub fn attach_reason(err: &ProgramError) -> String {
+    let text = format!("{err}");
+    let source = std::error::Error::source(err)
+        .map(|s| s.to_string())
+        .unwrap_or_default();
+    let both = format!("{text}: {source}");
+    if both.contains("os error 1)") || both.contains("Operation not permitted") {
+        format!("{text} (permission denied: run as root or with CAP_BPF and CAP_PERFMON)")
+    } else if both.contains("No such file or directory") {
+        format!("{text} (this kernel lacks the hook)")
+    } else if source.is_empty() {
+        text
+    } else {
+        both
+    }
+}
+
+fn program_mut<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut Program, LoadError> {
+    ebpf.program_mut(name)
+        .ok_or_else(|| LoadError::MissingProgram {
+            program: name.to_owned(),
+        })
+}
+
+fn wrong_type(program: &str, source: ProgramError) -> LoadError {
+    LoadError::Load {
+        program: program.to_owned(),
+        source,
+    }
+}
+
+/// Loads and attaches a classic tracepoint program to `category:name`.
+pub fn attach_tracepoint(
+    ebpf: &mut Ebpf,
+    program: &str,
+    category: &str,
+    name: &str,
+) -> Result<(), LoadError> {
+    let prog: &mut TracePoint = program_mut(ebpf, program)?
+        .try_into()
+        .map_err(|e| wrong_type(program, e))?;
+    prog.load().map_err(|e| load_error(program, e))?;
+    prog.attach(category, name).map_err(|e| LoadError::Attach {
+        program: program.to_owned(),
+        hook: format!("tracepoint {category}:{name}"),
+        reason: attach_reason(&e),
+    })?;
+    Ok(())
+}
+
+/// Loads and attaches a raw tracepoint program.
+pub fn attach_raw_tracepoint(ebpf: &mut Ebpf, program: &str, tp: &str) -> Result<(), LoadError> {
+    let prog: &mut RawTracePoint = program_mut(ebpf, program)?
+        .try_into()
+        .map_err(|e| wrong_type(program, e))?;
+    prog.load().map_err(|e| load_error(program, e))?;
+    prog.attach(tp).map_err(|e| LoadError::Attach {
+        program: program.to_owned(),
+        hook: format!("raw_tracepoint {tp}"),
+        reason: attach_reason(&e),
+    })?;
+    Ok(())
+}
+
+/// Reads a field's offset from a tracefs `format` file's text.
+pub fn parse_format_offset(format: &str, field: &str) -> Option<u32> {
+    format.lines().find_map(|line| {
+        let line = line.trim();
+        let decl = line.strip_prefix("field:")?.split(';').next()?;
+        // The declaration ends with the field name, possibly followed by an array suffix.
+        let name = decl
+            .rsplit(|c: char| c.is_whitespace() || c == '*')
+            .next()?
+            .split('[')
+            .next()?;
+        if name != field {
+            return None;
+        }
+        let offset = line.split("offset:").nth(1)?.split(';').next()?;
+        offset.trim().parse().ok()
+    })
+}
+
+/// Reads the targeting tracepoints' field offsets from tracefs; falls back field by field to the
+/// Linux 6.x layout and says so.
+pub fn read_offsets(tracefs: &Path) -> TracepointOffsets {
+    let read = |event: &str| {
+        std::fs::read_to_string(tracefs.join("events").join(event).join("format")).ok()
+    };
+    let mut off = TracepointOffsets::FALLBACK;
+    match read("task/task_newtask") {
+        Some(fmt) => {
+            if let (Some(pid), Some(flags)) = (
+                parse_format_offset(&fmt, "pid"),
+                parse_format_offset(&fmt, "clone_flags"),
+            ) {
+                off.newtask_pid = pid;
+                off.newtask_clone_flags = flags;
+            }
+        }
+        None => {
+            tracing::warn!("cannot read task:task_newtask format; assuming the Linux 6.x layout")
+        }
+    }
+    match read("sched/sched_process_exit") {
+        Some(fmt) => {
+            off.exit_group_dead = parse_format_offset(&fmt, "group_dead").unwrap_or(u32::MAX);
+        }
+        None => tracing::warn!(
+            "cannot read sched:sched_process_exit format; assuming the Linux 6.x layout"
+        ),
+    }
+    off
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const NEWTASK: &str = "name: task_newtask
+ID: 205
+format:
+\tfield:unsigned short common_type;\toffset:0;\tsize:2;\tsigned:0;
+\tfield:int common_pid;\toffset:4;\tsize:4;\tsigned:1;
+
+\tfield:pid_t pid;\toffset:8;\tsize:4;\tsigned:1;
+\tfield:char comm[16];\toffset:12;\tsize:16;\tsigned:0;
+\tfield:u64 clone_flags;\toffset:32;\tsize:8;\tsigned:0;
+";
+
+    #[test]
+    fn format_offsets() {
+        assert_eq!(parse_format_offset(NEWTASK, "pid"), Some(8));
+        assert_eq!(parse_format_offset(NEWTASK, "comm"), Some(12));
+        assert_eq!(parse_format_offset(NEWTASK, "clone_flags"), Some(32));
+        assert_eq!(parse_format_offset(NEWTASK, "common_pid"), Some(4));
+        assert_eq!(parse_format_offset(NEWTASK, "flags"), None);
+    }
+
+    #[test]
+    fn verifier_tail_is_one_line() {
+        let log = "0: (b7) r0 = 0\n\n1: (95) exit\nR0 !read_ok\nprocessed 2 insns\n";
+        assert_eq!(
+            log_tail(log, 3),
+            "1: (95) exit | R0 !read_ok | processed 2 insns"
+        );
+        assert_eq!(log_tail("", 3), "(empty verifier log)");
+    }
+
+    #[test]
+    fn object_is_embedded() {
+        // An ELF file for the BPF machine (EM_BPF = 247).
+        assert_eq!(&OBJECT[..4], b"\x7fELF");
+        assert_eq!(u16::from_le_bytes([OBJECT[18], OBJECT[19]]), 247);
+    }
+}

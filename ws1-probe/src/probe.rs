@@ -1,0 +1,128 @@
+//! A running probe: the loaded object, process targeting and the collectors, shared by the
+//! agent and the one-shot CLI commands.
+
+use std::{os::fd::OwnedFd, time::Instant};
+
+use aya::{
+    Ebpf,
+    maps::{MapData, RingBuf},
+};
+use prometheus::proto::MetricFamily;
+
+use crate::{
+    collectors::{
+        syscalls::{SyscallCollector, SyscallSnapshot},
+        targets::{ScanSummary, Targets},
+    },
+    ebpf::{self, LoadError, LoadOptions, TRACEFS},
+    metrics::{self, HOST_LABEL_LIMIT, LabelCap},
+    preflight::{self, PreflightError},
+    selfmetrics,
+    targeting::{Matcher, config::Settings},
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProbeError {
+    #[error(transparent)]
+    Preflight(#[from] PreflightError),
+    #[error(transparent)]
+    Load(#[from] LoadError),
+    #[error("cannot scan /proc: {0}")]
+    Scan(#[source] std::io::Error),
+    #[error(
+        "cannot enable BPF run-time statistics: {0} (needs Linux 5.8+ and CAP_SYS_ADMIN; drop --bpf-stats)"
+    )]
+    Stats(#[source] aya::sys::SyscallError),
+}
+
+pub struct Probe {
+    ebpf: Ebpf,
+    pub targets: Targets,
+    pub syscalls: SyscallCollector,
+    exec_ring: Option<RingBuf<MapData>>,
+    pub bounds_ns: Vec<u64>,
+    pub scan: ScanSummary,
+    label_cap: LabelCap,
+    stats_fd: Option<OwnedFd>,
+    pub started: Instant,
+}
+
+impl Probe {
+    /// Pre-flight checks, load, attach targeting, scan /proc, attach collectors.
+    pub fn start(settings: &Settings) -> Result<Self, ProbeError> {
+        let started = Instant::now();
+        preflight::check_capabilities()?;
+        preflight::ensure_tracefs()?;
+        preflight::raise_memlock();
+        let stats_fd = if settings.bpf_stats {
+            Some(aya::sys::enable_stats(aya::sys::Stats::RunTime).map_err(ProbeError::Stats)?)
+        } else {
+            None
+        };
+        let opts = LoadOptions {
+            host_mode: settings.targets.is_host(),
+            offsets: ebpf::read_offsets(std::path::Path::new(TRACEFS)),
+            bounds_ns: settings.bounds_ns.clone(),
+        };
+        let mut ebpf = ebpf::load(&opts)?;
+        let matcher = Matcher::new(settings.targets.clone());
+        let pinned = matcher.configured_ids();
+        let (mut targets, exec_ring) = Targets::attach(&mut ebpf, matcher)?;
+        let scan = targets.scan().map_err(ProbeError::Scan)?;
+        let syscalls = SyscallCollector::attach(&mut ebpf)?;
+        Ok(Self {
+            ebpf,
+            targets,
+            syscalls,
+            exec_ring: Some(exec_ring),
+            bounds_ns: settings.bounds_ns.clone(),
+            scan,
+            label_cap: LabelCap::new(HOST_LABEL_LIMIT, pinned),
+            stats_fd,
+            started,
+        })
+    }
+
+    /// The exec event ring buffer, for the task that waits on it.
+    pub fn take_exec_ring(&mut self) -> Option<RingBuf<MapData>> {
+        self.exec_ring.take()
+    }
+
+    pub fn bpf_stats_enabled(&self) -> bool {
+        self.stats_fd.is_some()
+    }
+
+    /// Run time and run count of each attached program (zero unless BPF stats are enabled).
+    pub fn program_stats(&self) -> Vec<(String, std::time::Duration, u64)> {
+        self.ebpf
+            .programs()
+            .filter_map(|(name, prog)| {
+                let info = prog.info().ok()?;
+                Some((name.to_owned(), info.run_time(), info.run_count()))
+            })
+            .collect()
+    }
+
+    /// Builds every metric family, reading the maps once.
+    pub fn families(&mut self) -> (Vec<MetricFamily>, SyscallSnapshot) {
+        let snap = self.syscalls.snapshot();
+        self.label_cap.update(&snap.calls_by_service());
+        let services = self.targets.matcher().services();
+        let cap = &self.label_cap;
+        let label = |id: u32| {
+            if cap.keeps(id) {
+                services.name(id)
+            } else {
+                "other"
+            }
+        };
+        let mut families = metrics::syscall_families(&snap, label, &self.bounds_ns);
+        families.extend(selfmetrics::families(self, &label));
+        (families, snap)
+    }
+
+    /// The `/metrics` body.
+    pub fn render(&mut self) -> String {
+        metrics::encode(&self.families().0)
+    }
+}

@@ -1,0 +1,127 @@
+//! The agent's own metrics: CPU, memory, BPF program cost, map fill, drops, targets.
+
+use prometheus::proto::{MetricFamily, MetricType};
+
+use crate::{
+    metrics::{counter, family, gauge},
+    probe::Probe,
+};
+
+/// CPU seconds (user + system) and resident bytes of this process, from /proc/self/stat.
+pub fn own_usage() -> Option<(f64, u64)> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // Fields after the parenthesised comm; utime and stime are fields 14 and 15, rss is 24.
+    let rest = stat.rsplit_once(')')?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let utime: u64 = fields.get(11)?.parse().ok()?;
+    let stime: u64 = fields.get(12)?.parse().ok()?;
+    let rss_pages: u64 = fields.get(21)?.parse().ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    // SAFETY: as above.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(1) as u64;
+    Some(((utime + stime) as f64 / ticks, rss_pages * page))
+}
+
+pub fn families<'a>(probe: &'a Probe, label: &dyn Fn(u32) -> &'a str) -> Vec<MetricFamily> {
+    let mut out = Vec::new();
+    if let Some((cpu, rss)) = own_usage() {
+        out.push(family(
+            "ws1_probe_agent_cpu_seconds_total",
+            "CPU time used by the agent (user + system).",
+            MetricType::COUNTER,
+            vec![counter(&[], cpu)],
+        ));
+        out.push(family(
+            "ws1_probe_agent_resident_memory_bytes",
+            "Resident memory of the agent.",
+            MetricType::GAUGE,
+            vec![gauge(&[], rss as f64)],
+        ));
+    }
+    let stats = probe.program_stats();
+    out.push(family(
+        "ws1_probe_bpf_stats_enabled",
+        "1 when kernel BPF run-time statistics are on (agent --bpf-stats); program run metrics are 0 otherwise.",
+        MetricType::GAUGE,
+        vec![gauge(&[], f64::from(u8::from(probe.bpf_stats_enabled())))],
+    ));
+    out.push(family(
+        "ws1_probe_bpf_program_run_seconds_total",
+        "Time the kernel spent running each BPF program.",
+        MetricType::COUNTER,
+        stats
+            .iter()
+            .map(|(name, time, _)| counter(&[("program", name)], time.as_secs_f64()))
+            .collect(),
+    ));
+    out.push(family(
+        "ws1_probe_bpf_program_runs_total",
+        "Times each BPF program ran.",
+        MetricType::COUNTER,
+        stats
+            .iter()
+            .map(|(name, _, runs)| counter(&[("program", name)], *runs as f64))
+            .collect(),
+    ));
+    let usage: Vec<_> = probe
+        .targets
+        .usage()
+        .into_iter()
+        .chain(probe.syscalls.usage())
+        .collect();
+    out.push(family(
+        "ws1_probe_bpf_map_entries",
+        "Entries in use in each BPF map.",
+        MetricType::GAUGE,
+        usage
+            .iter()
+            .map(|u| gauge(&[("map", u.map)], u.entries as f64))
+            .collect(),
+    ));
+    out.push(family(
+        "ws1_probe_bpf_map_capacity",
+        "Maximum entries of each BPF map.",
+        MetricType::GAUGE,
+        usage
+            .iter()
+            .map(|u| gauge(&[("map", u.map)], u.capacity as f64))
+            .collect(),
+    ));
+    out.push(family(
+        "ws1_probe_events_dropped_total",
+        "Events the kernel programs could not record, by reason.",
+        MetricType::COUNTER,
+        probe
+            .targets
+            .drops()
+            .iter()
+            .map(|(reason, n)| counter(&[("reason", reason.label())], *n as f64))
+            .collect(),
+    ));
+    let mut by_label: std::collections::BTreeMap<&str, u64> = Default::default();
+    for (id, n) in probe.targets.targeted_by_service() {
+        *by_label.entry(label(id)).or_insert(0) += n;
+    }
+    out.push(family(
+        "ws1_probe_targeted_processes",
+        "Processes currently observed, per service.",
+        MetricType::GAUGE,
+        by_label
+            .iter()
+            .map(|(service, n)| gauge(&[("service", service)], *n as f64))
+            .collect(),
+    ));
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn own_usage_reads_this_process() {
+        let (cpu, rss) = super::own_usage().unwrap();
+        assert!(cpu >= 0.0);
+        // A test binary is resident for at least a megabyte.
+        assert!(rss > 1 << 20, "rss {rss}");
+    }
+}
