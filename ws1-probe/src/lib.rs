@@ -7,6 +7,8 @@ pub mod metrics;
 pub mod names;
 pub mod preflight;
 pub mod probe;
+pub mod report;
 pub mod selfmetrics;
 pub mod server;
 pub mod targeting;
+pub mod units;

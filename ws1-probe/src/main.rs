@@ -1,4 +1,54 @@
-fn main() {
-    static OBJ: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ws1-probe"));
-    println!("{}", OBJ.len());
+//! `ws1-probe`: command-line front end. Each subcommand lives in `cmd/`; the work is done by the
+//! library.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+mod cmd;
+
+/// eBPF profiler and metrics agent for WS1 services.
+#[derive(Parser, Debug)]
+#[command(name = "ws1-probe", version, about, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+    /// Log filter (tracing EnvFilter syntax), e.g. `debug` or `ws1_probe=trace`
+    #[arg(long, global = true, env = "WS1_PROBE_LOG", default_value = "info")]
+    log: String,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the agent: attach collectors and serve /metrics, /healthz and /readyz
+    Agent(cmd::agent::AgentArgs),
+    /// Collect syscall latency for a while and print a table sorted by total time
+    Syscalls(cmd::syscalls::SyscallsArgs),
+    /// Report which hooks this kernel allows and which collector will use which
+    Check(cmd::check::CheckArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_new(&cli.log)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    let result = match cli.command {
+        Command::Agent(args) => cmd::agent::run(args).map(|()| ExitCode::SUCCESS),
+        Command::Syscalls(args) => cmd::syscalls::run(args).map(|()| ExitCode::SUCCESS),
+        Command::Check(args) => cmd::check::run(args),
+    };
+    match result {
+        Ok(code) => code,
+        Err(err) => {
+            // One line: the context chain joined with ": ".
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
 }

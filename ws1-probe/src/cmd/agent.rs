@@ -1,0 +1,146 @@
+//! `ws1-probe agent`: attach the collectors and serve Prometheus metrics until stopped.
+
+use std::{
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Instant,
+};
+
+use anyhow::Context as _;
+use tokio::{io::unix::AsyncFd, net::TcpListener};
+use ws1_probe::{probe::Probe, selfmetrics::own_usage};
+
+use super::CommonArgs;
+
+/// Run the agent
+#[derive(clap::Args, Debug)]
+pub struct AgentArgs {
+    #[command(flatten)]
+    pub common: CommonArgs,
+    /// Address to serve /metrics, /healthz and /readyz on (also: WS1_PROBE_LISTEN)
+    #[arg(long, value_name = "ADDR")]
+    pub listen: Option<String>,
+    /// Turn on kernel BPF run-time statistics (kernel.bpf_stats_enabled) while the agent runs,
+    /// so per-program run time and count are exported; costs ~20 ns per program run
+    #[arg(long)]
+    pub bpf_stats: bool,
+}
+
+type Shared = Arc<Mutex<Option<Probe>>>;
+
+pub fn run(args: AgentArgs) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let settings = super::settings(&args.common, args.listen.clone(), args.bpf_stats)?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    rt.block_on(async move {
+        // Bind first: a port in use fails fast, before anything is loaded into the kernel.
+        let listener = TcpListener::bind(settings.listen).await.map_err(|err| {
+            if err.kind() == std::io::ErrorKind::AddrInUse {
+                anyhow::anyhow!(
+                    "cannot listen on {}: address already in use; stop the other process or pick another address with --listen",
+                    settings.listen
+                )
+            } else {
+                anyhow::anyhow!("cannot listen on {}: {err}", settings.listen)
+            }
+        })?;
+        let shared: Shared = Arc::new(Mutex::new(None));
+        let ready = Arc::new(AtomicBool::new(false));
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let render_state = Arc::clone(&shared);
+        let mut server_stop = stop_rx.clone();
+        let server = tokio::spawn(ws1_probe::server::serve(
+            listener,
+            Arc::clone(&ready),
+            move || render(&render_state),
+            async move {
+                let _ = server_stop.wait_for(|stop| *stop).await;
+            },
+        ));
+
+        let load_settings = settings.clone();
+        let mut probe = tokio::task::spawn_blocking(move || Probe::start(&load_settings))
+            .await
+            .context("loader task failed")?
+            .context("cannot start the collectors")?;
+        tracing::info!(
+            "observing {}: {} of {} processes targeted",
+            settings.targets.describe(),
+            probe.scan.targeted,
+            probe.scan.seen
+        );
+        let ring = probe.take_exec_ring();
+        // Read the maps once before declaring readiness.
+        let _ = probe.render();
+        *lock(&shared) = Some(probe);
+        if let Some(ring) = ring {
+            let follow_state = Arc::clone(&shared);
+            let mut follow_stop = stop_rx.clone();
+            // SAFETY: the ring buffer owns its fd, and the AsyncFd owns the ring buffer, so the fd
+            // stays open for as long as it is registered.
+            let mut fd = unsafe { AsyncFd::register(ring) }
+                .map_err(|e| anyhow::anyhow!("cannot poll the exec event ring buffer: {e}"))?;
+            tokio::spawn(async move {
+                loop {
+                    tokio::select! {
+                        _ = follow_stop.wait_for(|stop| *stop) => return,
+                        guard = fd.readable_mut() => {
+                            let Ok(mut guard) = guard else { return };
+                            if let Some(probe) = lock(&follow_state).as_mut() {
+                                probe.targets.drain(guard.get_inner_mut());
+                            }
+                            guard.clear_ready();
+                        }
+                    }
+                }
+            });
+        }
+        ready.store(true, Ordering::Release);
+        let rss = own_usage().map_or(0, |(_, rss)| rss);
+        tracing::info!(
+            "ready in {} ms: serving http://{}/metrics (agent RSS {:.1} MiB)",
+            started.elapsed().as_millis(),
+            settings.listen,
+            rss as f64 / (1 << 20) as f64
+        );
+
+        wait_for_signal().await?;
+        tracing::info!("stopping: detaching programs");
+        let _ = stop_tx.send(true);
+        let _ = server.await;
+        // Dropping the probe closes the links and maps, which detaches every program.
+        drop(lock(&shared).take());
+        tracing::info!("stopped");
+        Ok(())
+    })
+}
+
+fn lock(shared: &Shared) -> std::sync::MutexGuard<'_, Option<Probe>> {
+    // A panic while holding the lock cannot leave the probe inconsistent (map reads only).
+    shared
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn render(shared: &Shared) -> String {
+    match lock(shared).as_mut() {
+        Some(probe) => probe.render(),
+        None => String::new(),
+    }
+}
+
+async fn wait_for_signal() -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
+    let mut int = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
+    tokio::select! {
+        _ = term.recv() => tracing::info!("received SIGTERM"),
+        _ = int.recv() => tracing::info!("received SIGINT"),
+    }
+    Ok(())
+}
