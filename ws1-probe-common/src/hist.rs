@@ -9,10 +9,14 @@
 //!   quantiles from them; the bucket width is at most 1/16 of its lower edge, so a quantile taken
 //!   at the bucket midpoint is within 3.2 % of the true value (the issue asks for ≤ 7 %).
 
-/// Number of export bound slots the kernel holds. Unused slots are `u64::MAX`.
+/// Number of export bound slots the kernel holds. Unused slots are `u64::MAX`, and the last slot
+/// always is, so at most `EXPORT_BOUND_SLOTS - 1` real bounds fit and a value above all of them
+/// lands in the first `u64::MAX` slot: the `+Inf` bucket.
 pub const EXPORT_BOUND_SLOTS: usize = 32;
-/// Export buckets: one per bound slot plus `+Inf`.
-pub const EXPORT_BUCKETS: usize = EXPORT_BOUND_SLOTS + 1;
+/// Largest number of configurable `le` bounds.
+pub const MAX_EXPORT_BOUNDS: usize = EXPORT_BOUND_SLOTS - 1;
+/// Export buckets: one per slot (real bounds, then `+Inf`).
+pub const EXPORT_BUCKETS: usize = EXPORT_BOUND_SLOTS;
 
 /// log2 of the number of fine buckets per power of two.
 pub const FINE_SUB_BITS: u32 = 4;
@@ -174,7 +178,7 @@ pub fn export_index(bounds: &[u64; EXPORT_BOUND_SLOTS], ns: u64) -> usize {
 pub const fn pad_bounds<const N: usize>(bounds: &[u64; N]) -> [u64; EXPORT_BOUND_SLOTS] {
     let mut out = [u64::MAX; EXPORT_BOUND_SLOTS];
     let mut i = 0;
-    while i < N && i < EXPORT_BOUND_SLOTS {
+    while i < N && i < MAX_EXPORT_BOUNDS {
         out[i] = bounds[i];
         i += 1;
     }
@@ -243,13 +247,16 @@ mod tests {
     }
 
     #[test]
-    fn export_index_full_slots() {
-        let mut full = [0u64; EXPORT_BOUND_SLOTS];
-        for (i, b) in full.iter_mut().enumerate() {
+    fn export_index_most_bounds() {
+        let mut bounds = [0u64; MAX_EXPORT_BOUNDS];
+        for (i, b) in bounds.iter_mut().enumerate() {
             *b = (i as u64 + 1) * 10;
         }
-        assert_eq!(export_index(&full, 320), 31);
-        assert_eq!(export_index(&full, 321), 32);
-        assert_eq!(export_index(&full, 5), 0);
+        let slots = pad_bounds(&bounds);
+        assert_eq!(slots[EXPORT_BOUND_SLOTS - 1], u64::MAX);
+        assert_eq!(export_index(&slots, 310), 30);
+        assert_eq!(export_index(&slots, 311), 31, "+Inf is the last bucket");
+        assert!(export_index(&slots, u64::MAX) < EXPORT_BUCKETS);
+        assert_eq!(export_index(&slots, 5), 0);
     }
 }

@@ -26,6 +26,9 @@ enum Command {
     Syscalls(cmd::syscalls::SyscallsArgs),
     /// Report which hooks this kernel allows and which collector will use which
     Check(cmd::check::CheckArgs),
+    /// Attach empty sys_enter/sys_exit programs (the cost floor for `cargo xtask bench`)
+    #[command(hide = true)]
+    BenchFloor(cmd::floor::FloorArgs),
 }
 
 fn main() -> ExitCode {
@@ -42,6 +45,7 @@ fn main() -> ExitCode {
         Command::Agent(args) => cmd::agent::run(args).map(|()| ExitCode::SUCCESS),
         Command::Syscalls(args) => cmd::syscalls::run(args).map(|()| ExitCode::SUCCESS),
         Command::Check(args) => cmd::check::run(args),
+        Command::BenchFloor(args) => cmd::floor::run(args).map(|()| ExitCode::SUCCESS),
     };
     match result {
         Ok(code) => code,

@@ -115,7 +115,8 @@ pub fn histogram(labels: &[(&str, &str)], h: &Histogram, bounds_ns: &[u64]) -> M
     m
 }
 
-/// A metric family; empty families are still emitted so dashboards see HELP/TYPE.
+/// A metric family. Families without samples are left out by [`encode`] (the text encoder
+/// rejects them).
 pub fn family(name: &str, help: &str, kind: MetricType, metrics: Vec<Metric>) -> MetricFamily {
     let mut f = MetricFamily::default();
     f.set_name(name.to_owned());
@@ -181,7 +182,12 @@ pub fn syscall_families<'a>(
 /// Encodes families in the Prometheus text format (version 0.0.4).
 pub fn encode(families: &[MetricFamily]) -> String {
     let mut out = String::new();
-    if let Err(err) = TextEncoder::new().encode_utf8(families, &mut out) {
+    let non_empty: Vec<MetricFamily> = families
+        .iter()
+        .filter(|f| !f.get_metric().is_empty())
+        .cloned()
+        .collect();
+    if let Err(err) = TextEncoder::new().encode_utf8(&non_empty, &mut out) {
         tracing::error!("cannot encode metrics: {err}");
     }
     out
@@ -225,6 +231,19 @@ mod tests {
                 "missing {line:?} in\n{text}"
             );
         }
+    }
+
+    #[test]
+    fn empty_families_do_not_break_encoding() {
+        let text = encode(&syscall_families(
+            &SyscallSnapshot::default(),
+            |_| "other",
+            &DEFAULT_EXPORT_BOUNDS_NS,
+        ));
+        assert_eq!(text, "");
+        let mut families = syscall_families(&SyscallSnapshot::default(), |_| "x", &[1]);
+        families.push(family("up", "h", MetricType::GAUGE, vec![gauge(&[], 1.0)]));
+        assert_eq!(encode(&families), "# HELP up h\n# TYPE up gauge\nup 1\n");
     }
 
     #[test]

@@ -9,7 +9,6 @@ use crate::util::{find_in_path, run_cmd};
 /// Makes sure each `(binary, debian package)` is available: binaries already on PATH are left
 /// alone; packages for the missing ones are installed with one `apt-get update` and one
 /// `apt-get install`, non-interactively so it also works from scripts and CI.
-#[allow(dead_code, reason = "bench uses it once the benchmarks are filled in")]
 pub fn ensure_packages(pkgs: &[(&str, &str)]) -> Result<()> {
     let mut missing = Vec::new();
     for &(binary, package) in pkgs {

@@ -47,7 +47,12 @@ pub fn display(cmd: &Command) -> String {
             parts.push(format!("{}={}", key.to_string_lossy(), quote(value)));
         }
     }
-    parts.push(quote(cmd.get_program()));
+    // `$CARGO` is a long toolchain path; "cargo" says the same thing in logs and errors.
+    if env::var_os("CARGO").is_some_and(|cargo| cargo == cmd.get_program()) {
+        parts.push("cargo".to_owned());
+    } else {
+        parts.push(quote(cmd.get_program()));
+    }
     parts.extend(cmd.get_args().map(quote));
     parts.join(" ")
 }

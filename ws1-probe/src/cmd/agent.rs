@@ -75,8 +75,9 @@ pub fn run(args: AgentArgs) -> anyhow::Result<()> {
             probe.scan.seen
         );
         let ring = probe.take_exec_ring();
-        // Read the maps once before declaring readiness.
-        let _ = probe.render();
+        // Read the maps once before declaring readiness. This read does not rank services for
+        // the label cap: the first scrape does, once there is activity to rank by.
+        let _ = probe.syscalls.snapshot();
         *lock(&shared) = Some(probe);
         if let Some(ring) = ring {
             let follow_state = Arc::clone(&shared);

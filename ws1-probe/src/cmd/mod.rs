@@ -2,6 +2,7 @@
 
 pub mod agent;
 pub mod check;
+pub mod floor;
 pub mod syscalls;
 
 use std::path::{Path, PathBuf};

@@ -17,7 +17,7 @@ use std::{
 
 use serde::Deserialize;
 use toml::Spanned;
-use ws1_probe_common::hist::{DEFAULT_EXPORT_BOUNDS_NS, EXPORT_BOUND_SLOTS};
+use ws1_probe_common::hist::{DEFAULT_EXPORT_BOUNDS_NS, MAX_EXPORT_BOUNDS};
 
 use super::{
     Rule, TargetSpec,
@@ -212,11 +212,8 @@ pub fn service_rules(path: &Path, text: &str, cfg: &FileConfig) -> Result<Vec<Ru
 
 /// Converts configured bucket bounds in seconds to nanoseconds, checking order and count.
 pub fn bounds_from_seconds(secs: &[f64]) -> Result<Vec<u64>, String> {
-    if secs.is_empty() || secs.len() > EXPORT_BOUND_SLOTS - 1 {
-        return Err(format!(
-            "give between 1 and {} bounds",
-            EXPORT_BOUND_SLOTS - 1
-        ));
+    if secs.is_empty() || secs.len() > MAX_EXPORT_BOUNDS {
+        return Err(format!("give between 1 and {MAX_EXPORT_BOUNDS} bounds"));
     }
     let mut out = Vec::with_capacity(secs.len());
     for &s in secs {
