@@ -62,7 +62,10 @@ pub fn http_get(port: u16, path: &str) -> std::io::Result<(u16, String)> {
         .nth(1)
         .and_then(|c| c.parse().ok())
         .unwrap_or(0);
-    let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b).to_owned();
+    let body = text
+        .split_once("\r\n\r\n")
+        .map_or("", |(_, b)| b)
+        .to_owned();
     Ok((status, body))
 }
 
@@ -210,7 +213,9 @@ impl Workload {
         writeln!(self.stdin, "{command}").expect("write to workload");
         self.stdin.flush().expect("flush workload stdin");
         let mut line = String::new();
-        self.stdout.read_line(&mut line).expect("read workload reply");
+        self.stdout
+            .read_line(&mut line)
+            .expect("read workload reply");
         let line = line.trim_end().to_owned();
         assert!(line.starts_with("ok"), "workload: {command} -> {line}");
         line
@@ -241,7 +246,9 @@ impl Metrics {
             let value: f64 = match value {
                 "+Inf" => f64::INFINITY,
                 "-Inf" => f64::NEG_INFINITY,
-                v => v.parse().unwrap_or_else(|_| panic!("bad value in {line:?}")),
+                v => v
+                    .parse()
+                    .unwrap_or_else(|_| panic!("bad value in {line:?}")),
             };
             let (name, labels) = match series.split_once('{') {
                 Some((name, rest)) => (name, parse_labels(rest.trim_end_matches('}'))),
@@ -268,7 +275,11 @@ impl Metrics {
             })
             .map(|(_, _, v)| *v)
             .collect();
-        assert!(found.len() <= 1, "{name} {labels:?} matches {} series", found.len());
+        assert!(
+            found.len() <= 1,
+            "{name} {labels:?} matches {} series",
+            found.len()
+        );
         found.first().copied()
     }
 

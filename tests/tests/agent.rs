@@ -23,9 +23,18 @@ fn ready_serves_metrics_and_stops_cleanly_on_sigterm() {
         m.get("ws1_probe_bpf_map_capacity", &[("map", "TARGETS")]),
         Some(32768.0)
     );
-    assert!(m.get("ws1_probe_bpf_program_runs_total", &[("program", "sys_enter")]).is_some());
+    assert!(
+        m.get(
+            "ws1_probe_bpf_program_runs_total",
+            &[("program", "sys_enter")]
+        )
+        .is_some()
+    );
     assert_eq!(
-        m.get("ws1_probe_events_dropped_total", &[("reason", "syscall_hist_map_full")]),
+        m.get(
+            "ws1_probe_events_dropped_total",
+            &[("reason", "syscall_hist_map_full")]
+        ),
         Some(0.0)
     );
     let (status, took) = agent.terminate();
@@ -44,7 +53,10 @@ fn bpf_stats_flag_reports_program_runs() {
     std::thread::sleep(Duration::from_millis(200));
     let m = agent.metrics();
     assert_eq!(m.get("ws1_probe_bpf_stats_enabled", &[]), Some(1.0));
-    let runs = m.value("ws1_probe_bpf_program_runs_total", &[("program", "sys_enter")]);
+    let runs = m.value(
+        "ws1_probe_bpf_program_runs_total",
+        &[("program", "sys_enter")],
+    );
     assert!(runs > 0.0, "sys_enter ran {runs} times");
 }
 
@@ -54,7 +66,11 @@ fn one_line_error(args: &[&str]) -> String {
     assert_eq!(out.status.code(), Some(1), "{args:?}: exit code");
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     let lines: Vec<&str> = stderr.lines().filter(|l| !l.is_empty()).collect();
-    assert_eq!(lines.len(), 1, "{args:?}: expected one line, got {stderr:?}");
+    assert_eq!(
+        lines.len(),
+        1,
+        "{args:?}: expected one line, got {stderr:?}"
+    );
     assert!(lines[0].starts_with("error: "), "{stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
     lines[0].to_owned()
@@ -73,7 +89,11 @@ fn bad_input_gets_one_clear_line() {
     assert!(line.contains("cgroup /no/such/cgroup not found"), "{line}");
 
     let cfg = std::env::temp_dir().join(format!("ws1-bad-{}.toml", std::process::id()));
-    std::fs::write(&cfg, "[[service]]\nname = \"risk\"\nmatch = { comn = \"x\" }\n").unwrap();
+    std::fs::write(
+        &cfg,
+        "[[service]]\nname = \"risk\"\nmatch = { comn = \"x\" }\n",
+    )
+    .unwrap();
     let line = one_line_error(&["agent", "--config", cfg.to_str().unwrap()]);
     assert!(
         line.contains(&format!("{}:3:", cfg.display())) && line.contains("unknown field `comn`"),
@@ -95,7 +115,12 @@ fn missing_capabilities_are_named() {
     }
     // Drop to nobody with no capabilities.
     let out = std::process::Command::new("setpriv")
-        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all"])
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--inh-caps=-all",
+        ])
         .arg(ws1_probe_tests::probe_bin())
         .args(["syscalls", "--duration", "1s"])
         .output()

@@ -34,7 +34,11 @@ fn exact_counts_and_errors_for_target_only() {
     assert_eq!(
         m.get(
             "ws1_probe_syscall_errors_total",
-            &[("service", SERVICE), ("syscall", "openat"), ("errno", "ENOENT")]
+            &[
+                ("service", SERVICE),
+                ("syscall", "openat"),
+                ("errno", "ENOENT")
+            ]
         ),
         Some(37.0)
     );
@@ -94,7 +98,10 @@ fn sleeps_land_in_their_le_buckets() {
         &format!("{DURATION}_sum"),
         &[("service", SERVICE), ("syscall", "nanosleep")],
     );
-    assert!((0.114..0.15).contains(&sum), "sum of 4×6 ms + 3×30 ms = {sum} s");
+    assert!(
+        (0.114..0.15).contains(&sum),
+        "sum of 4×6 ms + 3×30 ms = {sum} s"
+    );
 }
 
 #[test]
@@ -114,14 +121,27 @@ fn cli_table_and_json_hold_exact_counts() {
     target.cmd("openat-missing 5");
     let out = cli.join().expect("cli thread");
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "syscalls failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "syscalls failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let row = |name: &str| {
         let key = format!("\"syscall\":\"{name}\"");
-        let start = stdout.find(&key).unwrap_or_else(|| panic!("no {name} row in {stdout}"));
+        let start = stdout
+            .find(&key)
+            .unwrap_or_else(|| panic!("no {name} row in {stdout}"));
         let obj = &stdout[stdout[..start].rfind('{').unwrap_or(0)..];
         obj[..obj.find('}').unwrap_or(obj.len())].to_owned()
     };
-    assert!(row("getppid").contains("\"count\":4321"), "{}", row("getppid"));
+    assert!(
+        row("getppid").contains("\"count\":4321"),
+        "{}",
+        row("getppid")
+    );
     let openat = row("openat");
-    assert!(openat.contains("\"count\":5") && openat.contains("\"errors\":5"), "{openat}");
+    assert!(
+        openat.contains("\"count\":5") && openat.contains("\"errors\":5"),
+        "{openat}"
+    );
 }

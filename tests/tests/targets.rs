@@ -49,7 +49,9 @@ fn forked_child_is_followed_and_its_exit_removes_the_entry() {
     assert_eq!(getppid(&m, S), 250.0);
 
     drop(parent);
-    let m = agent.wait_for("the parent's entry to go", |m| targets_map_entries(m) == 0.0);
+    let m = agent.wait_for("the parent's entry to go", |m| {
+        targets_map_entries(m) == 0.0
+    });
     assert_eq!(targeted(&m, S), 0.0);
 }
 
@@ -95,7 +97,11 @@ fn no_selector_observes_the_host_by_command_name() {
         .samples
         .iter()
         .filter(|(n, _, _)| n == "ws1_probe_syscall_duration_seconds_count")
-        .filter_map(|(_, l, _)| l.iter().find(|(k, _)| k == "service").map(|(_, v)| v.as_str()))
+        .filter_map(|(_, l, _)| {
+            l.iter()
+                .find(|(k, _)| k == "service")
+                .map(|(_, v)| v.as_str())
+        })
         .collect();
     assert!(services.len() >= 2, "{services:?}");
     assert!(services.len() <= 21, "{services:?}");

@@ -18,7 +18,7 @@ use serde::Serialize;
 use ws1_probe_common::check as progs;
 
 use crate::{
-    ebpf,
+    ebpf::{self, TRACEFS},
     preflight::{self, CAP_BPF, CAP_PERFMON, CAP_SYS_ADMIN, Capabilities, PreflightError},
 };
 
@@ -163,11 +163,10 @@ impl CheckReport {
         let mut collectors = vec![row("COLLECTOR", "STATUS".to_owned(), "HOOKS")];
         let plans = self.collectors.iter();
         collectors.extend(plans.map(|c| row(c.name, c.detail.clone(), &c.hooks.join(", "))));
-        let tables = [system, hooks, collectors];
-        let first = tables.iter().flatten().map(|r| r[0].len()).max();
-        let first = first.unwrap_or(0);
+        let all = [system, hooks, collectors];
+        let first = all.iter().flatten().map(|r| r[0].len()).max().unwrap_or(0);
         let mut out = String::new();
-        for table in &tables {
+        for table in &all {
             // Values with nothing after them (kernel, lockdown) do not widen the column.
             let filled = table.iter().filter(|r| !r[2].is_empty());
             let second = filled.map(|r| r[1].len()).max().unwrap_or(0);
@@ -201,8 +200,14 @@ pub fn run_checks() -> CheckReport {
         )),
         Err(err) => Err(format!("cannot parse {BTF_PATH}: {}", chain(err))),
     };
-    let tracefs = preflight::ensure_tracefs().map(|()| ebpf::TRACEFS.to_owned());
-    let tracefs = HookStatus::new("tracefs", tracefs.map_err(|e| e.to_string()));
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+    // /sys/kernel/tracing is root-only: a mounted tracefs looks absent to other users.
+    let unreadable = missing_capabilities.is_some() && mounts.contains(" /sys/kernel/tracing ");
+    let tracefs = match preflight::ensure_tracefs() {
+        Ok(()) => Ok(TRACEFS.to_owned()),
+        Err(_) if unreadable => Err(format!("{TRACEFS} is mounted but unreadable by this user")),
+        Err(e) => Err(e.to_string()),
+    };
     let hooks = match missing_capabilities {
         Some(_) => not_probed("not probed: missing capabilities"),
         None => probe_hooks(parsed.as_ref().ok()),
@@ -214,7 +219,7 @@ pub fn run_checks() -> CheckReport {
         lockdown: lockdown(),
         capabilities: names.map(|(name, cap)| (name, caps.has(cap))).collect(),
         missing_capabilities,
-        tracefs,
+        tracefs: HookStatus::new("tracefs", tracefs),
         collectors: plan_collectors(&hooks),
         hooks,
     }
@@ -336,7 +341,6 @@ fn probe_fentry(ebpf: &mut Ebpf, btf: &Btf) -> Result<String, String> {
     attached(link, hint, "do_exit")
 }
 
-/// Attaches to libc's `getpid` for this process only.
 fn probe_uprobe(ebpf: &mut Ebpf) -> Result<String, String> {
     let prog = loaded(ebpf, progs::PROBE_UPROBE, UProbe::load)?;
     let link = prog.attach("getpid", "libc", UProbeScope::CallingProcess);
@@ -421,7 +425,7 @@ mod tests {
             lockdown: "none".to_owned(),
             capabilities: [("CAP_BPF", true)].into(),
             missing_capabilities: None,
-            tracefs: HookStatus::new("tracefs", Ok(ebpf::TRACEFS.to_owned())),
+            tracefs: HookStatus::new("tracefs", Ok(TRACEFS.to_owned())),
             collectors: plan_collectors(&hooks),
             hooks,
         }
@@ -467,7 +471,6 @@ mod tests {
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(lines[0], "kernel      6.8.0");
         assert_eq!(lines[1], "btf         yes  /sys/kernel/btf/vmlinux");
-        assert!(lines.contains(&"HOOK        AVAILABLE  DETAIL"));
         assert!(lines.contains(&"kprobe      no         x"));
         assert!(lines.contains(&"syscalls    ok      raw_tp sys_enter, raw_tp sys_exit"));
         assert_eq!(lines.last(), Some(&"ok: the agent can run on this kernel"));

@@ -7,7 +7,10 @@ use aya::{
     Ebpf, EbpfLoader,
     programs::{Program, ProgramError, RawTracePoint, TracePoint},
 };
-use ws1_probe_common::{hist::{EXPORT_BOUND_SLOTS, MAX_EXPORT_BOUNDS}, targets::TracepointOffsets};
+use ws1_probe_common::{
+    hist::{EXPORT_BOUND_SLOTS, MAX_EXPORT_BOUNDS},
+    targets::TracepointOffsets,
+};
 
 /// The kernel programs, built by build.rs from `ws1-probe-ebpf`.
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ws1-probe"));
@@ -60,7 +63,10 @@ pub struct LoadOptions {
 pub fn load(opts: &LoadOptions) -> Result<Ebpf, LoadError> {
     let host_mode: u32 = opts.host_mode.into();
     let mut bounds = [u64::MAX; EXPORT_BOUND_SLOTS];
-    for (slot, b) in bounds.iter_mut().zip(opts.bounds_ns.iter().take(MAX_EXPORT_BOUNDS)) {
+    for (slot, b) in bounds
+        .iter_mut()
+        .zip(opts.bounds_ns.iter().take(MAX_EXPORT_BOUNDS))
+    {
         *slot = *b;
     }
     EbpfLoader::new()

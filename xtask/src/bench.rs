@@ -2,11 +2,13 @@
 //! xtask through sudo first) and after bootstrap.
 //!
 //! `syscalls`: what each kind of syscall hook adds to a cheap syscall (getppid), measured in one
-//! run against one long-lived workload process: no probe, the floor (empty raw tracepoints on
-//! sys_enter/sys_exit, `ws1-probe bench-floor`), the agent targeting the workload, the agent
-//! targeting another process, and bpftrace building the same histogram. A baseline runs between
-//! every two configurations so drift shows; each configuration's added cost is its median minus
-//! the mean of the baselines around it. Goals are printed as PASS/MISS and never fail the run.
+//! run against one long-lived workload process. Configurations: (a) no probe, (b) the floor:
+//! empty raw tracepoints on sys_enter/sys_exit (`ws1-probe bench-floor`), (c) the agent
+//! targeting the workload, (d) the agent targeting an idle `sleep`, (e) bpftrace building the
+//! same histogram. Every round runs a baseline block before each configuration (and one at the
+//! end), so drift on a shared machine shows and cancels: a block's added cost is its median minus
+//! the mean of the baseline blocks around it, and a configuration's is the median over rounds.
+//! Goals print as PASS/MISS; only errors (a binary missing, a probe failing) fail the run.
 
 use std::{
     fs,
@@ -30,46 +32,84 @@ pub fn run(what: &str, args: &[String]) -> Result<()> {
     }
 }
 
-/// `cargo xtask bench syscalls -- [--calls N] [--samples N]`.
+/// `cargo xtask bench syscalls -- [--calls N] [--samples N] [--rounds N]`.
 struct Opts {
     calls: u64,
-    samples: usize,
+    samples: u64,
+    rounds: u64,
 }
 
 impl Opts {
     fn parse(args: &[String]) -> Result<Self> {
+        let (calls, samples, rounds) = (1_000_000, 5, 3);
         let mut opts = Opts {
-            calls: 1_000_000,
-            samples: 7,
+            calls,
+            samples,
+            rounds,
         };
-        let mut it = args.iter();
-        while let Some(flag) = it.next() {
-            let value = it.next().with_context(|| format!("{flag} needs a value"));
-            match flag.as_str() {
-                "--calls" => opts.calls = value?.parse().context("--calls: not a number")?,
-                "--samples" => opts.samples = value?.parse().context("--samples: not a number")?,
-                _ => bail!("unknown argument {flag}: expected --calls N or --samples N"),
-            }
+        for pair in args.chunks(2) {
+            let [flag, value] = pair else {
+                bail!("{} needs a value", pair[0])
+            };
+            let slot = match flag.as_str() {
+                "--calls" => &mut opts.calls,
+                "--samples" => &mut opts.samples,
+                "--rounds" => &mut opts.rounds,
+                _ => bail!("unknown argument {flag}: expected --calls/--samples/--rounds N"),
+            };
+            *slot = value
+                .parse()
+                .with_context(|| format!("{flag}: not a number"))?;
+            ensure!(*slot > 0, "{flag} must be positive");
         }
-        ensure!(
-            opts.calls > 0 && opts.samples > 0,
-            "--calls and --samples must be positive"
-        );
         Ok(opts)
     }
 }
 
-/// Agent goals, in MiB and seconds.
+/// The configurations, in the order each round runs them (each after a baseline block).
+const CONFIGS: [(&str, &str); 5] = [
+    ("a", "no probe (baseline)"),
+    ("b", "floor: empty raw_tp pair"),
+    ("c", "agent --pid <bench>"),
+    ("d", "agent --pid <idle sleep>"),
+    ("e", "bpftrace hist, /pid == bench/"),
+];
 const RSS_GOAL_MIB: f64 = 30.0;
-const READY_GOAL: Duration = Duration::from_secs(1);
+const READY_GOAL_MS: f64 = 1000.0;
+
+/// One block of samples (ns per getppid, sorted) taken under one configuration.
+struct Block {
+    key: &'static str,
+    ns: Vec<f64>,
+}
+
+/// One agent start: time to ready, VmRSS (KiB) after ready and after its block.
+struct AgentRun {
+    key: &'static str,
+    ready: Duration,
+    rss_kib: [u64; 2],
+}
+
+struct Bench<'a> {
+    opts: &'a Opts,
+    probe: PathBuf,
+    bpftrace: PathBuf,
+    logs: PathBuf,
+    w: Workload,
+    idle: Proc,
+    blocks: Vec<Block>,
+    agents: Vec<AgentRun>,
+    /// (c): (scraped getppid count, getppid calls made while targeted), per agent start.
+    sanity: Vec<(f64, u64)>,
+    notes: Vec<String>,
+}
 
 fn syscalls(opts: &Opts) -> Result<()> {
     apt::ensure_packages(&[("bpftrace", "bpftrace")])?;
     run::cargo_build_release(&["ws1-probe", "ws1-probe-tests"])?;
     let release = util::target_dir().join("release");
-    let probe = release.join("ws1-probe");
-    let workload_bin = release.join("ws1-workload");
-    for bin in [&probe, &workload_bin] {
+    let (probe, workload) = (release.join("ws1-probe"), release.join("ws1-workload"));
+    for bin in [&probe, &workload] {
         ensure!(
             bin.is_file(),
             "{} is missing after the build",
@@ -80,240 +120,252 @@ fn syscalls(opts: &Opts) -> Result<()> {
     let logs = util::target_dir().join("bench");
     fs::create_dir_all(&logs).with_context(|| format!("cannot create {}", logs.display()))?;
 
-    let mut w = Workload::spawn(&workload_bin)?;
+    let mut w = Workload(
+        Proc::spawn("ws1-workload", &mut Command::new(&workload), &logs)?,
+        0,
+    );
+    let hello = w.0.next_line(Duration::from_secs(10))?;
+    ensure!(hello.starts_with("ready "), "workload said {hello:?}");
+    let idle = Proc::spawn("sleep", Command::new("sleep").arg("600"), &logs)?;
     eprintln!(
-        "bench: workload pid {}, {} samples of {} getppid calls per configuration (+1 warm-up)",
-        w.pid, opts.samples, opts.calls
+        "bench: workload pid {}, idle pid {}; {} rounds x {} samples of {} getppid calls",
+        w.0.pid(),
+        idle.pid(),
+        opts.rounds,
+        opts.samples,
+        opts.calls
     );
-    let mut rows = Vec::new();
-    let baseline = |w: &mut Workload, rows: &mut Vec<Row>| -> Result<()> {
-        let n = rows.iter().filter(|r| r.key == "a").count() + 1;
-        rows.push(Row::new("a", format!("no probe (baseline #{n})"), w, opts)?);
-        Ok(())
-    };
-
-    baseline(&mut w, &mut rows)?;
-    let mut floor = Proc::spawn(
-        "bench-floor",
-        Command::new(&probe).arg("bench-floor"),
-        &logs,
-    )?;
-    floor.wait_for_line(|l| l == "ready", Duration::from_secs(20))?;
-    rows.push(Row::new(
-        "b",
-        "floor: empty raw_tp pair".into(),
-        &mut w,
+    let mut bench = Bench {
         opts,
-    )?);
-    floor.stop_expect_success()?;
-
-    baseline(&mut w, &mut rows)?;
-    let mut agent = Agent::start(&probe, w.pid, &logs, "agent-targeted")?;
-    let rss_ready = agent.rss_kib()?;
-    let calls_before = w.calls;
-    rows.push(Row::new(
-        "c",
-        format!("agent --pid {} (bench)", w.pid),
-        &mut w,
-        opts,
-    )?);
-    let traced_calls = w.calls - calls_before;
-    let rss_after = agent.rss_kib()?;
-    let scraped = agent.getppid_count()?;
-    let ready_c = agent.ready;
-    agent.proc.stop_expect_success()?;
-
-    baseline(&mut w, &mut rows)?;
-    let mut idle = Proc::spawn("sleep", Command::new("sleep").arg("600"), &logs)?;
-    let mut agent = Agent::start(&probe, idle.pid(), &logs, "agent-other")?;
-    let label = format!("agent --pid {} (idle sleep)", idle.pid());
-    rows.push(Row::new("d", label, &mut w, opts)?);
-    let (rss_d, ready_d) = (agent.rss_kib()?, agent.ready);
-    agent.proc.stop_expect_success()?;
-    idle.stop()?;
-
-    baseline(&mut w, &mut rows)?;
-    let program = format!(
-        "tracepoint:raw_syscalls:sys_enter /pid == {}/ {{ @s[tid] = nsecs; }} \
-         tracepoint:raw_syscalls:sys_exit /@s[tid]/ \
-         {{ @h[args->id] = hist(nsecs - @s[tid]); delete(@s[tid]); }}",
-        w.pid
-    );
-    let mut bt = Proc::spawn(
-        "bpftrace",
-        Command::new(&bpftrace).arg("-e").arg(program),
-        &logs,
-    )?;
-    bt.wait_for_line(|l| l.starts_with("Attaching"), Duration::from_secs(60))?;
-    thread::sleep(Duration::from_secs(1));
-    rows.push(Row::new(
-        "e",
-        "bpftrace hist, /pid == bench/".into(),
-        &mut w,
-        opts,
-    )?);
-    let bt_status = bt.stop()?;
-    baseline(&mut w, &mut rows)?;
-    w.exit()?;
-
-    print_table(&rows);
-    let added = |key: &str| -> Result<f64> {
-        rows.iter()
-            .position(|r| r.key == key)
-            .and_then(|i| added_ns(&rows, i))
-            .with_context(|| format!("no row for configuration ({key})"))
+        probe,
+        bpftrace,
+        logs,
+        w,
+        idle,
+        blocks: Vec::new(),
+        agents: Vec::new(),
+        sanity: Vec::new(),
+        notes: Vec::new(),
     };
-    let (b, c, d, e) = (added("b")?, added("c")?, added("d")?, added("e")?);
-    let mib = |kib: u64| kib as f64 / 1024.0;
-    println!();
-    println!(
-        "agent (c): VmRSS {:.1} MiB after ready, {:.1} MiB after the run; ready in {} ms",
-        mib(rss_ready),
-        mib(rss_after),
-        ready_c.as_millis()
-    );
-    println!(
-        "agent (d): VmRSS {:.1} MiB after the run; ready in {} ms",
-        mib(rss_d),
-        ready_d.as_millis()
-    );
-    let verdict = if scraped == traced_calls as f64 {
-        "match"
-    } else {
-        "MISMATCH"
-    };
-    println!(
-        "sanity (c): ws1_probe_syscall_duration_seconds_count{{syscall=\"getppid\"}} = {scraped} \
-         vs {traced_calls} getppid calls made while targeted: {verdict}"
-    );
-    if !bt_status.success() {
-        println!(
-            "note: bpftrace exited with {bt_status} after SIGTERM (see {})",
-            logs.display()
-        );
+    for round in 1..=opts.rounds {
+        for (key, label) in &CONFIGS[1..] {
+            eprintln!("bench: round {round}/{}: ({key}) {label}", opts.rounds);
+            bench.block("a")?;
+            bench.config(key)?;
+        }
     }
-
-    println!();
-    println!("goals (added ns per getppid):");
-    goal(
-        "(c) <= 2.5 x (b)",
-        c,
-        2.5 * b,
-        format!("{c:.1} ns vs 2.5 x {b:.1} = {:.1} ns", 2.5 * b),
-    );
-    goal(
-        "(c) <= 0.3 x (e)",
-        c,
-        0.3 * e,
-        format!("{c:.1} ns vs 0.3 x {e:.1} = {:.1} ns", 0.3 * e),
-    );
-    goal(
-        "(d) <= (b) + 25",
-        d,
-        b + 25.0,
-        format!("{d:.1} ns vs {b:.1} + 25 = {:.1} ns", b + 25.0),
-    );
-    let rss = mib(rss_ready.max(rss_after));
-    goal(
-        "agent RSS <= 30 MiB",
-        rss,
-        RSS_GOAL_MIB,
-        format!("{rss:.1} MiB (max of (c) readings)"),
-    );
-    let ready = ready_c.max(ready_d);
-    let text = format!("{} ms (max of (c), (d))", ready.as_millis());
-    goal(
-        "ready <= 1 s",
-        ready.as_secs_f64(),
-        READY_GOAL.as_secs_f64(),
-        text,
-    );
-    Ok(())
+    bench.block("a")?;
+    bench.w.exit()?;
+    bench.idle.stop()?;
+    bench.report()
 }
 
-fn goal(name: &str, value: f64, limit: f64, detail: String) {
-    let verdict = if value <= limit { "PASS" } else { "MISS" };
-    println!("  {verdict}  {name:<22} {detail}");
-}
-
-/// One configuration's samples, in ns per call.
-struct Row {
-    key: &'static str,
-    label: String,
-    ns: Vec<f64>,
-}
-
-impl Row {
-    /// Warms up with one untimed batch, then takes the samples.
-    fn new(key: &'static str, label: String, w: &mut Workload, opts: &Opts) -> Result<Row> {
-        eprintln!("bench: ({key}) {label} ...");
-        w.time_getppid(opts.calls)?;
-        let mut ns = Vec::with_capacity(opts.samples);
-        for _ in 0..opts.samples {
-            ns.push(w.time_getppid(opts.calls)?);
+impl Bench<'_> {
+    /// A warm-up batch (a quarter of a sample), then the samples.
+    fn block(&mut self, key: &'static str) -> Result<()> {
+        self.w.time_getppid(self.opts.calls.div_ceil(4))?;
+        let mut ns = Vec::new();
+        for _ in 0..self.opts.samples {
+            ns.push(self.w.time_getppid(self.opts.calls)?);
         }
         ns.sort_by(f64::total_cmp);
-        Ok(Row { key, label, ns })
+        self.blocks.push(Block { key, ns });
+        Ok(())
     }
 
-    fn median(&self) -> f64 {
-        let n = self.ns.len();
-        if n % 2 == 1 {
-            self.ns[n / 2]
-        } else {
-            (self.ns[n / 2 - 1] + self.ns[n / 2]) / 2.0
+    /// Starts configuration `key`, waits until it is ready, measures a block, stops it.
+    fn config(&mut self, key: &'static str) -> Result<()> {
+        match key {
+            "b" => {
+                let mut cmd = Command::new(&self.probe);
+                let mut floor = Proc::spawn("bench-floor", cmd.arg("bench-floor"), &self.logs)?;
+                floor.wait_for_line(|l| l == "ready", Duration::from_secs(20))?;
+                self.block(key)?;
+                floor.stop_ok()
+            }
+            "c" | "d" => {
+                let target = if key == "c" {
+                    self.w.0.pid()
+                } else {
+                    self.idle.pid()
+                };
+                let name = format!("agent-{key}");
+                let mut agent = Agent::start(&self.probe, target, &self.logs, &name)?;
+                let rss_ready = rss_kib(agent.proc.pid())?;
+                let before = self.w.1;
+                self.block(key)?;
+                let rss_kib = [rss_ready, rss_kib(agent.proc.pid())?];
+                if key == "c" {
+                    self.sanity
+                        .push((agent.getppid_count()?, self.w.1 - before));
+                }
+                agent.proc.stop_ok()?;
+                let ready = agent.ready;
+                self.agents.push(AgentRun {
+                    key,
+                    ready,
+                    rss_kib,
+                });
+                Ok(())
+            }
+            "e" => {
+                let program = format!(
+                    "tracepoint:raw_syscalls:sys_enter /pid == {}/ {{ @s[tid] = nsecs; }} \
+                     tracepoint:raw_syscalls:sys_exit /@s[tid]/ \
+                     {{ @h[args->id] = hist(nsecs - @s[tid]); delete(@s[tid]); }}",
+                    self.w.0.pid()
+                );
+                let mut cmd = Command::new(&self.bpftrace);
+                let mut bt = Proc::spawn("bpftrace", cmd.arg("-e").arg(program), &self.logs)?;
+                bt.wait_for_line(|l| l.starts_with("Attaching"), Duration::from_secs(60))?;
+                thread::sleep(Duration::from_secs(1));
+                self.block(key)?;
+                let status = bt.stop()?;
+                if !status.success() {
+                    self.notes
+                        .push(format!("bpftrace exited with {status} on SIGTERM"));
+                }
+                Ok(())
+            }
+            _ => bail!("unknown configuration {key}"),
         }
     }
-}
 
-/// A configuration's median minus the mean of the baseline medians right before and after it.
-fn added_ns(rows: &[Row], i: usize) -> Option<f64> {
-    let before = rows[..i].iter().rev().find(|r| r.key == "a")?;
-    let after = rows[i + 1..]
-        .iter()
-        .find(|r| r.key == "a")
-        .unwrap_or(before);
-    Some(rows[i].median() - (before.median() + after.median()) / 2.0)
-}
-
-fn print_table(rows: &[Row]) {
-    println!();
-    println!(
-        "{:<40} {:>12} {:>21} {:>10}",
-        "configuration", "median ns", "min..max ns", "added ns"
-    );
-    for (i, row) in rows.iter().enumerate() {
-        let (min, max) = (row.ns[0], row.ns[row.ns.len() - 1]);
-        let added = match (row.key, added_ns(rows, i)) {
-            ("a", _) | (_, None) => "-".to_owned(),
-            (_, Some(a)) => format!("{a:+.1}"),
-        };
-        let spread = format!("{min:.1}..{max:.1}");
-        let label = format!("({}) {}", row.key, row.label);
-        println!(
-            "{label:<40} {:>12.1} {spread:>21} {added:>10}",
-            row.median()
-        );
+    /// Added ns of each block of `key`: its median minus the mean of the baselines around it.
+    fn added(&self, key: &str) -> Vec<f64> {
+        let base = |b: Option<&Block>| b.filter(|b| b.key == "a").map(|b| median(&b.ns));
+        (0..self.blocks.len())
+            .filter(|&i| self.blocks[i].key == key && i > 0)
+            .filter_map(|i| {
+                let before = base(self.blocks.get(i - 1))?;
+                let after = base(self.blocks.get(i + 1)).unwrap_or(before);
+                Some(median(&self.blocks[i].ns) - (before + after) / 2.0)
+            })
+            .collect()
     }
-    let base: Vec<f64> = rows
-        .iter()
-        .filter(|r| r.key == "a")
-        .map(Row::median)
-        .collect();
-    let lo = base.iter().copied().fold(f64::INFINITY, f64::min);
-    let hi = base.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-    println!(
-        "baseline drift over the run: medians {lo:.1}..{hi:.1} ns ({:.1} ns)",
-        hi - lo
-    );
+
+    fn report(&self) -> Result<()> {
+        let rounds = self.opts.rounds;
+        println!("\ngetppid cost per configuration ({rounds} rounds; samples pooled):");
+        let head = [
+            "configuration",
+            "median ns",
+            "min..max ns",
+            "added ns",
+            "added per round",
+        ];
+        println!(
+            "{:<36} {:>10} {:>17} {:>10} {:>17}",
+            head[0], head[1], head[2], head[3], head[4]
+        );
+        let mut added = Vec::new();
+        for (key, label) in CONFIGS {
+            let blocks = self.blocks.iter().filter(|b| b.key == key);
+            let mut ns: Vec<f64> = blocks.flat_map(|b| b.ns.iter().copied()).collect();
+            ns.sort_by(f64::total_cmp);
+            ensure!(!ns.is_empty(), "no samples for ({key})");
+            let mut per_round = self.added(key);
+            per_round.sort_by(f64::total_cmp);
+            let (add, range) = match (per_round.first(), per_round.last()) {
+                (Some(lo), Some(hi)) if key != "a" => {
+                    added.push(median(&per_round));
+                    (
+                        format!("{:+.1}", median(&per_round)),
+                        format!("{lo:+.0}..{hi:+.0}"),
+                    )
+                }
+                _ => ("-".to_owned(), "-".to_owned()),
+            };
+            let spread = format!("{:.1}..{:.1}", ns[0], ns[ns.len() - 1]);
+            let (label, med) = (format!("({key}) {label}"), median(&ns));
+            println!("{label:<36} {med:>10.1} {spread:>17} {add:>10} {range:>17}");
+        }
+        let base = self.blocks.iter().filter(|b| b.key == "a");
+        let drift: Vec<String> = base.map(|b| format!("{:.0}", median(&b.ns))).collect();
+        println!(
+            "baseline block medians in run order (ns): {}",
+            drift.join(" ")
+        );
+
+        println!();
+        let mib = |kib: u64| kib as f64 / 1024.0;
+        for a in &self.agents {
+            let (ms, rss) = (a.ready.as_millis(), a.rss_kib.map(mib));
+            println!(
+                "agent ({}): ready in {ms} ms; VmRSS {:.1} MiB after ready, {:.1} MiB after its block",
+                a.key, rss[0], rss[1]
+            );
+        }
+        for (scraped, made) in &self.sanity {
+            let verdict = if *scraped == *made as f64 {
+                "match"
+            } else {
+                "MISMATCH"
+            };
+            println!(
+                "sanity (c): ws1_probe_syscall_duration_seconds_count{{syscall=\"getppid\"}} = \
+                 {scraped} vs {made} getppid calls made while targeted: {verdict}"
+            );
+        }
+        for note in &self.notes {
+            println!("note: {note}");
+        }
+
+        let [b, c, d, e] = added[..] else {
+            bail!("missing configurations in the results")
+        };
+        let rss = mib(self
+            .agents
+            .iter()
+            .flat_map(|a| a.rss_kib)
+            .max()
+            .unwrap_or(0));
+        let ready = self.agents.iter().map(|a| a.ready.as_secs_f64() * 1e3);
+        let ready = ready.fold(0.0, f64::max);
+        println!("\ngoals (added ns per getppid: medians over rounds):");
+        let goals = [
+            ("(c) <= 2.5 x (b)", c, 2.5 * b, "ns"),
+            ("(c) <= 0.3 x (e)", c, 0.3 * e, "ns"),
+            ("(d) <= (b) + 25 ns", d, b + 25.0, "ns"),
+            ("agent VmRSS <= 30 MiB", rss, RSS_GOAL_MIB, "MiB"),
+            ("start to ready <= 1 s", ready, READY_GOAL_MS, "ms"),
+        ];
+        for (name, value, limit, unit) in goals {
+            let verdict = if value <= limit { "PASS" } else { "MISS" };
+            println!("  {verdict}  {name:<22} {value:>8.1} {unit:<3} (limit {limit:.1} {unit})");
+        }
+        Ok(())
+    }
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
+fn rss_kib(pid: u32) -> Result<u64> {
+    let path = format!("/proc/{pid}/status");
+    let status = fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .with_context(|| format!("no VmRSS in {path}"))
 }
 
 /// A child process that is killed and reaped when dropped, so an error path leaves nothing
-/// running. Its stdout lines arrive through a reader thread; stderr goes to a log file.
+/// running. Its stdout lines arrive through a reader thread (so reads can time out), stdin is a
+/// pipe kept open, and stderr goes to `<logs>/<name>.log`.
 struct Proc {
     name: String,
     child: Child,
-    lines: Option<mpsc::Receiver<String>>,
+    stdin: Option<ChildStdin>,
+    lines: mpsc::Receiver<String>,
     log: PathBuf,
 }
 
@@ -323,17 +375,29 @@ impl Proc {
         let stderr =
             fs::File::create(&log).with_context(|| format!("cannot create {}", log.display()))?;
         let shown = util::display(cmd);
-        let mut child = cmd
-            .stdin(Stdio::null())
+        let mut child = (cmd
+            .stdin(Stdio::piped())
             .stdout(Stdio::piped())
-            .stderr(stderr)
-            .spawn()
-            .with_context(|| format!("could not start `{shown}`"))?;
+            .stderr(stderr))
+        .spawn()
+        .with_context(|| format!("could not start `{shown}`"))?;
         let stdout = child.stdout.take().context("child stdout")?;
+        let (tx, lines) = mpsc::channel();
+        thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let stdin = child.stdin.take();
+        let name = name.to_owned();
         Ok(Proc {
-            name: name.to_owned(),
+            name,
             child,
-            lines: Some(line_reader(stdout)),
+            stdin,
+            lines,
             log,
         })
     }
@@ -347,7 +411,7 @@ impl Proc {
         let text = fs::read_to_string(&self.log).unwrap_or_default();
         let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
         let tail = lines[lines.len().saturating_sub(3)..].join(" | ");
-        format!("{} (log {})", tail, self.log.display())
+        format!("{tail} (log {})", self.log.display())
     }
 
     fn fail_if_exited(&mut self) -> Result<()> {
@@ -357,24 +421,29 @@ impl Proc {
         Ok(())
     }
 
-    fn wait_for_line(&mut self, want: impl Fn(&str) -> bool, timeout: Duration) -> Result<()> {
-        let lines = self.lines.as_ref().context("no stdout reader")?;
-        let deadline = Instant::now() + timeout;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match lines.recv_timeout(left) {
-                Ok(line) if want(line.trim()) => return Ok(()),
-                Ok(_) => {}
-                Err(_) => {
-                    self.fail_if_exited()?;
-                    bail!(
-                        "{}: not ready within {timeout:?}: {}",
-                        self.name,
-                        self.log_tail()
-                    );
-                }
+    fn next_line(&mut self, timeout: Duration) -> Result<String> {
+        match self.lines.recv_timeout(timeout) {
+            Ok(line) => Ok(line),
+            Err(_) => {
+                // Give a process that just closed its stdout a moment to be reapable.
+                thread::sleep(Duration::from_millis(50));
+                self.fail_if_exited()?;
+                bail!(
+                    "{}: no output line within {timeout:?}: {}",
+                    self.name,
+                    self.log_tail()
+                )
             }
         }
+    }
+
+    fn wait_for_line(&mut self, want: impl Fn(&str) -> bool, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        while !want(
+            self.next_line(deadline.saturating_duration_since(Instant::now()))?
+                .trim(),
+        ) {}
+        Ok(())
     }
 
     /// SIGTERM, then wait up to 10 s for the exit (SIGKILL and an error after that).
@@ -382,8 +451,7 @@ impl Proc {
         if let Some(status) = self.child.try_wait().context("waitpid")? {
             return Ok(status);
         }
-        let pid = self.pid().to_string();
-        util::capture(Command::new("kill").args(["-TERM", &pid]))?;
+        util::capture(Command::new("kill").args(["-TERM", &self.pid().to_string()]))?;
         let deadline = Instant::now() + Duration::from_secs(10);
         while Instant::now() < deadline {
             if let Some(status) = self.child.try_wait().context("waitpid")? {
@@ -391,18 +459,17 @@ impl Proc {
             }
             thread::sleep(Duration::from_millis(10));
         }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
         bail!("{} did not exit within 10 s of SIGTERM", self.name)
     }
 
-    fn stop_expect_success(&mut self) -> Result<()> {
+    fn stop_ok(&mut self) -> Result<()> {
         let status = self.stop()?;
+        let tail = || self.log_tail();
         ensure!(
             status.success(),
-            "{} exited with {status} after SIGTERM: {}",
+            "{} exited with {status} on SIGTERM: {}",
             self.name,
-            self.log_tail()
+            tail()
         );
         Ok(())
     }
@@ -417,93 +484,39 @@ impl Drop for Proc {
     }
 }
 
-/// Forwards lines from `r` to a channel until EOF, so reads can have a deadline.
-fn line_reader(r: impl Read + Send + 'static) -> mpsc::Receiver<String> {
-    let (tx, rx) = mpsc::channel();
-    thread::spawn(move || {
-        for line in BufReader::new(r).lines() {
-            let Ok(line) = line else { break };
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    rx
-}
-
-/// `ws1-workload`, driven over stdin/stdout like the integration tests do.
-struct Workload {
-    proc: Proc,
-    stdin: ChildStdin,
-    pid: u32,
-    /// getppid calls made so far.
-    calls: u64,
-}
+/// `ws1-workload`, driven over stdin/stdout like the integration tests do, and the number of
+/// getppid calls it has made.
+struct Workload(Proc, u64);
 
 impl Workload {
-    fn spawn(bin: &Path) -> Result<Workload> {
-        let mut child = Command::new(bin)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .with_context(|| format!("could not start {}", bin.display()))?;
-        let stdin = child.stdin.take().context("workload stdin")?;
-        let stdout = child.stdout.take().context("workload stdout")?;
-        let mut w = Workload {
-            pid: child.id(),
-            proc: Proc {
-                name: "ws1-workload".into(),
-                child,
-                lines: Some(line_reader(stdout)),
-                log: PathBuf::from("/dev/null"),
-            },
-            stdin,
-            calls: 0,
-        };
-        let ready = w.reply(Duration::from_secs(10))?;
-        ensure!(ready.starts_with("ready "), "workload said {ready:?}");
-        Ok(w)
-    }
-
-    fn reply(&mut self, timeout: Duration) -> Result<String> {
-        let lines = self.proc.lines.as_ref().context("no workload reader")?;
-        match lines.recv_timeout(timeout) {
-            Ok(line) => Ok(line),
-            Err(_) => {
-                self.proc.fail_if_exited()?;
-                bail!("workload: no reply within {timeout:?}")
-            }
-        }
-    }
-
     fn cmd(&mut self, command: &str) -> Result<String> {
-        writeln!(self.stdin, "{command}")
-            .and_then(|()| self.stdin.flush())
+        let stdin = self.0.stdin.as_mut().context("workload stdin is closed")?;
+        writeln!(stdin, "{command}")
+            .and_then(|()| stdin.flush())
             .context("cannot write to the workload")?;
-        let reply = self.reply(Duration::from_secs(120))?;
+        let reply = self.0.next_line(Duration::from_secs(120))?;
         ensure!(reply.starts_with("ok"), "workload: {command} -> {reply}");
         Ok(reply)
     }
 
-    /// `n` timed getppid calls; returns ns per call.
+    /// `n` getppid calls timed by the workload; returns ns per call.
     fn time_getppid(&mut self, n: u64) -> Result<f64> {
         let reply = self.cmd(&format!("time-getppid {n}"))?;
-        self.calls += n;
-        let total: u64 = reply
+        self.1 += n;
+        let total: u64 = (reply
             .strip_prefix("ok ")
-            .and_then(|ns| ns.trim().parse().ok())
-            .with_context(|| format!("workload: time-getppid replied {reply:?}"))?;
+            .and_then(|ns| ns.trim().parse().ok()))
+        .with_context(|| format!("workload: time-getppid replied {reply:?}"))?;
         Ok(total as f64 / n as f64)
     }
 
     fn exit(&mut self) -> Result<()> {
         self.cmd("exit")?;
-        self.proc.stop().map(drop)
+        self.0.stop().map(drop)
     }
 }
 
-/// `ws1-probe agent --pid <pid>` on a free loopback port, ready once `/readyz` says 200.
+/// `ws1-probe agent --pid <pid>` on a free loopback port; ready once `/readyz` answers 200.
 struct Agent {
     proc: Proc,
     port: u16,
@@ -512,8 +525,7 @@ struct Agent {
 
 impl Agent {
     fn start(probe: &Path, pid: u32, logs: &Path, name: &str) -> Result<Agent> {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
+        let port = (TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()))
             .context("no free loopback port")?
             .port();
         let mut cmd = Command::new(probe);
@@ -534,16 +546,6 @@ impl Agent {
         }
     }
 
-    fn rss_kib(&self) -> Result<u64> {
-        let path = format!("/proc/{}/status", self.proc.pid());
-        let status = fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .with_context(|| format!("no VmRSS in {path}"))
-    }
-
     /// Sum of `ws1_probe_syscall_duration_seconds_count{..syscall="getppid"..}` over services.
     fn getppid_count(&self) -> Result<f64> {
         let (status, body) = http_get(self.port, "/metrics").context("scraping /metrics")?;
@@ -553,13 +555,10 @@ impl Agent {
             let Some(rest) = line.strip_prefix("ws1_probe_syscall_duration_seconds_count{") else {
                 continue;
             };
-            if !rest.contains("syscall=\"getppid\"") {
-                continue;
+            if rest.contains("syscall=\"getppid\"") {
+                let value = line.rsplit(' ').next().unwrap_or_default();
+                total += (value.parse::<f64>()).with_context(|| format!("bad sample {line:?}"))?;
             }
-            let value = line.rsplit(' ').next().unwrap_or_default();
-            total += value
-                .parse::<f64>()
-                .with_context(|| format!("bad sample line {line:?}"))?;
         }
         Ok(total)
     }
@@ -578,10 +577,7 @@ fn http_get(port: u16, path: &str) -> Result<(u16, String)> {
     )?;
     let mut text = String::new();
     s.read_to_string(&mut text)?;
-    let status = text
-        .split(' ')
-        .nth(1)
-        .and_then(|c| c.parse().ok())
+    let status = (text.split(' ').nth(1).and_then(|c| c.parse().ok()))
         .ok_or_else(|| anyhow!("GET {path}: no HTTP status in the answer"))?;
     let body = text
         .split_once("\r\n\r\n")

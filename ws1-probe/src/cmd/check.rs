@@ -1,6 +1,6 @@
 //! `ws1-probe check`: which hooks this kernel allows and which collector will use which.
 
-use std::process::ExitCode;
+use std::{io::Write as _, process::ExitCode};
 
 use anyhow::Context as _;
 use serde::Serialize;
@@ -27,16 +27,23 @@ struct JsonReport<'a> {
 pub fn run(args: CheckArgs) -> anyhow::Result<ExitCode> {
     let report = check::run_checks();
     let verdict = report.can_run();
-    if args.json {
+    let text = if args.json {
         let json = JsonReport {
             report: &report,
             can_run: verdict.is_ok(),
             problem: verdict.clone().err(),
         };
-        let text = serde_json::to_string_pretty(&json).context("cannot encode the report")?;
-        println!("{text}");
+        serde_json::to_string_pretty(&json).context("cannot encode the report")? + "\n"
     } else {
-        print!("{}", report.render_text());
+        report.render_text()
+    };
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        // A closed pipe (`| head`) is not an error worth reporting.
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+            return Err(e).context("cannot write the report");
+        }
+        _ => {}
     }
     Ok(if verdict.is_ok() {
         ExitCode::SUCCESS
