@@ -106,7 +106,14 @@ impl Probe {
     /// Builds every metric family, reading the maps once.
     pub fn families(&mut self) -> (Vec<MetricFamily>, SyscallSnapshot) {
         let snap = self.syscalls.snapshot();
-        self.label_cap.update(&snap.calls_by_service());
+        let targeted = self.targets.targeted_by_service();
+        // Rank by calls; a service with live processes but no calls yet is ranked too (with 0),
+        // so its processes are not reported as `other` while it is idle.
+        let mut activity = snap.calls_by_service();
+        for id in targeted.keys() {
+            activity.entry(*id).or_insert(0);
+        }
+        self.label_cap.update(&activity);
         let services = self.targets.matcher().services();
         let cap = &self.label_cap;
         let label = |id: u32| {
@@ -117,7 +124,7 @@ impl Probe {
             }
         };
         let mut families = metrics::syscall_families(&snap, label, &self.bounds_ns);
-        families.extend(selfmetrics::families(self, &label));
+        families.extend(selfmetrics::families(self, &targeted, &label));
         (families, snap)
     }
 

@@ -1,5 +1,7 @@
 //! The agent's own metrics: CPU, memory, BPF program cost, map fill, drops, targets.
 
+use std::collections::BTreeMap;
+
 use prometheus::proto::{MetricFamily, MetricType};
 
 use crate::{
@@ -23,7 +25,12 @@ pub fn own_usage() -> Option<(f64, u64)> {
     Some(((utime + stime) as f64 / ticks, rss_pages * page))
 }
 
-pub fn families<'a>(probe: &'a Probe, label: &dyn Fn(u32) -> &'a str) -> Vec<MetricFamily> {
+/// `targeted` is the number of observed processes per service id.
+pub fn families<'a>(
+    probe: &'a Probe,
+    targeted: &BTreeMap<u32, u64>,
+    label: &dyn Fn(u32) -> &'a str,
+) -> Vec<MetricFamily> {
     let mut out = Vec::new();
     if let Some((cpu, rss)) = own_usage() {
         out.push(family(
@@ -99,9 +106,9 @@ pub fn families<'a>(probe: &'a Probe, label: &dyn Fn(u32) -> &'a str) -> Vec<Met
             .map(|(reason, n)| counter(&[("reason", reason.label())], *n as f64))
             .collect(),
     ));
-    let mut by_label: std::collections::BTreeMap<&str, u64> = Default::default();
-    for (id, n) in probe.targets.targeted_by_service() {
-        *by_label.entry(label(id)).or_insert(0) += n;
+    let mut by_label: BTreeMap<&str, u64> = BTreeMap::new();
+    for (id, n) in targeted {
+        *by_label.entry(label(*id)).or_insert(0) += n;
     }
     out.push(family(
         "ws1_probe_targeted_processes",

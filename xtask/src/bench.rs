@@ -27,45 +27,16 @@ use crate::{apt, run, util};
 
 pub fn run(what: &str, args: &[String]) -> Result<()> {
     match what {
-        "syscalls" => syscalls(&Opts::parse(args)?),
+        "syscalls" if args.is_empty() => syscalls(),
+        "syscalls" => bail!("bench syscalls takes no arguments (got {args:?})"),
         _ => bail!("unknown benchmark {what}: available: syscalls"),
     }
 }
 
-/// `cargo xtask bench syscalls -- [--calls N] [--samples N] [--rounds N]`.
-struct Opts {
-    calls: u64,
-    samples: u64,
-    rounds: u64,
-}
-
-impl Opts {
-    fn parse(args: &[String]) -> Result<Self> {
-        let (calls, samples, rounds) = (1_000_000, 5, 3);
-        let mut opts = Opts {
-            calls,
-            samples,
-            rounds,
-        };
-        for pair in args.chunks(2) {
-            let [flag, value] = pair else {
-                bail!("{} needs a value", pair[0])
-            };
-            let slot = match flag.as_str() {
-                "--calls" => &mut opts.calls,
-                "--samples" => &mut opts.samples,
-                "--rounds" => &mut opts.rounds,
-                _ => bail!("unknown argument {flag}: expected --calls/--samples/--rounds N"),
-            };
-            *slot = value
-                .parse()
-                .with_context(|| format!("{flag}: not a number"))?;
-            ensure!(*slot > 0, "{flag} must be positive");
-        }
-        Ok(opts)
-    }
-}
-
+/// getppid calls per sample, samples per block, and rounds over all configurations.
+const CALLS: u64 = 1_000_000;
+const SAMPLES: usize = 5;
+const ROUNDS: usize = 3;
 /// The configurations, in the order each round runs them (each after a baseline block).
 const CONFIGS: [(&str, &str); 5] = [
     ("a", "no probe (baseline)"),
@@ -74,82 +45,58 @@ const CONFIGS: [(&str, &str); 5] = [
     ("d", "agent --pid <idle sleep>"),
     ("e", "bpftrace hist, /pid == bench/"),
 ];
-const RSS_GOAL_MIB: f64 = 30.0;
-const READY_GOAL_MS: f64 = 1000.0;
 
-/// One block of samples (ns per getppid, sorted) taken under one configuration.
+/// One block of samples (ns per getppid) taken under one configuration.
 struct Block {
     key: &'static str,
     ns: Vec<f64>,
 }
 
-/// One agent start: time to ready, VmRSS (KiB) after ready and after its block.
-struct AgentRun {
-    key: &'static str,
-    ready: Duration,
-    rss_kib: [u64; 2],
-}
+/// One agent start: configuration, time to ready, VmRSS (KiB) after ready and after its block.
+struct AgentRun(&'static str, Duration, [u64; 2]);
 
-struct Bench<'a> {
-    opts: &'a Opts,
-    probe: PathBuf,
-    bpftrace: PathBuf,
-    logs: PathBuf,
-    w: Workload,
-    idle: Proc,
+#[derive(Default)]
+struct Results {
     blocks: Vec<Block>,
     agents: Vec<AgentRun>,
     /// (c): (scraped getppid count, getppid calls made while targeted), per agent start.
     sanity: Vec<(f64, u64)>,
-    notes: Vec<String>,
 }
 
-fn syscalls(opts: &Opts) -> Result<()> {
+struct Bench {
+    probe: PathBuf,
+    logs: PathBuf,
+    w: Workload,
+    idle: Proc,
+    r: Results,
+}
+
+fn syscalls() -> Result<()> {
     apt::ensure_packages(&[("bpftrace", "bpftrace")])?;
     run::cargo_build_release(&["ws1-probe", "ws1-probe-tests"])?;
     let release = util::target_dir().join("release");
     let (probe, workload) = (release.join("ws1-probe"), release.join("ws1-workload"));
     for bin in [&probe, &workload] {
-        ensure!(
-            bin.is_file(),
-            "{} is missing after the build",
-            bin.display()
-        );
+        ensure!(bin.is_file(), "{} missing after the build", bin.display());
     }
-    let bpftrace = util::find_in_path("bpftrace").context("bpftrace is not on PATH")?;
     let logs = util::target_dir().join("bench");
     fs::create_dir_all(&logs).with_context(|| format!("cannot create {}", logs.display()))?;
 
-    let mut w = Workload(
-        Proc::spawn("ws1-workload", &mut Command::new(&workload), &logs)?,
-        0,
-    );
-    let hello = w.0.next_line(Duration::from_secs(10))?;
-    ensure!(hello.starts_with("ready "), "workload said {hello:?}");
+    let w = Proc::spawn("ws1-workload", &mut Command::new(workload), &logs)?;
+    let mut w = Workload(w, 0);
+    w.0.wait_for_line("ready ", 10)?;
     let idle = Proc::spawn("sleep", Command::new("sleep").arg("600"), &logs)?;
-    eprintln!(
-        "bench: workload pid {}, idle pid {}; {} rounds x {} samples of {} getppid calls",
-        w.0.pid(),
-        idle.pid(),
-        opts.rounds,
-        opts.samples,
-        opts.calls
-    );
+    let r = Results::default();
     let mut bench = Bench {
-        opts,
         probe,
-        bpftrace,
         logs,
         w,
         idle,
-        blocks: Vec::new(),
-        agents: Vec::new(),
-        sanity: Vec::new(),
-        notes: Vec::new(),
+        r,
     };
-    for round in 1..=opts.rounds {
+    for round in 1..=ROUNDS {
         for (key, label) in &CONFIGS[1..] {
-            eprintln!("bench: round {round}/{}: ({key}) {label}", opts.rounds);
+            eprintln!("bench: round {round}/{ROUNDS}: (a) baseline, then ({key}) {label}");
             bench.block("a")?;
             bench.config(key)?;
         }
@@ -160,127 +107,109 @@ fn syscalls(opts: &Opts) -> Result<()> {
     bench.report()
 }
 
-impl Bench<'_> {
+impl Bench {
     /// A warm-up batch (a quarter of a sample), then the samples.
     fn block(&mut self, key: &'static str) -> Result<()> {
-        self.w.time_getppid(self.opts.calls.div_ceil(4))?;
+        self.w.time_getppid(CALLS / 4)?;
         let mut ns = Vec::new();
-        for _ in 0..self.opts.samples {
-            ns.push(self.w.time_getppid(self.opts.calls)?);
+        for _ in 0..SAMPLES {
+            ns.push(self.w.time_getppid(CALLS)?);
         }
-        ns.sort_by(f64::total_cmp);
-        self.blocks.push(Block { key, ns });
+        self.r.blocks.push(Block { key, ns });
         Ok(())
     }
 
     /// Starts configuration `key`, waits until it is ready, measures a block, stops it.
     fn config(&mut self, key: &'static str) -> Result<()> {
-        match key {
+        let mut cmd = Command::new(&self.probe);
+        let mut p = match key {
             "b" => {
-                let mut cmd = Command::new(&self.probe);
                 let mut floor = Proc::spawn("bench-floor", cmd.arg("bench-floor"), &self.logs)?;
-                floor.wait_for_line(|l| l == "ready", Duration::from_secs(20))?;
-                self.block(key)?;
-                floor.stop_ok()
-            }
-            "c" | "d" => {
-                let target = if key == "c" {
-                    self.w.0.pid()
-                } else {
-                    self.idle.pid()
-                };
-                let name = format!("agent-{key}");
-                let mut agent = Agent::start(&self.probe, target, &self.logs, &name)?;
-                let rss_ready = rss_kib(agent.proc.pid())?;
-                let before = self.w.1;
-                self.block(key)?;
-                let rss_kib = [rss_ready, rss_kib(agent.proc.pid())?];
-                if key == "c" {
-                    self.sanity
-                        .push((agent.getppid_count()?, self.w.1 - before));
-                }
-                agent.proc.stop_ok()?;
-                let ready = agent.ready;
-                self.agents.push(AgentRun {
-                    key,
-                    ready,
-                    rss_kib,
-                });
-                Ok(())
+                floor.wait_for_line("ready", 20)?;
+                floor
             }
             "e" => {
-                let program = format!(
-                    "tracepoint:raw_syscalls:sys_enter /pid == {}/ {{ @s[tid] = nsecs; }} \
-                     tracepoint:raw_syscalls:sys_exit /@s[tid]/ \
-                     {{ @h[args->id] = hist(nsecs - @s[tid]); delete(@s[tid]); }}",
-                    self.w.0.pid()
-                );
-                let mut cmd = Command::new(&self.bpftrace);
-                let mut bt = Proc::spawn("bpftrace", cmd.arg("-e").arg(program), &self.logs)?;
-                bt.wait_for_line(|l| l.starts_with("Attaching"), Duration::from_secs(60))?;
+                let bpftrace = util::find_in_path("bpftrace").context("bpftrace not on PATH")?;
+                let mut cmd = Command::new(bpftrace);
+                let mut bt =
+                    Proc::spawn("bpftrace", cmd.arg("-e").arg(self.w.bpftrace()), &self.logs)?;
+                bt.wait_for_line("Attaching", 60)?;
                 thread::sleep(Duration::from_secs(1));
-                self.block(key)?;
-                let status = bt.stop()?;
-                if !status.success() {
-                    self.notes
-                        .push(format!("bpftrace exited with {status} on SIGTERM"));
-                }
-                Ok(())
+                bt
             }
-            _ => bail!("unknown configuration {key}"),
+            _ => return self.agent(key),
+        };
+        self.block(key)?;
+        let status = p.stop()?;
+        // bpftrace's exit status on SIGTERM is not ours to judge.
+        let (name, tail) = (&p.name, p.log_tail());
+        ensure!(
+            status.success() || key == "e",
+            "{name} exited with {status}: {tail}"
+        );
+        Ok(())
+    }
+
+    /// (c) or (d): the agent targeting the workload or the idle process.
+    fn agent(&mut self, key: &'static str) -> Result<()> {
+        let (bench, idle) = (self.w.0.pid(), self.idle.pid());
+        let target = if key == "c" { bench } else { idle };
+        let name = format!("agent-{key}");
+        let mut agent = Agent::start(&self.probe, target, &self.logs, &name)?;
+        let rss_ready = rss_kib(agent.proc.pid())?;
+        let before = self.w.1;
+        self.block(key)?;
+        let rss = [rss_ready, rss_kib(agent.proc.pid())?];
+        if key == "c" {
+            let made = self.w.1 - before;
+            self.r.sanity.push((agent.getppid_count()?, made));
         }
+        let status = agent.proc.stop()?;
+        let tail = agent.proc.log_tail();
+        ensure!(status.success(), "{name} exited with {status}: {tail}");
+        self.r.agents.push(AgentRun(key, agent.ready, rss));
+        Ok(())
     }
 
     /// Added ns of each block of `key`: its median minus the mean of the baselines around it.
     fn added(&self, key: &str) -> Vec<f64> {
         let base = |b: Option<&Block>| b.filter(|b| b.key == "a").map(|b| median(&b.ns));
-        (0..self.blocks.len())
-            .filter(|&i| self.blocks[i].key == key && i > 0)
+        (0..self.r.blocks.len())
+            .filter(|&i| self.r.blocks[i].key == key && i > 0)
             .filter_map(|i| {
-                let before = base(self.blocks.get(i - 1))?;
-                let after = base(self.blocks.get(i + 1)).unwrap_or(before);
-                Some(median(&self.blocks[i].ns) - (before + after) / 2.0)
+                let before = base(self.r.blocks.get(i - 1))?;
+                let after = base(self.r.blocks.get(i + 1)).unwrap_or(before);
+                Some(median(&self.r.blocks[i].ns) - (before + after) / 2.0)
             })
             .collect()
     }
 
     fn report(&self) -> Result<()> {
-        let rounds = self.opts.rounds;
-        println!("\ngetppid cost per configuration ({rounds} rounds; samples pooled):");
-        let head = [
-            "configuration",
-            "median ns",
-            "min..max ns",
-            "added ns",
-            "added per round",
-        ];
         println!(
-            "{:<36} {:>10} {:>17} {:>10} {:>17}",
-            head[0], head[1], head[2], head[3], head[4]
+            "\ngetppid cost per configuration ({ROUNDS} rounds x {SAMPLES} samples of {CALLS} calls):"
+        );
+        println!(
+            "configuration                         median ns       min..max ns   added ns   added per round"
         );
         let mut added = Vec::new();
         for (key, label) in CONFIGS {
-            let blocks = self.blocks.iter().filter(|b| b.key == key);
+            let blocks = self.r.blocks.iter().filter(|b| b.key == key);
             let mut ns: Vec<f64> = blocks.flat_map(|b| b.ns.iter().copied()).collect();
             ns.sort_by(f64::total_cmp);
             ensure!(!ns.is_empty(), "no samples for ({key})");
             let mut per_round = self.added(key);
             per_round.sort_by(f64::total_cmp);
-            let (add, range) = match (per_round.first(), per_round.last()) {
-                (Some(lo), Some(hi)) if key != "a" => {
-                    added.push(median(&per_round));
-                    (
-                        format!("{:+.1}", median(&per_round)),
-                        format!("{lo:+.0}..{hi:+.0}"),
-                    )
-                }
-                _ => ("-".to_owned(), "-".to_owned()),
-            };
+            let (mut add, mut range) = ("-".to_owned(), "-".to_owned());
+            if let (Some(lo), Some(hi), true) = (per_round.first(), per_round.last(), key != "a") {
+                added.push(median(&per_round));
+                add = format!("{:+.1}", median(&per_round));
+                range = format!("{lo:+.0}..{hi:+.0}");
+            }
             let spread = format!("{:.1}..{:.1}", ns[0], ns[ns.len() - 1]);
             let (label, med) = (format!("({key}) {label}"), median(&ns));
             println!("{label:<36} {med:>10.1} {spread:>17} {add:>10} {range:>17}");
         }
-        let base = self.blocks.iter().filter(|b| b.key == "a");
+        let base = self.r.blocks.iter().filter(|b| b.key == "a");
         let drift: Vec<String> = base.map(|b| format!("{:.0}", median(&b.ns))).collect();
         println!(
             "baseline block medians in run order (ns): {}",
@@ -289,46 +218,35 @@ impl Bench<'_> {
 
         println!();
         let mib = |kib: u64| kib as f64 / 1024.0;
-        for a in &self.agents {
-            let (ms, rss) = (a.ready.as_millis(), a.rss_kib.map(mib));
+        for a in &self.r.agents {
+            let (ms, rss) = (a.1.as_millis(), a.2.map(mib));
             println!(
                 "agent ({}): ready in {ms} ms; VmRSS {:.1} MiB after ready, {:.1} MiB after its block",
-                a.key, rss[0], rss[1]
+                a.0, rss[0], rss[1]
             );
         }
-        for (scraped, made) in &self.sanity {
-            let verdict = if *scraped == *made as f64 {
-                "match"
-            } else {
-                "MISMATCH"
-            };
+        for (scraped, made) in &self.r.sanity {
+            let ok = *scraped == *made as f64;
+            let verdict = if ok { "match" } else { "MISMATCH" };
             println!(
                 "sanity (c): ws1_probe_syscall_duration_seconds_count{{syscall=\"getppid\"}} = \
                  {scraped} vs {made} getppid calls made while targeted: {verdict}"
             );
         }
-        for note in &self.notes {
-            println!("note: {note}");
-        }
 
         let [b, c, d, e] = added[..] else {
             bail!("missing configurations in the results")
         };
-        let rss = mib(self
-            .agents
-            .iter()
-            .flat_map(|a| a.rss_kib)
-            .max()
-            .unwrap_or(0));
-        let ready = self.agents.iter().map(|a| a.ready.as_secs_f64() * 1e3);
+        let rss = mib(self.r.agents.iter().flat_map(|a| a.2).max().unwrap_or(0));
+        let ready = self.r.agents.iter().map(|a| a.1.as_secs_f64() * 1e3);
         let ready = ready.fold(0.0, f64::max);
         println!("\ngoals (added ns per getppid: medians over rounds):");
         let goals = [
             ("(c) <= 2.5 x (b)", c, 2.5 * b, "ns"),
             ("(c) <= 0.3 x (e)", c, 0.3 * e, "ns"),
             ("(d) <= (b) + 25 ns", d, b + 25.0, "ns"),
-            ("agent VmRSS <= 30 MiB", rss, RSS_GOAL_MIB, "MiB"),
-            ("start to ready <= 1 s", ready, READY_GOAL_MS, "ms"),
+            ("agent VmRSS <= 30 MiB", rss, 30.0, "MiB"),
+            ("start to ready <= 1 s", ready, 1000.0, "ms"),
         ];
         for (name, value, limit, unit) in goals {
             let verdict = if value <= limit { "PASS" } else { "MISS" };
@@ -428,22 +346,21 @@ impl Proc {
                 // Give a process that just closed its stdout a moment to be reapable.
                 thread::sleep(Duration::from_millis(50));
                 self.fail_if_exited()?;
-                bail!(
-                    "{}: no output line within {timeout:?}: {}",
-                    self.name,
-                    self.log_tail()
-                )
+                let (name, tail) = (&self.name, self.log_tail());
+                bail!("{name}: no output line within {timeout:?}: {tail}")
             }
         }
     }
 
-    fn wait_for_line(&mut self, want: impl Fn(&str) -> bool, timeout: Duration) -> Result<()> {
-        let deadline = Instant::now() + timeout;
-        while !want(
-            self.next_line(deadline.saturating_duration_since(Instant::now()))?
-                .trim(),
-        ) {}
-        Ok(())
+    /// Reads stdout lines until one starts with `prefix`, for at most `secs` seconds.
+    fn wait_for_line(&mut self, prefix: &str, secs: u64) -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if self.next_line(left)?.trim().starts_with(prefix) {
+                return Ok(());
+            }
+        }
     }
 
     /// SIGTERM, then wait up to 10 s for the exit (SIGKILL and an error after that).
@@ -460,18 +377,6 @@ impl Proc {
             thread::sleep(Duration::from_millis(10));
         }
         bail!("{} did not exit within 10 s of SIGTERM", self.name)
-    }
-
-    fn stop_ok(&mut self) -> Result<()> {
-        let status = self.stop()?;
-        let tail = || self.log_tail();
-        ensure!(
-            status.success(),
-            "{} exited with {status} on SIGTERM: {}",
-            self.name,
-            tail()
-        );
-        Ok(())
     }
 }
 
@@ -503,11 +408,21 @@ impl Workload {
     fn time_getppid(&mut self, n: u64) -> Result<f64> {
         let reply = self.cmd(&format!("time-getppid {n}"))?;
         self.1 += n;
-        let total: u64 = (reply
+        let total = reply
             .strip_prefix("ok ")
-            .and_then(|ns| ns.trim().parse().ok()))
-        .with_context(|| format!("workload: time-getppid replied {reply:?}"))?;
+            .and_then(|ns| ns.trim().parse::<u64>().ok());
+        let total = total.with_context(|| format!("workload: time-getppid said {reply:?}"))?;
         Ok(total as f64 / n as f64)
+    }
+
+    /// The bpftrace program for (e): the same per-syscall latency histogram, for this process.
+    fn bpftrace(&self) -> String {
+        format!(
+            "tracepoint:raw_syscalls:sys_enter /pid == {}/ {{ @s[tid] = nsecs; }} \
+             tracepoint:raw_syscalls:sys_exit /@s[tid]/ \
+             {{ @h[args->id] = hist(nsecs - @s[tid]); delete(@s[tid]); }}",
+            self.0.pid()
+        )
     }
 
     fn exit(&mut self) -> Result<()> {
@@ -571,17 +486,12 @@ fn http_get(port: u16, path: &str) -> Result<(u16, String)> {
         .with_context(|| format!("connecting to {addr}"))?;
     s.set_read_timeout(Some(Duration::from_secs(10)))?;
     s.set_write_timeout(Some(Duration::from_secs(10)))?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
-    )?;
+    let request = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+    s.write_all(request.as_bytes())?;
     let mut text = String::new();
     s.read_to_string(&mut text)?;
     let status = (text.split(' ').nth(1).and_then(|c| c.parse().ok()))
         .ok_or_else(|| anyhow!("GET {path}: no HTTP status in the answer"))?;
-    let body = text
-        .split_once("\r\n\r\n")
-        .map_or("", |(_, b)| b)
-        .to_owned();
-    Ok((status, body))
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_owned());
+    Ok((status, body.unwrap_or_default()))
 }
