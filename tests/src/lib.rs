@@ -229,9 +229,12 @@ impl Drop for Workload {
     }
 }
 
-/// Parsed Prometheus text exposition: (name, sorted labels) → value.
+/// One sample: metric name, labels in exposition order, value.
+pub type Sample = (String, Vec<(String, String)>, f64);
+
+/// Parsed Prometheus text exposition.
 pub struct Metrics {
-    pub samples: Vec<(String, Vec<(String, String)>, f64)>,
+    pub samples: Vec<Sample>,
     pub text: String,
 }
 

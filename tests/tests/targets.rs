@@ -18,6 +18,11 @@ fn targets_map_entries(m: &Metrics) -> f64 {
     m.value("ws1_probe_bpf_map_entries", &[("map", "TARGETS")])
 }
 
+/// In-flight syscall entries: one per live targeted thread that made a syscall.
+fn start_map_entries(m: &Metrics) -> f64 {
+    m.value("ws1_probe_bpf_map_entries", &[("map", "SYSCALL_START")])
+}
+
 #[test]
 fn forked_child_is_followed_and_its_exit_removes_the_entry() {
     if !privileged() {
@@ -41,11 +46,17 @@ fn forked_child_is_followed_and_its_exit_removes_the_entry() {
     assert_eq!(getppid(&m, S), 250.0, "the child's calls are counted");
     assert_eq!(targeted(&m, S), 2.0, "parent and child");
     assert_eq!(targets_map_entries(&m), 2.0);
+    assert_eq!(start_map_entries(&m), 2.0, "one thread each");
 
     parent.cmd("release");
     let m = agent.metrics();
     assert_eq!(targeted(&m, S), 1.0, "the child's exit removed its entry");
     assert_eq!(targets_map_entries(&m), 1.0);
+    assert_eq!(
+        start_map_entries(&m),
+        1.0,
+        "the child's thread entry is gone too"
+    );
     assert_eq!(getppid(&m, S), 250.0);
 
     drop(parent);

@@ -21,7 +21,8 @@ pub struct SyscallErrorKey {
     pub _pad: u32,
 }
 
-/// An in-flight syscall, keyed by thread id in `SYSCALL_START`.
+/// A targeted thread's syscall in flight, keyed by thread id in `SYSCALL_START`; `ts_ns == 0`
+/// when the thread is not inside a syscall the probe saw start.
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct SyscallStart {
@@ -34,7 +35,7 @@ pub struct SyscallStart {
 /// Largest errno the kernel returns as `-errno` (`MAX_ERRNO` in include/linux/err.h).
 pub const MAX_ERRNO: u64 = 4095;
 
-/// Capacity of the in-flight map: one entry per thread inside a targeted syscall.
+/// Capacity of the in-flight map: one entry per live targeted thread.
 pub const START_ENTRIES: u32 = 16_384;
 /// Capacity of the histogram map: services × syscalls seen.
 pub const HIST_ENTRIES: u32 = 8_192;

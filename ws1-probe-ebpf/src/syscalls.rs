@@ -30,7 +30,8 @@ fn now_ns() -> u64 {
     unsafe { bpf_ktime_get_ns() }
 }
 
-/// tid → syscall in flight.
+/// tid → the thread's syscall in flight (`ts_ns == 0`: none). One entry per targeted thread,
+/// removed when the thread exits.
 #[map]
 static SYSCALL_START: HashMap<u32, SyscallStart> = HashMap::with_max_entries(START_ENTRIES, 0);
 
@@ -59,13 +60,27 @@ pub fn try_sys_enter(nr: u64) -> i32 {
     let Some(service) = service_of((pid_tgid >> 32) as u32) else {
         return 0;
     };
-    let start = SyscallStart {
-        ts_ns: now_ns(),
-        nr: nr as u32,
-        service,
-    };
-    if SYSCALL_START.insert(pid_tgid as u32, start, 0).is_err() {
-        count_drop(DropReason::SyscallStartFull);
+    let tid = pid_tgid as u32;
+    let now = now_ns();
+    // A thread's entry lives from its first targeted syscall until it exits; updating it in
+    // place costs a lookup, where insert + delete per syscall would churn the hash table.
+    match SYSCALL_START.get_ptr_mut(tid) {
+        // SAFETY: only this thread reads or writes its own entry (keyed by its tid).
+        Some(start) => unsafe {
+            (*start).ts_ns = now;
+            (*start).nr = nr as u32;
+            (*start).service = service;
+        },
+        None => {
+            let start = SyscallStart {
+                ts_ns: now,
+                nr: nr as u32,
+                service,
+            };
+            if SYSCALL_START.insert(tid, start, 0).is_err() {
+                count_drop(DropReason::SyscallStartFull);
+            }
+        }
     }
     0
 }
@@ -73,12 +88,18 @@ pub fn try_sys_enter(nr: u64) -> i32 {
 #[inline(always)]
 pub fn try_sys_exit(ret: i64) -> i32 {
     let tid = bpf_get_current_pid_tgid() as u32;
-    let Some(start) = SYSCALL_START.get_ptr(tid) else {
+    let Some(entry) = SYSCALL_START.get_ptr_mut(tid) else {
         return 0;
     };
-    // SAFETY: pointer from a successful lookup; copied out before the entry is removed.
-    let start = unsafe { *start };
-    let _ = SYSCALL_START.remove(tid);
+    // SAFETY: only this thread reads or writes its own entry.
+    let start = unsafe { *entry };
+    if start.ts_ns == 0 {
+        // No syscall in flight: this one entered before the probe attached, or while the
+        // process was not targeted.
+        return 0;
+    }
+    // SAFETY: as above.
+    unsafe { (*entry).ts_ns = 0 };
     let duration = now_ns().saturating_sub(start.ts_ns);
     let key = SyscallKey {
         service: start.service,
@@ -158,8 +179,7 @@ fn count_error(key: &SyscallErrorKey) {
     }
 }
 
-/// Forgets a thread's in-flight syscall when it exits (exit and exit_group never return, so
-/// their sys_exit never fires).
+/// Forgets a thread's entry when it exits (exit and exit_group never return to sys_exit).
 #[inline(always)]
 pub fn forget_thread(tid: u32) {
     let _ = SYSCALL_START.remove(tid);

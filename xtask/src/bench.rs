@@ -61,12 +61,17 @@ struct Results {
     agents: Vec<AgentRun>,
     /// (c): (scraped getppid count, getppid calls made while targeted), per agent start.
     sanity: Vec<(f64, u64)>,
+    /// At each baseline block: the 1-min load average and tracers not ours that were running.
+    load: Vec<String>,
 }
 
 struct Bench {
     probe: PathBuf,
     logs: PathBuf,
-    w: Workload,
+    /// `ws1-workload`, driven over stdin/stdout like the integration tests do, and the number of
+    /// getppid calls it has made.
+    w: Proc,
+    calls: u64,
     idle: Proc,
     r: Results,
 }
@@ -82,15 +87,15 @@ fn syscalls() -> Result<()> {
     let logs = util::target_dir().join("bench");
     fs::create_dir_all(&logs).with_context(|| format!("cannot create {}", logs.display()))?;
 
-    let w = Proc::spawn("ws1-workload", &mut Command::new(workload), &logs)?;
-    let mut w = Workload(w, 0);
-    w.0.wait_for_line("ready ", 10)?;
+    let mut w = Proc::spawn("ws1-workload", &mut Command::new(workload), &logs)?;
+    w.wait_for_line("ready ", 10)?;
     let idle = Proc::spawn("sleep", Command::new("sleep").arg("600"), &logs)?;
-    let r = Results::default();
+    let (r, calls) = (Results::default(), 0);
     let mut bench = Bench {
         probe,
         logs,
         w,
+        calls,
         idle,
         r,
     };
@@ -102,7 +107,8 @@ fn syscalls() -> Result<()> {
         }
     }
     bench.block("a")?;
-    bench.w.exit()?;
+    bench.w.request("exit")?;
+    bench.w.stop()?;
     bench.idle.stop()?;
     bench.report()
 }
@@ -110,13 +116,29 @@ fn syscalls() -> Result<()> {
 impl Bench {
     /// A warm-up batch (a quarter of a sample), then the samples.
     fn block(&mut self, key: &'static str) -> Result<()> {
-        self.w.time_getppid(CALLS / 4)?;
+        if key == "a" {
+            let load = fs::read_to_string("/proc/loadavg").unwrap_or_default();
+            let load = load.split(' ').next().unwrap_or("?").to_owned();
+            self.r.load.push(load + &other_tracers());
+        }
+        self.time_getppid(CALLS / 4)?;
         let mut ns = Vec::new();
         for _ in 0..SAMPLES {
-            ns.push(self.w.time_getppid(CALLS)?);
+            ns.push(self.time_getppid(CALLS)?);
         }
         self.r.blocks.push(Block { key, ns });
         Ok(())
+    }
+
+    /// `n` getppid calls timed by the workload; returns ns per call.
+    fn time_getppid(&mut self, n: u64) -> Result<f64> {
+        let reply = self.w.request(&format!("time-getppid {n}"))?;
+        self.calls += n;
+        let total = reply
+            .strip_prefix("ok ")
+            .and_then(|ns| ns.trim().parse::<u64>().ok());
+        let total = total.with_context(|| format!("workload: time-getppid said {reply:?}"))?;
+        Ok(total as f64 / n as f64)
     }
 
     /// Starts configuration `key`, waits until it is ready, measures a block, stops it.
@@ -130,9 +152,15 @@ impl Bench {
             }
             "e" => {
                 let bpftrace = util::find_in_path("bpftrace").context("bpftrace not on PATH")?;
+                // The same per-syscall latency histogram, for the workload only.
+                let program = format!(
+                    "tracepoint:raw_syscalls:sys_enter /pid == {}/ {{ @s[tid] = nsecs; }} \
+                     tracepoint:raw_syscalls:sys_exit /@s[tid]/ \
+                     {{ @h[args->id] = hist(nsecs - @s[tid]); delete(@s[tid]); }}",
+                    self.w.pid()
+                );
                 let mut cmd = Command::new(bpftrace);
-                let mut bt =
-                    Proc::spawn("bpftrace", cmd.arg("-e").arg(self.w.bpftrace()), &self.logs)?;
+                let mut bt = Proc::spawn("bpftrace", cmd.arg("-e").arg(program), &self.logs)?;
                 bt.wait_for_line("Attaching", 60)?;
                 thread::sleep(Duration::from_secs(1));
                 bt
@@ -152,16 +180,16 @@ impl Bench {
 
     /// (c) or (d): the agent targeting the workload or the idle process.
     fn agent(&mut self, key: &'static str) -> Result<()> {
-        let (bench, idle) = (self.w.0.pid(), self.idle.pid());
+        let (bench, idle) = (self.w.pid(), self.idle.pid());
         let target = if key == "c" { bench } else { idle };
         let name = format!("agent-{key}");
         let mut agent = Agent::start(&self.probe, target, &self.logs, &name)?;
         let rss_ready = rss_kib(agent.proc.pid())?;
-        let before = self.w.1;
+        let before = self.calls;
         self.block(key)?;
         let rss = [rss_ready, rss_kib(agent.proc.pid())?];
         if key == "c" {
-            let made = self.w.1 - before;
+            let made = self.calls - before;
             self.r.sanity.push((agent.getppid_count()?, made));
         }
         let status = agent.proc.stop()?;
@@ -211,10 +239,12 @@ impl Bench {
         }
         let base = self.r.blocks.iter().filter(|b| b.key == "a");
         let drift: Vec<String> = base.map(|b| format!("{:.0}", median(&b.ns))).collect();
-        println!(
-            "baseline block medians in run order (ns): {}",
-            drift.join(" ")
-        );
+        let (drift, load) = (drift.join(" "), self.r.load.join(" "));
+        println!("baseline block medians in run order (ns): {drift}");
+        println!("1-min load average at each baseline block [other tracers running]: {load}");
+        if load.contains('[') {
+            println!("WARNING: other tracers ran; their hooks cost every row, the baseline too");
+        }
 
         println!();
         let mib = |kib: u64| kib as f64 / 1024.0;
@@ -259,10 +289,30 @@ impl Bench {
 fn median(v: &[f64]) -> f64 {
     let mut v = v.to_vec();
     v.sort_by(f64::total_cmp);
-    match v.len() {
-        0 => f64::NAN,
-        n if n % 2 == 1 => v[n / 2],
-        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    let n = v.len();
+    if n == 0 {
+        f64::NAN
+    } else {
+        (v[(n - 1) / 2] + v[n / 2]) / 2.0
+    }
+}
+
+/// `[pid comm, ...]` of running ws1-probe and bpftrace processes (between configurations none is
+/// ours), or nothing.
+fn other_tracers() -> String {
+    let pids = fs::read_dir("/proc").into_iter().flatten().flatten();
+    let pids = pids.filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok());
+    let found = pids.filter_map(|pid| {
+        let comm = fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;
+        let comm = comm.trim();
+        matches!(comm, "ws1-probe" | "bpftrace").then(|| format!("{pid} {comm}"))
+    });
+    let found: Vec<String> = found.collect();
+    let text = format!("[{}]", found.join(", "));
+    if found.is_empty() {
+        String::new()
+    } else {
+        text
     }
 }
 
@@ -293,12 +343,12 @@ impl Proc {
         let stderr =
             fs::File::create(&log).with_context(|| format!("cannot create {}", log.display()))?;
         let shown = util::display(cmd);
-        let mut child = (cmd
-            .stdin(Stdio::piped())
+        cmd.stdin(Stdio::piped())
             .stdout(Stdio::piped())
-            .stderr(stderr))
-        .spawn()
-        .with_context(|| format!("could not start `{shown}`"))?;
+            .stderr(stderr);
+        let mut child = cmd
+            .spawn()
+            .with_context(|| format!("could not start `{shown}`"))?;
         let stdout = child.stdout.take().context("child stdout")?;
         let (tx, lines) = mpsc::channel();
         thread::spawn(move || {
@@ -352,6 +402,18 @@ impl Proc {
         }
     }
 
+    /// Writes one command line to stdin and returns the reply line, which must start with "ok".
+    fn request(&mut self, command: &str) -> Result<String> {
+        let stdin = self.stdin.as_mut().context("stdin is closed")?;
+        writeln!(stdin, "{command}")
+            .and_then(|()| stdin.flush())
+            .with_context(|| format!("cannot write to {}", self.name))?;
+        let reply = self.next_line(Duration::from_secs(120))?;
+        let name = &self.name;
+        ensure!(reply.starts_with("ok"), "{name}: {command} -> {reply}");
+        Ok(reply)
+    }
+
     /// Reads stdout lines until one starts with `prefix`, for at most `secs` seconds.
     fn wait_for_line(&mut self, prefix: &str, secs: u64) -> Result<()> {
         let deadline = Instant::now() + Duration::from_secs(secs);
@@ -389,48 +451,6 @@ impl Drop for Proc {
     }
 }
 
-/// `ws1-workload`, driven over stdin/stdout like the integration tests do, and the number of
-/// getppid calls it has made.
-struct Workload(Proc, u64);
-
-impl Workload {
-    fn cmd(&mut self, command: &str) -> Result<String> {
-        let stdin = self.0.stdin.as_mut().context("workload stdin is closed")?;
-        writeln!(stdin, "{command}")
-            .and_then(|()| stdin.flush())
-            .context("cannot write to the workload")?;
-        let reply = self.0.next_line(Duration::from_secs(120))?;
-        ensure!(reply.starts_with("ok"), "workload: {command} -> {reply}");
-        Ok(reply)
-    }
-
-    /// `n` getppid calls timed by the workload; returns ns per call.
-    fn time_getppid(&mut self, n: u64) -> Result<f64> {
-        let reply = self.cmd(&format!("time-getppid {n}"))?;
-        self.1 += n;
-        let total = reply
-            .strip_prefix("ok ")
-            .and_then(|ns| ns.trim().parse::<u64>().ok());
-        let total = total.with_context(|| format!("workload: time-getppid said {reply:?}"))?;
-        Ok(total as f64 / n as f64)
-    }
-
-    /// The bpftrace program for (e): the same per-syscall latency histogram, for this process.
-    fn bpftrace(&self) -> String {
-        format!(
-            "tracepoint:raw_syscalls:sys_enter /pid == {}/ {{ @s[tid] = nsecs; }} \
-             tracepoint:raw_syscalls:sys_exit /@s[tid]/ \
-             {{ @h[args->id] = hist(nsecs - @s[tid]); delete(@s[tid]); }}",
-            self.0.pid()
-        )
-    }
-
-    fn exit(&mut self) -> Result<()> {
-        self.cmd("exit")?;
-        self.0.stop().map(drop)
-    }
-}
-
 /// `ws1-probe agent --pid <pid>` on a free loopback port; ready once `/readyz` answers 200.
 struct Agent {
     proc: Proc,
@@ -465,15 +485,14 @@ impl Agent {
     fn getppid_count(&self) -> Result<f64> {
         let (status, body) = http_get(self.port, "/metrics").context("scraping /metrics")?;
         ensure!(status == 200, "/metrics answered {status}");
+        let count = "ws1_probe_syscall_duration_seconds_count{";
+        let lines = body.lines().filter(|l| l.starts_with(count));
         let mut total = 0.0;
-        for line in body.lines() {
-            let Some(rest) = line.strip_prefix("ws1_probe_syscall_duration_seconds_count{") else {
-                continue;
-            };
-            if rest.contains("syscall=\"getppid\"") {
-                let value = line.rsplit(' ').next().unwrap_or_default();
-                total += (value.parse::<f64>()).with_context(|| format!("bad sample {line:?}"))?;
-            }
+        for line in lines.filter(|l| l.contains("syscall=\"getppid\"")) {
+            let value = line.rsplit(' ').next().unwrap_or_default();
+            total += value
+                .parse::<f64>()
+                .with_context(|| format!("bad sample {line:?}"))?;
         }
         Ok(total)
     }

@@ -92,8 +92,7 @@ pub fn run(args: SyscallsArgs) -> anyhow::Result<()> {
         println!("{out}");
     } else {
         eprintln!(
-            "{} of {what} over {:.1}s{}",
-            "syscall latency",
+            "syscall latency of {what} over {:.1}s{}",
             elapsed.as_secs_f64(),
             if interrupted { " (interrupted)" } else { "" }
         );
