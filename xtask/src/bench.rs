@@ -1,14 +1,11 @@
 //! `cargo xtask bench <what>`: benchmarks of the agent's overhead, run as root (main re-executes
 //! xtask through sudo first) and after bootstrap.
 //!
-//! `syscalls`: what each kind of syscall hook adds to a cheap syscall (getppid), measured in one
-//! run against one long-lived workload process. Configurations: (a) no probe, (b) the floor:
-//! empty raw tracepoints on sys_enter/sys_exit (`ws1-probe bench-floor`), (c) the agent
-//! targeting the workload, (d) the agent targeting an idle `sleep`, (e) bpftrace building the
-//! same histogram. Every round runs a baseline block before each configuration (and one at the
-//! end), so drift on a shared machine shows and cancels: a block's added cost is its median minus
-//! the mean of the baseline blocks around it, and a configuration's is the median over rounds.
-//! Goals print as PASS/MISS; only errors (a binary missing, a probe failing) fail the run.
+//! `syscalls`: what each syscall hook in `CONFIGS` adds to getppid, measured in one run against
+//! one long-lived workload process. Each round runs a baseline block before every configuration
+//! (and one at the end), so drift on a shared machine shows and cancels: a block's added cost is
+//! its median minus the mean of the baseline blocks around it, and a configuration's is the
+//! median over rounds. Goals print as PASS/MISS; only errors (a probe failing) fail the run.
 
 use std::{
     fs,
@@ -81,9 +78,6 @@ fn syscalls() -> Result<()> {
     run::cargo_build_release(&["ws1-probe", "ws1-probe-tests"])?;
     let release = util::target_dir().join("release");
     let (probe, workload) = (release.join("ws1-probe"), release.join("ws1-workload"));
-    for bin in [&probe, &workload] {
-        ensure!(bin.is_file(), "{} missing after the build", bin.display());
-    }
     let logs = util::target_dir().join("bench");
     fs::create_dir_all(&logs).with_context(|| format!("cannot create {}", logs.display()))?;
 
@@ -184,10 +178,10 @@ impl Bench {
         let target = if key == "c" { bench } else { idle };
         let name = format!("agent-{key}");
         let mut agent = Agent::start(&self.probe, target, &self.logs, &name)?;
-        let rss_ready = rss_kib(agent.proc.pid())?;
+        let rss_ready = rss_kib(&mut agent.proc)?;
         let before = self.calls;
         self.block(key)?;
-        let rss = [rss_ready, rss_kib(agent.proc.pid())?];
+        let rss = [rss_ready, rss_kib(&mut agent.proc)?];
         if key == "c" {
             let made = self.calls - before;
             self.r.sanity.push((agent.getppid_count()?, made));
@@ -248,11 +242,11 @@ impl Bench {
 
         println!();
         let mib = |kib: u64| kib as f64 / 1024.0;
-        for a in &self.r.agents {
-            let (ms, rss) = (a.1.as_millis(), a.2.map(mib));
+        for AgentRun(key, ready, rss) in &self.r.agents {
+            let ([after_ready, after_block], ms) = (rss.map(mib), ready.as_millis());
             println!(
-                "agent ({}): ready in {ms} ms; VmRSS {:.1} MiB after ready, {:.1} MiB after its block",
-                a.0, rss[0], rss[1]
+                "agent ({key}): ready in {ms} ms; VmRSS {after_ready:.1} MiB when ready, \
+                {after_block:.1} MiB after its block"
             );
         }
         for (scraped, made) in &self.r.sanity {
@@ -289,16 +283,11 @@ impl Bench {
 fn median(v: &[f64]) -> f64 {
     let mut v = v.to_vec();
     v.sort_by(f64::total_cmp);
-    let n = v.len();
-    if n == 0 {
-        f64::NAN
-    } else {
-        (v[(n - 1) / 2] + v[n / 2]) / 2.0
-    }
+    let mid = |i: usize| v.get(i).copied().unwrap_or(f64::NAN);
+    (mid(v.len().saturating_sub(1) / 2) + mid(v.len() / 2)) / 2.0
 }
 
-/// `[pid comm, ...]` of running ws1-probe and bpftrace processes (between configurations none is
-/// ours), or nothing.
+/// `[pid comm, ...]` of running ws1-probe/bpftrace processes (at baselines none is ours), or "".
 fn other_tracers() -> String {
     let pids = fs::read_dir("/proc").into_iter().flatten().flatten();
     let pids = pids.filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok());
@@ -307,17 +296,14 @@ fn other_tracers() -> String {
         let comm = comm.trim();
         matches!(comm, "ws1-probe" | "bpftrace").then(|| format!("{pid} {comm}"))
     });
-    let found: Vec<String> = found.collect();
-    let text = format!("[{}]", found.join(", "));
-    if found.is_empty() {
-        String::new()
-    } else {
-        text
-    }
+    let found = found.collect::<Vec<_>>().join(", ");
+    let text = format!("[{found}]");
+    if found.is_empty() { found } else { text }
 }
 
-fn rss_kib(pid: u32) -> Result<u64> {
-    let path = format!("/proc/{pid}/status");
+fn rss_kib(p: &mut Proc) -> Result<u64> {
+    p.fail_if_exited()?;
+    let path = format!("/proc/{}/status", p.pid());
     let status = fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
     status
         .lines()
@@ -343,12 +329,9 @@ impl Proc {
         let stderr =
             fs::File::create(&log).with_context(|| format!("cannot create {}", log.display()))?;
         let shown = util::display(cmd);
-        cmd.stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(stderr);
-        let mut child = cmd
-            .spawn()
-            .with_context(|| format!("could not start `{shown}`"))?;
+        cmd.stdin(Stdio::piped()).stdout(Stdio::piped());
+        let child = cmd.stderr(stderr).spawn();
+        let mut child = child.with_context(|| format!("could not start `{shown}`"))?;
         let stdout = child.stdout.take().context("child stdout")?;
         let (tx, lines) = mpsc::channel();
         thread::spawn(move || {
