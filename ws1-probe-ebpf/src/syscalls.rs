@@ -87,7 +87,14 @@ pub fn try_sys_enter(nr: u64) -> i32 {
 
 #[inline(always)]
 pub fn try_sys_exit(ret: i64) -> i32 {
-    let tid = bpf_get_current_pid_tgid() as u32;
+    let pid_tgid = bpf_get_current_pid_tgid();
+    // The cheap filter first, so untargeted processes skip the hash lookup below. A process
+    // untargeted while inside a syscall (exec into a command that does not match) loses that
+    // one call.
+    if service_of((pid_tgid >> 32) as u32).is_none() {
+        return 0;
+    }
+    let tid = pid_tgid as u32;
     let Some(entry) = SYSCALL_START.get_ptr_mut(tid) else {
         return 0;
     };

@@ -1,4 +1,5 @@
-//! Process targeting in the kernel: `TARGETS` maps a tgid to its service id.
+//! Process targeting in the kernel: `TARGETS` maps a tgid to its service id, and
+//! `TARGET_FILTER` holds the same facts as an array indexed by tgid for the hot path.
 //!
 //! The agent fills `TARGETS` from a /proc scan at start. From then on the kernel keeps it current
 //! without the agent on the hot path: a forked process inherits its parent's service
@@ -10,7 +11,7 @@
 use aya_ebpf::{
     helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid},
     macros::map,
-    maps::{HashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, PerCpuArray, RingBuf},
     programs::TracePointContext,
 };
 use ws1_probe_common::targets::{
@@ -18,9 +19,16 @@ use ws1_probe_common::targets::{
     SERVICE_OTHER, TARGET_ENTRIES, TracepointOffsets,
 };
 
-/// tgid → service id of every targeted process.
+/// tgid → service id of every targeted process: the record the agent lists and counts.
 #[map]
 static TARGETS: HashMap<u32, u32> = HashMap::with_max_entries(TARGET_ENTRIES, 0);
+
+/// tgid → service id + 1 (0: not targeted). The hot-path filter: the verifier inlines array
+/// lookups to a bounds check and an add, where a hash lookup costs a jhash and a bucket walk,
+/// and every syscall of every process on the host pays for this lookup. The loader sizes it to
+/// `kernel.pid_max` (2 bytes per possible pid).
+#[map]
+static TARGET_FILTER: Array<u16> = Array::with_max_entries(TARGET_ENTRIES, 0);
 
 /// comm → service id (or `SERVICE_NONE`), for exec decisions that depend on the name alone.
 #[map]
@@ -59,11 +67,33 @@ fn offsets() -> TracepointOffsets {
 /// first.
 #[inline(always)]
 pub fn service_of(tgid: u32) -> Option<u32> {
-    match TARGETS.get_ptr(tgid) {
-        // SAFETY: the pointer comes from a successful lookup and points at a u32 map value.
-        Some(service) => Some(unsafe { *service }),
-        None if host_mode() => Some(SERVICE_OTHER),
-        None => None,
+    match TARGET_FILTER.get(tgid) {
+        Some(&slot) if slot != 0 => Some(u32::from(slot) - 1),
+        _ if host_mode() => Some(SERVICE_OTHER),
+        _ => None,
+    }
+}
+
+/// Records `tgid` as targeted by `service` in both maps.
+#[inline(always)]
+fn target(tgid: u32, service: u32) {
+    if TARGETS.insert(tgid, service, 0).is_err() {
+        count_drop(DropReason::TargetsFull);
+        return;
+    }
+    if let Some(slot) = TARGET_FILTER.get_ptr_mut(tgid) {
+        // SAFETY: a u16 array element; service ids fit (the agent caps them below u16::MAX).
+        unsafe { *slot = (service + 1) as u16 };
+    }
+}
+
+/// Removes `tgid` from both maps.
+#[inline(always)]
+fn untarget(tgid: u32) {
+    let _ = TARGETS.remove(tgid);
+    if let Some(slot) = TARGET_FILTER.get_ptr_mut(tgid) {
+        // SAFETY: a u16 array element.
+        unsafe { *slot = 0 };
     }
 }
 
@@ -90,11 +120,9 @@ pub fn try_task_newtask(ctx: &TracePointContext) -> Result<u32, i32> {
     };
     // SAFETY: pointer from a successful lookup.
     let service = unsafe { *service };
-    // SAFETY: as above.
+    // SAFETY: the offset was read from this tracepoint's format file.
     let child: i32 = unsafe { ctx.read_at(off.newtask_pid as usize)? };
-    if TARGETS.insert(child as u32, service, 0).is_err() {
-        count_drop(DropReason::TargetsFull);
-    }
+    target(child as u32, service);
     Ok(0)
 }
 
@@ -105,9 +133,9 @@ pub fn try_sched_process_exec(_ctx: &TracePointContext) -> Result<u32, i32> {
         // SAFETY: pointer from a successful lookup.
         let decision = unsafe { *decision };
         if decision == SERVICE_NONE {
-            let _ = TARGETS.remove(tgid);
-        } else if TARGETS.insert(tgid, decision, 0).is_err() {
-            count_drop(DropReason::TargetsFull);
+            untarget(tgid);
+        } else {
+            target(tgid, decision);
         }
         return Ok(0);
     }
@@ -144,7 +172,7 @@ pub fn try_sched_process_exit(ctx: &TracePointContext) -> Result<u32, i32> {
         dead != 0
     };
     if group_dead {
-        let _ = TARGETS.remove(tgid);
+        untarget(tgid);
     }
     Ok(0)
 }

@@ -70,11 +70,21 @@ pub fn load(opts: &LoadOptions) -> Result<Ebpf, LoadError> {
         *slot = *b;
     }
     EbpfLoader::new()
+        .map_max_entries("TARGET_FILTER", pid_max())
         .override_global("HOST_MODE", &host_mode, true)
         .override_global("TP_OFFSETS", &opts.offsets, true)
         .override_global("SYSCALL_BOUNDS_NS", &bounds, true)
         .load(OBJECT)
         .map_err(|source| LoadError::Object { source })
+}
+
+/// `kernel.pid_max`: the size of the tgid-indexed filter array. Falls back to the largest value
+/// Linux allows (2^22) when it cannot be read.
+pub fn pid_max() -> u32 {
+    std::fs::read_to_string("/proc/sys/kernel/pid_max")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(1 << 22)
 }
 
 /// Turns a program load failure into a one-line error; verifier rejections keep the log's tail.

@@ -5,7 +5,8 @@
 //! - `getppid N`: N raw getppid syscalls
 //! - `time-getppid N`: N raw getppid syscalls, timed; replies `ok <elapsed ns in total>`
 //! - `openat-missing N`: N openat calls on a path that does not exist (ENOENT)
-//! - `nanosleep MS N`: N raw nanosleep syscalls of MS milliseconds
+//! - `nanosleep MS N`: N raw nanosleep syscalls of MS milliseconds; replies with each call's
+//!   wall time in nanoseconds
 //! - `fork-hold N`: fork a child that makes N getppid calls and then waits; replies with its pid
 //! - `release`: let the held child exit and reap it
 //! - `spin MS`: burn CPU for MS milliseconds
@@ -69,7 +70,11 @@ fn main() {
                     tv_sec: (num(1) / 1000) as libc::time_t,
                     tv_nsec: ((num(1) % 1000) * 1_000_000) as libc::c_long,
                 };
+                // Each call's wall time as seen from here: an upper bound of what the kernel
+                // measures between sys_enter and sys_exit (the request is the lower bound).
+                let mut reply = "ok".to_owned();
                 for _ in 0..num(2) {
+                    let started = Instant::now();
                     // SAFETY: valid timespec pointer; null remainder.
                     unsafe {
                         libc::syscall(
@@ -78,8 +83,9 @@ fn main() {
                             std::ptr::null_mut::<libc::timespec>(),
                         )
                     };
+                    reply.push_str(&format!(" {}", started.elapsed().as_nanos()));
                 }
-                "ok".to_owned()
+                reply
             }
             Some("fork-hold") => fork_hold(num(1), &mut held),
             Some("release") => match held.take() {

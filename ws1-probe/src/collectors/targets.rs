@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use aya::{
     Ebpf,
-    maps::{HashMap, IterableMap, MapData, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, IterableMap, MapData, PerCpuArray, RingBuf},
 };
 use ws1_probe_common::targets::{Comm, DropReason, ExecEvent, SERVICE_NONE};
 
@@ -26,6 +26,7 @@ pub struct Targets {
     matcher: Matcher,
     proc_root: PathBuf,
     targets: HashMap<MapData, u32, u32>,
+    filter: Array<MapData, u16>,
     comm_services: HashMap<MapData, Comm, u32>,
     drops: PerCpuArray<MapData, u64>,
 }
@@ -41,6 +42,7 @@ impl Targets {
         attach_tracepoint(ebpf, "sched_process_exec", "sched", "sched_process_exec")?;
         attach_tracepoint(ebpf, "sched_process_exit", "sched", "sched_process_exit")?;
         let targets = typed("TARGETS", take_map(ebpf, "TARGETS")?)?;
+        let filter = typed("TARGET_FILTER", take_map(ebpf, "TARGET_FILTER")?)?;
         let comm_services = typed("COMM_SERVICES", take_map(ebpf, "COMM_SERVICES")?)?;
         let drops = typed("DROPS", take_map(ebpf, "DROPS")?)?;
         let ring = typed("EXEC_EVENTS", take_map(ebpf, "EXEC_EVENTS")?)?;
@@ -49,6 +51,7 @@ impl Targets {
                 matcher,
                 proc_root: PathBuf::from("/proc"),
                 targets,
+                filter,
                 comm_services,
                 drops,
             },
@@ -126,15 +129,23 @@ impl Targets {
         n
     }
 
+    /// Records a decision in both kernel maps (see ws1-probe-ebpf/src/targets.rs).
     fn set(&mut self, tgid: u32, service: Option<u32>) {
         match service {
             Some(service) => {
                 if let Err(err) = self.targets.insert(tgid, service, 0) {
                     tracing::warn!("cannot target pid {tgid}: {err} (TARGETS full?)");
+                    return;
+                }
+                // Service ids are capped at COMM_ENTRIES, far below u16::MAX.
+                let slot = u16::try_from(service + 1).unwrap_or(u16::MAX);
+                if let Err(err) = self.filter.set(tgid, slot, 0) {
+                    tracing::warn!("cannot target pid {tgid}: {err} (above kernel.pid_max?)");
                 }
             }
             None => {
                 let _ = self.targets.remove(&tgid);
+                let _ = self.filter.set(tgid, 0, 0);
             }
         }
     }
