@@ -5,7 +5,7 @@
 //! per event, nothing streamed.
 
 use aya_ebpf::{
-    bindings::BPF_NOEXIST,
+    bindings::{BPF_F_NO_PREALLOC, BPF_NOEXIST},
     helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns},
     macros::map,
     maps::{Array, HashMap, PerCpuHashMap},
@@ -35,10 +35,12 @@ fn now_ns() -> u64 {
 #[map]
 static SYSCALL_START: HashMap<u32, SyscallStart> = HashMap::with_max_entries(START_ENTRIES, 0);
 
-/// (service, syscall) → latency histogram, per CPU.
+/// (service, syscall) → latency histogram, per CPU. Not preallocated: a histogram is 4.6 KB
+/// per CPU, so preallocating every slot would pin `HIST_ENTRIES × 4.6 KB × CPUs` of kernel
+/// memory (2.4 GB on 64 CPUs); elements are allocated on a key's first event instead.
 #[map]
 static SYSCALL_HIST: PerCpuHashMap<SyscallKey, LatencyHist> =
-    PerCpuHashMap::with_max_entries(HIST_ENTRIES, 0);
+    PerCpuHashMap::with_max_entries(HIST_ENTRIES, BPF_F_NO_PREALLOC);
 
 /// (service, syscall, errno) → failed calls, per CPU.
 #[map]

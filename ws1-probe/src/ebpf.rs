@@ -258,6 +258,22 @@ format:
     }
 
     #[test]
+    fn verifier_rejection_names_program_and_log_tail() {
+        let err = ProgramError::LoadError {
+            io_error: std::io::Error::from_raw_os_error(libc::EACCES),
+            verifier_log: aya_obj::VerifierLog::new(
+                "0: R1=ctx() R10=fp0\n0: (79) r0 = *(u64 *)(r1 +8)\ninvalid bpf_context access off=8 size=8\nprocessed 1 insns (limit 1000000)\n".to_owned(),
+            ),
+        };
+        let line = load_error("sys_enter", err).to_string();
+        assert_eq!(
+            line,
+            "the kernel verifier rejected program sys_enter: 0: (79) r0 = *(u64 *)(r1 +8) | invalid bpf_context access off=8 size=8 | processed 1 insns (limit 1000000)"
+        );
+        assert!(!line.contains('\n'));
+    }
+
+    #[test]
     fn verifier_tail_is_one_line() {
         let log = "0: (b7) r0 = 0\n\n1: (95) exit\nR0 !read_ok\nprocessed 2 insns\n";
         assert_eq!(
