@@ -14,3 +14,7 @@ pub const PROBE_PERF_EVENT: &str = "check_perf_event";
 /// measured by `cargo xtask bench syscalls`.
 pub const FLOOR_SYS_ENTER: &str = "floor_sys_enter";
 pub const FLOOR_SYS_EXIT: &str = "floor_sys_exit";
+/// The same pair calling `bpf_get_current_pid_tgid` once each: the floor of any per-process
+/// filter.
+pub const FLOOR_PID_SYS_ENTER: &str = "floor_pid_sys_enter";
+pub const FLOOR_PID_SYS_EXIT: &str = "floor_pid_sys_exit";

@@ -93,6 +93,17 @@ pub fn floor_sys_exit(_ctx: RawTracePointContext) -> i32 {
     0
 }
 
+#[raw_tracepoint(tracepoint = "sys_enter")]
+pub fn floor_pid_sys_enter(_ctx: RawTracePointContext) -> i32 {
+    // The one helper call any per-process filter needs; compared so it cannot be dropped.
+    i32::from(aya_ebpf::helpers::bpf_get_current_pid_tgid() == 0)
+}
+
+#[raw_tracepoint(tracepoint = "sys_exit")]
+pub fn floor_pid_sys_exit(_ctx: RawTracePointContext) -> i32 {
+    i32::from(aya_ebpf::helpers::bpf_get_current_pid_tgid() == 0)
+}
+
 #[cfg(not(test))]
 #[panic_handler]
 fn panic(_info: &core::panic::PanicInfo) -> ! {

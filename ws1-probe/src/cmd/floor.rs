@@ -9,13 +9,21 @@ use ws1_probe::{
     ebpf::{self, LoadOptions, TRACEFS},
     preflight,
 };
-use ws1_probe_common::hist::DEFAULT_EXPORT_BOUNDS_NS;
+use ws1_probe_common::{
+    check::{FLOOR_PID_SYS_ENTER, FLOOR_PID_SYS_EXIT, FLOOR_SYS_ENTER, FLOOR_SYS_EXIT},
+    hist::DEFAULT_EXPORT_BOUNDS_NS,
+};
 
 /// Attach empty sys_enter/sys_exit programs, print `ready`, and wait for SIGTERM/SIGINT
 #[derive(clap::Args, Debug)]
-pub struct FloorArgs {}
+pub struct FloorArgs {
+    /// Attach programs that only call bpf_get_current_pid_tgid: the floor of any program that
+    /// filters by process
+    #[arg(long)]
+    pub pid_helper: bool,
+}
 
-pub fn run(_args: FloorArgs) -> anyhow::Result<()> {
+pub fn run(args: FloorArgs) -> anyhow::Result<()> {
     preflight::check_capabilities()?;
     preflight::ensure_tracefs()?;
     preflight::raise_memlock();
@@ -25,8 +33,13 @@ pub fn run(_args: FloorArgs) -> anyhow::Result<()> {
         bounds_ns: DEFAULT_EXPORT_BOUNDS_NS.to_vec(),
     };
     let mut object = ebpf::load(&opts)?;
-    ebpf::attach_raw_tracepoint(&mut object, "floor_sys_enter", "sys_enter")?;
-    ebpf::attach_raw_tracepoint(&mut object, "floor_sys_exit", "sys_exit")?;
+    let (enter, exit) = if args.pid_helper {
+        (FLOOR_PID_SYS_ENTER, FLOOR_PID_SYS_EXIT)
+    } else {
+        (FLOOR_SYS_ENTER, FLOOR_SYS_EXIT)
+    };
+    ebpf::attach_raw_tracepoint(&mut object, enter, "sys_enter")?;
+    ebpf::attach_raw_tracepoint(&mut object, exit, "sys_exit")?;
 
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
