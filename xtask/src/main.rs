@@ -34,7 +34,7 @@ enum Cmd {
     },
     /// Build the agent (release) and run `ws1-probe agent <args>` as root.
     Run {
-        /// Run the agent with RUST_LOG=debug.
+        /// Run the agent with debug logging (WS1_PROBE_LOG=debug).
         #[arg(long)]
         debug: bool,
         /// Arguments for `ws1-probe agent`, after `--`.

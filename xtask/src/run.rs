@@ -39,10 +39,10 @@ pub fn run(debug: bool, args: &[String]) -> Result<()> {
     let agent = util::target_dir().join("release/ws1-probe");
     let mut agent_args = vec![OsString::from("agent")];
     agent_args.extend(args.iter().map(OsString::from));
-    // --debug only turns up the agent's logging (it reads RUST_LOG through tracing's EnvFilter);
-    // the build stays release so what runs is what gets deployed and measured.
+    // --debug only turns up the agent's logging (its --log flag reads WS1_PROBE_LOG); the build
+    // stays release so what runs is what gets deployed and measured.
     let envs = if debug {
-        vec![("RUST_LOG", OsString::from("debug"))]
+        vec![("WS1_PROBE_LOG", OsString::from("debug"))]
     } else {
         Vec::new()
     };
