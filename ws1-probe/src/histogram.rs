@@ -33,26 +33,28 @@ impl Default for Histogram {
 impl Histogram {
     /// Adds one kernel (per-CPU) histogram.
     pub fn add_kernel(&mut self, h: &LatencyHist) {
-        self.count += h.count;
-        self.sum_ns += h.sum_ns;
-        self.max_ns = self.max_ns.max(h.max_ns);
-        for (a, b) in self.export.iter_mut().zip(h.export.iter()) {
-            *a += b;
-        }
-        for (a, b) in self.fine.iter_mut().zip(h.fine.iter()) {
-            *a += b;
-        }
+        self.merge(h.count, h.sum_ns, h.max_ns, &h.export, &h.fine);
     }
 
     /// Adds another merged histogram.
     pub fn add(&mut self, other: &Histogram) {
-        self.count += other.count;
-        self.sum_ns += other.sum_ns;
-        self.max_ns = self.max_ns.max(other.max_ns);
-        for (a, b) in self.export.iter_mut().zip(other.export.iter()) {
+        self.merge(
+            other.count,
+            other.sum_ns,
+            other.max_ns,
+            &other.export,
+            &other.fine[..],
+        );
+    }
+
+    fn merge(&mut self, count: u64, sum_ns: u64, max_ns: u64, export: &[u64], fine: &[u64]) {
+        self.count += count;
+        self.sum_ns += sum_ns;
+        self.max_ns = self.max_ns.max(max_ns);
+        for (a, b) in self.export.iter_mut().zip(export) {
             *a += b;
         }
-        for (a, b) in self.fine.iter_mut().zip(other.fine.iter()) {
+        for (a, b) in self.fine.iter_mut().zip(fine) {
             *a += b;
         }
     }

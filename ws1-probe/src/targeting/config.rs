@@ -176,24 +176,22 @@ pub fn service_rules(path: &Path, text: &str, cfg: &FileConfig) -> Result<Vec<Ru
         let m = svc.matches.get_ref();
         let mut rule = Rule::labeled(Some(name.clone()));
         rule.pid = m.pid;
-        if let Some(comm) = &m.comm {
-            rule.comm = Some(regex::Regex::new(comm.get_ref()).map_err(|e| {
-                invalid(
-                    comm.span().start,
-                    "match.comm",
-                    format!("invalid regex: {}", regex_reason(&e)),
-                )
-            })?);
-        }
-        if let Some(exe) = &m.exe {
-            rule.exe = Some(regex::Regex::new(exe.get_ref()).map_err(|e| {
-                invalid(
-                    exe.span().start,
-                    "match.exe",
-                    format!("invalid regex: {}", regex_reason(&e)),
-                )
-            })?);
-        }
+        let regex = |pattern: &Option<Spanned<String>>, field: &str| {
+            pattern
+                .as_ref()
+                .map(|p| {
+                    regex::Regex::new(p.get_ref()).map_err(|e| {
+                        invalid(
+                            p.span().start,
+                            field,
+                            format!("invalid regex: {}", regex_reason(&e)),
+                        )
+                    })
+                })
+                .transpose()
+        };
+        rule.comm = regex(&m.comm, "match.comm")?;
+        rule.exe = regex(&m.exe, "match.exe")?;
         if let Some(cgroup) = &m.cgroup {
             let rel = cgroup.strip_prefix(CGROUP_ROOT).unwrap_or(cgroup);
             rule.cgroup = Some(format!("/{}", rel.trim_matches('/')));
