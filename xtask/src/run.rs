@@ -57,10 +57,12 @@ pub fn test(args: &[String]) -> Result<()> {
     // The tests crate needs root and built binaries; the eBPF crate only builds for BPF targets.
     unit.args(["test", "--workspace", "--exclude", "ws1-probe-tests"])
         .args(["--exclude", "ws1-probe-ebpf"]);
-    run_cmd(&mut unit).context("xtask test: unit tests failed")?;
+    let mut totals = run_tests(&mut unit).context("xtask test: unit tests failed")?;
 
     let privileged = if util::is_root()? {
-        privileged_tests(args)?;
+        let counts = privileged_tests(args)?;
+        totals.0 += counts.0;
+        totals.1 += counts.1;
         "privileged ok"
     } else if in_ci() {
         // A CI job that silently skips the tests that matter would pass for the wrong reason.
@@ -70,10 +72,59 @@ pub fn test(args: &[String]) -> Result<()> {
         "privileged skipped (not root)"
     };
     eprintln!("xtask test: unit ok, {privileged}");
+    // The closing line CI reads: every test of both stages.
+    println!("total: {} passed, {} failed", totals.0, totals.1);
     Ok(())
 }
 
-fn privileged_tests(args: &[String]) -> Result<()> {
+/// Runs a `cargo test` command, passing its output through, and returns the passed and failed
+/// counts summed over its `test result:` lines.
+fn run_tests(cmd: &mut std::process::Command) -> Result<(u64, u64)> {
+    use std::io::{BufRead as _, BufReader};
+    let shown = format!("{cmd:?}");
+    eprintln!("+ {shown}");
+    let mut child = cmd
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .with_context(|| format!("could not start {shown}"))?;
+    let mut totals = (0, 0);
+    if let Some(stdout) = child.stdout.take() {
+        for line in BufReader::new(stdout).lines() {
+            let line = line.context("cannot read cargo test output")?;
+            println!("{line}");
+            if let Some((passed, failed)) = parse_test_result(&line) {
+                totals.0 += passed;
+                totals.1 += failed;
+            }
+        }
+    }
+    let status = child
+        .wait()
+        .with_context(|| format!("could not wait for {shown}"))?;
+    if !status.success() {
+        bail!("{shown} failed ({status})");
+    }
+    Ok(totals)
+}
+
+/// Passed and failed counts of a libtest `test result: ok. 3 passed; 0 failed; ...` line.
+fn parse_test_result(line: &str) -> Option<(u64, u64)> {
+    let rest = line.trim().strip_prefix("test result: ")?;
+    let count = |word: &str| {
+        rest.split(';').find_map(|part| {
+            part.trim()
+                .strip_suffix(word)?
+                .trim()
+                .rsplit(' ')
+                .next()?
+                .parse()
+                .ok()
+        })
+    };
+    Some((count(" passed")?, count(" failed")?))
+}
+
+fn privileged_tests(args: &[String]) -> Result<(u64, u64)> {
     let mut build = cargo();
     build.args([
         "build",
@@ -88,13 +139,34 @@ fn privileged_tests(args: &[String]) -> Result<()> {
 
     let release = util::target_dir().join("release");
     let mut test = cargo();
-    test.args(["test", "--release", "-p", "ws1-probe-tests", "--"])
-        // One at a time: the tests attach kernel programs and share tracefs/perf state.
-        .arg("--test-threads=1")
-        .args(args)
-        .env("WS1_PROBE_BIN", release.join("ws1-probe"))
-        .env("WS1_WORKLOAD_BIN", release.join("ws1-workload"));
-    run_cmd(&mut test).context("xtask test: privileged tests failed")
+    test.args([
+        "test",
+        "--release",
+        "-p",
+        "ws1-probe-tests",
+        "--tests",
+        "--",
+    ])
+    // One at a time: the tests attach kernel programs and share tracefs/perf state.
+    .arg("--test-threads=1")
+    .args(args)
+    .env("WS1_PROBE_BIN", release.join("ws1-probe"))
+    .env("WS1_WORKLOAD_BIN", release.join("ws1-workload"));
+    run_tests(&mut test).context("xtask test: privileged tests failed")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_test_result;
+
+    #[test]
+    fn test_result_lines() {
+        let line = "test result: ok. 50 passed; 0 failed; 0 ignored; 0 measured; 0 filtered out; finished in 0.04s";
+        assert_eq!(parse_test_result(line), Some((50, 0)));
+        let line = "test result: FAILED. 2 passed; 1 failed; 0 ignored; 0 measured";
+        assert_eq!(parse_test_result(line), Some((2, 1)));
+        assert_eq!(parse_test_result("running 3 tests"), None);
+    }
 }
 
 /// CI systems set CI=true (or 1); treat empty/"false"/"0" as unset.
