@@ -28,6 +28,11 @@ pub fn workload_bin() -> PathBuf {
     bin("WS1_WORKLOAD_BIN", "ws1-workload")
 }
 
+/// The allocation workload, next to the syscall workload.
+pub fn allocload_bin() -> PathBuf {
+    workload_bin().with_file_name("ws1-allocload")
+}
+
 /// True when the tests can load BPF programs. Without root they are skipped, except in CI where
 /// a skip is a failure.
 pub fn privileged() -> bool {
@@ -182,12 +187,22 @@ impl Workload {
     /// symlink of that name, and the kernel takes a process's comm from the executed path. A
     /// name per test keeps tests independent of any other workload running on the machine.
     pub fn spawn(comm: &str) -> Workload {
+        Self::spawn_program(&workload_bin(), comm)
+    }
+
+    /// Starts `program` (a workload speaking the same line protocol) under command name `comm`.
+    pub fn spawn_program(program: &std::path::Path, comm: &str) -> Workload {
         assert!(comm.len() <= 15, "comm {comm:?} is longer than 15 bytes");
-        let dir = std::env::temp_dir().join(format!("ws1-probe-tests-{}", std::process::id()));
+        let name = program
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned());
+        let dir = std::env::temp_dir()
+            .join(format!("ws1-probe-tests-{}", std::process::id()))
+            .join(name.unwrap_or_default());
         std::fs::create_dir_all(&dir).expect("temp dir for workload links");
         let link = dir.join(comm);
         if !link.exists() {
-            std::os::unix::fs::symlink(workload_bin(), &link).expect("workload symlink");
+            std::os::unix::fs::symlink(program, &link).expect("workload symlink");
         }
         let mut child = Command::new(&link)
             .stdin(Stdio::piped())

@@ -5,8 +5,10 @@
 //! compile (no `leading_zeros`, no floats, no panics).
 #![no_std]
 
+pub mod alloc;
 pub mod check;
 pub mod hist;
+pub mod net;
 pub mod syscalls;
 pub mod targets;
 

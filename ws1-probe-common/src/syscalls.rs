@@ -1,6 +1,6 @@
 //! Shared types of the syscall-latency probe.
 
-/// Key of the per-CPU latency histogram map `SYSCALL_HIST`.
+/// Key of the latency histogram map `SYSCALL_HIST`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct SyscallKey {
@@ -37,8 +37,8 @@ pub const MAX_ERRNO: u64 = 4095;
 
 /// Capacity of the in-flight map: one entry per live targeted thread.
 pub const START_ENTRIES: u32 = 16_384;
-/// Capacity of the histogram map: services × syscalls seen.
-pub const HIST_ENTRIES: u32 = 8_192;
+/// Capacity of the histogram map: services × syscalls seen (preallocated: 4.6 KB each).
+pub const HIST_ENTRIES: u32 = 4_096;
 /// Capacity of the error map: services × syscalls × errnos seen.
 pub const ERROR_ENTRIES: u32 = 4_096;
 

@@ -73,16 +73,31 @@ pub enum DropReason {
     SyscallHistFull = 3,
     /// `SYSCALL_ERRORS` was full.
     SyscallErrorsFull = 4,
+    /// `NET_SOCKS` was full: a new TCP connection is not observed.
+    NetSocksFull = 5,
+    /// `NET_STATS` or `NET_HIST` was full.
+    NetStatsFull = 6,
+    /// `NET_LISTEN` was full: a listening port is not observed.
+    NetListenFull = 7,
+    /// `ALLOC_PENDING` was full: an allocation call in progress is not observed.
+    AllocPendingFull = 8,
+    /// An allocation's user stack could not be stored (`ALLOC_STACKS` full or a hash collision).
+    AllocStackLost = 9,
 }
 
 impl DropReason {
-    pub const COUNT: u32 = 5;
+    pub const COUNT: u32 = 10;
     pub const ALL: [DropReason; Self::COUNT as usize] = [
         Self::TargetsFull,
         Self::ExecRingFull,
         Self::SyscallStartFull,
         Self::SyscallHistFull,
         Self::SyscallErrorsFull,
+        Self::NetSocksFull,
+        Self::NetStatsFull,
+        Self::NetListenFull,
+        Self::AllocPendingFull,
+        Self::AllocStackLost,
     ];
 
     /// Label value used in `ws1_probe_events_dropped_total{reason}`.
@@ -93,6 +108,11 @@ impl DropReason {
             Self::SyscallStartFull => "syscall_start_map_full",
             Self::SyscallHistFull => "syscall_hist_map_full",
             Self::SyscallErrorsFull => "syscall_errors_map_full",
+            Self::NetSocksFull => "net_socks_map_full",
+            Self::NetStatsFull => "net_stats_map_full",
+            Self::NetListenFull => "net_listen_map_full",
+            Self::AllocPendingFull => "alloc_pending_map_full",
+            Self::AllocStackLost => "alloc_stack_lost",
         }
     }
 }

@@ -3,15 +3,23 @@
 //! code never panics. Maps and logic live in the probe modules.
 #![no_std]
 #![no_main]
+// The network histograms are shared by all CPUs and need an atomic add (see net.rs).
+#![allow(internal_features)]
+#![feature(core_intrinsics)]
 
+mod alloc;
+mod hist;
+mod net;
 mod syscalls;
 mod targets;
 
 use aya_ebpf::{
-    macros::{btf_tracepoint, fentry, kprobe, perf_event, raw_tracepoint, tracepoint, uprobe},
+    macros::{
+        btf_tracepoint, fentry, kprobe, perf_event, raw_tracepoint, tracepoint, uprobe, uretprobe,
+    },
     programs::{
         BtfTracePointContext, FEntryContext, PerfEventContext, ProbeContext, RawTracePointContext,
-        TracePointContext,
+        RetProbeContext, TracePointContext,
     },
 };
 
@@ -44,6 +52,90 @@ pub fn sys_enter(ctx: RawTracePointContext) -> i32 {
 pub fn sys_exit(ctx: RawTracePointContext) -> i32 {
     // Raw tracepoint arguments of sys_exit: (struct pt_regs *regs, long ret).
     syscalls::try_sys_exit(ctx.arg::<i64>(1))
+}
+
+// --- network ---
+
+#[tracepoint]
+pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
+    net::try_inet_sock_set_state(&ctx).unwrap_or(0)
+}
+
+#[tracepoint]
+pub fn sock_send_length(ctx: TracePointContext) -> u32 {
+    net::try_sock_length(&ctx, true).unwrap_or(0)
+}
+
+#[tracepoint]
+pub fn sock_recv_length(ctx: TracePointContext) -> u32 {
+    net::try_sock_length(&ctx, false).unwrap_or(0)
+}
+
+#[tracepoint]
+pub fn tcp_probe(ctx: TracePointContext) -> u32 {
+    net::try_tcp_probe(&ctx).unwrap_or(0)
+}
+
+#[tracepoint]
+pub fn tcp_retransmit_skb(ctx: TracePointContext) -> u32 {
+    net::try_sock_event(&ctx, net::SockEvent::Retransmit).unwrap_or(0)
+}
+
+#[tracepoint]
+pub fn tcp_send_reset(ctx: TracePointContext) -> u32 {
+    net::try_sock_event(&ctx, net::SockEvent::ResetSent).unwrap_or(0)
+}
+
+#[tracepoint]
+pub fn tcp_receive_reset(ctx: TracePointContext) -> u32 {
+    net::try_sock_event(&ctx, net::SockEvent::ResetReceived).unwrap_or(0)
+}
+
+// --- allocations (precise mode) ---
+
+#[uprobe]
+pub fn alloc_malloc(ctx: ProbeContext) -> u32 {
+    alloc::try_entry(&ctx, alloc::Entry::Size0).unwrap_or(0)
+}
+
+#[uprobe]
+pub fn alloc_calloc(ctx: ProbeContext) -> u32 {
+    alloc::try_entry(&ctx, alloc::Entry::Calloc).unwrap_or(0)
+}
+
+#[uprobe]
+pub fn alloc_realloc(ctx: ProbeContext) -> u32 {
+    alloc::try_entry(&ctx, alloc::Entry::Realloc).unwrap_or(0)
+}
+
+#[uprobe]
+pub fn alloc_reallocarray(ctx: ProbeContext) -> u32 {
+    alloc::try_entry(&ctx, alloc::Entry::ReallocArray).unwrap_or(0)
+}
+
+#[uprobe]
+pub fn alloc_aligned(ctx: ProbeContext) -> u32 {
+    alloc::try_entry(&ctx, alloc::Entry::Size1).unwrap_or(0)
+}
+
+#[uprobe]
+pub fn alloc_posix_memalign(ctx: ProbeContext) -> u32 {
+    alloc::try_entry(&ctx, alloc::Entry::PosixMemalign).unwrap_or(0)
+}
+
+#[uretprobe]
+pub fn alloc_return(ctx: RetProbeContext) -> u32 {
+    alloc::try_return(&ctx).unwrap_or(0)
+}
+
+#[uretprobe]
+pub fn alloc_return_posix_memalign(ctx: RetProbeContext) -> u32 {
+    alloc::try_return_posix_memalign(&ctx).unwrap_or(0)
+}
+
+#[uprobe]
+pub fn alloc_free(ctx: ProbeContext) -> u32 {
+    alloc::try_free(&ctx).unwrap_or(0)
 }
 
 // --- hook probes for `ws1-probe check` and the benchmark floor ---

@@ -1,20 +1,17 @@
 //! Syscall latency: raw tracepoints on sys_enter/sys_exit.
 //!
 //! sys_enter records the start time of a targeted thread's syscall; sys_exit folds the duration
-//! into a per-CPU histogram keyed by (service, syscall) and counts `-errno` returns. O(1) work
-//! per event, nothing streamed.
+//! into a histogram keyed by (service, syscall) and counts `-errno` returns in a per-CPU map.
+//! O(1) work per event, nothing streamed.
 
 use aya_ebpf::{
-    bindings::{BPF_F_NO_PREALLOC, BPF_NOEXIST},
+    bindings::BPF_NOEXIST,
     helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns},
     macros::map,
-    maps::{Array, HashMap, PerCpuHashMap},
+    maps::{HashMap, PerCpuHashMap},
 };
 use ws1_probe_common::{
-    hist::{
-        DEFAULT_EXPORT_BOUNDS_NS, EXPORT_BOUND_SLOTS, LatencyHist, export_index, fine_index,
-        pad_bounds,
-    },
+    hist::{DEFAULT_EXPORT_BOUNDS_NS, EXPORT_BOUND_SLOTS, LatencyHist, pad_bounds},
     syscalls::{
         ERROR_ENTRIES, HIST_ENTRIES, MAX_ERRNO, START_ENTRIES, SyscallErrorKey, SyscallKey,
         SyscallStart,
@@ -22,7 +19,10 @@ use ws1_probe_common::{
     targets::DropReason,
 };
 
-use crate::targets::{count_drop, service_of};
+use crate::{
+    hist,
+    targets::{count_drop, service_of},
+};
 
 #[inline(always)]
 fn now_ns() -> u64 {
@@ -35,22 +35,14 @@ fn now_ns() -> u64 {
 #[map]
 static SYSCALL_START: HashMap<u32, SyscallStart> = HashMap::with_max_entries(START_ENTRIES, 0);
 
-/// (service, syscall) → latency histogram, per CPU. Not preallocated: a histogram is 4.6 KB
-/// per CPU, so preallocating every slot would pin `HIST_ENTRIES × 4.6 KB × CPUs` of kernel
-/// memory (2.4 GB on 64 CPUs); elements are allocated on a key's first event instead.
+/// (service, syscall) → latency histogram, shared by all CPUs (see hist.rs for why).
 #[map]
-static SYSCALL_HIST: PerCpuHashMap<SyscallKey, LatencyHist> =
-    PerCpuHashMap::with_max_entries(HIST_ENTRIES, BPF_F_NO_PREALLOC);
+static SYSCALL_HIST: HashMap<SyscallKey, LatencyHist> = HashMap::with_max_entries(HIST_ENTRIES, 0);
 
 /// (service, syscall, errno) → failed calls, per CPU.
 #[map]
 static SYSCALL_ERRORS: PerCpuHashMap<SyscallErrorKey, u64> =
     PerCpuHashMap::with_max_entries(ERROR_ENTRIES, 0);
-
-/// One zeroed histogram: the source value for new `SYSCALL_HIST` entries, which are too large for
-/// the 512-byte BPF stack.
-#[map]
-static HIST_ZERO: Array<LatencyHist> = Array::with_max_entries(1, 0);
 
 /// Prometheus `le` bounds in nanoseconds, padded with `u64::MAX`; the agent may override them.
 #[unsafe(no_mangle)]
@@ -128,44 +120,13 @@ pub fn try_sys_exit(ret: i64) -> i32 {
 
 #[inline(always)]
 fn record(key: &SyscallKey, duration: u64) {
-    let hist = match SYSCALL_HIST.get_ptr_mut(key) {
-        Some(hist) => hist,
-        None => {
-            let Some(zero) = HIST_ZERO.get(0) else {
-                return;
-            };
-            // BPF_NOEXIST: another CPU may have created it meanwhile; then the lookup below
-            // finds that entry.
-            let _ = SYSCALL_HIST.insert(key, zero, BPF_NOEXIST as u64);
-            match SYSCALL_HIST.get_ptr_mut(key) {
-                Some(hist) => hist,
-                None => {
-                    count_drop(DropReason::SyscallHistFull);
-                    return;
-                }
-            }
-        }
+    let Some(hist) = hist::get_or_create(&SYSCALL_HIST, key) else {
+        count_drop(DropReason::SyscallHistFull);
+        return;
     };
     // SAFETY: bounds are a global the loader may have rewritten; read once per event.
     let bounds = unsafe { &*core::ptr::addr_of!(SYSCALL_BOUNDS_NS) };
-    let export = export_index(bounds, duration);
-    let fine = fine_index(duration);
-    // SAFETY: the per-CPU value of this CPU; programs do not migrate while they run, and the
-    // indices are checked by `get_mut`.
-    unsafe {
-        let hist = &mut *hist;
-        hist.count += 1;
-        hist.sum_ns += duration;
-        if duration > hist.max_ns {
-            hist.max_ns = duration;
-        }
-        if let Some(bucket) = hist.export.get_mut(export) {
-            *bucket += 1;
-        }
-        if let Some(bucket) = hist.fine.get_mut(fine) {
-            *bucket += 1;
-        }
-    }
+    hist::observe(hist, bounds, duration);
 }
 
 #[inline(always)]

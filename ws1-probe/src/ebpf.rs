@@ -9,6 +9,7 @@ use aya::{
 };
 use ws1_probe_common::{
     hist::{EXPORT_BOUND_SLOTS, MAX_EXPORT_BOUNDS},
+    net::NetOffsets,
     targets::TracepointOffsets,
 };
 
@@ -69,11 +70,16 @@ pub fn load(opts: &LoadOptions) -> Result<Ebpf, LoadError> {
     {
         *slot = *b;
     }
+    // Read here rather than passed in: every load needs them, and the net collector reads the
+    // same files again to learn which hooks exist.
+    let net_offsets = read_net_offsets(Path::new(TRACEFS));
     EbpfLoader::new()
         .map_max_entries("TARGET_FILTER", pid_max())
         .override_global("HOST_MODE", &host_mode, true)
         .override_global("TP_OFFSETS", &opts.offsets, true)
         .override_global("SYSCALL_BOUNDS_NS", &bounds, true)
+        .override_global("NET_BOUNDS_NS", &bounds, true)
+        .override_global("NET_OFFSETS", &net_offsets, true)
         .load(OBJECT)
         .map_err(|source| LoadError::Object { source })
 }
@@ -233,6 +239,94 @@ pub fn read_offsets(tracefs: &Path) -> TracepointOffsets {
     off
 }
 
+/// The network tracepoints: (category, name, program).
+pub const NET_TRACEPOINTS: [(&str, &str, &str); 7] = [
+    ("sock", "inet_sock_set_state", "inet_sock_set_state"),
+    ("sock", "sock_send_length", "sock_send_length"),
+    ("sock", "sock_recv_length", "sock_recv_length"),
+    ("tcp", "tcp_probe", "tcp_probe"),
+    ("tcp", "tcp_retransmit_skb", "tcp_retransmit_skb"),
+    ("tcp", "tcp_send_reset", "tcp_send_reset"),
+    ("tcp", "tcp_receive_reset", "tcp_receive_reset"),
+];
+
+/// Offsets of the network tracepoints' fields from their format texts (`format(event)` returns
+/// the text of `category/name`, `None` when the kernel lacks the event). A hook whose format
+/// is missing, or lacks a field, gets `u32::MAX` in its first field and is not attached.
+pub fn net_offsets_from(format: impl Fn(&str) -> Option<String>) -> NetOffsets {
+    let mut off = NetOffsets::FALLBACK;
+    let fields = |event: &str, names: &[&str]| -> Option<Vec<u32>> {
+        let text = format(event)?;
+        names
+            .iter()
+            .map(|n| parse_format_offset(&text, n))
+            .collect()
+    };
+    match fields(
+        "sock/inet_sock_set_state",
+        &[
+            "skaddr", "oldstate", "newstate", "sport", "dport", "protocol",
+        ],
+    )
+    .as_deref()
+    {
+        Some(&[sk, old, new, sport, dport, proto]) => {
+            off.state_skaddr = sk;
+            off.state_oldstate = old;
+            off.state_newstate = new;
+            off.state_sport = sport;
+            off.state_dport = dport;
+            off.state_protocol = proto;
+        }
+        _ => off.state_skaddr = u32::MAX,
+    }
+    match fields("sock/sock_send_length", &["sk", "ret", "flags"]).as_deref() {
+        Some(&[sk, ret, flags]) => (off.send_sk, off.send_ret, off.send_flags) = (sk, ret, flags),
+        _ => off.send_sk = u32::MAX,
+    }
+    match fields("sock/sock_recv_length", &["sk", "ret", "flags"]).as_deref() {
+        Some(&[sk, ret, flags]) => (off.recv_sk, off.recv_ret, off.recv_flags) = (sk, ret, flags),
+        _ => off.recv_sk = u32::MAX,
+    }
+    match fields("tcp/tcp_probe", &["skaddr", "srtt"]).as_deref() {
+        Some(&[sk, srtt]) => (off.probe_skaddr, off.probe_srtt) = (sk, srtt),
+        _ => off.probe_skaddr = u32::MAX,
+    }
+    let single = |event: &str| match fields(event, &["skaddr"]).as_deref() {
+        Some(&[sk]) => sk,
+        _ => u32::MAX,
+    };
+    off.retransmit_skaddr = single("tcp/tcp_retransmit_skb");
+    off.retransmit_err = fields("tcp/tcp_retransmit_skb", &["err"])
+        .and_then(|f| f.first().copied())
+        .unwrap_or(u32::MAX);
+    off.send_reset_skaddr = single("tcp/tcp_send_reset");
+    off.receive_reset_skaddr = single("tcp/tcp_receive_reset");
+    off
+}
+
+/// [`net_offsets_from`] over tracefs.
+pub fn read_net_offsets(tracefs: &Path) -> NetOffsets {
+    net_offsets_from(|event| {
+        std::fs::read_to_string(tracefs.join("events").join(event).join("format")).ok()
+    })
+}
+
+/// Whether the hook of `program` (a name in [`NET_TRACEPOINTS`]) has its offsets.
+pub fn net_hook_usable(off: &NetOffsets, program: &str) -> bool {
+    let first = match program {
+        "inet_sock_set_state" => off.state_skaddr,
+        "sock_send_length" => off.send_sk,
+        "sock_recv_length" => off.recv_sk,
+        "tcp_probe" => off.probe_skaddr,
+        "tcp_retransmit_skb" => off.retransmit_skaddr,
+        "tcp_send_reset" => off.send_reset_skaddr,
+        "tcp_receive_reset" => off.receive_reset_skaddr,
+        _ => u32::MAX,
+    };
+    first != u32::MAX
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -255,6 +349,34 @@ format:
         assert_eq!(parse_format_offset(NEWTASK, "clone_flags"), Some(32));
         assert_eq!(parse_format_offset(NEWTASK, "common_pid"), Some(4));
         assert_eq!(parse_format_offset(NEWTASK, "flags"), None);
+    }
+
+    #[test]
+    fn net_offsets_from_formats_and_missing_hooks() {
+        let send = "format:
+\tfield:void * sk;\toffset:8;\tsize:8;\tsigned:0;
+\tfield:__u16 family;\toffset:16;\tsize:2;\tsigned:0;
+\tfield:int ret;\toffset:20;\tsize:4;\tsigned:1;
+\tfield:int flags;\toffset:24;\tsize:4;\tsigned:1;
+";
+        let probe = "format:
+\tfield:__u32 srtt;\toffset:100;\tsize:4;\tsigned:0;
+\tfield:const void * skaddr;\toffset:136;\tsize:8;\tsigned:0;
+";
+        let off = net_offsets_from(|event| match event {
+            "sock/sock_send_length" => Some(send.to_owned()),
+            "tcp/tcp_probe" => Some(probe.to_owned()),
+            // A format without the field the probe needs.
+            "tcp/tcp_send_reset" => Some("format:\n".to_owned()),
+            _ => None,
+        });
+        assert_eq!((off.send_sk, off.send_ret, off.send_flags), (8, 20, 24));
+        assert_eq!((off.probe_skaddr, off.probe_srtt), (136, 100));
+        assert!(net_hook_usable(&off, "sock_send_length"));
+        assert!(net_hook_usable(&off, "tcp_probe"));
+        for missing in ["inet_sock_set_state", "sock_recv_length", "tcp_send_reset"] {
+            assert!(!net_hook_usable(&off, missing), "{missing}");
+        }
     }
 
     #[test]

@@ -11,5 +11,6 @@ pub mod probe;
 pub mod report;
 pub mod selfmetrics;
 pub mod server;
+pub mod symbolize;
 pub mod targeting;
 pub mod units;

@@ -24,6 +24,10 @@ enum Command {
     Agent(cmd::agent::AgentArgs),
     /// Collect syscall latency for a while and print a table sorted by total time
     Syscalls(cmd::syscalls::SyscallsArgs),
+    /// Collect TCP connections, RTT, request latency and connection reuse per endpoint
+    Net(cmd::net::NetArgs),
+    /// Trace allocations of the selected processes and report blocks still outstanding, by stack
+    Leaks(cmd::leaks::LeaksArgs),
     /// Report which hooks this kernel allows and which collector will use which
     Check(cmd::check::CheckArgs),
     /// Attach empty sys_enter/sys_exit programs (the cost floor for `cargo xtask bench`)
@@ -44,6 +48,8 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Agent(args) => cmd::agent::run(args).map(|()| ExitCode::SUCCESS),
         Command::Syscalls(args) => cmd::syscalls::run(args).map(|()| ExitCode::SUCCESS),
+        Command::Net(args) => cmd::net::run(args).map(|()| ExitCode::SUCCESS),
+        Command::Leaks(args) => cmd::leaks::run(args).map(|()| ExitCode::SUCCESS),
         Command::Check(args) => cmd::check::run(args),
         Command::BenchFloor(args) => cmd::floor::run(args).map(|()| ExitCode::SUCCESS),
     };

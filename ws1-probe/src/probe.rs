@@ -11,6 +11,7 @@ use prometheus::proto::MetricFamily;
 
 use crate::{
     collectors::{
+        net::{self as netcollector, NetCollector, NetSnapshot},
         syscalls::{SyscallCollector, SyscallSnapshot},
         targets::{ScanSummary, Targets},
     },
@@ -39,6 +40,7 @@ pub struct Probe {
     ebpf: Ebpf,
     pub targets: Targets,
     pub syscalls: SyscallCollector,
+    pub net: NetCollector,
     exec_ring: Option<RingBuf<MapData>>,
     pub bounds_ns: Vec<u64>,
     pub scan: ScanSummary,
@@ -70,10 +72,18 @@ impl Probe {
         let (mut targets, exec_ring) = Targets::attach(&mut ebpf, matcher)?;
         let scan = targets.scan().map_err(ProbeError::Scan)?;
         let syscalls = SyscallCollector::attach(&mut ebpf)?;
+        let mut net = NetCollector::attach(&mut ebpf)?;
+        // After attaching, so a listen() during the scan is seen by one or the other.
+        net.seed_listeners(
+            std::path::Path::new("/proc"),
+            &targets.targeted_pids(),
+            targets.matcher().clone(),
+        );
         Ok(Self {
             ebpf,
             targets,
             syscalls,
+            net,
             exec_ring: Some(exec_ring),
             bounds_ns: settings.bounds_ns.clone(),
             scan,
@@ -86,6 +96,11 @@ impl Probe {
     /// The exec event ring buffer, for the task that waits on it.
     pub fn take_exec_ring(&mut self) -> Option<RingBuf<MapData>> {
         self.exec_ring.take()
+    }
+
+    /// The loaded object, for collectors attached on demand (e.g. allocation uprobes).
+    pub fn ebpf_mut(&mut self) -> &mut Ebpf {
+        &mut self.ebpf
     }
 
     pub fn bpf_stats_enabled(&self) -> bool {
@@ -106,10 +121,14 @@ impl Probe {
     /// Builds every metric family, reading the maps once.
     pub fn families(&mut self) -> (Vec<MetricFamily>, SyscallSnapshot) {
         let snap = self.syscalls.snapshot();
+        let net: NetSnapshot = self.net.snapshot();
         let targeted = self.targets.targeted_by_service();
         // Rank by calls; a service with live processes but no calls yet is ranked too (with 0),
         // so its processes are not reported as `other` while it is idle.
         let mut activity = snap.calls_by_service();
+        for (id, n) in net.activity_by_service() {
+            *activity.entry(id).or_insert(0) += n;
+        }
         for id in targeted.keys() {
             activity.entry(*id).or_insert(0);
         }
@@ -124,6 +143,7 @@ impl Probe {
             }
         };
         let mut families = metrics::syscall_families(&snap, label, &self.bounds_ns);
+        families.extend(netcollector::families(&net, label, &self.bounds_ns));
         families.extend(selfmetrics::families(self, &targeted, &label));
         (families, snap)
     }

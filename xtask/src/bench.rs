@@ -26,7 +26,8 @@ pub fn run(what: &str, args: &[String]) -> Result<()> {
     match what {
         "syscalls" if args.is_empty() => syscalls(),
         "syscalls" => bail!("bench syscalls takes no arguments (got {args:?})"),
-        _ => bail!("unknown benchmark {what}: available: syscalls"),
+        "net" if args.is_empty() => crate::bench_net::run(),
+        _ => bail!("unknown benchmark {what}: available: syscalls, net"),
     }
 }
 

@@ -3,6 +3,7 @@
 
 mod apt;
 mod bench;
+mod bench_net;
 mod bootstrap;
 mod run;
 mod util;

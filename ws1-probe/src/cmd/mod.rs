@@ -3,6 +3,8 @@
 pub mod agent;
 pub mod check;
 pub mod floor;
+pub mod leaks;
+pub mod net;
 pub mod syscalls;
 
 use std::path::{Path, PathBuf};

@@ -1,6 +1,8 @@
 //! Userspace halves of the probes: attach the kernel programs, read their maps.
 //! One file per probe, named like its kernel and shared-type counterparts.
 
+pub mod alloc;
+pub mod net;
 pub mod syscalls;
 pub mod targets;
 

@@ -1,5 +1,5 @@
-//! Syscall latency, userspace half: attaches sys_enter/sys_exit and reads the per-CPU
-//! histograms and error counters into a [`SyscallSnapshot`].
+//! Syscall latency, userspace half: attaches sys_enter/sys_exit and reads the histograms and
+//! the per-CPU error counters into a [`SyscallSnapshot`].
 
 use std::collections::BTreeMap;
 
@@ -56,7 +56,7 @@ impl SyscallSnapshot {
 }
 
 pub struct SyscallCollector {
-    hist: PerCpuHashMap<MapData, SyscallKey, LatencyHist>,
+    hist: HashMap<MapData, SyscallKey, LatencyHist>,
     errors: PerCpuHashMap<MapData, SyscallErrorKey, u64>,
     start: HashMap<MapData, u32, SyscallStart>,
 }
@@ -77,11 +77,11 @@ impl SyscallCollector {
     /// Reads both maps. Entries that disappear mid-walk are skipped.
     pub fn snapshot(&self) -> SyscallSnapshot {
         let mut snap = SyscallSnapshot::default();
-        for (key, per_cpu) in self.hist.iter().flatten() {
-            let h = snap.hists.entry((key.service, key.nr)).or_default();
-            for cpu in per_cpu.iter() {
-                h.add_kernel(cpu);
-            }
+        for (key, hist) in self.hist.iter().flatten() {
+            snap.hists
+                .entry((key.service, key.nr))
+                .or_default()
+                .add_kernel(&hist);
         }
         for (key, per_cpu) in self.errors.iter().flatten() {
             *snap

@@ -159,6 +159,11 @@ impl Targets {
         out
     }
 
+    /// Pids of the targeted processes.
+    pub fn targeted_pids(&self) -> Vec<u32> {
+        self.targets.keys().flatten().collect()
+    }
+
     /// Whether `pid` has an entry in `TARGETS`.
     pub fn is_targeted(&self, pid: u32) -> bool {
         self.targets.get(&pid, 0).is_ok()

@@ -1,5 +1,7 @@
 //! Human and JSON reports printed by the one-shot CLI commands, one file per probe.
 
+pub mod leaks;
+pub mod net;
 pub mod syscalls;
 
 /// Left-aligns the first column and right-aligns the rest.

@@ -1,0 +1,121 @@
+//! An allocation workload the integration tests drive line by line on stdin. Each way of leaking
+//! has its own never-inlined function, so the leak report can be checked per call site.
+//!
+//! Commands (replies `ok`):
+//! - `leak-malloc K S`, `leak-calloc K S`, `leak-realloc K S`, `leak-memalign K S`: leak K
+//!   blocks of S bytes through that function
+//! - `balanced N S`: allocate N blocks of S bytes and free them all
+//! - `free-leaks`: free every block leaked so far
+//! - `exit`: exit 0 without freeing anything
+//!
+//! After start-up the workload itself allocates nothing that outlives a command: leaked
+//! pointers go into a vector reserved up front, and the input line buffer is reused.
+
+use std::io::{BufRead, Write};
+
+/// Most blocks the workload can hold leaked at once.
+const MAX_LEAKED: usize = 1 << 16;
+
+#[inline(never)]
+fn leak_with_malloc(k: usize, size: usize, leaked: &mut Vec<usize>) {
+    for _ in 0..k {
+        // SAFETY: plain malloc; the block is deliberately never freed (until free-leaks).
+        leaked.push(unsafe { libc::malloc(size) } as usize);
+    }
+}
+
+#[inline(never)]
+fn leak_with_calloc(k: usize, size: usize, leaked: &mut Vec<usize>) {
+    for _ in 0..k {
+        // SAFETY: as above; `size` bytes as `size / 8` elements of 8 bytes.
+        leaked.push(unsafe { libc::calloc(size / 8, 8) } as usize);
+    }
+}
+
+#[inline(never)]
+fn leak_with_realloc(k: usize, size: usize, leaked: &mut Vec<usize>) {
+    for _ in 0..k {
+        // SAFETY: a small block grown by realloc, which frees the small one.
+        unsafe {
+            let small = libc::malloc(16);
+            leaked.push(libc::realloc(small, size) as usize);
+        }
+    }
+}
+
+#[inline(never)]
+fn leak_with_memalign(k: usize, size: usize, leaked: &mut Vec<usize>) {
+    for _ in 0..k {
+        let mut p: *mut libc::c_void = std::ptr::null_mut();
+        // SAFETY: a valid out pointer; 64 is a power of two and a multiple of the pointer size.
+        if unsafe { libc::posix_memalign(&mut p, 64, size) } == 0 {
+            leaked.push(p as usize);
+        }
+    }
+}
+
+#[inline(never)]
+fn balanced_churn(n: usize, size: usize, scratch: &mut Vec<usize>) {
+    for _ in 0..n {
+        // SAFETY: allocated here, freed below.
+        scratch.push(unsafe { libc::malloc(size) } as usize);
+    }
+    for p in scratch.drain(..) {
+        // SAFETY: each pointer came from malloc above and is freed once.
+        unsafe { libc::free(p as *mut libc::c_void) };
+    }
+}
+
+fn main() {
+    let mut leaked: Vec<usize> = Vec::with_capacity(MAX_LEAKED);
+    let mut scratch: Vec<usize> = Vec::with_capacity(MAX_LEAKED);
+    let mut line = String::with_capacity(256);
+    let stdin = std::io::stdin();
+    let mut input = stdin.lock();
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "ready {}", std::process::id());
+    let _ = out.flush();
+    loop {
+        line.clear();
+        match input.read_line(&mut line) {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+        let mut words = line.split_whitespace();
+        let cmd = words.next().unwrap_or("");
+        let mut num = || {
+            words
+                .next()
+                .and_then(|w| w.parse::<usize>().ok())
+                .unwrap_or(0)
+        };
+        let (a, b) = (num(), num());
+        let room = MAX_LEAKED - leaked.len();
+        let ok = match cmd {
+            "leak-malloc" => leak_with_malloc(a.min(room), b, &mut leaked),
+            "leak-calloc" => leak_with_calloc(a.min(room), b, &mut leaked),
+            "leak-realloc" => leak_with_realloc(a.min(room), b, &mut leaked),
+            "leak-memalign" => leak_with_memalign(a.min(room), b, &mut leaked),
+            "balanced" => balanced_churn(a.min(MAX_LEAKED), b, &mut scratch),
+            "free-leaks" => {
+                for p in leaked.drain(..) {
+                    // SAFETY: every pointer came from the allocator and is freed once.
+                    unsafe { libc::free(p as *mut libc::c_void) };
+                }
+            }
+            "exit" => {
+                let _ = writeln!(out, "ok");
+                let _ = out.flush();
+                return;
+            }
+            _ => {
+                let _ = writeln!(out, "error unknown command");
+                let _ = out.flush();
+                continue;
+            }
+        };
+        let () = ok;
+        let _ = writeln!(out, "ok");
+        let _ = out.flush();
+    }
+}

@@ -1,0 +1,139 @@
+//! Allocation tracing (precise mode) against a workload that leaks known blocks from known
+//! functions through malloc, calloc, realloc and posix_memalign.
+
+use std::{
+    io::{BufRead, BufReader},
+    process::{Child, Command, Stdio},
+};
+
+use serde_json::Value;
+use ws1_probe_tests::{Workload, allocload_bin, privileged, probe_bin};
+
+const K: u64 = 7;
+const S: u64 = 1024;
+
+/// Starts `ws1-probe leaks` on `pid` and returns once its probes are attached.
+fn start_leaks(pid: u32, duration: &str) -> Child {
+    let mut child = Command::new(probe_bin())
+        .args(["leaks", "--pid", &pid.to_string(), "--duration", duration])
+        .args(["--min-age", "0s", "--json", "--top", "50"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start ws1-probe leaks");
+    let stderr = child.stderr.take().expect("stderr");
+    let mut lines = BufReader::new(stderr).lines();
+    loop {
+        match lines.next() {
+            Some(Ok(line)) if line.starts_with("collecting allocations") => break,
+            Some(Ok(line)) => eprintln!("leaks: {line}"),
+            _ => panic!("ws1-probe leaks exited before attaching"),
+        }
+    }
+    // Keep draining stderr so the CLI never blocks on a full pipe.
+    std::thread::spawn(move || lines.for_each(drop));
+    child
+}
+
+fn finish(child: Child) -> Value {
+    let out = child.wait_with_output().expect("wait for ws1-probe leaks");
+    assert!(out.status.success(), "leaks failed: {}", out.status);
+    serde_json::from_slice(&out.stdout).expect("leaks prints JSON")
+}
+
+/// Leak groups whose first frame is in `function`.
+fn at<'a>(report: &'a Value, function: &str) -> Vec<&'a Value> {
+    report["leaks"]
+        .as_array()
+        .expect("leaks array")
+        .iter()
+        .filter(|g| {
+            g["stack"][0]["function"]
+                .as_str()
+                .is_some_and(|f| f.ends_with(function))
+        })
+        .collect()
+}
+
+#[test]
+fn leaks_are_reported_exactly_at_their_call_sites() {
+    if !privileged() {
+        return;
+    }
+    let mut w = Workload::spawn_program(&allocload_bin(), "w-leak");
+    let leaks = start_leaks(w.pid, "3s");
+    for how in ["malloc", "calloc", "realloc", "memalign"] {
+        w.cmd(&format!("leak-{how} {K} {S}"));
+    }
+    w.cmd(&format!("balanced 500 {S}"));
+    let report = finish(leaks);
+    for function in [
+        "leak_with_malloc",
+        "leak_with_calloc",
+        "leak_with_realloc",
+        "leak_with_memalign",
+    ] {
+        let groups = at(&report, function);
+        assert_eq!(groups.len(), 1, "{function}: {report}");
+        assert_eq!(groups[0]["bytes"], K * S, "{function}: {}", groups[0]);
+        assert_eq!(groups[0]["count"], K, "{function}: {}", groups[0]);
+    }
+    assert!(at(&report, "balanced_churn").is_empty(), "{report}");
+    // Nothing else is outstanding: the workload allocates nothing else after start-up.
+    assert_eq!(report["outstanding_blocks"], 4 * K, "{report}");
+    let stats = &report["stats"]["w-leak"];
+    assert_eq!(stats["failed"], 0, "{report}");
+    // The workload still works under tracing.
+    w.cmd("leak-malloc 1 8");
+}
+
+#[test]
+fn freeing_everything_reports_no_leak() {
+    if !privileged() {
+        return;
+    }
+    let mut w = Workload::spawn_program(&allocload_bin(), "w-noleak");
+    let leaks = start_leaks(w.pid, "2s");
+    w.cmd(&format!("leak-malloc {K} {S}"));
+    w.cmd(&format!("leak-memalign {K} {S}"));
+    w.cmd(&format!("balanced 200 {S}"));
+    w.cmd("free-leaks");
+    let report = finish(leaks);
+    assert_eq!(report["leaks"], serde_json::json!([]), "{report}");
+    assert_eq!(report["outstanding_blocks"], 0, "{report}");
+    let stats = &report["stats"]["w-noleak"];
+    assert_eq!(stats["allocs"], stats["frees"], "{report}");
+    assert_eq!(stats["alloc_bytes"], stats["free_bytes"], "{report}");
+    assert_eq!(stats["alloc_bytes"], (2 * K + 200) * S, "{report}");
+}
+
+#[test]
+fn an_exited_process_is_cleaned_out() {
+    if !privileged() {
+        return;
+    }
+    let mut w = Workload::spawn_program(&allocload_bin(), "w-exit");
+    let leaks = start_leaks(w.pid, "2s");
+    w.cmd(&format!("leak-calloc {K} {S}"));
+    w.cmd("exit");
+    let _ = w.child.wait();
+    let report = finish(leaks);
+    assert_eq!(report["exited_blocks_removed"], K, "{report}");
+    assert_eq!(report["outstanding_blocks"], 0, "{report}");
+    assert_eq!(report["leaks"], serde_json::json!([]), "{report}");
+}
+
+#[test]
+fn leaks_without_a_selector_is_refused() {
+    if !privileged() {
+        return;
+    }
+    let out = ws1_probe_tests::run_probe(&["leaks", "--duration", "1s"]);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.starts_with("error: precise allocation tracing needs a selector"),
+        "{stderr}"
+    );
+}

@@ -1,0 +1,531 @@
+//! Network collector against the real kernel: `ws1-netload` servers and clients whose
+//! connections and requests we control, over loopback and inside a network namespace.
+
+use std::{
+    io::{BufRead, BufReader, Write},
+    path::PathBuf,
+    process::{Child, ChildStdin, ChildStdout, Command, Stdio},
+};
+
+use ws1_probe_tests::{Agent, Metrics, free_port, privileged, run_probe};
+
+const REQUEST: &str = "ws1_probe_request_duration_seconds";
+const CONNECT: &str = "ws1_probe_tcp_connect_duration_seconds";
+
+fn netload_bin() -> PathBuf {
+    std::env::var_os("WS1_NETLOAD_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/release/ws1-netload")
+        })
+}
+
+/// `ws1-netload` under its own command name (a symlink, as `Workload::spawn` does), optionally
+/// inside a network namespace; driven over stdin/stdout.
+struct NetLoad {
+    child: Child,
+    pid: u32,
+    stdin: ChildStdin,
+    stdout: BufReader<ChildStdout>,
+}
+
+impl NetLoad {
+    fn spawn(comm: &str) -> NetLoad {
+        Self::spawn_in(comm, None)
+    }
+
+    fn spawn_in(comm: &str, netns: Option<&str>) -> NetLoad {
+        assert!(comm.len() <= 15, "comm {comm:?} is longer than 15 bytes");
+        let dir = std::env::temp_dir().join(format!("ws1-probe-net-tests-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir for netload links");
+        let link = dir.join(comm);
+        if !link.exists() {
+            std::os::unix::fs::symlink(netload_bin(), &link).expect("netload symlink");
+        }
+        // `ip netns exec` execs the link in place, so the pid stays the one we spawned.
+        let mut cmd = match netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(&link);
+                c
+            }
+            None => Command::new(&link),
+        };
+        let mut child = cmd
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", netload_bin().display()));
+        let stdin = child.stdin.take().expect("stdin");
+        let mut stdout = BufReader::new(child.stdout.take().expect("stdout"));
+        let mut line = String::new();
+        stdout.read_line(&mut line).expect("netload ready line");
+        assert!(line.starts_with("ready "), "netload said {line:?}");
+        let pid = child.id();
+        NetLoad {
+            child,
+            pid,
+            stdin,
+            stdout,
+        }
+    }
+
+    /// Sends one command and returns the words of its reply after `ok`; panics on `error`.
+    fn cmd(&mut self, command: &str) -> Vec<u64> {
+        writeln!(self.stdin, "{command}").expect("write to netload");
+        self.stdin.flush().expect("flush netload stdin");
+        let mut line = String::new();
+        self.stdout
+            .read_line(&mut line)
+            .expect("read netload reply");
+        assert!(line.starts_with("ok"), "netload: {command} -> {line}");
+        line.split_whitespace()
+            .skip(1)
+            .map(|w| w.parse().expect("numeric reply"))
+            .collect()
+    }
+
+    /// Starts a server; returns its port.
+    fn listen(&mut self, addr: &str) -> u16 {
+        self.cmd(&format!("listen {addr}"))[0] as u16
+    }
+}
+
+impl Drop for NetLoad {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn series<'a>(service: &'a str, side: &'a str, port: &'a str) -> [(&'a str, &'a str); 3] {
+    [("service", service), ("side", side), ("port", port)]
+}
+
+/// Checks every `le` bucket of a request histogram against the requests' bounds: a request of
+/// delay `req` ns whose wall time (plus `slack` ns) was `wall` lies in `[req, wall + slack]`.
+fn assert_buckets(m: &Metrics, labels: &[(&str, &str)], requests: &[(u64, u64)], slack: u64) {
+    let bucket = |le: &str| {
+        let mut l = labels.to_vec();
+        l.push(("le", le));
+        m.get(&format!("{REQUEST}_bucket"), &l)
+            .unwrap_or_else(|| panic!("no {labels:?} bucket le={le}\n{}", m.text))
+    };
+    for (le, bound_ns) in [
+        ("0.001", 1_000_000u64),
+        ("0.005", 5_000_000),
+        ("0.01", 10_000_000),
+        ("0.025", 25_000_000),
+        ("0.05", 50_000_000),
+    ] {
+        let surely = requests
+            .iter()
+            .filter(|(_, wall)| wall + slack <= bound_ns)
+            .count() as f64;
+        let maybe = requests.iter().filter(|(req, _)| *req <= bound_ns).count() as f64;
+        let got = bucket(le);
+        assert!(
+            (surely..=maybe).contains(&got),
+            "{labels:?} le={le}: {got} requests, expected {surely}..={maybe} from {requests:?}"
+        );
+    }
+    assert_eq!(bucket("+Inf"), requests.len() as f64, "{labels:?}");
+}
+
+#[test]
+fn request_latency_lands_in_le_buckets_on_both_sides() {
+    if !privileged() {
+        return;
+    }
+    let mut server = NetLoad::spawn("n-lat-srv");
+    let mut client = NetLoad::spawn("n-lat-cli");
+    // Bystanders with the same command names, not targeted: their traffic must not count.
+    let mut by_server = NetLoad::spawn("n-lat-srv");
+    let mut by_client = NetLoad::spawn("n-lat-cli");
+    let agent = Agent::start(&[
+        "--pid",
+        &server.pid.to_string(),
+        "--pid",
+        &client.pid.to_string(),
+    ]);
+    let port = server.listen("127.0.0.1:0");
+    let addr = format!("127.0.0.1:{port}");
+    let by_port = by_server.listen("127.0.0.1:0");
+    by_client.cmd(&format!("pooled 127.0.0.1:{by_port} 5 1"));
+    // The bystander client also talks to the targeted server: that is the server's traffic.
+    by_client.cmd(&format!("pooled {addr} 2 6"));
+    // 6 ms and 22 ms sit inside (5 ms, 10 ms] and (10 ms, 25 ms]; each request's wall time, as
+    // the client measured it around write + read, bounds what the kernel can have measured.
+    let mut requests: Vec<(u64, u64)> = Vec::new();
+    for (ms, n) in [(6u64, 4), (22, 3)] {
+        for wall in client.cmd(&format!("pooled {addr} {n} {ms}")) {
+            requests.push((ms * 1_000_000, wall));
+        }
+    }
+    let m = agent.metrics();
+    let p = port.to_string();
+    let cli = series("n-lat-cli", "client", &p);
+    assert_eq!(
+        m.get(&format!("{REQUEST}_count"), &cli),
+        Some(7.0),
+        "client requests"
+    );
+    assert_buckets(&m, &cli, &requests, 0);
+    // The server side also saw the bystander's 2 requests of 6 ms; their wall times are
+    // unknown, so bound them by the test's own: add them as (6 ms, max wall).
+    let max_wall = requests.iter().map(|(_, w)| *w).max().unwrap_or(0);
+    let mut server_side = requests.clone();
+    server_side.extend([(6_000_000, max_wall), (6_000_000, max_wall)]);
+    let srv = series("n-lat-srv", "server", &p);
+    assert_eq!(
+        m.get(&format!("{REQUEST}_count"), &srv),
+        Some(9.0),
+        "server requests"
+    );
+    // The server's send may return a few µs after the client's read did.
+    assert_buckets(&m, &srv, &server_side, 1_000_000);
+    // One connection per `pooled` command: two from the client, three to the server.
+    assert_eq!(
+        m.get(
+            &format!("{CONNECT}_count"),
+            &[("service", "n-lat-cli"), ("port", &p)]
+        ),
+        Some(2.0)
+    );
+    assert_eq!(m.value("ws1_probe_tcp_connections_total", &srv), 3.0);
+    assert_eq!(
+        m.value(
+            "ws1_probe_tcp_bytes_total",
+            &[("service", "n-lat-cli"), ("direction", "sent")]
+        ),
+        7.0 * 8.0
+    );
+    // Nothing of the bystanders' own connection.
+    let by = by_port.to_string();
+    assert!(
+        !m.samples
+            .iter()
+            .any(|(_, l, _)| l.iter().any(|(k, v)| k == "port" && *v == by)),
+        "untargeted traffic on port {by} was counted:\n{}",
+        m.text
+    );
+}
+
+#[test]
+fn connects_counted_and_refused_is_a_failure_with_a_reset() {
+    if !privileged() {
+        return;
+    }
+    let mut server = NetLoad::spawn("n-conn-srv");
+    let mut client = NetLoad::spawn("n-conn-cli");
+    let agent = Agent::start(&["--pid", &client.pid.to_string()]);
+    let port = server.listen("127.0.0.1:0");
+    client.cmd(&format!("connect 127.0.0.1:{port} 5"));
+    let closed = free_port();
+    assert_eq!(
+        client.cmd(&format!("refused 127.0.0.1:{closed} 3")),
+        vec![3]
+    );
+    let p = port.to_string();
+    let c = closed.to_string();
+    let m = agent.wait_for("5 closed connections", |m| {
+        m.value(
+            "ws1_probe_tcp_connections_active",
+            &series("n-conn-cli", "client", &p),
+        ) == 0.0
+    });
+    assert_eq!(
+        m.get(
+            &format!("{CONNECT}_count"),
+            &[("service", "n-conn-cli"), ("port", &p)]
+        ),
+        Some(5.0)
+    );
+    assert_eq!(
+        m.value(
+            "ws1_probe_tcp_connections_total",
+            &series("n-conn-cli", "client", &p)
+        ),
+        5.0
+    );
+    assert_eq!(
+        m.value(
+            "ws1_probe_tcp_connect_failures_total",
+            &[("service", "n-conn-cli"), ("port", &c)]
+        ),
+        3.0
+    );
+    assert_eq!(
+        m.value(
+            "ws1_probe_tcp_resets_total",
+            &[
+                ("service", "n-conn-cli"),
+                ("port", &c),
+                ("direction", "received")
+            ]
+        ),
+        3.0
+    );
+    assert_eq!(
+        m.get(
+            &format!("{CONNECT}_count"),
+            &[("service", "n-conn-cli"), ("port", &c)]
+        ),
+        None
+    );
+    // The server was not targeted: no server-side series at all.
+    assert!(!m.text.contains("n-conn-srv"), "{}", m.text);
+}
+
+#[test]
+fn pooled_and_unpooled_clients_have_their_reuse_ratios() {
+    if !privileged() {
+        return;
+    }
+    let mut server = NetLoad::spawn("n-reuse-srv");
+    let mut pooled = NetLoad::spawn("n-pooled");
+    let mut unpooled = NetLoad::spawn("n-unpooled");
+    let agent = Agent::start(&[
+        "--pid",
+        &server.pid.to_string(),
+        "--pid",
+        &pooled.pid.to_string(),
+        "--pid",
+        &unpooled.pid.to_string(),
+    ]);
+    let port = server.listen("127.0.0.1:0");
+    pooled.cmd(&format!("pooled 127.0.0.1:{port} 20 0"));
+    unpooled.cmd(&format!("unpooled 127.0.0.1:{port} 10 0"));
+    let p = port.to_string();
+    let m = agent.metrics();
+    let ratio = |service| {
+        m.get(
+            "ws1_probe_connection_reuse_ratio",
+            &series(service, "client", &p),
+        )
+    };
+    assert_eq!(ratio("n-pooled"), Some(19.0 / 20.0));
+    assert_eq!(ratio("n-unpooled"), Some(0.0));
+    assert_eq!(
+        m.get(
+            &format!("{REQUEST}_count"),
+            &series("n-pooled", "client", &p)
+        ),
+        Some(20.0)
+    );
+    assert_eq!(
+        m.get(
+            &format!("{REQUEST}_count"),
+            &series("n-unpooled", "client", &p)
+        ),
+        Some(10.0)
+    );
+    assert_eq!(
+        m.value(
+            "ws1_probe_tcp_connections_total",
+            &series("n-unpooled", "client", &p)
+        ),
+        10.0
+    );
+    // The server saw 30 requests on 11 connections: 19 of them reused.
+    let srv = series("n-reuse-srv", "server", &p);
+    assert_eq!(m.get(&format!("{REQUEST}_count"), &srv), Some(30.0));
+    assert_eq!(
+        m.value("ws1_probe_connection_requests_reused_total", &srv),
+        19.0
+    );
+    assert_eq!(m.value("ws1_probe_tcp_connections_total", &srv), 11.0);
+}
+
+fn ip(args: &[&str]) {
+    let out = Command::new("ip").args(args).output().expect("run ip");
+    assert!(
+        out.status.success(),
+        "ip {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Two network namespaces joined by a veth pair (10.231.0.1 in the first, 10.231.0.2 in the
+/// second); both are deleted when dropped.
+struct VethPair {
+    a: String,
+    b: String,
+}
+
+impl VethPair {
+    fn create(prefix: &str) -> VethPair {
+        let (a, b) = (format!("{prefix}-a"), format!("{prefix}-b"));
+        // Left over from an interrupted run, if any.
+        for ns in [&a, &b] {
+            let _ = Command::new("ip")
+                .args(["netns", "del", ns])
+                .stderr(Stdio::null())
+                .status();
+        }
+        ip(&["netns", "add", &a]);
+        ip(&["netns", "add", &b]);
+        let pair = VethPair { a, b };
+        let (a, b) = (pair.a.as_str(), pair.b.as_str());
+        ip(&[
+            "link", "add", "ws1v-a", "netns", a, "type", "veth", "peer", "name", "ws1v-b", "netns",
+            b,
+        ]);
+        for (ns, dev, addr) in [
+            (a, "ws1v-a", "10.231.0.1/24"),
+            (b, "ws1v-b", "10.231.0.2/24"),
+        ] {
+            ip(&["-n", ns, "addr", "add", addr, "dev", dev]);
+            ip(&["-n", ns, "link", "set", dev, "up"]);
+            ip(&["-n", ns, "link", "set", "lo", "up"]);
+        }
+        pair
+    }
+}
+
+impl VethPair {
+    /// `Tcp: RetransSegs` of the first namespace (the server's).
+    fn retrans_segs(&self) -> u64 {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.a, "cat", "/proc/net/snmp"])
+            .output()
+            .expect("read /proc/net/snmp");
+        let snmp = String::from_utf8_lossy(&out.stdout);
+        let mut tcp = snmp.lines().filter(|l| l.starts_with("Tcp:"));
+        let (Some(names), Some(values)) = (tcp.next(), tcp.next()) else {
+            panic!("no Tcp lines in /proc/net/snmp: {snmp}");
+        };
+        let idx = names
+            .split_whitespace()
+            .position(|n| n == "RetransSegs")
+            .expect("RetransSegs column");
+        values
+            .split_whitespace()
+            .nth(idx)
+            .and_then(|v| v.parse().ok())
+            .expect("RetransSegs value")
+    }
+}
+
+impl Drop for VethPair {
+    fn drop(&mut self) {
+        for ns in [&self.a, &self.b] {
+            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        }
+    }
+}
+
+#[test]
+fn retransmissions_from_dropped_packets_are_counted_in_a_netns() {
+    if !privileged() {
+        return;
+    }
+    // This kernel has no netem qdisc and the image no nftables, so packets are dropped by
+    // removing the client's address while the server's reply is due: the client's namespace
+    // drops what is no longer addressed to it (taking the link down instead would only queue
+    // the reply in the server's host, and the kernel does not retransmit a queued packet).
+    let pair = VethPair::create("ws1-probe-rtx");
+    let mut server = NetLoad::spawn_in("n-rtx-srv", Some(&pair.a));
+    let mut client = NetLoad::spawn_in("n-rtx-cli", Some(&pair.b));
+    let agent = Agent::start(&[
+        "--pid",
+        &server.pid.to_string(),
+        "--pid",
+        &client.pid.to_string(),
+    ]);
+    let port = server.listen("10.231.0.1:0");
+    let p = port.to_string();
+    let before = pair.retrans_segs();
+    // Three requests on one connection; the server answers each after 400 ms.
+    let requests = std::thread::spawn(move || {
+        let walls = client.cmd(&format!("pooled 10.231.0.1:{port} 3 400"));
+        (client, walls)
+    });
+    std::thread::sleep(std::time::Duration::from_millis(150));
+    let (ns, addr) = (pair.b.as_str(), "10.231.0.2/24");
+    ip(&["-n", ns, "addr", "del", addr, "dev", "ws1v-b"]);
+    std::thread::sleep(std::time::Duration::from_millis(600));
+    ip(&["-n", ns, "addr", "add", addr, "dev", "ws1v-b"]);
+    let (_client, walls) = requests.join().expect("client thread");
+    let kernel = pair.retrans_segs() - before;
+    assert_eq!(walls.len(), 3);
+    assert!(
+        kernel >= 1 && walls[0] > 600_000_000,
+        "the first reply was not retransmitted: {kernel} segments, {walls:?}"
+    );
+    let m = agent.metrics();
+    let srv = series("n-rtx-srv", "server", &p);
+    // All TCP traffic of the server's namespace is this connection's.
+    assert_eq!(
+        m.value("ws1_probe_tcp_retransmits_total", &srv),
+        kernel as f64,
+        "retransmissions counted vs the namespace's RetransSegs\n{}",
+        m.text
+    );
+    assert_eq!(
+        m.get(
+            &format!("{REQUEST}_count"),
+            &series("n-rtx-cli", "client", &p)
+        ),
+        Some(3.0)
+    );
+    assert_eq!(m.get(&format!("{REQUEST}_count"), &srv), Some(3.0));
+}
+
+#[test]
+fn cli_json_holds_exact_request_counts() {
+    if !privileged() {
+        return;
+    }
+    let mut server = NetLoad::spawn("n-cli-srv");
+    let mut client = NetLoad::spawn("n-cli-cli");
+    let pid = client.pid.to_string();
+    let cli = std::thread::spawn(move || {
+        run_probe(&["net", "--pid", &pid, "--duration", "3s", "--json"])
+    });
+    // Wait until the collector is attached (as the syscalls CLI test does).
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    let port = server.listen("127.0.0.1:0");
+    client.cmd(&format!("pooled 127.0.0.1:{port} 12 0"));
+    let out = cli.join().expect("cli thread");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "net failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let key = format!("\"port\":{port}");
+    let start = stdout
+        .find(&key)
+        .unwrap_or_else(|| panic!("no port {port} row in {stdout}"));
+    let obj = &stdout[stdout[..start].rfind('{').unwrap_or(0)..];
+    let row = &obj[..obj.find('}').unwrap_or(obj.len())];
+    for want in [
+        "\"requests\":12",
+        "\"connections\":1",
+        "\"side\":\"client\"",
+        "\"service\":\"n-cli-cli\"",
+    ] {
+        assert!(row.contains(want), "{want} not in {row}");
+    }
+    assert!(row.contains("\"reuse_ratio\":0.9166"), "{row}");
+}
+
+#[test]
+fn server_listening_before_the_agent_started_is_observed() {
+    if !privileged() {
+        return;
+    }
+    let mut server = NetLoad::spawn("n-early-srv");
+    let mut client = NetLoad::spawn("n-early-cli");
+    // listen() runs before the agent exists; the agent finds the port in /proc at start.
+    let port = server.listen("127.0.0.1:0");
+    let agent = Agent::start(&["--pid", &server.pid.to_string()]);
+    client.cmd(&format!("unpooled 127.0.0.1:{port} 4 0"));
+    let p = port.to_string();
+    let m = agent.metrics();
+    let srv = series("n-early-srv", "server", &p);
+    assert_eq!(m.value("ws1_probe_tcp_connections_total", &srv), 4.0);
+    assert_eq!(m.get(&format!("{REQUEST}_count"), &srv), Some(4.0));
+    assert_eq!(m.get("ws1_probe_connection_reuse_ratio", &srv), Some(0.0));
+}

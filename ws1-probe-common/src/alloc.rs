@@ -1,0 +1,121 @@
+//! Shared types of the allocation probe (precise mode: uprobes on the malloc family).
+
+/// Key of `ALLOCS`: addresses are per process, so the tgid is part of the key.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct AllocKey {
+    pub tgid: u32,
+    pub _pad: u32,
+    pub addr: u64,
+}
+
+/// An outstanding allocation.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AllocInfo {
+    pub size: u64,
+    /// `bpf_ktime_get_ns` when the allocation returned.
+    pub ts_ns: u64,
+    pub service: u32,
+    /// Id in `ALLOC_STACKS`, or negative when the stack could not be taken.
+    pub stack_id: i32,
+}
+
+/// A call in progress, keyed by thread in `ALLOC_PENDING`: what the entry probe saw.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PendingAlloc {
+    /// Requested bytes.
+    pub size: u64,
+    /// realloc/reallocarray: the block being resized (freed when the call succeeds).
+    pub old_ptr: u64,
+    /// posix_memalign: where the result pointer is written.
+    pub memptr: u64,
+}
+
+/// Per-service counters, per CPU.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AllocStats {
+    pub alloc_bytes: u64,
+    pub allocs: u64,
+    pub free_bytes: u64,
+    pub frees: u64,
+    /// Allocation calls that returned NULL.
+    pub failed: u64,
+    /// Allocations not recorded because `ALLOCS` was full.
+    pub untracked: u64,
+    /// Non-cumulative size buckets, see [`size_bucket`].
+    pub size_buckets: [u64; SIZE_BUCKETS],
+}
+
+impl AllocStats {
+    pub const ZERO: Self = Self {
+        alloc_bytes: 0,
+        allocs: 0,
+        free_bytes: 0,
+        frees: 0,
+        failed: 0,
+        untracked: 0,
+        size_buckets: [0; SIZE_BUCKETS],
+    };
+}
+
+/// Size histogram `le` bounds in bytes: 16 B … 16 MiB in ×4 steps, then `+Inf`.
+pub const SIZE_BOUNDS: [u64; 11] = [
+    16,
+    64,
+    256,
+    1 << 10,
+    4 << 10,
+    16 << 10,
+    64 << 10,
+    256 << 10,
+    1 << 20,
+    4 << 20,
+    16 << 20,
+];
+pub const SIZE_BUCKETS: usize = SIZE_BOUNDS.len() + 1;
+
+/// Size bucket of an allocation: the first bound `>= size` (Prometheus `le`), or `+Inf`.
+#[inline(always)]
+pub const fn size_bucket(size: u64) -> usize {
+    if size <= 16 {
+        return 0;
+    }
+    // Smallest l with size <= 2^l, then bound i = 2^(4 + 2i) >= size.
+    let l = crate::hist::log2_floor(size - 1) + 1;
+    let i = (l - 4).div_ceil(2) as usize;
+    if i > SIZE_BOUNDS.len() {
+        SIZE_BOUNDS.len()
+    } else {
+        i
+    }
+}
+
+/// Capacity of `ALLOCS` (outstanding allocations; not preallocated).
+pub const ALLOC_ENTRIES: u32 = 1 << 20;
+/// Capacity of `ALLOC_STACKS`.
+pub const STACK_ENTRIES: u32 = 16_384;
+
+#[cfg(feature = "user")]
+crate::impl_pod!(AllocKey, AllocInfo, PendingAlloc, AllocStats);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn size_buckets_are_le() {
+        assert_eq!(size_bucket(0), 0);
+        assert_eq!(size_bucket(16), 0);
+        assert_eq!(size_bucket(17), 1);
+        assert_eq!(size_bucket(64), 1);
+        assert_eq!(size_bucket(65), 2);
+        for (i, b) in SIZE_BOUNDS.iter().enumerate() {
+            assert_eq!(size_bucket(*b), i, "bound {b}");
+            assert_eq!(size_bucket(b + 1), i + 1, "above {b}");
+        }
+        assert_eq!(size_bucket(u64::MAX), SIZE_BOUNDS.len());
+    }
+}

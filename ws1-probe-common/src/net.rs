@@ -1,0 +1,166 @@
+//! Shared types of the network probe (TCP connections, RTT, retransmits, resets, request
+//! latency and connection reuse), all built on tracepoints.
+//!
+//! Sockets are owned by the service of the process that created them in process context: a
+//! `connect()` caller (client side, keyed by remote port) or a targeted process listening on
+//! the local port (server side, keyed by local port). The kernel remembers that owner per socket
+//! in `NET_SOCKS` (keyed by the `struct sock` address) from the connect/accept until the socket
+//! reaches TCP_CLOSE, so hooks that fire in softirq context can attribute their events.
+
+/// Which end of a connection the observed process is.
+pub const SIDE_CLIENT: u8 = 0;
+/// The observed process accepted the connection (its listening port is the key's port).
+pub const SIDE_SERVER: u8 = 1;
+
+/// Histogram kinds in `NetHistKey::kind`.
+pub const KIND_CONNECT: u8 = 0;
+/// Smoothed RTT sampled from `tcp:tcp_probe`.
+pub const KIND_RTT: u8 = 1;
+/// Request latency (see the per-socket state machine in the kernel module).
+pub const KIND_REQUEST: u8 = 2;
+/// Connection lifetime, ESTABLISHED → CLOSE.
+pub const KIND_LIFETIME: u8 = 3;
+
+/// Request state of a socket: no request in flight.
+pub const PHASE_IDLE: u8 = 0;
+/// A request is in flight (client: sent, no reply yet; server: received, no reply sent yet).
+pub const PHASE_PENDING: u8 = 1;
+
+/// TCP states from include/net/tcp_states.h (stable kernel ABI, printed by the tracepoint).
+pub const TCP_ESTABLISHED: i32 = 1;
+pub const TCP_SYN_SENT: i32 = 2;
+pub const TCP_SYN_RECV: i32 = 3;
+pub const TCP_CLOSE: i32 = 7;
+pub const TCP_LISTEN: i32 = 10;
+/// `IPPROTO_TCP`.
+pub const IPPROTO_TCP: u16 = 6;
+/// `MSG_PEEK`: a peek does not consume data, so it is not a request boundary.
+pub const MSG_PEEK: i32 = 2;
+
+/// RTT is sampled at most once per socket per this many nanoseconds (tcp_probe fires per
+/// received segment).
+pub const RTT_SAMPLE_NS: u64 = 100_000_000;
+
+/// Capacity of `NET_SOCKS` (observed TCP sockets alive at once).
+pub const SOCK_ENTRIES: u32 = 65_536;
+/// Capacity of `NET_LISTEN` (listening ports of targeted processes).
+pub const LISTEN_ENTRIES: u32 = 4_096;
+/// Capacity of `NET_STATS` (service × side × port).
+pub const STATS_ENTRIES: u32 = 4_096;
+/// Capacity of `NET_HIST` (service × side × port × kind); preallocated and shared by all CPUs,
+/// so this is 2,048 × 4.6 KB = 9.4 MB of kernel memory whatever the number of CPUs.
+pub const NET_HIST_ENTRIES: u32 = 2_048;
+
+/// Per-socket state in `NET_SOCKS`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SockState {
+    pub service: u32,
+    /// Remote port (client side) or local port (server side).
+    pub port: u16,
+    pub side: u8,
+    /// `PHASE_*`.
+    pub phase: u8,
+    /// Client: SYN_SENT time until established; then the start of the pending request.
+    pub ts_ns: u64,
+    /// ESTABLISHED time (0 until then).
+    pub established_ns: u64,
+    /// Time of the last RTT sample.
+    pub rtt_ns: u64,
+    /// Requests completed on this connection.
+    pub requests: u64,
+}
+
+/// Key of `NET_STATS` and, with `kind`, of `NET_HIST`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct NetKey {
+    pub service: u32,
+    pub port: u16,
+    pub side: u8,
+    /// `KIND_*` in `NET_HIST`; 0 in `NET_STATS`.
+    pub kind: u8,
+}
+
+/// Per-CPU counters of one (service, side, port).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NetCounters {
+    /// Connections that reached ESTABLISHED.
+    pub connections: u64,
+    /// Client connects that went SYN_SENT → CLOSE (refused, reset or timed out).
+    pub connect_failures: u64,
+    /// Connections that closed after being established.
+    pub closed: u64,
+    pub bytes_sent: u64,
+    pub bytes_received: u64,
+    pub resets_sent: u64,
+    pub resets_received: u64,
+    pub retransmits: u64,
+    /// Completed requests.
+    pub requests: u64,
+    /// Completed requests that were not the first on their connection.
+    pub reused_requests: u64,
+}
+
+/// Tracepoint field offsets of the network hooks, read from tracefs at start-up. `u32::MAX`
+/// marks a hook whose format could not be read; the agent does not attach it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NetOffsets {
+    /// `sock:inet_sock_set_state`.
+    pub state_skaddr: u32,
+    pub state_oldstate: u32,
+    pub state_newstate: u32,
+    pub state_sport: u32,
+    pub state_dport: u32,
+    pub state_protocol: u32,
+    /// `sock:sock_send_length`.
+    pub send_sk: u32,
+    pub send_ret: u32,
+    pub send_flags: u32,
+    /// `sock:sock_recv_length`.
+    pub recv_sk: u32,
+    pub recv_ret: u32,
+    pub recv_flags: u32,
+    /// `tcp:tcp_probe`.
+    pub probe_skaddr: u32,
+    pub probe_srtt: u32,
+    /// `tcp:tcp_retransmit_skb`.
+    pub retransmit_skaddr: u32,
+    /// `tcp:tcp_retransmit_skb` → `err` (recent kernels); `u32::MAX` when absent, and then every
+    /// attempt counts. Attempts with an error (e.g. EBUSY: the original is still queued in the
+    /// host) send nothing and are not counted, as the kernel's `RetransSegs` does not count them.
+    pub retransmit_err: u32,
+    /// `tcp:tcp_send_reset`.
+    pub send_reset_skaddr: u32,
+    /// `tcp:tcp_receive_reset`.
+    pub receive_reset_skaddr: u32,
+}
+
+impl NetOffsets {
+    /// Offsets on Linux 6.x, the starting point that tracefs overrides field by field.
+    pub const FALLBACK: Self = Self {
+        state_skaddr: 8,
+        state_oldstate: 16,
+        state_newstate: 20,
+        state_sport: 24,
+        state_dport: 26,
+        state_protocol: 30,
+        send_sk: 8,
+        send_ret: 20,
+        send_flags: 24,
+        recv_sk: 8,
+        recv_ret: 20,
+        recv_flags: 24,
+        probe_skaddr: 128,
+        probe_srtt: 100,
+        retransmit_skaddr: 16,
+        retransmit_err: 76,
+        send_reset_skaddr: 16,
+        receive_reset_skaddr: 8,
+    };
+}
+
+#[cfg(feature = "user")]
+crate::impl_pod!(SockState, NetKey, NetCounters, NetOffsets);

@@ -1,0 +1,248 @@
+//! Allocations, precise mode: uprobes on the malloc family and free of targeted processes.
+//!
+//! An entry probe stores what the call asked for (per thread, in `ALLOC_PENDING`); the return
+//! probe records the returned block in `ALLOCS` with its size, time, service and user stack, and
+//! `free` removes it. What is left in `ALLOCS` is outstanding; the agent turns old entries into
+//! the leak report. The stack is taken at the return probe: there the frame pointer chain starts
+//! in the caller, so the function that called malloc is the first frame (at malloc's entry its
+//! caller's return address is not yet on the chain).
+
+use aya_ebpf::{
+    EbpfContext,
+    bindings::{BPF_F_NO_PREALLOC, BPF_F_USER_STACK, BPF_NOEXIST},
+    helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_user},
+    macros::map,
+    maps::{HashMap, PerCpuHashMap, StackTrace},
+    programs::{ProbeContext, RetProbeContext, tracing::StackIdContext},
+};
+use ws1_probe_common::{
+    alloc::{
+        ALLOC_ENTRIES, AllocInfo, AllocKey, AllocStats, PendingAlloc, STACK_ENTRIES, size_bucket,
+    },
+    targets::DropReason,
+};
+
+use crate::targets::{count_drop, service_of};
+
+/// Outstanding allocations. Not preallocated: it is large and fills with use.
+#[map]
+static ALLOCS: HashMap<AllocKey, AllocInfo> =
+    HashMap::with_max_entries(ALLOC_ENTRIES, BPF_F_NO_PREALLOC);
+
+/// Calls in progress, by thread id.
+#[map]
+static ALLOC_PENDING: HashMap<u32, PendingAlloc> = HashMap::with_max_entries(16_384, 0);
+
+/// User stacks of allocations.
+#[map]
+static ALLOC_STACKS: StackTrace = StackTrace::with_max_entries(STACK_ENTRIES, 0);
+
+/// Per-service counters.
+#[map]
+static ALLOC_STATS: PerCpuHashMap<u32, AllocStats> = PerCpuHashMap::with_max_entries(1_024, 0);
+
+/// Which argument holds what, per allocator function.
+#[derive(Clone, Copy)]
+pub enum Entry {
+    /// malloc(size), valloc(size), pvalloc(size)
+    Size0,
+    /// calloc(n, size)
+    Calloc,
+    /// realloc(ptr, size)
+    Realloc,
+    /// reallocarray(ptr, n, size)
+    ReallocArray,
+    /// aligned_alloc(align, size), memalign(align, size)
+    Size1,
+    /// posix_memalign(&ptr, align, size)
+    PosixMemalign,
+}
+
+#[inline(always)]
+fn targeted() -> Option<(u32, u32, u32)> {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let tgid = (pid_tgid >> 32) as u32;
+    service_of(tgid).map(|service| (pid_tgid as u32, tgid, service))
+}
+
+pub fn try_entry(ctx: &ProbeContext, kind: Entry) -> Result<u32, i32> {
+    let Some((tid, _, _)) = targeted() else {
+        return Ok(0);
+    };
+    let arg = |n: usize| ctx.arg::<u64>(n).unwrap_or(0);
+    let pending = match kind {
+        Entry::Size0 => pending(arg(0), 0, 0),
+        Entry::Calloc => pending(mul(arg(0), arg(1)), 0, 0),
+        Entry::Realloc => pending(arg(1), arg(0), 0),
+        Entry::ReallocArray => pending(mul(arg(1), arg(2)), arg(0), 0),
+        Entry::Size1 => pending(arg(1), 0, 0),
+        Entry::PosixMemalign => pending(arg(2), 0, arg(0)),
+    };
+    if ALLOC_PENDING.insert(tid, pending, 0).is_err() {
+        count_drop(DropReason::AllocPendingFull);
+    }
+    Ok(0)
+}
+
+/// Saturating multiply without 128-bit arithmetic (the BPF target has no `__multi3`, and LLVM
+/// turns the usual overflow checks into one). Factors below 2^32 cannot overflow; a calloc with
+/// a larger factor fails anyway, so the exact value does not matter.
+#[inline(always)]
+fn mul(a: u64, b: u64) -> u64 {
+    if a >> 32 != 0 || b >> 32 != 0 {
+        u64::MAX
+    } else {
+        a * b
+    }
+}
+
+#[inline(always)]
+const fn pending(size: u64, old_ptr: u64, memptr: u64) -> PendingAlloc {
+    PendingAlloc {
+        size,
+        old_ptr,
+        memptr,
+    }
+}
+
+/// Return of every pointer-returning allocator.
+pub fn try_return(ctx: &RetProbeContext) -> Result<u32, i32> {
+    let Some((tid, tgid, service)) = targeted() else {
+        return Ok(0);
+    };
+    let Some(p) = take_pending(tid) else {
+        return Ok(0);
+    };
+    let ptr: u64 = ctx.ret();
+    finish(ctx, tgid, service, &p, ptr);
+    Ok(0)
+}
+
+/// Return of posix_memalign: 0 on success, the block is in `*memptr`.
+pub fn try_return_posix_memalign(ctx: &RetProbeContext) -> Result<u32, i32> {
+    let Some((tid, tgid, service)) = targeted() else {
+        return Ok(0);
+    };
+    let Some(p) = take_pending(tid) else {
+        return Ok(0);
+    };
+    let ret: i32 = ctx.ret();
+    let ptr = if ret == 0 {
+        // SAFETY: a user pointer the call just wrote; a failed read yields 0 (not recorded).
+        unsafe { bpf_probe_read_user(p.memptr as *const u64) }.unwrap_or(0)
+    } else {
+        0
+    };
+    finish(ctx, tgid, service, &p, ptr);
+    Ok(0)
+}
+
+pub fn try_free(ctx: &ProbeContext) -> Result<u32, i32> {
+    let Some((_, tgid, service)) = targeted() else {
+        return Ok(0);
+    };
+    let ptr = ctx.arg::<u64>(0).unwrap_or(0);
+    if ptr != 0 {
+        release(tgid, service, ptr);
+    }
+    Ok(0)
+}
+
+#[inline(always)]
+fn take_pending(tid: u32) -> Option<PendingAlloc> {
+    let p = ALLOC_PENDING.get_ptr(tid)?;
+    // SAFETY: pointer from a successful lookup, copied before the entry is removed.
+    let p = unsafe { *p };
+    let _ = ALLOC_PENDING.remove(tid);
+    Some(p)
+}
+
+#[inline(always)]
+fn finish<C: EbpfContext + StackIdContext>(
+    ctx: &C,
+    tgid: u32,
+    service: u32,
+    p: &PendingAlloc,
+    ptr: u64,
+) {
+    // realloc frees the old block when it succeeds, or when asked for 0 bytes.
+    if p.old_ptr != 0 && (ptr != 0 || p.size == 0) {
+        release(tgid, service, p.old_ptr);
+    }
+    if p.size == 0 {
+        return;
+    }
+    if ptr == 0 {
+        update_stats(service, |s| s.failed += 1);
+        return;
+    }
+    let stack_id = match ctx.get_stackid(&ALLOC_STACKS, u64::from(BPF_F_USER_STACK)) {
+        Ok(id) => id as i32,
+        Err(_) => {
+            count_drop(DropReason::AllocStackLost);
+            -1
+        }
+    };
+    let info = AllocInfo {
+        size: p.size,
+        // SAFETY: no preconditions.
+        ts_ns: unsafe { bpf_ktime_get_ns() },
+        service,
+        stack_id,
+    };
+    let key = AllocKey {
+        tgid,
+        _pad: 0,
+        addr: ptr,
+    };
+    let tracked = ALLOCS.insert(&key, &info, 0).is_ok();
+    let size = p.size;
+    update_stats(service, |s| {
+        s.alloc_bytes += size;
+        s.allocs += 1;
+        if let Some(b) = s.size_buckets.get_mut(size_bucket(size)) {
+            *b += 1;
+        }
+        if !tracked {
+            s.untracked += 1;
+        }
+    });
+}
+
+/// A block was freed: forget it, counting its bytes if it was tracked.
+#[inline(always)]
+fn release(tgid: u32, service: u32, ptr: u64) {
+    let key = AllocKey {
+        tgid,
+        _pad: 0,
+        addr: ptr,
+    };
+    let Some(info) = ALLOCS.get_ptr(&key) else {
+        // Allocated before the probe attached, or not tracked.
+        return;
+    };
+    // SAFETY: pointer from a successful lookup, read before the entry is removed.
+    let size = unsafe { (*info).size };
+    if ALLOCS.remove(&key).is_ok() {
+        update_stats(service, |s| {
+            s.free_bytes += size;
+            s.frees += 1;
+        });
+    }
+}
+
+#[inline(always)]
+fn update_stats(service: u32, f: impl FnOnce(&mut AllocStats)) {
+    let stats = match ALLOC_STATS.get_ptr_mut(service) {
+        Some(s) => s,
+        None => {
+            let _ = ALLOC_STATS.insert(service, AllocStats::ZERO, u64::from(BPF_NOEXIST));
+            match ALLOC_STATS.get_ptr_mut(service) {
+                Some(s) => s,
+                None => return,
+            }
+        }
+    };
+    // SAFETY: this CPU's value; programs do not migrate while they run.
+    f(unsafe { &mut *stats });
+}

@@ -1,0 +1,448 @@
+//! TCP connections, RTT, retransmits, resets and request latency, on tracepoints only (this
+//! kernel has no kprobes and refuses fentry).
+//!
+//! Ownership is decided in process context, where the current task is the socket's user:
+//! `inet_sock_set_state` CLOSE → SYN_SENT runs in the `connect()` caller, CLOSE → LISTEN in the
+//! `listen()` caller. A connection accepted on a port a targeted process listens on is the
+//! server side of that service (LISTEN → SYN_RECV clones the child socket). The owner is kept in
+//! `NET_SOCKS` keyed by the socket's address until the socket reaches TCP_CLOSE, where the entry
+//! is deleted, so hooks that fire in softirq context (state changes, tcp_probe, retransmits,
+//! resets) cost one hash lookup for sockets nobody observes. Per event the work is O(1).
+//!
+//! Request latency comes from `sock_send_length`/`sock_recv_length` (process context, after
+//! the call): a client request starts at the first send after the socket was idle and ends at
+//! the first successful receive; a server request starts at the first receive after idle and
+//! ends at the first send back.
+
+use aya_ebpf::{
+    bindings::BPF_NOEXIST,
+    helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns},
+    macros::map,
+    maps::{Array, HashMap, PerCpuHashMap},
+    programs::TracePointContext,
+};
+use ws1_probe_common::{
+    hist::{
+        DEFAULT_EXPORT_BOUNDS_NS, EXPORT_BOUND_SLOTS, LatencyHist, export_index, fine_index,
+        pad_bounds,
+    },
+    net::{
+        IPPROTO_TCP, KIND_CONNECT, KIND_LIFETIME, KIND_REQUEST, KIND_RTT, LISTEN_ENTRIES, MSG_PEEK,
+        NET_HIST_ENTRIES, NetCounters, NetKey, NetOffsets, PHASE_IDLE, PHASE_PENDING,
+        RTT_SAMPLE_NS, SIDE_CLIENT, SIDE_SERVER, SOCK_ENTRIES, STATS_ENTRIES, SockState, TCP_CLOSE,
+        TCP_ESTABLISHED, TCP_LISTEN, TCP_SYN_RECV, TCP_SYN_SENT,
+    },
+    targets::DropReason,
+};
+
+use crate::targets::{count_drop, service_of};
+
+/// `struct sock` address → owner and request state of an observed TCP socket.
+#[map]
+static NET_SOCKS: HashMap<u64, SockState> = HashMap::with_max_entries(SOCK_ENTRIES, 0);
+
+/// Local port → service of a targeted process listening on it.
+#[map]
+static NET_LISTEN: HashMap<u32, u32> = HashMap::with_max_entries(LISTEN_ENTRIES, 0);
+
+/// (service, side, port) → counters, per CPU.
+#[map]
+static NET_STATS: PerCpuHashMap<NetKey, NetCounters> =
+    PerCpuHashMap::with_max_entries(STATS_ENTRIES, 0);
+
+/// (service, side, port, kind) → histogram, shared by all CPUs and updated with atomic adds.
+///
+/// Not per CPU, and preallocated, on purpose: a per-CPU map of 4.6 KB values cannot be
+/// preallocated (entries × 4.6 KB × CPUs), and a map that is not preallocated takes new elements
+/// from the BPF memory allocator, whose per-CPU cache holds one large element and refills
+/// asynchronously, so the second new key on a CPU within a short burst fails with ENOMEM and
+/// its event is lost. Network events are per request, not per syscall, so the shared cache
+/// line costs little.
+#[map]
+static NET_HIST: HashMap<NetKey, LatencyHist> = HashMap::with_max_entries(NET_HIST_ENTRIES, 0);
+
+/// Active connections per (service, side, port), per CPU: +1 at ESTABLISHED, -1 at CLOSE (on
+/// whichever CPU), so only the sum over CPUs is meaningful (two's complement).
+#[map]
+static NET_ACTIVE: PerCpuHashMap<NetKey, u64> = PerCpuHashMap::with_max_entries(STATS_ENTRIES, 0);
+
+/// One zeroed histogram, the source for new `NET_HIST` entries (too large for the stack).
+#[map]
+static NET_HIST_ZERO: Array<LatencyHist> = Array::with_max_entries(1, 0);
+
+/// Prometheus `le` bounds in nanoseconds, padded with `u64::MAX`; the agent may override them.
+#[unsafe(no_mangle)]
+static NET_BOUNDS_NS: [u64; EXPORT_BOUND_SLOTS] = pad_bounds(&DEFAULT_EXPORT_BOUNDS_NS);
+
+/// Tracepoint field offsets, read by the agent from tracefs at start-up.
+#[unsafe(no_mangle)]
+static NET_OFFSETS: NetOffsets = NetOffsets::FALLBACK;
+
+#[inline(always)]
+fn offsets() -> NetOffsets {
+    // SAFETY: a plain read of a global the loader may have rewritten; volatile so the compiler
+    // does not fold in the compile-time value.
+    unsafe { core::ptr::read_volatile(&NET_OFFSETS) }
+}
+
+#[inline(always)]
+fn now_ns() -> u64 {
+    // SAFETY: bpf_ktime_get_ns has no preconditions.
+    unsafe { bpf_ktime_get_ns() }
+}
+
+#[inline(always)]
+fn current_service() -> Option<u32> {
+    service_of((bpf_get_current_pid_tgid() >> 32) as u32)
+}
+
+#[inline(always)]
+fn key(s: &SockState, kind: u8) -> NetKey {
+    NetKey {
+        service: s.service,
+        port: s.port,
+        side: s.side,
+        kind,
+    }
+}
+
+/// The counters of `key` on this CPU, created on first use.
+#[inline(always)]
+fn counters(key: &NetKey) -> Option<*mut NetCounters> {
+    if let Some(c) = NET_STATS.get_ptr_mut(key) {
+        return Some(c);
+    }
+    // BPF_NOEXIST: another CPU may have created it meanwhile; the lookup below finds it.
+    let _ = NET_STATS.insert(key, NetCounters::default(), BPF_NOEXIST as u64);
+    let c = NET_STATS.get_ptr_mut(key);
+    if c.is_none() {
+        count_drop(DropReason::NetStatsFull);
+    }
+    c
+}
+
+/// Adds `delta` (two's complement) to the active-connection count of `key` on this CPU.
+#[inline(always)]
+fn add_active(key: &NetKey, delta: u64) {
+    if let Some(n) = NET_ACTIVE.get_ptr_mut(key) {
+        // SAFETY: per-CPU value of this CPU.
+        unsafe { *n = (*n).wrapping_add(delta) };
+        return;
+    }
+    if NET_ACTIVE.insert(key, delta, BPF_NOEXIST as u64).is_err() {
+        match NET_ACTIVE.get_ptr_mut(key) {
+            // SAFETY: per-CPU value of this CPU.
+            Some(n) => unsafe { *n = (*n).wrapping_add(delta) },
+            None => count_drop(DropReason::NetStatsFull),
+        }
+    }
+}
+
+#[inline(always)]
+fn record(key: &NetKey, value: u64) {
+    let hist = match NET_HIST.get_ptr_mut(key) {
+        Some(hist) => hist,
+        None => {
+            let Some(zero) = NET_HIST_ZERO.get(0) else {
+                return;
+            };
+            let _ = NET_HIST.insert(key, zero, BPF_NOEXIST as u64);
+            match NET_HIST.get_ptr_mut(key) {
+                Some(hist) => hist,
+                None => {
+                    count_drop(DropReason::NetStatsFull);
+                    return;
+                }
+            }
+        }
+    };
+    // SAFETY: bounds are a global the loader may have rewritten.
+    let bounds = unsafe { &*core::ptr::addr_of!(NET_BOUNDS_NS) };
+    let export = export_index(bounds, value);
+    let fine = fine_index(value);
+    // SAFETY: `hist` points into a map value that lives as long as the map; every field is
+    // only updated with atomic adds (the maximum excepted, see below), and indices are checked
+    // by `get_mut`.
+    unsafe {
+        let hist = &mut *hist;
+        atomic_add(&mut hist.count, 1);
+        atomic_add(&mut hist.sum_ns, value);
+        // Racy on purpose: the maximum is advisory (two CPUs may both raise it), where an
+        // atomic compare-and-exchange loop would need a bounded loop per event.
+        if value > hist.max_ns {
+            hist.max_ns = value;
+        }
+        if let Some(bucket) = hist.export.get_mut(export) {
+            atomic_add(bucket, 1);
+        }
+        if let Some(bucket) = hist.fine.get_mut(fine) {
+            atomic_add(bucket, 1);
+        }
+    }
+}
+
+/// `*slot += n` as one atomic instruction (BPF_ATOMIC | BPF_ADD, its result unused). The BPF
+/// target has no `AtomicU64::fetch_add` in `core`, so the intrinsic is called directly.
+#[inline(always)]
+fn atomic_add(slot: &mut u64, n: u64) {
+    use core::intrinsics::{AtomicOrdering, atomic_xadd};
+    // SAFETY: `slot` is a valid, aligned u64 for the duration of the call.
+    unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(slot, n) };
+}
+
+fn track(sk: u64, service: u32, port: u16, side: u8, now: u64) {
+    let state = SockState {
+        service,
+        port,
+        side,
+        phase: PHASE_IDLE,
+        ts_ns: now,
+        established_ns: 0,
+        rtt_ns: 0,
+        requests: 0,
+    };
+    if NET_SOCKS.insert(sk, state, 0).is_err() {
+        count_drop(DropReason::NetSocksFull);
+    }
+}
+
+pub fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<u32, i64> {
+    let off = offsets();
+    // SAFETY: the offsets were read from this tracepoint's format file.
+    let (protocol, sk, old, new) = unsafe {
+        (
+            ctx.read_at::<u16>(off.state_protocol as usize)?,
+            ctx.read_at::<u64>(off.state_skaddr as usize)?,
+            ctx.read_at::<i32>(off.state_oldstate as usize)?,
+            ctx.read_at::<i32>(off.state_newstate as usize)?,
+        )
+    };
+    if protocol != IPPROTO_TCP {
+        return Ok(0);
+    }
+    let now = now_ns();
+    if new == TCP_SYN_SENT {
+        // connect(): runs in the caller, so the current process owns the socket.
+        let Some(service) = current_service() else {
+            return Ok(0);
+        };
+        // SAFETY: as above.
+        let dport: u16 = unsafe { ctx.read_at(off.state_dport as usize)? };
+        track(sk, service, dport, SIDE_CLIENT, now);
+        return Ok(0);
+    }
+    if new == TCP_LISTEN {
+        // listen(): runs in the caller.
+        let Some(service) = current_service() else {
+            return Ok(0);
+        };
+        // SAFETY: as above.
+        let sport: u16 = unsafe { ctx.read_at(off.state_sport as usize)? };
+        if NET_LISTEN.insert(u32::from(sport), service, 0).is_err() {
+            count_drop(DropReason::NetListenFull);
+        }
+        return Ok(0);
+    }
+    if old == TCP_LISTEN {
+        // SAFETY: as above.
+        let sport: u16 = unsafe { ctx.read_at(off.state_sport as usize)? };
+        if new == TCP_SYN_RECV {
+            // A child socket cloned from a listener (softirq): owned by the listener's service.
+            if let Some(service) = NET_LISTEN.get_ptr(u32::from(sport)) {
+                // SAFETY: pointer from a successful lookup.
+                let service = unsafe { *service };
+                track(sk, service, sport, SIDE_SERVER, now);
+            }
+        } else if new == TCP_CLOSE {
+            // The listener itself closed (no other state follows LISTEN for it).
+            let _ = NET_LISTEN.remove(u32::from(sport));
+        }
+        return Ok(0);
+    }
+    let Some(entry) = NET_SOCKS.get_ptr_mut(sk) else {
+        return Ok(0);
+    };
+    // SAFETY: pointer from a successful lookup; the entry is only removed below, by this
+    // socket's own CLOSE transition, which the socket lock serialises with its other state
+    // changes.
+    let s = unsafe { *entry };
+    if new == TCP_ESTABLISHED {
+        let stats_key = key(&s, 0);
+        if old == TCP_SYN_SENT {
+            record(&key(&s, KIND_CONNECT), now.saturating_sub(s.ts_ns));
+        }
+        // SAFETY: as above.
+        unsafe {
+            (*entry).established_ns = now;
+            (*entry).ts_ns = 0;
+        }
+        if let Some(c) = counters(&stats_key) {
+            // SAFETY: per-CPU value of this CPU.
+            unsafe { (*c).connections += 1 };
+        }
+        add_active(&stats_key, 1);
+    } else if new == TCP_CLOSE {
+        let stats_key = key(&s, 0);
+        if s.established_ns != 0 {
+            record(
+                &key(&s, KIND_LIFETIME),
+                now.saturating_sub(s.established_ns),
+            );
+            add_active(&stats_key, u64::MAX);
+            if let Some(c) = counters(&stats_key) {
+                // SAFETY: per-CPU value of this CPU.
+                unsafe { (*c).closed += 1 };
+            }
+        } else if old == TCP_SYN_SENT {
+            if let Some(c) = counters(&stats_key) {
+                // SAFETY: per-CPU value of this CPU.
+                unsafe { (*c).connect_failures += 1 };
+            }
+        }
+        let _ = NET_SOCKS.remove(sk);
+    }
+    Ok(0)
+}
+
+/// `sock:sock_send_length` (`send = true`) and `sock:sock_recv_length`: byte counts and the
+/// request state machine.
+pub fn try_sock_length(ctx: &TracePointContext, send: bool) -> Result<u32, i64> {
+    // The process filter first: untargeted processes cost this one lookup.
+    if current_service().is_none() {
+        return Ok(0);
+    }
+    let off = offsets();
+    let (sk_off, ret_off, flags_off) = if send {
+        (off.send_sk, off.send_ret, off.send_flags)
+    } else {
+        (off.recv_sk, off.recv_ret, off.recv_flags)
+    };
+    // SAFETY: the offsets were read from this tracepoint's format file.
+    let (sk, ret, flags) = unsafe {
+        (
+            ctx.read_at::<u64>(sk_off as usize)?,
+            ctx.read_at::<i32>(ret_off as usize)?,
+            ctx.read_at::<i32>(flags_off as usize)?,
+        )
+    };
+    // Errors, EOF and peeks move no data and end no request.
+    if ret <= 0 || flags & MSG_PEEK != 0 {
+        return Ok(0);
+    }
+    let Some(entry) = NET_SOCKS.get_ptr_mut(sk) else {
+        return Ok(0);
+    };
+    // SAFETY: pointer from a successful lookup; calls on one socket are serialised by its lock
+    // in the common case, and a race costs at most one miscounted request.
+    let s = unsafe { *entry };
+    let now = now_ns();
+    // Client requests begin with a send, server requests with a receive.
+    let starts = send == (s.side == SIDE_CLIENT);
+    let mut done = false;
+    if starts {
+        if s.phase == PHASE_IDLE {
+            // SAFETY: as above.
+            unsafe {
+                (*entry).phase = PHASE_PENDING;
+                (*entry).ts_ns = now;
+            }
+        }
+    } else if s.phase == PHASE_PENDING {
+        // SAFETY: as above.
+        unsafe {
+            (*entry).phase = PHASE_IDLE;
+            (*entry).requests = s.requests + 1;
+        }
+        record(&key(&s, KIND_REQUEST), now.saturating_sub(s.ts_ns));
+        done = true;
+    }
+    if let Some(c) = counters(&key(&s, 0)) {
+        // SAFETY: per-CPU value of this CPU.
+        unsafe {
+            if send {
+                (*c).bytes_sent += ret as u64;
+            } else {
+                (*c).bytes_received += ret as u64;
+            }
+            if done {
+                (*c).requests += 1;
+                if s.requests > 0 {
+                    (*c).reused_requests += 1;
+                }
+            }
+        }
+    }
+    Ok(0)
+}
+
+/// `tcp:tcp_probe` (per received segment, softirq): samples the smoothed RTT.
+pub fn try_tcp_probe(ctx: &TracePointContext) -> Result<u32, i64> {
+    let off = offsets();
+    // SAFETY: the offset was read from this tracepoint's format file.
+    let sk: u64 = unsafe { ctx.read_at(off.probe_skaddr as usize)? };
+    let Some(entry) = NET_SOCKS.get_ptr_mut(sk) else {
+        return Ok(0);
+    };
+    let now = now_ns();
+    // SAFETY: pointer from a successful lookup.
+    let s = unsafe { *entry };
+    if s.rtt_ns != 0 && now.saturating_sub(s.rtt_ns) < RTT_SAMPLE_NS {
+        return Ok(0);
+    }
+    // SAFETY: as above.
+    unsafe { (*entry).rtt_ns = now };
+    // SAFETY: as above; the tracepoint stores `srtt_us >> 3`, i.e. microseconds.
+    let srtt_us: u32 = unsafe { ctx.read_at(off.probe_srtt as usize)? };
+    if srtt_us != 0 {
+        record(&key(&s, KIND_RTT), u64::from(srtt_us) * 1_000);
+    }
+    Ok(0)
+}
+
+/// Which per-socket counter a softirq event bumps.
+#[derive(Clone, Copy)]
+pub enum SockEvent {
+    Retransmit,
+    ResetSent,
+    ResetReceived,
+}
+
+/// `tcp:tcp_retransmit_skb`, `tcp:tcp_send_reset`, `tcp:tcp_receive_reset`.
+pub fn try_sock_event(ctx: &TracePointContext, event: SockEvent) -> Result<u32, i64> {
+    let off = offsets();
+    let sk_off = match event {
+        SockEvent::Retransmit => off.retransmit_skaddr,
+        SockEvent::ResetSent => off.send_reset_skaddr,
+        SockEvent::ResetReceived => off.receive_reset_skaddr,
+    };
+    // SAFETY: the offset was read from this tracepoint's format file.
+    let sk: u64 = unsafe { ctx.read_at(sk_off as usize)? };
+    if sk == 0 {
+        // A reset sent for a packet no socket owns.
+        return Ok(0);
+    }
+    if matches!(event, SockEvent::Retransmit) && off.retransmit_err != u32::MAX {
+        // SAFETY: as above.
+        let err: i32 = unsafe { ctx.read_at(off.retransmit_err as usize)? };
+        if err != 0 {
+            // Nothing was sent (the original is still queued in the host, or no route).
+            return Ok(0);
+        }
+    }
+    let Some(entry) = NET_SOCKS.get_ptr(sk) else {
+        return Ok(0);
+    };
+    // SAFETY: pointer from a successful lookup.
+    let s = unsafe { *entry };
+    if let Some(c) = counters(&key(&s, 0)) {
+        // SAFETY: per-CPU value of this CPU.
+        unsafe {
+            match event {
+                SockEvent::Retransmit => (*c).retransmits += 1,
+                SockEvent::ResetSent => (*c).resets_sent += 1,
+                SockEvent::ResetReceived => (*c).resets_received += 1,
+            }
+        }
+    }
+    Ok(0)
+}

@@ -1,0 +1,246 @@
+//! Allocations, precise mode, userspace half: finds each target's C allocator and attaches the
+//! malloc-family uprobes to it, scoped to that process, then reads outstanding allocations,
+//! their stacks and the per-service counters.
+
+use std::{
+    collections::BTreeMap,
+    num::NonZeroU32,
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    Ebpf,
+    maps::{HashMap, MapData, PerCpuHashMap, StackTraceMap},
+    programs::{ProgramError, UProbe, uprobe::UProbeScope},
+};
+use ws1_probe_common::alloc::{AllocInfo, AllocKey, AllocStats};
+
+use super::{take_map, typed};
+use crate::ebpf::{LoadError, attach_reason, load_error};
+
+/// Entry programs and the allocator symbols each is attached to.
+const ENTRIES: [(&str, &[&str]); 6] = [
+    ("alloc_malloc", &["malloc", "valloc", "pvalloc"]),
+    ("alloc_calloc", &["calloc"]),
+    ("alloc_realloc", &["realloc"]),
+    ("alloc_reallocarray", &["reallocarray"]),
+    ("alloc_aligned", &["aligned_alloc", "memalign"]),
+    ("alloc_posix_memalign", &["posix_memalign"]),
+];
+/// Return programs and their symbols.
+const RETURNS: [(&str, &[&str]); 2] = [
+    (
+        "alloc_return",
+        &[
+            "malloc",
+            "valloc",
+            "pvalloc",
+            "calloc",
+            "realloc",
+            "reallocarray",
+            "aligned_alloc",
+            "memalign",
+        ],
+    ),
+    ("alloc_return_posix_memalign", &["posix_memalign"]),
+];
+/// Without these two the report would be wrong, so failing to attach them is an error.
+const REQUIRED: [&str; 2] = ["malloc", "free"];
+
+#[derive(Debug, thiserror::Error)]
+pub enum AllocError {
+    #[error(transparent)]
+    Load(#[from] LoadError),
+    #[error(
+        "pid {pid} maps no C allocator (libc.so): is it statically linked or using a custom allocator?"
+    )]
+    NoAllocator { pid: u32 },
+    #[error("cannot read /proc/{pid}/maps: {source}")]
+    Maps {
+        pid: u32,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot attach {program} to {symbol} in {lib}: {reason}")]
+    Attach {
+        program: String,
+        symbol: String,
+        lib: String,
+        reason: String,
+    },
+}
+
+/// Where a process's allocator lives, as seen from this mount namespace.
+pub fn allocator_path(pid: u32) -> Result<PathBuf, AllocError> {
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps"))
+        .map_err(|source| AllocError::Maps { pid, source })?;
+    let lib = find_libc(&maps).ok_or(AllocError::NoAllocator { pid })?;
+    // Through the process's root, so a containerised process's own libc is used.
+    Ok(Path::new(&format!("/proc/{pid}/root")).join(lib.trim_start_matches('/')))
+}
+
+/// The path of the mapped libc in the text of /proc/PID/maps.
+pub fn find_libc(maps: &str) -> Option<&str> {
+    maps.lines()
+        .filter_map(|line| line.split_whitespace().nth(5))
+        .find(|path| {
+            let name = path.rsplit('/').next().unwrap_or(path);
+            name.starts_with("libc.so") || (name.starts_with("libc-") && name.ends_with(".so"))
+        })
+}
+
+pub struct AllocCollector {
+    allocs: HashMap<MapData, AllocKey, AllocInfo>,
+    stacks: StackTraceMap<MapData>,
+    stats: PerCpuHashMap<MapData, u32, AllocStats>,
+    /// Processes the uprobes are attached to.
+    pub pids: Vec<u32>,
+}
+
+impl AllocCollector {
+    /// Loads the programs and attaches them to the allocator of each pid.
+    pub fn attach(ebpf: &mut Ebpf, pids: &[u32]) -> Result<Self, AllocError> {
+        let mut attached = Vec::new();
+        for &pid in pids {
+            let lib = match allocator_path(pid) {
+                Ok(lib) => lib,
+                // A process that exited since the scan is not an error.
+                Err(AllocError::Maps { .. }) => continue,
+                Err(err) => return Err(err),
+            };
+            for (program, symbols) in ENTRIES.iter().chain(RETURNS.iter()) {
+                for symbol in *symbols {
+                    attach_one(ebpf, program, symbol, &lib, pid)?;
+                }
+            }
+            attach_one(ebpf, "alloc_free", "free", &lib, pid)?;
+            attached.push(pid);
+        }
+        Ok(Self {
+            allocs: typed("ALLOCS", take_map(ebpf, "ALLOCS")?)?,
+            stacks: typed("ALLOC_STACKS", take_map(ebpf, "ALLOC_STACKS")?)?,
+            stats: typed("ALLOC_STATS", take_map(ebpf, "ALLOC_STATS")?)?,
+            pids: attached,
+        })
+    }
+
+    /// Outstanding allocations.
+    pub fn outstanding(&self) -> Vec<(AllocKey, AllocInfo)> {
+        self.allocs.iter().flatten().collect()
+    }
+
+    /// Return addresses of a stack, innermost first; empty when unknown.
+    pub fn stack(&self, stack_id: i32) -> Vec<u64> {
+        let Ok(id) = u32::try_from(stack_id) else {
+            return Vec::new();
+        };
+        self.stacks
+            .get(&id, 0)
+            .map(|trace| trace.frames().iter().map(|f| f.ip).collect())
+            .unwrap_or_default()
+    }
+
+    /// Per-service counters summed over CPUs.
+    pub fn stats(&self) -> BTreeMap<u32, AllocStats> {
+        let mut out = BTreeMap::new();
+        for (service, per_cpu) in self.stats.iter().flatten() {
+            let total = out.entry(service).or_insert(AllocStats::ZERO);
+            for s in per_cpu.iter() {
+                add_stats(total, s);
+            }
+        }
+        out
+    }
+
+    /// Removes the outstanding allocations of processes that have exited, so their entries do
+    /// not outlive them. Returns how many were removed.
+    pub fn sweep_exited(&mut self) -> usize {
+        let dead: Vec<AllocKey> = self
+            .allocs
+            .keys()
+            .flatten()
+            .filter(|k| !Path::new(&format!("/proc/{}", k.tgid)).exists())
+            .collect();
+        dead.iter()
+            .filter(|k| self.allocs.remove(k).is_ok())
+            .count()
+    }
+}
+
+fn add_stats(total: &mut AllocStats, s: &AllocStats) {
+    total.alloc_bytes += s.alloc_bytes;
+    total.allocs += s.allocs;
+    total.free_bytes += s.free_bytes;
+    total.frees += s.frees;
+    total.failed += s.failed;
+    total.untracked += s.untracked;
+    for (a, b) in total.size_buckets.iter_mut().zip(s.size_buckets.iter()) {
+        *a += b;
+    }
+}
+
+fn attach_one(
+    ebpf: &mut Ebpf,
+    program: &str,
+    symbol: &str,
+    lib: &Path,
+    pid: u32,
+) -> Result<(), AllocError> {
+    let prog: &mut UProbe = ebpf
+        .program_mut(program)
+        .ok_or_else(|| LoadError::MissingProgram {
+            program: program.to_owned(),
+        })?
+        .try_into()
+        .map_err(|e: ProgramError| load_error(program, e))?;
+    if prog.fd().is_err() {
+        prog.load().map_err(|e| load_error(program, e))?;
+    }
+    let scope = NonZeroU32::new(pid).map_or(UProbeScope::AllProcesses, UProbeScope::OneProcess);
+    match prog.attach(symbol, lib, scope) {
+        Ok(_) => Ok(()),
+        Err(err) if !REQUIRED.contains(&symbol) => {
+            // Older or newer C libraries lack some of these (pvalloc, reallocarray).
+            tracing::debug!(
+                "{symbol} not attached in {}: {}",
+                lib.display(),
+                attach_reason(&err)
+            );
+            Ok(())
+        }
+        Err(err) => Err(AllocError::Attach {
+            program: program.to_owned(),
+            symbol: symbol.to_owned(),
+            lib: lib.display().to_string(),
+            reason: attach_reason(&err),
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_libc_in_maps() {
+        let maps = "7f00-7f10 r--p 00000000 fe:01 123 /usr/lib/x86_64-linux-gnu/libm.so.6
+7f10-7f20 r-xp 00028000 fe:01 456 /usr/lib/x86_64-linux-gnu/libc.so.6
+7f20-7f30 rw-p 00000000 00:00 0 [heap]";
+        assert_eq!(find_libc(maps), Some("/usr/lib/x86_64-linux-gnu/libc.so.6"));
+        assert_eq!(
+            find_libc("7f-8f r-xp 0 0:0 0 /lib/libc-2.31.so"),
+            Some("/lib/libc-2.31.so")
+        );
+        assert_eq!(
+            find_libc("7f-8f r-xp 0 0:0 0 /usr/lib/libcrypto.so.3"),
+            None
+        );
+    }
+
+    #[test]
+    fn own_allocator_is_found() {
+        let lib = allocator_path(std::process::id()).unwrap();
+        assert!(lib.to_string_lossy().contains("libc"), "{}", lib.display());
+        assert!(lib.exists());
+    }
+}

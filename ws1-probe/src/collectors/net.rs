@@ -1,0 +1,508 @@
+//! Network probe, userspace half: attaches the socket and TCP tracepoints (skipping, with a
+//! warning, any this kernel lacks) and reads the per-CPU counters and histograms into a
+//! [`NetSnapshot`].
+
+use std::{
+    collections::{BTreeMap, HashSet},
+    path::Path,
+};
+
+use aya::{
+    Ebpf,
+    maps::{HashMap, IterableMap, MapData, PerCpuHashMap},
+};
+use prometheus::proto::{Metric, MetricFamily, MetricType};
+use ws1_probe_common::{
+    hist::LatencyHist,
+    net::{KIND_CONNECT, KIND_LIFETIME, KIND_REQUEST, KIND_RTT, NetCounters, NetKey, SockState},
+};
+
+use super::{MapUsage, capacity, take_map, typed};
+use crate::{
+    ebpf::{
+        LoadError, NET_TRACEPOINTS, TRACEFS, attach_tracepoint, net_hook_usable, read_net_offsets,
+    },
+    histogram::Histogram,
+    metrics::{counter, family, gauge, histogram},
+    targeting::{Matcher, ProcessInfo},
+};
+
+/// Which end of the connection the observed process is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Side {
+    /// It connected; the port is the remote port.
+    Client,
+    /// It accepted on a port it listens on; the port is the local port.
+    Server,
+}
+
+impl Side {
+    fn from_raw(side: u8) -> Self {
+        if side == ws1_probe_common::net::SIDE_SERVER {
+            Self::Server
+        } else {
+            Self::Client
+        }
+    }
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Client => "client",
+            Self::Server => "server",
+        }
+    }
+}
+
+/// (service id, side, port): the key of every network series.
+pub type Endpoint = (u32, Side, u16);
+
+/// Everything counted for one endpoint, summed over CPUs.
+#[derive(Clone, Debug, Default)]
+pub struct EndpointStats {
+    pub counters: NetCounters,
+    /// Connections open now.
+    pub active: i64,
+    pub connect: Histogram,
+    pub rtt: Histogram,
+    pub request: Histogram,
+    pub lifetime: Histogram,
+}
+
+impl EndpointStats {
+    /// Requests on already-used connections / all requests, `None` without requests.
+    pub fn reuse_ratio(&self) -> Option<f64> {
+        let c = &self.counters;
+        (c.requests > 0).then(|| c.reused_requests as f64 / c.requests as f64)
+    }
+}
+
+/// Everything the network probe has counted since it was attached.
+#[derive(Clone, Debug, Default)]
+pub struct NetSnapshot {
+    pub endpoints: BTreeMap<Endpoint, EndpointStats>,
+}
+
+impl NetSnapshot {
+    /// Requests and connections per service (activity for the host-mode label cap).
+    pub fn activity_by_service(&self) -> BTreeMap<u32, u64> {
+        let mut out = BTreeMap::new();
+        for ((service, _, _), e) in &self.endpoints {
+            *out.entry(*service).or_insert(0) += e.counters.requests + e.counters.connections;
+        }
+        out
+    }
+
+    pub fn total_requests(&self) -> u64 {
+        self.endpoints.values().map(|e| e.counters.requests).sum()
+    }
+
+    pub fn total_connections(&self) -> u64 {
+        self.endpoints
+            .values()
+            .map(|e| e.counters.connections)
+            .sum()
+    }
+}
+
+fn add_counters(a: &mut NetCounters, b: &NetCounters) {
+    a.connections += b.connections;
+    a.connect_failures += b.connect_failures;
+    a.closed += b.closed;
+    a.bytes_sent += b.bytes_sent;
+    a.bytes_received += b.bytes_received;
+    a.resets_sent += b.resets_sent;
+    a.resets_received += b.resets_received;
+    a.retransmits += b.retransmits;
+    a.requests += b.requests;
+    a.reused_requests += b.reused_requests;
+}
+
+pub struct NetCollector {
+    socks: HashMap<MapData, u64, SockState>,
+    listen: HashMap<MapData, u32, u32>,
+    stats: PerCpuHashMap<MapData, NetKey, NetCounters>,
+    active: PerCpuHashMap<MapData, NetKey, u64>,
+    hist: HashMap<MapData, NetKey, LatencyHist>,
+    /// Hooks attached, as `category:name`.
+    pub attached: Vec<String>,
+    /// Hooks skipped, with the reason.
+    pub skipped: Vec<(String, String)>,
+}
+
+impl NetCollector {
+    /// Attaches every network tracepoint the kernel has. A missing hook is logged and skipped:
+    /// the metrics it feeds stay absent, everything else works. Without
+    /// `sock:inet_sock_set_state` no socket is ever observed, so that one is reported too.
+    pub fn attach(ebpf: &mut Ebpf) -> Result<Self, LoadError> {
+        let offsets = read_net_offsets(std::path::Path::new(TRACEFS));
+        let mut attached = Vec::new();
+        let mut skipped = Vec::new();
+        for (category, name, program) in NET_TRACEPOINTS {
+            let hook = format!("{category}:{name}");
+            if !net_hook_usable(&offsets, program) {
+                tracing::warn!(
+                    "network: this kernel lacks tracepoint {hook} (or its fields); its metrics are not collected"
+                );
+                skipped.push((hook, "tracepoint or fields missing".to_owned()));
+                continue;
+            }
+            match attach_tracepoint(ebpf, program, category, name) {
+                Ok(()) => attached.push(hook),
+                // A kernel without the hook; anything else (verifier, permissions) is fatal.
+                Err(LoadError::Attach { reason, .. }) => {
+                    tracing::warn!("network: cannot attach {hook}: {reason}; skipped");
+                    skipped.push((hook, reason));
+                }
+                Err(err) => return Err(err),
+            }
+        }
+        Ok(Self {
+            socks: typed("NET_SOCKS", take_map(ebpf, "NET_SOCKS")?)?,
+            listen: typed("NET_LISTEN", take_map(ebpf, "NET_LISTEN")?)?,
+            stats: typed("NET_STATS", take_map(ebpf, "NET_STATS")?)?,
+            active: typed("NET_ACTIVE", take_map(ebpf, "NET_ACTIVE")?)?,
+            hist: typed("NET_HIST", take_map(ebpf, "NET_HIST")?)?,
+            attached,
+            skipped,
+        })
+    }
+
+    /// Reads the maps. Entries that disappear mid-walk are skipped.
+    pub fn snapshot(&self) -> NetSnapshot {
+        let mut snap = NetSnapshot::default();
+        let endpoint = |k: &NetKey| (k.service, Side::from_raw(k.side), k.port);
+        for (key, per_cpu) in self.stats.iter().flatten() {
+            let e = snap.endpoints.entry(endpoint(&key)).or_default();
+            for cpu in per_cpu.iter() {
+                add_counters(&mut e.counters, cpu);
+            }
+        }
+        for (key, per_cpu) in self.active.iter().flatten() {
+            let sum = per_cpu.iter().fold(0u64, |a, b| a.wrapping_add(*b));
+            snap.endpoints.entry(endpoint(&key)).or_default().active += sum as i64;
+        }
+        for (key, value) in self.hist.iter().flatten() {
+            let e = snap.endpoints.entry(endpoint(&key)).or_default();
+            let h = match key.kind {
+                KIND_CONNECT => &mut e.connect,
+                KIND_RTT => &mut e.rtt,
+                KIND_REQUEST => &mut e.request,
+                KIND_LIFETIME => &mut e.lifetime,
+                _ => continue,
+            };
+            h.add_kernel(&value);
+        }
+        snap
+    }
+
+    /// Registers the TCP ports that targeted processes already listen on, so connections they
+    /// accept are observed even though their `listen()` ran before the agent. `matcher` is a
+    /// copy of the targeting matcher (it hands out the same service ids). Returns the number of
+    /// ports registered.
+    pub fn seed_listeners(
+        &mut self,
+        proc_root: &Path,
+        pids: &[u32],
+        mut matcher: Matcher,
+    ) -> usize {
+        let needs = matcher.needs();
+        let mut seeded = 0;
+        for &pid in pids {
+            let ports = listening_ports(proc_root, pid);
+            if ports.is_empty() {
+                continue;
+            }
+            let Ok(info) = ProcessInfo::read(proc_root, pid, needs) else {
+                continue;
+            };
+            let Some(service) = matcher.decide(&info) else {
+                continue;
+            };
+            for port in ports {
+                match self.listen.insert(u32::from(port), service, 0) {
+                    Ok(()) => seeded += 1,
+                    Err(err) => {
+                        tracing::warn!("network: cannot register listening port {port}: {err}")
+                    }
+                }
+            }
+        }
+        seeded
+    }
+
+    pub fn usage(&self) -> Vec<MapUsage> {
+        vec![
+            MapUsage {
+                map: "NET_SOCKS",
+                entries: self.socks.keys().count() as u64,
+                capacity: capacity(self.socks.map()),
+            },
+            MapUsage {
+                map: "NET_LISTEN",
+                entries: self.listen.keys().count() as u64,
+                capacity: capacity(self.listen.map()),
+            },
+            MapUsage {
+                map: "NET_STATS",
+                entries: self.stats.keys().count() as u64,
+                capacity: capacity(self.stats.map()),
+            },
+            MapUsage {
+                map: "NET_HIST",
+                entries: self.hist.keys().count() as u64,
+                capacity: capacity(self.hist.map()),
+            },
+        ]
+    }
+}
+
+/// Socket inodes a process holds (`/proc/PID/fd/* -> socket:[INODE]`).
+fn socket_inodes(proc_root: &Path, pid: u32) -> HashSet<u64> {
+    let Ok(dir) = std::fs::read_dir(proc_root.join(pid.to_string()).join("fd")) else {
+        return HashSet::new();
+    };
+    dir.flatten()
+        .filter_map(|e| std::fs::read_link(e.path()).ok())
+        .filter_map(|target| {
+            let t = target.to_str()?;
+            t.strip_prefix("socket:[")?.strip_suffix(']')?.parse().ok()
+        })
+        .collect()
+}
+
+/// (local port, inode) of the LISTEN sockets in a `/proc/net/tcp` or `tcp6` table.
+pub fn parse_listeners(table: &str) -> Vec<(u16, u64)> {
+    table
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            // st 0A is TCP_LISTEN.
+            if f.get(3) != Some(&"0A") {
+                return None;
+            }
+            let port = u16::from_str_radix(f.get(1)?.rsplit(':').next()?, 16).ok()?;
+            let inode = f.get(9)?.parse().ok()?;
+            Some((port, inode))
+        })
+        .collect()
+}
+
+/// TCP ports `pid` listens on, in its own network namespace.
+fn listening_ports(proc_root: &Path, pid: u32) -> Vec<u16> {
+    let inodes = socket_inodes(proc_root, pid);
+    if inodes.is_empty() {
+        return Vec::new();
+    }
+    let net = proc_root.join(pid.to_string()).join("net");
+    let mut ports: Vec<u16> = ["tcp", "tcp6"]
+        .iter()
+        .filter_map(|t| std::fs::read_to_string(net.join(t)).ok())
+        .flat_map(|table| parse_listeners(&table))
+        .filter(|(_, inode)| inodes.contains(inode))
+        .map(|(port, _)| port)
+        .collect();
+    ports.sort_unstable();
+    ports.dedup();
+    ports
+}
+
+/// Network metric families. `label` maps a service id to its exported label. Series are keyed
+/// by service, side and port (the remote port of connections a service opened, the local port
+/// of connections it accepted); remote addresses are not exported, to bound cardinality.
+pub fn families<'a>(
+    snap: &NetSnapshot,
+    label: impl Fn(u32) -> &'a str,
+    bounds_ns: &[u64],
+) -> Vec<MetricFamily> {
+    let mut merged: BTreeMap<(&str, Side, u16), EndpointStats> = BTreeMap::new();
+    for ((service, side, port), e) in &snap.endpoints {
+        let m = merged.entry((label(*service), *side, *port)).or_default();
+        add_counters(&mut m.counters, &e.counters);
+        m.active += e.active;
+        m.connect.add(&e.connect);
+        m.rtt.add(&e.rtt);
+        m.request.add(&e.request);
+        m.lifetime.add(&e.lifetime);
+    }
+    let mut out: Vec<(&str, &str, MetricType, Vec<Metric>)> = vec![
+        (
+            "ws1_probe_tcp_connect_duration_seconds",
+            "TCP connect latency, SYN_SENT to ESTABLISHED, per service and remote port.",
+            MetricType::HISTOGRAM,
+            vec![],
+        ),
+        (
+            "ws1_probe_tcp_connect_failures_total",
+            "TCP connects that closed before ESTABLISHED (refused, reset, timed out).",
+            MetricType::COUNTER,
+            vec![],
+        ),
+        (
+            "ws1_probe_tcp_rtt_seconds",
+            "Smoothed TCP round-trip time from tcp_probe, sampled at most every 100 ms per socket.",
+            MetricType::HISTOGRAM,
+            vec![],
+        ),
+        (
+            "ws1_probe_tcp_connection_duration_seconds",
+            "Lifetime of TCP connections, ESTABLISHED to CLOSE.",
+            MetricType::HISTOGRAM,
+            vec![],
+        ),
+        (
+            "ws1_probe_tcp_connections_total",
+            "TCP connections established.",
+            MetricType::COUNTER,
+            vec![],
+        ),
+        (
+            "ws1_probe_tcp_connections_active",
+            "TCP connections open now.",
+            MetricType::GAUGE,
+            vec![],
+        ),
+        (
+            "ws1_probe_tcp_retransmits_total",
+            "TCP segments retransmitted.",
+            MetricType::COUNTER,
+            vec![],
+        ),
+        (
+            "ws1_probe_tcp_resets_total",
+            "TCP resets sent and received.",
+            MetricType::COUNTER,
+            vec![],
+        ),
+        (
+            "ws1_probe_tcp_bytes_total",
+            "Bytes the service sent and received on TCP sockets.",
+            MetricType::COUNTER,
+            vec![],
+        ),
+        (
+            "ws1_probe_request_duration_seconds",
+            "Request latency at the socket: server side first bytes received to first bytes sent back, client side bytes sent to first bytes received back.",
+            MetricType::HISTOGRAM,
+            vec![],
+        ),
+        (
+            "ws1_probe_connection_requests_reused_total",
+            "Requests on a connection that had already carried a request.",
+            MetricType::COUNTER,
+            vec![],
+        ),
+        (
+            "ws1_probe_connection_reuse_ratio",
+            "Requests on already-used connections divided by all requests.",
+            MetricType::GAUGE,
+            vec![],
+        ),
+    ];
+    for ((service, side, port), e) in &merged {
+        let port = port.to_string();
+        let l = [
+            ("service", *service),
+            ("side", side.label()),
+            ("port", &port),
+        ];
+        let c = &e.counters;
+        let mut push = |i: usize, m: Metric| out[i].3.push(m);
+        if *side == Side::Client {
+            if e.connect.count > 0 {
+                push(0, histogram(&[l[0], l[2]], &e.connect, bounds_ns));
+            }
+            push(1, counter(&[l[0], l[2]], c.connect_failures as f64));
+        }
+        if e.rtt.count > 0 {
+            push(2, histogram(&l, &e.rtt, bounds_ns));
+        }
+        if e.lifetime.count > 0 {
+            push(3, histogram(&l, &e.lifetime, bounds_ns));
+        }
+        push(4, counter(&l, c.connections as f64));
+        push(5, gauge(&l, e.active as f64));
+        push(6, counter(&l, c.retransmits as f64));
+        for (dir, n) in [("sent", c.resets_sent), ("received", c.resets_received)] {
+            push(
+                7,
+                counter(&[l[0], l[1], l[2], ("direction", dir)], n as f64),
+            );
+        }
+        for (dir, n) in [("sent", c.bytes_sent), ("received", c.bytes_received)] {
+            push(
+                8,
+                counter(&[l[0], l[1], l[2], ("direction", dir)], n as f64),
+            );
+        }
+        if e.request.count > 0 {
+            push(9, histogram(&l, &e.request, bounds_ns));
+        }
+        push(10, counter(&l, c.reused_requests as f64));
+        if let Some(ratio) = e.reuse_ratio() {
+            push(11, gauge(&l, ratio));
+        }
+    }
+    out.into_iter()
+        .map(|(name, help, kind, metrics)| family(name, help, kind, metrics))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metrics::encode;
+    use ws1_probe_common::hist::DEFAULT_EXPORT_BOUNDS_NS;
+
+    #[test]
+    fn listeners_from_proc_net_tcp() {
+        let table = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
+   0: 0100007F:1F90 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 4242 1 0000000000000000 100 0 0 10 0
+   1: 0100007F:1F90 0100007F:C350 01 00000000:00000000 00:00000000 00000000     0        0 4243 1 0000000000000000 20 4 30 10 -1
+   2: 00000000000000000000000000000000:0016 00000000000000000000000000000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 77 1 0000000000000000 100 0 0 10 0
+";
+        assert_eq!(parse_listeners(table), vec![(8080, 4242), (22, 77)]);
+        assert_eq!(parse_listeners(""), vec![]);
+    }
+
+    #[test]
+    fn renders_net_families_merged_by_label() {
+        let b = &DEFAULT_EXPORT_BOUNDS_NS;
+        let mut snap = NetSnapshot::default();
+        for id in [1, 2] {
+            let mut e = EndpointStats::default();
+            e.counters.requests = 10;
+            e.counters.reused_requests = 9;
+            e.counters.connections = 1;
+            e.counters.resets_received = id.into();
+            e.active = 1;
+            for _ in 0..10 {
+                e.request.observe(b, 6_000_000);
+            }
+            e.connect.observe(b, 40_000);
+            snap.endpoints.insert((id, Side::Client, 8080), e);
+        }
+        let mut server = EndpointStats::default();
+        server.counters.bytes_received = 123;
+        snap.endpoints.insert((1, Side::Server, 80), server);
+        let text = encode(&families(&snap, |_| "api", b));
+        let want = [
+            "ws1_probe_tcp_connect_duration_seconds_count{service=\"api\",port=\"8080\"} 2",
+            "ws1_probe_request_duration_seconds_bucket{service=\"api\",side=\"client\",port=\"8080\",le=\"0.005\"} 0",
+            "ws1_probe_request_duration_seconds_bucket{service=\"api\",side=\"client\",port=\"8080\",le=\"0.01\"} 20",
+            "ws1_probe_connection_reuse_ratio{service=\"api\",side=\"client\",port=\"8080\"} 0.9",
+            "ws1_probe_tcp_connections_active{service=\"api\",side=\"client\",port=\"8080\"} 2",
+            "ws1_probe_tcp_resets_total{service=\"api\",side=\"client\",port=\"8080\",direction=\"received\"} 3",
+            "ws1_probe_tcp_bytes_total{service=\"api\",side=\"server\",port=\"80\",direction=\"received\"} 123",
+        ];
+        for line in want {
+            assert!(
+                text.lines().any(|l| l == line),
+                "missing {line:?} in\n{text}"
+            );
+        }
+        // No requests on the server endpoint: no ratio, no connect histogram for servers.
+        assert!(!text.contains("ws1_probe_connection_reuse_ratio{service=\"api\",side=\"server\""));
+        assert!(!text.contains("connect_duration_seconds_count{service=\"api\",port=\"80\"}"));
+    }
+}

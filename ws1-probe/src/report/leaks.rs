@@ -1,0 +1,235 @@
+//! The `ws1-probe leaks` report: outstanding allocations older than a threshold, grouped by
+//! allocation stack, largest first.
+
+use std::collections::BTreeMap;
+
+use serde::Serialize;
+use ws1_probe_common::alloc::{AllocInfo, AllocKey};
+
+use crate::{
+    symbolize::{Frame, Symbolizer},
+    units::format_ns,
+};
+
+/// Outstanding allocations sharing a service and an allocation stack.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct LeakGroup {
+    pub service: u32,
+    pub stack_id: i32,
+    pub bytes: u64,
+    pub count: u64,
+    pub oldest_age_ns: u64,
+    /// A process holding these blocks (for symbolization).
+    pub pid: u32,
+}
+
+/// Groups allocations at least `min_age_ns` old (at `now_ns`, same clock as the kernel's
+/// `bpf_ktime_get_ns`), largest total first.
+pub fn group(allocs: &[(AllocKey, AllocInfo)], now_ns: u64, min_age_ns: u64) -> Vec<LeakGroup> {
+    let mut groups: BTreeMap<(u32, i32), LeakGroup> = BTreeMap::new();
+    for (key, info) in allocs {
+        let age = now_ns.saturating_sub(info.ts_ns);
+        if age < min_age_ns {
+            continue;
+        }
+        let g = groups
+            .entry((info.service, info.stack_id))
+            .or_insert(LeakGroup {
+                service: info.service,
+                stack_id: info.stack_id,
+                bytes: 0,
+                count: 0,
+                oldest_age_ns: 0,
+                pid: key.tgid,
+            });
+        g.bytes += info.size;
+        g.count += 1;
+        g.oldest_age_ns = g.oldest_age_ns.max(age);
+    }
+    let mut out: Vec<LeakGroup> = groups.into_values().collect();
+    out.sort_by(|a, b| b.bytes.cmp(&a.bytes).then(a.stack_id.cmp(&b.stack_id)));
+    out
+}
+
+/// A group with its symbolized stack and service name, as printed.
+#[derive(Clone, Debug, Serialize)]
+pub struct LeakReport {
+    pub service: String,
+    pub bytes: u64,
+    pub count: u64,
+    pub oldest_age_seconds: f64,
+    pub pid: u32,
+    pub stack: Vec<Frame>,
+}
+
+/// Symbolizes the groups and merges those whose stacks print the same, largest first. Stacks are cut at the first address no mapped binary contains: without frame pointers
+/// the kernel's frame-pointer walk continues into garbage after the first frame, and such
+/// garbage would split one call site into many stacks.
+pub fn symbolize<'a>(
+    groups: &[LeakGroup],
+    service_name: impl Fn(u32) -> &'a str,
+    stack: impl Fn(i32) -> Vec<u64>,
+) -> Vec<LeakReport> {
+    let symbolizer = Symbolizer::new();
+    let mut merged: Vec<LeakReport> = Vec::new();
+    for g in groups {
+        let mut frames = symbolizer.user_frames(g.pid, &stack(g.stack_id));
+        if let Some(cut) = frames.iter().skip(1).position(|f| f.function.is_none()) {
+            frames.truncate(cut + 1);
+        }
+        let service = service_name(g.service);
+        let same = |r: &LeakReport| {
+            r.service == service
+                && r.stack.len() == frames.len()
+                && r.stack.iter().zip(&frames).all(|(a, b)| {
+                    a.function.is_some() && a.function == b.function && a.location == b.location
+                })
+        };
+        match merged.iter_mut().find(|r| same(r)) {
+            Some(r) => {
+                r.bytes += g.bytes;
+                r.count += g.count;
+                r.oldest_age_seconds = r.oldest_age_seconds.max(g.oldest_age_ns as f64 / 1e9);
+            }
+            None => merged.push(LeakReport {
+                service: service.to_owned(),
+                bytes: g.bytes,
+                count: g.count,
+                oldest_age_seconds: g.oldest_age_ns as f64 / 1e9,
+                pid: g.pid,
+                stack: frames,
+            }),
+        }
+    }
+    merged.sort_by(|a, b| b.bytes.cmp(&a.bytes));
+    merged
+}
+
+/// Human-readable bytes: `512 B`, `7.0 KiB`, `3.2 MiB`.
+pub fn format_bytes(bytes: u64) -> String {
+    match bytes {
+        0..1024 => format!("{bytes} B"),
+        1024..1_048_576 => format!("{:.1} KiB", bytes as f64 / 1024.0),
+        _ => format!("{:.1} MiB", bytes as f64 / 1_048_576.0),
+    }
+}
+
+/// The text report, at most `depth` frames per stack.
+pub fn render(
+    reports: &[LeakReport],
+    total_groups: usize,
+    min_age_ns: u64,
+    depth: usize,
+) -> String {
+    let bytes: u64 = reports.iter().map(|r| r.bytes).sum();
+    let count: u64 = reports.iter().map(|r| r.count).sum();
+    let mut out = String::new();
+    if reports.is_empty() {
+        out.push_str(&format!(
+            "no outstanding allocations older than {}\n",
+            format_ns(min_age_ns)
+        ));
+        return out;
+    }
+    out.push_str(&format!(
+        "{} in {count} blocks outstanding for at least {}, from {total_groups} stacks{}\n",
+        format_bytes(bytes),
+        format_ns(min_age_ns),
+        if total_groups > reports.len() {
+            format!(" ({} shown; use --top)", reports.len())
+        } else {
+            String::new()
+        }
+    ));
+    for (i, r) in reports.iter().enumerate() {
+        out.push_str(&format!(
+            "\n#{} {} in {} blocks, oldest {:.1}s, service {} (pid {})\n",
+            i + 1,
+            format_bytes(r.bytes),
+            r.count,
+            r.oldest_age_seconds,
+            r.service,
+            r.pid
+        ));
+        if r.stack.is_empty() {
+            out.push_str("    (stack unavailable)\n");
+        }
+        for frame in r.stack.iter().take(depth) {
+            out.push_str(&format!("    {}\n", frame.display()));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn alloc(tgid: u32, addr: u64, size: u64, ts_ns: u64, stack_id: i32) -> (AllocKey, AllocInfo) {
+        (
+            AllocKey {
+                tgid,
+                _pad: 0,
+                addr,
+            },
+            AllocInfo {
+                size,
+                ts_ns,
+                service: 1,
+                stack_id,
+            },
+        )
+    }
+
+    #[test]
+    fn groups_old_blocks_by_stack() {
+        let allocs = vec![
+            alloc(10, 0x1000, 100, 1_000, 7),
+            alloc(10, 0x2000, 100, 2_000, 7),
+            alloc(10, 0x3000, 4096, 1_000, 9),
+            alloc(10, 0x4000, 100, 9_500, 7), // too young
+        ];
+        let groups = group(&allocs, 10_000, 1_000);
+        assert_eq!(groups.len(), 2);
+        assert_eq!(
+            (groups[0].stack_id, groups[0].bytes, groups[0].count),
+            (9, 4096, 1)
+        );
+        assert_eq!(
+            (groups[1].stack_id, groups[1].bytes, groups[1].count),
+            (7, 200, 2)
+        );
+        assert_eq!(groups[1].oldest_age_ns, 9_000);
+        assert!(group(&allocs, 10_000, 1_000_000).is_empty());
+    }
+
+    #[test]
+    fn renders_report() {
+        let reports = vec![LeakReport {
+            service: "risk".into(),
+            bytes: 7168,
+            count: 7,
+            oldest_age_seconds: 3.25,
+            pid: 42,
+            stack: vec![Frame {
+                addr: 0x10,
+                function: Some("leak_here".into()),
+                location: Some("src/main.rs:12".into()),
+            }],
+        }];
+        let text = render(&reports, 1, 5_000_000_000, 8);
+        assert!(
+            text.starts_with("7.0 KiB in 7 blocks outstanding for at least 5.00s, from 1 stacks\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("#1 7.0 KiB in 7 blocks, oldest 3.2s, service risk (pid 42)"),
+            "{text}"
+        );
+        assert!(text.contains("    leak_here (src/main.rs:12)\n"), "{text}");
+        assert_eq!(
+            render(&[], 0, 1_000, 8),
+            "no outstanding allocations older than 1.00µs\n"
+        );
+    }
+}

@@ -1,0 +1,175 @@
+//! The `ws1-probe net` table: one row per (service, side, port) endpoint, busiest first.
+
+use serde::Serialize;
+
+use crate::{
+    collectors::net::{EndpointStats, NetSnapshot},
+    histogram::Histogram,
+    units::format_ns,
+};
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct NetRow {
+    pub service: String,
+    /// `client` (port is the remote port) or `server` (port is the local port).
+    pub side: &'static str,
+    pub port: u16,
+    pub connections: u64,
+    pub active: i64,
+    pub connect_failures: u64,
+    pub connect_p50_ns: Option<u64>,
+    pub connect_p99_ns: Option<u64>,
+    pub rtt_p50_ns: Option<u64>,
+    pub rtt_p99_ns: Option<u64>,
+    pub retransmits: u64,
+    pub resets_sent: u64,
+    pub resets_received: u64,
+    pub bytes_sent: u64,
+    pub bytes_received: u64,
+    pub requests: u64,
+    pub request_p50_ns: Option<u64>,
+    pub request_p99_ns: Option<u64>,
+    pub reuse_ratio: Option<f64>,
+}
+
+fn q(h: &Histogram, q: f64) -> Option<u64> {
+    h.quantile_ns(q)
+}
+
+fn row(service: String, side: &'static str, port: u16, e: &EndpointStats) -> NetRow {
+    let c = &e.counters;
+    NetRow {
+        service,
+        side,
+        port,
+        connections: c.connections,
+        active: e.active,
+        connect_failures: c.connect_failures,
+        connect_p50_ns: q(&e.connect, 0.5),
+        connect_p99_ns: q(&e.connect, 0.99),
+        rtt_p50_ns: q(&e.rtt, 0.5),
+        rtt_p99_ns: q(&e.rtt, 0.99),
+        retransmits: c.retransmits,
+        resets_sent: c.resets_sent,
+        resets_received: c.resets_received,
+        bytes_sent: c.bytes_sent,
+        bytes_received: c.bytes_received,
+        requests: c.requests,
+        request_p50_ns: q(&e.request, 0.5),
+        request_p99_ns: q(&e.request, 0.99),
+        reuse_ratio: e.reuse_ratio(),
+    }
+}
+
+/// Rows sorted by requests, then connections, then service, side and port. `name` maps a
+/// service id to its name.
+pub fn rows<'a>(snap: &NetSnapshot, name: impl Fn(u32) -> &'a str) -> Vec<NetRow> {
+    let mut rows: Vec<NetRow> = snap
+        .endpoints
+        .iter()
+        .map(|((service, side, port), e)| row(name(*service).to_owned(), side.label(), *port, e))
+        .collect();
+    rows.sort_by(|a, b| {
+        b.requests
+            .cmp(&a.requests)
+            .then(b.connections.cmp(&a.connections))
+            .then(a.service.cmp(&b.service))
+            .then(a.side.cmp(b.side))
+            .then(a.port.cmp(&b.port))
+    });
+    rows
+}
+
+fn ns(v: Option<u64>) -> String {
+    v.map_or_else(|| "-".to_owned(), format_ns)
+}
+
+/// The aligned text table, at most `top` rows, with a summary line.
+pub fn render(rows: &[NetRow], top: usize) -> String {
+    let header = [
+        "ENDPOINT", "CONNS", "FAILED", "CONN P50", "CONN P99", "RTT P50", "RTT P99", "RETRANS",
+        "RST S/R", "REQS", "REQ P50", "REQ P99", "REUSE",
+    ];
+    let cells: Vec<Vec<String>> = rows
+        .iter()
+        .take(top)
+        .map(|r| {
+            let peer = if r.side == "client" { "→" } else { "←" };
+            vec![
+                format!("{} {peer} :{}", r.service, r.port),
+                r.connections.to_string(),
+                r.connect_failures.to_string(),
+                ns(r.connect_p50_ns),
+                ns(r.connect_p99_ns),
+                ns(r.rtt_p50_ns),
+                ns(r.rtt_p99_ns),
+                r.retransmits.to_string(),
+                format!("{}/{}", r.resets_sent, r.resets_received),
+                r.requests.to_string(),
+                ns(r.request_p50_ns),
+                ns(r.request_p99_ns),
+                r.reuse_ratio
+                    .map_or_else(|| "-".to_owned(), |x| format!("{:.1}%", x * 100.0)),
+            ]
+        })
+        .collect();
+    let mut out = super::table(&header, &cells);
+    let requests: u64 = rows.iter().map(|r| r.requests).sum();
+    let connections: u64 = rows.iter().map(|r| r.connections).sum();
+    let hidden = rows.len().saturating_sub(top);
+    out.push_str(&format!(
+        "{requests} requests, {connections} connections, {} endpoints (→ :port = remote port it connects to, ← :port = local port it serves){}\n",
+        rows.len(),
+        if hidden > 0 {
+            format!(" ({hidden} not shown; use --top)")
+        } else {
+            String::new()
+        }
+    ));
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::collectors::net::Side;
+    use ws1_probe_common::hist::DEFAULT_EXPORT_BOUNDS_NS;
+
+    #[test]
+    fn busiest_first_with_quantiles_and_reuse() {
+        let b = &DEFAULT_EXPORT_BOUNDS_NS;
+        let mut snap = NetSnapshot::default();
+        let mut pooled = EndpointStats::default();
+        pooled.counters.connections = 1;
+        pooled.counters.requests = 20;
+        pooled.counters.reused_requests = 19;
+        for _ in 0..20 {
+            pooled.request.observe(b, 5_000_000);
+        }
+        pooled.connect.observe(b, 50_000);
+        snap.endpoints.insert((1, Side::Client, 5432), pooled);
+        let mut idle = EndpointStats::default();
+        idle.counters.connections = 3;
+        snap.endpoints.insert((2, Side::Server, 80), idle);
+        let names = ["other", "risk", "web"];
+        let rows = rows(&snap, |id| names[id as usize]);
+        assert_eq!(rows[0].service, "risk");
+        assert_eq!(rows[0].reuse_ratio, Some(0.95));
+        assert_eq!(rows[1].side, "server");
+        assert_eq!(rows[1].request_p50_ns, None);
+        let text = render(&rows, 10);
+        let lines: Vec<&str> = text.lines().collect();
+        assert!(lines[0].starts_with("ENDPOINT"), "{text}");
+        assert!(lines[1].starts_with("risk → :5432"), "{text}");
+        assert!(
+            lines[1].contains("95.0%") && lines[1].contains("5.00ms"),
+            "{text}"
+        );
+        assert!(lines[2].starts_with("web ← :80"), "{text}");
+        assert!(
+            lines[3].starts_with("20 requests, 4 connections, 2 endpoints"),
+            "{text}"
+        );
+        assert!(render(&rows, 1).contains("(1 not shown; use --top)"));
+    }
+}
