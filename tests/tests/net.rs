@@ -529,3 +529,29 @@ fn server_listening_before_the_agent_started_is_observed() {
     assert_eq!(m.get(&format!("{REQUEST}_count"), &srv), Some(4.0));
     assert_eq!(m.get("ws1_probe_connection_reuse_ratio", &srv), Some(0.0));
 }
+
+#[test]
+fn ipv6_connections_are_observed() {
+    if !privileged() {
+        return;
+    }
+    let mut server = NetLoad::spawn("n-v6-srv");
+    let mut client = NetLoad::spawn("n-v6-cli");
+    let agent = Agent::start(&[
+        "--pid",
+        &server.pid.to_string(),
+        "--pid",
+        &client.pid.to_string(),
+    ]);
+    let port = server.listen("[::1]:0");
+    client.cmd(&format!("pooled [::1]:{port} 3 0"));
+    let p = port.to_string();
+    let m = agent.metrics();
+    for s in [
+        series("n-v6-cli", "client", &p),
+        series("n-v6-srv", "server", &p),
+    ] {
+        assert_eq!(m.get(&format!("{REQUEST}_count"), &s), Some(3.0), "{s:?}");
+        assert_eq!(m.value("ws1_probe_tcp_connections_total", &s), 1.0, "{s:?}");
+    }
+}

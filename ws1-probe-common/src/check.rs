@@ -18,3 +18,7 @@ pub const FLOOR_SYS_EXIT: &str = "floor_sys_exit";
 /// filter.
 pub const FLOOR_PID_SYS_ENTER: &str = "floor_pid_sys_enter";
 pub const FLOOR_PID_SYS_EXIT: &str = "floor_pid_sys_exit";
+/// An empty uprobe and uretprobe: attached to malloc (both) and free (uprobe) of one process,
+/// the trap floor of precise allocation tracing, measured by `cargo xtask bench alloc`.
+pub const FLOOR_UPROBE: &str = "floor_uprobe";
+pub const FLOOR_URETPROBE: &str = "floor_uretprobe";

@@ -175,6 +175,16 @@ pub fn check_perf_event(_ctx: PerfEventContext) -> u32 {
     0
 }
 
+#[uprobe]
+pub fn floor_uprobe(_ctx: ProbeContext) -> u32 {
+    0
+}
+
+#[uretprobe]
+pub fn floor_uretprobe(_ctx: RetProbeContext) -> u32 {
+    0
+}
+
 #[raw_tracepoint(tracepoint = "sys_enter")]
 pub fn floor_sys_enter(_ctx: RawTracePointContext) -> i32 {
     0

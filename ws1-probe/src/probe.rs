@@ -11,6 +11,7 @@ use prometheus::proto::MetricFamily;
 
 use crate::{
     collectors::{
+        memory::MemoryCollector,
         net::{self as netcollector, NetCollector, NetSnapshot},
         syscalls::{SyscallCollector, SyscallSnapshot},
         targets::{ScanSummary, Targets},
@@ -41,6 +42,7 @@ pub struct Probe {
     pub targets: Targets,
     pub syscalls: SyscallCollector,
     pub net: NetCollector,
+    pub memory: MemoryCollector,
     exec_ring: Option<RingBuf<MapData>>,
     pub bounds_ns: Vec<u64>,
     pub scan: ScanSummary,
@@ -84,6 +86,7 @@ impl Probe {
             targets,
             syscalls,
             net,
+            memory: MemoryCollector::default(),
             exec_ring: Some(exec_ring),
             bounds_ns: settings.bounds_ns.clone(),
             scan,
@@ -118,8 +121,27 @@ impl Probe {
             .collect()
     }
 
+    /// Samples resident memory per service (at most every few seconds) and logs services whose
+    /// memory keeps growing, pointing to precise mode.
+    pub fn sample_memory(&mut self) {
+        let pairs = self.targets.targeted_pairs();
+        for (service, slope) in self.memory.sample(&pairs) {
+            let name = self.targets.matcher().services().name(service);
+            let pid = pairs
+                .iter()
+                .find(|(_, s)| *s == service)
+                .map_or(0, |(p, _)| *p);
+            tracing::warn!(
+                "service {name}: resident memory grows {:.1} KiB/s over the last {:.0} s; find the allocating stacks with `ws1-probe leaks --pid {pid}`",
+                slope / 1024.0,
+                self.memory.growth.span(service)
+            );
+        }
+    }
+
     /// Builds every metric family, reading the maps once.
     pub fn families(&mut self) -> (Vec<MetricFamily>, SyscallSnapshot) {
+        self.sample_memory();
         let snap = self.syscalls.snapshot();
         let net: NetSnapshot = self.net.snapshot();
         let targeted = self.targets.targeted_by_service();
@@ -144,6 +166,7 @@ impl Probe {
         };
         let mut families = metrics::syscall_families(&snap, label, &self.bounds_ns);
         families.extend(netcollector::families(&net, label, &self.bounds_ns));
+        families.extend(self.memory.families(label));
         families.extend(selfmetrics::families(self, &targeted, &label));
         (families, snap)
     }

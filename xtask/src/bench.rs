@@ -27,7 +27,8 @@ pub fn run(what: &str, args: &[String]) -> Result<()> {
         "syscalls" if args.is_empty() => syscalls(),
         "syscalls" => bail!("bench syscalls takes no arguments (got {args:?})"),
         "net" if args.is_empty() => crate::bench_net::run(),
-        _ => bail!("unknown benchmark {what}: available: syscalls, net"),
+        "alloc" => crate::bench_alloc::run(args),
+        _ => bail!("unknown benchmark {what}: available: syscalls, net, alloc"),
     }
 }
 
@@ -45,10 +46,10 @@ const CONFIGS: [(&str, &str); 6] = [
     ("e", "bpftrace hist, /pid == bench/"),
 ];
 
-/// One block of samples (ns per getppid) taken under one configuration.
-struct Block {
-    key: &'static str,
-    ns: Vec<f64>,
+/// One block of samples (ns per operation) taken under one configuration.
+pub(crate) struct Block {
+    pub(crate) key: &'static str,
+    pub(crate) ns: Vec<f64>,
 }
 
 /// One agent start: configuration, time to ready, VmRSS (KiB) after ready and after its block.
@@ -199,17 +200,8 @@ impl Bench {
         Ok(())
     }
 
-    /// Added ns of each block of `key`: its median minus the mean of the baselines around it.
     fn added(&self, key: &str) -> Vec<f64> {
-        let base = |b: Option<&Block>| b.filter(|b| b.key == "a").map(|b| median(&b.ns));
-        (0..self.r.blocks.len())
-            .filter(|&i| self.r.blocks[i].key == key && i > 0)
-            .filter_map(|i| {
-                let before = base(self.r.blocks.get(i - 1))?;
-                let after = base(self.r.blocks.get(i + 1)).unwrap_or(before);
-                Some(median(&self.r.blocks[i].ns) - (before + after) / 2.0)
-            })
-            .collect()
+        added(&self.r.blocks, key)
     }
 
     fn report(&self) -> Result<()> {
@@ -294,7 +286,21 @@ impl Bench {
     }
 }
 
-fn median(v: &[f64]) -> f64 {
+/// Added ns of each block of `key`: its median minus the mean of the baseline (`a`) blocks
+/// around it.
+pub(crate) fn added(blocks: &[Block], key: &str) -> Vec<f64> {
+    let base = |b: Option<&Block>| b.filter(|b| b.key == "a").map(|b| median(&b.ns));
+    (0..blocks.len())
+        .filter(|&i| blocks[i].key == key && i > 0)
+        .filter_map(|i| {
+            let before = base(blocks.get(i - 1))?;
+            let after = base(blocks.get(i + 1)).unwrap_or(before);
+            Some(median(&blocks[i].ns) - (before + after) / 2.0)
+        })
+        .collect()
+}
+
+pub(crate) fn median(v: &[f64]) -> f64 {
     let mut v = v.to_vec();
     v.sort_by(f64::total_cmp);
     let mid = |i: usize| v.get(i).copied().unwrap_or(f64::NAN);
@@ -302,7 +308,7 @@ fn median(v: &[f64]) -> f64 {
 }
 
 /// `[pid comm, ...]` of running ws1-probe/bpftrace processes (at baselines none is ours), or "".
-fn other_tracers() -> String {
+pub(crate) fn other_tracers() -> String {
     let pids = fs::read_dir("/proc").into_iter().flatten().flatten();
     let pids = pids.filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok());
     let found = pids.filter_map(|pid| {
@@ -329,8 +335,8 @@ fn rss_kib(p: &mut Proc) -> Result<u64> {
 /// A child process that is killed and reaped when dropped, so an error path leaves nothing
 /// running. Its stdout lines arrive through a reader thread (so reads can time out), stdin is a
 /// pipe kept open, and stderr goes to `<logs>/<name>.log`.
-struct Proc {
-    name: String,
+pub(crate) struct Proc {
+    pub(crate) name: String,
     child: Child,
     stdin: Option<ChildStdin>,
     lines: mpsc::Receiver<String>,
@@ -338,7 +344,7 @@ struct Proc {
 }
 
 impl Proc {
-    fn spawn(name: &str, cmd: &mut Command, logs: &Path) -> Result<Proc> {
+    pub(crate) fn spawn(name: &str, cmd: &mut Command, logs: &Path) -> Result<Proc> {
         let log = logs.join(format!("{name}.log"));
         let stderr =
             fs::File::create(&log).with_context(|| format!("cannot create {}", log.display()))?;
@@ -367,26 +373,26 @@ impl Proc {
         })
     }
 
-    fn pid(&self) -> u32 {
+    pub(crate) fn pid(&self) -> u32 {
         self.child.id()
     }
 
     /// The last lines of the stderr log, for errors.
-    fn log_tail(&self) -> String {
+    pub(crate) fn log_tail(&self) -> String {
         let text = fs::read_to_string(&self.log).unwrap_or_default();
         let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
         let tail = lines[lines.len().saturating_sub(3)..].join(" | ");
         format!("{tail} (log {})", self.log.display())
     }
 
-    fn fail_if_exited(&mut self) -> Result<()> {
+    pub(crate) fn fail_if_exited(&mut self) -> Result<()> {
         if let Some(status) = self.child.try_wait().context("waitpid")? {
             bail!("{} exited early ({status}): {}", self.name, self.log_tail());
         }
         Ok(())
     }
 
-    fn next_line(&mut self, timeout: Duration) -> Result<String> {
+    pub(crate) fn next_line(&mut self, timeout: Duration) -> Result<String> {
         match self.lines.recv_timeout(timeout) {
             Ok(line) => Ok(line),
             Err(_) => {
@@ -400,7 +406,7 @@ impl Proc {
     }
 
     /// Writes one command line to stdin and returns the reply line, which must start with "ok".
-    fn request(&mut self, command: &str) -> Result<String> {
+    pub(crate) fn request(&mut self, command: &str) -> Result<String> {
         let stdin = self.stdin.as_mut().context("stdin is closed")?;
         writeln!(stdin, "{command}")
             .and_then(|()| stdin.flush())
@@ -412,7 +418,7 @@ impl Proc {
     }
 
     /// Reads stdout lines until one starts with `prefix`, for at most `secs` seconds.
-    fn wait_for_line(&mut self, prefix: &str, secs: u64) -> Result<()> {
+    pub(crate) fn wait_for_line(&mut self, prefix: &str, secs: u64) -> Result<()> {
         let deadline = Instant::now() + Duration::from_secs(secs);
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
@@ -423,19 +429,45 @@ impl Proc {
     }
 
     /// SIGTERM, then wait up to 10 s for the exit (SIGKILL and an error after that).
-    fn stop(&mut self) -> Result<ExitStatus> {
+    pub(crate) fn stop(&mut self) -> Result<ExitStatus> {
+        self.signal_and_wait("TERM")
+    }
+
+    /// SIGINT (Ctrl-C), then wait up to 10 s for the exit, like `stop`.
+    pub(crate) fn interrupt(&mut self) -> Result<ExitStatus> {
+        self.signal_and_wait("INT")
+    }
+
+    /// Waits up to `timeout` for the process to exit by itself (SIGKILL and an error after that).
+    pub(crate) fn wait_exit(&mut self, timeout: Duration) -> Result<ExitStatus> {
+        match self.poll_exit(timeout)? {
+            Some(status) => Ok(status),
+            None => bail!("{} did not exit within {timeout:?}", self.name),
+        }
+    }
+
+    fn signal_and_wait(&mut self, signal: &str) -> Result<ExitStatus> {
         if let Some(status) = self.child.try_wait().context("waitpid")? {
             return Ok(status);
         }
-        util::capture(Command::new("kill").args(["-TERM", &self.pid().to_string()]))?;
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
+        util::capture(Command::new("kill").args([&format!("-{signal}"), &self.pid().to_string()]))?;
+        match self.poll_exit(Duration::from_secs(10))? {
+            Some(status) => Ok(status),
+            None => bail!("{} did not exit within 10 s of SIG{signal}", self.name),
+        }
+    }
+
+    fn poll_exit(&mut self, timeout: Duration) -> Result<Option<ExitStatus>> {
+        let deadline = Instant::now() + timeout;
+        loop {
             if let Some(status) = self.child.try_wait().context("waitpid")? {
-                return Ok(status);
+                return Ok(Some(status));
+            }
+            if Instant::now() >= deadline {
+                return Ok(None);
             }
             thread::sleep(Duration::from_millis(10));
         }
-        bail!("{} did not exit within 10 s of SIGTERM", self.name)
     }
 }
 

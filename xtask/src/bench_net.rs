@@ -92,7 +92,7 @@ struct Agent {
 }
 
 impl Agent {
-    fn start(probe: &Path, pids: &[u32], log: &Path) -> Result<Agent> {
+    fn start(probe: &Path, pids: &[u32], extra: &[&str], log: &Path) -> Result<Agent> {
         let port = TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .context("no free loopback port")?
@@ -105,6 +105,7 @@ impl Agent {
         for pid in pids {
             cmd.args(["--pid", &pid.to_string()]);
         }
+        cmd.args(extra);
         let child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -159,6 +160,36 @@ impl Agent {
         Ok(total)
     }
 }
+
+impl Agent {
+    /// Kernel run time in seconds of the named programs (needs `--bpf-stats`).
+    fn program_seconds(&self, programs: &[&str]) -> Result<f64> {
+        let (status, body) = self.get("/metrics")?;
+        ensure!(status == 200, "/metrics answered {status}");
+        let mut total = 0.0;
+        for p in programs {
+            let series = format!("ws1_probe_bpf_program_run_seconds_total{{program=\"{p}\"}} ");
+            if let Some(v) = body.lines().find_map(|l| l.strip_prefix(&series)) {
+                total += v
+                    .parse::<f64>()
+                    .with_context(|| format!("bad value {v:?}"))?;
+            }
+        }
+        Ok(total)
+    }
+}
+
+/// The network collector's programs, and the syscall collector's.
+const NET_PROGRAMS: [&str; 7] = [
+    "inet_sock_set_state",
+    "sock_send_length",
+    "sock_recv_length",
+    "tcp_probe",
+    "tcp_retransmit_skb",
+    "tcp_send_reset",
+    "tcp_receive_reset",
+];
+const SYSCALL_PROGRAMS: [&str; 2] = ["sys_enter", "sys_exit"];
 
 impl Drop for Agent {
     fn drop(&mut self) {
@@ -241,7 +272,8 @@ pub fn run() -> Result<()> {
             } else {
                 vec![idle.id()]
             };
-            let agent = Agent::start(&probe, &targets, &logs.join(format!("net-agent-{key}.log")))?;
+            let log = logs.join(format!("net-agent-{key}.log"));
+            let agent = Agent::start(&probe, &targets, &[], &log)?;
             let made = bench.block(key)?;
             if key == "b" {
                 sanity.push((agent.client_requests()?, made));
@@ -249,13 +281,23 @@ pub fn run() -> Result<()> {
         }
     }
     bench.block("a")?;
+    // Kernel time of each collector per request, from BPF run-time statistics (which add about
+    // 20 ns per program run themselves, so this run is kept out of the throughput figures).
+    eprintln!("bench net: kernel time per request (agent --bpf-stats, both ends observed)");
+    let log = logs.join("net-agent-stats.log");
+    let agent = Agent::start(&probe, &pids, &["--bpf-stats"], &log)?;
+    let made = bench.block("d")? as f64;
+    let per_request =
+        |programs: &[&str]| -> Result<f64> { Ok(agent.program_seconds(programs)? / made * 1e9) };
+    let stats = (per_request(&NET_PROGRAMS)?, per_request(&SYSCALL_PROGRAMS)?);
+    drop(agent);
     let _ = idle.kill();
     let _ = idle.wait();
     drop(server);
-    report(&bench, &sanity)
+    report(&bench, &sanity, stats)
 }
 
-fn report(bench: &Bench, sanity: &[(f64, u64)]) -> Result<()> {
+fn report(bench: &Bench, sanity: &[(f64, u64)], (net_ns, sys_ns): (f64, f64)) -> Result<()> {
     let base: Vec<f64> = bench
         .blocks
         .iter()
@@ -303,6 +345,9 @@ fn report(bench: &Bench, sanity: &[(f64, u64)]) -> Result<()> {
     };
     println!(
         "goal: ≤ {GOAL_LOSS_PCT} % throughput loss with both ends observed: {verdict} ({loss_b:.2} %)"
+    );
+    println!(
+        "kernel time per request (both ends, all CPUs): network programs {net_ns:.0} ns, syscall programs {sys_ns:.0} ns"
     );
     for (counted, made) in sanity {
         let check = if (*counted - *made as f64).abs() < 0.5 {

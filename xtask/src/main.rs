@@ -3,6 +3,7 @@
 
 mod apt;
 mod bench;
+mod bench_alloc;
 mod bench_net;
 mod bootstrap;
 mod run;

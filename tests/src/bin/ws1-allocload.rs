@@ -6,6 +6,8 @@
 //!   blocks of S bytes through that function
 //! - `balanced N S`: allocate N blocks of S bytes and free them all
 //! - `free-leaks`: free every block leaked so far
+//! - `time-malloc N S`: N times `p = malloc(S); free(p)`, timed; replies `ok <elapsed ns in
+//!   total>` (the benchmark's tight loop)
 //! - `exit`: exit 0 without freeing anything
 //!
 //! After start-up the workload itself allocates nothing that outlives a command: leaked
@@ -52,6 +54,21 @@ fn leak_with_memalign(k: usize, size: usize, leaked: &mut Vec<usize>) {
             leaked.push(p as usize);
         }
     }
+}
+
+/// N malloc/free pairs of S bytes; returns the elapsed nanoseconds.
+#[inline(never)]
+fn time_malloc(n: usize, size: usize) -> u128 {
+    let started = std::time::Instant::now();
+    for _ in 0..n {
+        // SAFETY: allocated and freed at once. black_box keeps the compiler from eliding the pair.
+        unsafe {
+            libc::free(std::hint::black_box(libc::malloc(std::hint::black_box(
+                size,
+            ))))
+        };
+    }
+    started.elapsed().as_nanos()
 }
 
 #[inline(never)]
@@ -102,6 +119,12 @@ fn main() {
                     // SAFETY: every pointer came from the allocator and is freed once.
                     unsafe { libc::free(p as *mut libc::c_void) };
                 }
+            }
+            "time-malloc" => {
+                let ns = time_malloc(a, b);
+                let _ = writeln!(out, "ok {ns}");
+                let _ = out.flush();
+                continue;
             }
             "exit" => {
                 let _ = writeln!(out, "ok");

@@ -10,6 +10,7 @@
 //! - `fork-hold N`: fork a child that makes N getppid calls and then waits; replies with its pid
 //! - `release`: let the held child exit and reap it
 //! - `spin MS`: burn CPU for MS milliseconds
+//! - `grow MB`: allocate MB MiB, touch every page and keep it (resident memory grows by MB MiB)
 //! - `exit`: exit 0
 
 use std::{
@@ -105,6 +106,12 @@ fn main() {
                 while Instant::now() < until {
                     x = std::hint::black_box(x.wrapping_mul(6364136223846793005).wrapping_add(1));
                 }
+                "ok".to_owned()
+            }
+            Some("grow") => {
+                let block = vec![1u8; (num(1) as usize) << 20];
+                // Kept for the life of the process: the test watches resident memory grow.
+                std::mem::forget(block);
                 "ok".to_owned()
             }
             Some("exit") => {

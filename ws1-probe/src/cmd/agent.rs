@@ -101,6 +101,23 @@ pub fn run(args: AgentArgs) -> anyhow::Result<()> {
                 }
             });
         }
+        // The always-on memory signal samples every few seconds, scraped or not, so its growth
+        // slope does not depend on the scrape interval.
+        let sample_state = Arc::clone(&shared);
+        let mut sample_stop = stop_rx.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(ws1_probe::collectors::memory::SAMPLE_EVERY);
+            loop {
+                tokio::select! {
+                    _ = sample_stop.wait_for(|stop| *stop) => return,
+                    _ = tick.tick() => {
+                        if let Some(probe) = lock(&sample_state).as_mut() {
+                            probe.sample_memory();
+                        }
+                    }
+                }
+            }
+        });
         ready.store(true, Ordering::Release);
         let rss = own_usage().map_or(0, |(_, rss)| rss);
         tracing::info!(

@@ -1,16 +1,26 @@
-//! `ws1-probe bench-floor` (hidden): the cost floor for `cargo xtask bench syscalls`. Attaches
-//! two empty raw tracepoint programs on sys_enter/sys_exit, so the benchmark can tell what any
-//! per-syscall hook costs on this kernel from what the agent's own programs add.
+//! `ws1-probe bench-floor` (hidden): the cost floor for `cargo xtask bench syscalls` and
+//! `cargo xtask bench alloc`. Attaches two empty raw tracepoint programs on sys_enter/sys_exit
+//! (or, with `--uprobe-pid`, an empty uprobe/uretprobe pair on one process's malloc and free), so
+//! the benchmark can tell what any such hook costs on this kernel from what the agent's own
+//! programs add.
 
-use std::{io::Write as _, path::Path};
+use std::{io::Write as _, num::NonZeroU32, path::Path};
 
 use anyhow::Context as _;
+use aya::{
+    Ebpf,
+    programs::{ProgramError, UProbe, uprobe::UProbeScope},
+};
 use ws1_probe::{
-    ebpf::{self, LoadOptions, TRACEFS},
+    collectors::alloc::allocator_path,
+    ebpf::{self, LoadOptions, TRACEFS, attach_reason, load_error},
     preflight,
 };
 use ws1_probe_common::{
-    check::{FLOOR_PID_SYS_ENTER, FLOOR_PID_SYS_EXIT, FLOOR_SYS_ENTER, FLOOR_SYS_EXIT},
+    check::{
+        FLOOR_PID_SYS_ENTER, FLOOR_PID_SYS_EXIT, FLOOR_SYS_ENTER, FLOOR_SYS_EXIT, FLOOR_UPROBE,
+        FLOOR_URETPROBE,
+    },
     hist::DEFAULT_EXPORT_BOUNDS_NS,
 };
 
@@ -21,6 +31,11 @@ pub struct FloorArgs {
     /// filters by process
     #[arg(long)]
     pub pid_helper: bool,
+    /// Instead of the syscall pair, attach an empty uprobe to malloc and free and an empty
+    /// uretprobe to malloc in this process's C library, for this process only: the trap floor
+    /// of precise allocation tracing
+    #[arg(long, conflicts_with = "pid_helper")]
+    pub uprobe_pid: Option<NonZeroU32>,
 }
 
 pub fn run(args: FloorArgs) -> anyhow::Result<()> {
@@ -33,13 +48,24 @@ pub fn run(args: FloorArgs) -> anyhow::Result<()> {
         bounds_ns: DEFAULT_EXPORT_BOUNDS_NS.to_vec(),
     };
     let mut object = ebpf::load(&opts)?;
-    let (enter, exit) = if args.pid_helper {
-        (FLOOR_PID_SYS_ENTER, FLOOR_PID_SYS_EXIT)
+    if let Some(pid) = args.uprobe_pid {
+        let lib = allocator_path(pid.get())?;
+        for (program, symbol) in [
+            (FLOOR_UPROBE, "malloc"),
+            (FLOOR_UPROBE, "free"),
+            (FLOOR_URETPROBE, "malloc"),
+        ] {
+            attach_uprobe(&mut object, program, symbol, &lib, pid)?;
+        }
     } else {
-        (FLOOR_SYS_ENTER, FLOOR_SYS_EXIT)
-    };
-    ebpf::attach_raw_tracepoint(&mut object, enter, "sys_enter")?;
-    ebpf::attach_raw_tracepoint(&mut object, exit, "sys_exit")?;
+        let (enter, exit) = if args.pid_helper {
+            (FLOOR_PID_SYS_ENTER, FLOOR_PID_SYS_EXIT)
+        } else {
+            (FLOOR_SYS_ENTER, FLOOR_SYS_EXIT)
+        };
+        ebpf::attach_raw_tracepoint(&mut object, enter, "sys_enter")?;
+        ebpf::attach_raw_tracepoint(&mut object, exit, "sys_exit")?;
+    }
 
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -59,7 +85,34 @@ pub fn run(args: FloorArgs) -> anyhow::Result<()> {
         }
         anyhow::Ok(())
     })?;
-    // Dropping the object closes the links, which detaches both programs.
+    // Dropping the object closes the links, which detaches the programs.
     drop(object);
+    Ok(())
+}
+
+/// Loads `program` (once) and attaches it to `symbol` in `lib`, for process `pid` only.
+fn attach_uprobe(
+    object: &mut Ebpf,
+    program: &str,
+    symbol: &str,
+    lib: &Path,
+    pid: NonZeroU32,
+) -> anyhow::Result<()> {
+    let prog: &mut UProbe = object
+        .program_mut(program)
+        .with_context(|| format!("program {program} is not in the eBPF object"))?
+        .try_into()
+        .map_err(|e: ProgramError| load_error(program, e))?;
+    if prog.fd().is_err() {
+        prog.load().map_err(|e| load_error(program, e))?;
+    }
+    prog.attach(symbol, lib, UProbeScope::OneProcess(pid))
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "cannot attach {program} to {symbol} in {}: {}",
+                lib.display(),
+                attach_reason(&e)
+            )
+        })?;
     Ok(())
 }

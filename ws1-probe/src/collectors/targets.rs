@@ -159,6 +159,11 @@ impl Targets {
         out
     }
 
+    /// (pid, service id) of every targeted process.
+    pub fn targeted_pairs(&self) -> Vec<(u32, u32)> {
+        self.targets.iter().flatten().collect()
+    }
+
     /// Pids of the targeted processes.
     pub fn targeted_pids(&self) -> Vec<u32> {
         self.targets.keys().flatten().collect()
