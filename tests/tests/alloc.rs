@@ -137,3 +137,74 @@ fn leaks_without_a_selector_is_refused() {
         "{stderr}"
     );
 }
+
+#[test]
+fn allocs_reports_rate_sizes_and_top_stacks() {
+    if !privileged() {
+        return;
+    }
+    let mut w = Workload::spawn_program(&allocload_bin(), "w-allocs");
+    let mut child = Command::new(probe_bin())
+        .args([
+            "allocs",
+            "--pid",
+            &w.pid.to_string(),
+            "--duration",
+            "2s",
+            "--json",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start ws1-probe allocs");
+    let stderr = child.stderr.take().expect("stderr");
+    let mut lines = BufReader::new(stderr).lines();
+    assert!(
+        lines
+            .next()
+            .and_then(Result::ok)
+            .is_some_and(|l| l.starts_with("collecting allocations")),
+        "allocs did not attach"
+    );
+    std::thread::spawn(move || lines.for_each(drop));
+    w.cmd("balanced 500 64");
+    w.cmd(&format!("leak-malloc {K} {S}"));
+    let report = finish(child);
+    let stack = |function: &str| -> Vec<&Value> {
+        report["top_stacks"]
+            .as_array()
+            .expect("top_stacks")
+            .iter()
+            .filter(|s| {
+                s["stack"][0]["function"]
+                    .as_str()
+                    .is_some_and(|f| f.ends_with(function))
+            })
+            .collect()
+    };
+    let churn = stack("balanced_churn");
+    assert_eq!(churn.len(), 1, "{report}");
+    assert_eq!(
+        (churn[0]["count"].as_u64(), churn[0]["bytes"].as_u64()),
+        (Some(500), Some(500 * 64))
+    );
+    let leak = stack("leak_with_malloc");
+    assert_eq!(
+        (leak[0]["count"].as_u64(), leak[0]["bytes"].as_u64()),
+        (Some(K), Some(K * S))
+    );
+    // Sizes land in their `le` buckets: 64 B in "<= 64 B", 1 KiB in "<= 1.0 KiB".
+    let calls = |size: &str| {
+        report["sizes"]
+            .as_array()
+            .expect("sizes")
+            .iter()
+            .find(|r| r["size"] == size)
+            .and_then(|r| r["calls"].as_u64())
+    };
+    assert_eq!(calls("<= 64 B"), Some(500), "{report}");
+    assert_eq!(calls("<= 1.0 KiB"), Some(K), "{report}");
+    assert_eq!(report["allocs"].as_u64(), Some(500 + K), "{report}");
+    assert_eq!(report["frees"].as_u64(), Some(500), "{report}");
+}

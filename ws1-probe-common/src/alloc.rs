@@ -93,13 +93,39 @@ pub const fn size_bucket(size: u64) -> usize {
     }
 }
 
+/// Key of `ALLOC_SITES`: allocations by service and stack.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct AllocSiteKey {
+    pub service: u32,
+    pub stack_id: i32,
+}
+
+/// Everything allocated from one site (freed or not).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AllocSite {
+    pub bytes: u64,
+    pub count: u64,
+}
+
+/// Capacity of `ALLOC_SITES`.
+pub const SITE_ENTRIES: u32 = 8_192;
+
 /// Capacity of `ALLOCS` (outstanding allocations; not preallocated).
 pub const ALLOC_ENTRIES: u32 = 1 << 20;
 /// Capacity of `ALLOC_STACKS`.
 pub const STACK_ENTRIES: u32 = 16_384;
 
 #[cfg(feature = "user")]
-crate::impl_pod!(AllocKey, AllocInfo, PendingAlloc, AllocStats);
+crate::impl_pod!(
+    AllocKey,
+    AllocInfo,
+    PendingAlloc,
+    AllocStats,
+    AllocSiteKey,
+    AllocSite
+);
 
 #[cfg(test)]
 mod tests {

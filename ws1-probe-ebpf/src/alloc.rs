@@ -17,12 +17,16 @@ use aya_ebpf::{
 };
 use ws1_probe_common::{
     alloc::{
-        ALLOC_ENTRIES, AllocInfo, AllocKey, AllocStats, PendingAlloc, STACK_ENTRIES, size_bucket,
+        ALLOC_ENTRIES, AllocInfo, AllocKey, AllocSite, AllocSiteKey, AllocStats, PendingAlloc,
+        SITE_ENTRIES, STACK_ENTRIES, size_bucket,
     },
     targets::DropReason,
 };
 
-use crate::targets::{count_drop, service_of};
+use crate::{
+    hist::atomic_add,
+    targets::{count_drop, service_of},
+};
 
 /// Outstanding allocations. Not preallocated: it is large and fills with use.
 #[map]
@@ -36,6 +40,11 @@ static ALLOC_PENDING: HashMap<u32, PendingAlloc> = HashMap::with_max_entries(16_
 /// User stacks of allocations.
 #[map]
 static ALLOC_STACKS: StackTrace = StackTrace::with_max_entries(STACK_ENTRIES, 0);
+
+/// Bytes and calls per (service, allocation stack), freed or not: the top allocating stacks.
+/// Shared by all CPUs and updated with atomic adds.
+#[map]
+static ALLOC_SITES: HashMap<AllocSiteKey, AllocSite> = HashMap::with_max_entries(SITE_ENTRIES, 0);
 
 /// Per-service counters.
 #[map]
@@ -196,6 +205,7 @@ fn finish<C: EbpfContext + StackIdContext>(
         addr: ptr,
     };
     let tracked = ALLOCS.insert(&key, &info, 0).is_ok();
+    count_site(service, stack_id, p.size);
     let size = p.size;
     update_stats(service, |s| {
         s.alloc_bytes += size;
@@ -207,6 +217,27 @@ fn finish<C: EbpfContext + StackIdContext>(
             s.untracked += 1;
         }
     });
+}
+
+#[inline(always)]
+fn count_site(service: u32, stack_id: i32, size: u64) {
+    let key = AllocSiteKey { service, stack_id };
+    let site = match ALLOC_SITES.get_ptr_mut(&key) {
+        Some(site) => site,
+        None => {
+            let zero = AllocSite { bytes: 0, count: 0 };
+            let _ = ALLOC_SITES.insert(&key, &zero, u64::from(BPF_NOEXIST));
+            match ALLOC_SITES.get_ptr_mut(&key) {
+                Some(site) => site,
+                None => return,
+            }
+        }
+    };
+    // SAFETY: a map value shared by all CPUs, only updated with atomic adds.
+    unsafe {
+        atomic_add(&mut (*site).bytes, size);
+        atomic_add(&mut (*site).count, 1);
+    }
 }
 
 /// A block was freed: forget it, counting its bytes if it was tracked.

@@ -325,8 +325,9 @@ pub fn try_sock_length(ctx: &TracePointContext, send: bool) -> Result<u32, i64> 
             ctx.read_at::<i32>(flags_off as usize)?,
         )
     };
-    // Errors, EOF and peeks move no data and end no request.
-    if ret <= 0 || flags & MSG_PEEK != 0 {
+    // Errors, EOF and peeks move no data and end no request (MSG_PEEK only means that on
+    // receive).
+    if ret <= 0 || (!send && flags & MSG_PEEK != 0) {
         return Ok(0);
     }
     let Some(entry) = NET_SOCKS.get_ptr_mut(sk) else {

@@ -28,6 +28,8 @@ enum Command {
     Net(cmd::net::NetArgs),
     /// Trace allocations of the selected processes and report blocks still outstanding, by stack
     Leaks(cmd::leaks::LeaksArgs),
+    /// Trace allocations of the selected processes: rate, size histogram, top allocating stacks
+    Allocs(cmd::allocs::AllocsArgs),
     /// Report which hooks this kernel allows and which collector will use which
     Check(cmd::check::CheckArgs),
     /// Attach empty sys_enter/sys_exit programs (the cost floor for `cargo xtask bench`)
@@ -50,6 +52,7 @@ fn main() -> ExitCode {
         Command::Syscalls(args) => cmd::syscalls::run(args).map(|()| ExitCode::SUCCESS),
         Command::Net(args) => cmd::net::run(args).map(|()| ExitCode::SUCCESS),
         Command::Leaks(args) => cmd::leaks::run(args).map(|()| ExitCode::SUCCESS),
+        Command::Allocs(args) => cmd::allocs::run(args).map(|()| ExitCode::SUCCESS),
         Command::Check(args) => cmd::check::run(args),
         Command::BenchFloor(args) => cmd::floor::run(args).map(|()| ExitCode::SUCCESS),
     };

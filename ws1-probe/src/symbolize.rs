@@ -30,6 +30,22 @@ impl Frame {
     }
 }
 
+/// Cuts a frame-pointer stack at the first frame after the top that no mapped binary contains:
+/// without frame pointers the kernel's walk continues into garbage after the first frame.
+pub fn trim_unknown_tail(frames: &mut Vec<Frame>) {
+    if let Some(cut) = frames.iter().skip(1).position(|f| f.function.is_none()) {
+        frames.truncate(cut + 1);
+    }
+}
+
+/// Whether two symbolized stacks print the same (unknown frames never compare equal).
+pub fn same_stack(a: &[Frame], b: &[Frame]) -> bool {
+    a.len() == b.len()
+        && a.iter().zip(b).all(|(x, y)| {
+            x.function.is_some() && x.function == y.function && x.location == y.location
+        })
+}
+
 pub struct Symbolizer {
     inner: Blaze,
 }

@@ -340,7 +340,7 @@ pub(crate) struct Proc {
     child: Child,
     stdin: Option<ChildStdin>,
     lines: mpsc::Receiver<String>,
-    log: PathBuf,
+    pub(crate) log: PathBuf,
 }
 
 impl Proc {
@@ -481,14 +481,14 @@ impl Drop for Proc {
 }
 
 /// `ws1-probe agent --pid <pid>` on a free loopback port; ready once `/readyz` answers 200.
-struct Agent {
-    proc: Proc,
+pub(crate) struct Agent {
+    pub(crate) proc: Proc,
     port: u16,
     ready: Duration,
 }
 
 impl Agent {
-    fn start(probe: &Path, pid: u32, logs: &Path, name: &str) -> Result<Agent> {
+    pub(crate) fn start(probe: &Path, pid: u32, logs: &Path, name: &str) -> Result<Agent> {
         let port = (TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()))
             .context("no free loopback port")?
             .port();

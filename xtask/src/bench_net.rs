@@ -162,17 +162,22 @@ impl Agent {
 }
 
 impl Agent {
-    /// Kernel run time in seconds of the named programs (needs `--bpf-stats`).
-    fn program_seconds(&self, programs: &[&str]) -> Result<f64> {
+    /// Kernel run time in seconds and run count of the named programs (needs `--bpf-stats`).
+    fn program_stats(&self, programs: &[&str]) -> Result<(f64, f64)> {
         let (status, body) = self.get("/metrics")?;
         ensure!(status == 200, "/metrics answered {status}");
-        let mut total = 0.0;
+        let mut total = (0.0, 0.0);
         for p in programs {
-            let series = format!("ws1_probe_bpf_program_run_seconds_total{{program=\"{p}\"}} ");
-            if let Some(v) = body.lines().find_map(|l| l.strip_prefix(&series)) {
-                total += v
-                    .parse::<f64>()
-                    .with_context(|| format!("bad value {v:?}"))?;
+            for (metric, sum) in [
+                ("ws1_probe_bpf_program_run_seconds_total", &mut total.0),
+                ("ws1_probe_bpf_program_runs_total", &mut total.1),
+            ] {
+                let series = format!("{metric}{{program=\"{p}\"}} ");
+                if let Some(v) = body.lines().find_map(|l| l.strip_prefix(&series)) {
+                    *sum += v
+                        .parse::<f64>()
+                        .with_context(|| format!("bad value {v:?}"))?;
+                }
             }
         }
         Ok(total)
@@ -287,8 +292,11 @@ pub fn run() -> Result<()> {
     let log = logs.join("net-agent-stats.log");
     let agent = Agent::start(&probe, &pids, &["--bpf-stats"], &log)?;
     let made = bench.block("d")? as f64;
-    let per_request =
-        |programs: &[&str]| -> Result<f64> { Ok(agent.program_seconds(programs)? / made * 1e9) };
+    // Per request: (ns of kernel time, program runs).
+    let per_request = |programs: &[&str]| -> Result<(f64, f64)> {
+        let (seconds, runs) = agent.program_stats(programs)?;
+        Ok((seconds / made * 1e9, runs / made))
+    };
     let stats = (per_request(&NET_PROGRAMS)?, per_request(&SYSCALL_PROGRAMS)?);
     drop(agent);
     let _ = idle.kill();
@@ -297,7 +305,13 @@ pub fn run() -> Result<()> {
     report(&bench, &sanity, stats)
 }
 
-fn report(bench: &Bench, sanity: &[(f64, u64)], (net_ns, sys_ns): (f64, f64)) -> Result<()> {
+type PerRequest = (f64, f64);
+
+fn report(
+    bench: &Bench,
+    sanity: &[(f64, u64)],
+    (net, sys): (PerRequest, PerRequest),
+) -> Result<()> {
     let base: Vec<f64> = bench
         .blocks
         .iter()
@@ -347,7 +361,8 @@ fn report(bench: &Bench, sanity: &[(f64, u64)], (net_ns, sys_ns): (f64, f64)) ->
         "goal: ≤ {GOAL_LOSS_PCT} % throughput loss with both ends observed: {verdict} ({loss_b:.2} %)"
     );
     println!(
-        "kernel time per request (both ends, all CPUs): network programs {net_ns:.0} ns, syscall programs {sys_ns:.0} ns"
+        "kernel time per request (both ends): network programs {:.0} ns in {:.1} runs, syscall programs {:.0} ns in {:.1} runs",
+        net.0, net.1, sys.0, sys.1
     );
     for (counted, made) in sanity {
         let check = if (*counted - *made as f64).abs() < 0.5 {

@@ -1,5 +1,6 @@
 //! `ws1-probe leaks`: trace the malloc family of the selected processes for a while, then report
-//! the blocks still outstanding after `--min-age`, grouped by allocation stack.
+//! the blocks still outstanding after `--min-age`, grouped by allocation stack. The tracing
+//! session is shared with `ws1-probe allocs`.
 
 use std::{
     io::{IsTerminal as _, Write as _},
@@ -13,6 +14,7 @@ use ws1_probe::{
     report::leaks::{self, format_bytes},
     units,
 };
+use ws1_probe_common::alloc::AllocStats;
 
 use super::CommonArgs;
 
@@ -53,8 +55,42 @@ fn monotonic_ns() -> u64 {
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
-pub fn run(args: LeaksArgs) -> anyhow::Result<()> {
-    let settings = super::settings(&args.common, None, false)?;
+/// A finished precise-mode tracing session.
+pub(super) struct Session {
+    pub probe: Probe,
+    pub allocs: AllocCollector,
+    pub what: String,
+    pub elapsed: Duration,
+    pub interrupted: bool,
+}
+
+impl Session {
+    /// Totals over all services.
+    pub fn total(&self) -> AllocStats {
+        let mut total = AllocStats::ZERO;
+        for s in self.allocs.stats().values() {
+            total.alloc_bytes += s.alloc_bytes;
+            total.allocs += s.allocs;
+            total.free_bytes += s.free_bytes;
+            total.frees += s.frees;
+            total.failed += s.failed;
+            total.untracked += s.untracked;
+            for (a, b) in total.size_buckets.iter_mut().zip(s.size_buckets.iter()) {
+                *a += b;
+            }
+        }
+        total
+    }
+}
+
+/// Attaches the allocation probes to the selected processes and traces for `duration` (or
+/// until Ctrl-C), with a progress line on a terminal.
+pub(super) fn trace(
+    common: &CommonArgs,
+    duration: Duration,
+    note: &str,
+) -> anyhow::Result<Session> {
+    let settings = super::settings(common, None, false)?;
     if settings.targets.is_host() {
         bail!(
             "precise allocation tracing needs a selector (uprobes on every process would slow the whole host): pass --pid, --comm, --cgroup or --config"
@@ -65,37 +101,42 @@ pub fn run(args: LeaksArgs) -> anyhow::Result<()> {
     if pids.is_empty() {
         bail!("no running process matches {}", settings.targets.describe());
     }
-    let mut allocs = AllocCollector::attach(probe.ebpf_mut(), &pids)
+    let allocs = AllocCollector::attach(probe.ebpf_mut(), &pids)
         .context("cannot attach the allocation probes")?;
     let what = settings.targets.describe();
-    let tty = std::io::stderr().is_terminal();
     eprintln!(
-        "collecting allocations of {} process(es) ({what}) for {:.0}s; leaks are blocks outstanding for {:.1}s or more",
+        "collecting allocations of {} process(es) ({what}) for {:.0}s{note}",
         allocs.pids.len(),
-        args.duration.as_secs_f64(),
-        args.min_age.as_secs_f64()
+        duration.as_secs_f64(),
     );
+    let mut session = Session {
+        probe,
+        allocs,
+        what,
+        elapsed: Duration::ZERO,
+        interrupted: false,
+    };
+    let tty = std::io::stderr().is_terminal();
     let started = Instant::now();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    let interrupted = rt.block_on(async {
-        let deadline = tokio::time::Instant::now() + args.duration;
+    session.interrupted = rt.block_on(async {
+        let deadline = tokio::time::Instant::now() + duration;
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         loop {
             tokio::select! {
                 _ = tokio::signal::ctrl_c() => return true,
                 _ = tokio::time::sleep_until(deadline) => return false,
                 _ = tick.tick() => if tty {
-                    let stats = allocs.stats();
-                    let (a, f): (u64, u64) = stats.values().fold((0, 0), |(a, f), s| (a + s.alloc_bytes, f + s.free_bytes));
+                    let total = session.total();
                     eprint!(
                         "\r\x1b[K{:.0}s/{:.0}s: {} allocated, {} freed (Ctrl-C to stop)",
                         started.elapsed().as_secs_f64(),
-                        args.duration.as_secs_f64(),
-                        format_bytes(a),
-                        format_bytes(f)
+                        duration.as_secs_f64(),
+                        format_bytes(total.alloc_bytes),
+                        format_bytes(total.free_bytes)
                     );
                     let _ = std::io::stderr().flush();
                 },
@@ -105,18 +146,29 @@ pub fn run(args: LeaksArgs) -> anyhow::Result<()> {
     if tty {
         eprint!("\r\x1b[K");
     }
-    let swept = allocs.sweep_exited();
+    session.elapsed = started.elapsed();
+    Ok(session)
+}
+
+pub fn run(args: LeaksArgs) -> anyhow::Result<()> {
+    let note = format!(
+        "; leaks are blocks outstanding for {:.1}s or more",
+        args.min_age.as_secs_f64()
+    );
+    let mut session = trace(&args.common, args.duration, &note)?;
+    let swept = session.allocs.sweep_exited();
     let now = monotonic_ns();
-    let outstanding = allocs.outstanding();
+    let outstanding = session.allocs.outstanding();
     let min_age_ns = args.min_age.as_nanos() as u64;
     let groups = leaks::group(&outstanding, now, min_age_ns);
-    let services = probe.targets.matcher().services();
+    let services = session.probe.targets.matcher().services();
+    let allocs = &session.allocs;
     let mut reports = leaks::symbolize(&groups, |id| services.name(id), |id| allocs.stack(id));
     let stacks = reports.len();
     reports.truncate(args.top);
-    let stats = allocs.stats();
     if args.json {
-        let per_service: serde_json::Map<String, serde_json::Value> = stats
+        let per_service: serde_json::Map<String, serde_json::Value> = allocs
+            .stats()
             .iter()
             .map(|(id, s)| {
                 (
@@ -130,9 +182,9 @@ pub fn run(args: LeaksArgs) -> anyhow::Result<()> {
             })
             .collect();
         let out = serde_json::json!({
-            "targets": what,
-            "duration_seconds": started.elapsed().as_secs_f64(),
-            "interrupted": interrupted,
+            "targets": session.what,
+            "duration_seconds": session.elapsed.as_secs_f64(),
+            "interrupted": session.interrupted,
             "min_age_seconds": args.min_age.as_secs_f64(),
             "outstanding_blocks": outstanding.len(),
             "exited_blocks_removed": swept,

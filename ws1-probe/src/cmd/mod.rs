@@ -1,6 +1,7 @@
 //! One file per subcommand, plus the arguments they share.
 
 pub mod agent;
+pub mod allocs;
 pub mod check;
 pub mod floor;
 pub mod leaks;

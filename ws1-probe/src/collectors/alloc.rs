@@ -13,7 +13,7 @@ use aya::{
     maps::{HashMap, MapData, PerCpuHashMap, StackTraceMap},
     programs::{ProgramError, UProbe, uprobe::UProbeScope},
 };
-use ws1_probe_common::alloc::{AllocInfo, AllocKey, AllocStats};
+use ws1_probe_common::alloc::{AllocInfo, AllocKey, AllocSite, AllocSiteKey, AllocStats};
 
 use super::{take_map, typed};
 use crate::ebpf::{LoadError, attach_reason, load_error};
@@ -93,6 +93,7 @@ pub struct AllocCollector {
     allocs: HashMap<MapData, AllocKey, AllocInfo>,
     stacks: StackTraceMap<MapData>,
     stats: PerCpuHashMap<MapData, u32, AllocStats>,
+    sites: HashMap<MapData, AllocSiteKey, AllocSite>,
     /// Processes the uprobes are attached to.
     pub pids: Vec<u32>,
 }
@@ -120,6 +121,7 @@ impl AllocCollector {
             allocs: typed("ALLOCS", take_map(ebpf, "ALLOCS")?)?,
             stacks: typed("ALLOC_STACKS", take_map(ebpf, "ALLOC_STACKS")?)?,
             stats: typed("ALLOC_STATS", take_map(ebpf, "ALLOC_STATS")?)?,
+            sites: typed("ALLOC_SITES", take_map(ebpf, "ALLOC_SITES")?)?,
             pids: attached,
         })
     }
@@ -138,6 +140,11 @@ impl AllocCollector {
             .get(&id, 0)
             .map(|trace| trace.frames().iter().map(|f| f.ip).collect())
             .unwrap_or_default()
+    }
+
+    /// Everything allocated per (service, stack) since attaching, freed or not.
+    pub fn sites(&self) -> Vec<(AllocSiteKey, AllocSite)> {
+        self.sites.iter().flatten().collect()
     }
 
     /// Per-service counters summed over CPUs.

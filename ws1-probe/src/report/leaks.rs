@@ -7,7 +7,7 @@ use serde::Serialize;
 use ws1_probe_common::alloc::{AllocInfo, AllocKey};
 
 use crate::{
-    symbolize::{Frame, Symbolizer},
+    symbolize::{Frame, Symbolizer, same_stack, trim_unknown_tail},
     units::format_ns,
 };
 
@@ -62,9 +62,9 @@ pub struct LeakReport {
     pub stack: Vec<Frame>,
 }
 
-/// Symbolizes the groups and merges those whose stacks print the same, largest first. Stacks are cut at the first address no mapped binary contains: without frame pointers
-/// the kernel's frame-pointer walk continues into garbage after the first frame, and such
-/// garbage would split one call site into many stacks.
+/// Symbolizes the groups and merges those whose stacks print the same, largest first. Stacks are
+/// cut at the first unknown frame (see [`trim_unknown_tail`]): such garbage would otherwise
+/// split one call site into many stacks.
 pub fn symbolize<'a>(
     groups: &[LeakGroup],
     service_name: impl Fn(u32) -> &'a str,
@@ -74,18 +74,12 @@ pub fn symbolize<'a>(
     let mut merged: Vec<LeakReport> = Vec::new();
     for g in groups {
         let mut frames = symbolizer.user_frames(g.pid, &stack(g.stack_id));
-        if let Some(cut) = frames.iter().skip(1).position(|f| f.function.is_none()) {
-            frames.truncate(cut + 1);
-        }
+        trim_unknown_tail(&mut frames);
         let service = service_name(g.service);
-        let same = |r: &LeakReport| {
-            r.service == service
-                && r.stack.len() == frames.len()
-                && r.stack.iter().zip(&frames).all(|(a, b)| {
-                    a.function.is_some() && a.function == b.function && a.location == b.location
-                })
-        };
-        match merged.iter_mut().find(|r| same(r)) {
+        match merged
+            .iter_mut()
+            .find(|r| r.service == service && same_stack(&r.stack, &frames))
+        {
             Some(r) => {
                 r.bytes += g.bytes;
                 r.count += g.count;

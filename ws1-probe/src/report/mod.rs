@@ -1,5 +1,6 @@
 //! Human and JSON reports printed by the one-shot CLI commands, one file per probe.
 
+pub mod allocs;
 pub mod leaks;
 pub mod net;
 pub mod syscalls;
