@@ -208,3 +208,37 @@ fn allocs_reports_rate_sizes_and_top_stacks() {
     assert_eq!(report["allocs"].as_u64(), Some(500 + K), "{report}");
     assert_eq!(report["frees"].as_u64(), Some(500), "{report}");
 }
+
+#[test]
+fn agent_precise_mode_exports_allocation_metrics() {
+    if !privileged() {
+        return;
+    }
+    let mut w = Workload::spawn_program(&allocload_bin(), "w-aprecise");
+    let agent = ws1_probe_tests::Agent::start(&["--pid", &w.pid.to_string(), "--precise-alloc"]);
+    w.cmd(&format!("leak-malloc {K} {S}"));
+    w.cmd("balanced 100 64");
+    let m = agent.metrics();
+    let service = [("service", "w-aprecise")];
+    assert_eq!(
+        m.get("ws1_probe_alloc_bytes_total", &service),
+        Some((K * S + 100 * 64) as f64)
+    );
+    assert_eq!(
+        m.get("ws1_probe_free_bytes_total", &service),
+        Some((100 * 64) as f64)
+    );
+    assert_eq!(
+        m.get("ws1_probe_alloc_outstanding_bytes", &service),
+        Some((K * S) as f64)
+    );
+    let bucket = |le: &str| {
+        m.get(
+            "ws1_probe_alloc_size_bytes_bucket",
+            &[("service", "w-aprecise"), ("le", le)],
+        )
+    };
+    assert_eq!(bucket("64"), Some(100.0));
+    assert_eq!(bucket("1024"), Some(100.0 + K as f64));
+    assert_eq!(bucket("+Inf"), Some(100.0 + K as f64));
+}

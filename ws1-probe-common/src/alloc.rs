@@ -43,13 +43,37 @@ pub struct AllocStats {
     pub frees: u64,
     /// Allocation calls that returned NULL.
     pub failed: u64,
-    /// Allocations not recorded because `ALLOCS` was full.
+    /// Allocations not recorded because `ALLOCS` was full, and their bytes.
     pub untracked: u64,
+    pub untracked_bytes: u64,
     /// Non-cumulative size buckets, see [`size_bucket`].
     pub size_buckets: [u64; SIZE_BUCKETS],
 }
 
 impl AllocStats {
+    /// Bytes of tracked allocations not freed yet.
+    pub const fn outstanding_bytes(&self) -> u64 {
+        self.alloc_bytes
+            .saturating_sub(self.untracked_bytes)
+            .saturating_sub(self.free_bytes)
+    }
+
+    /// Adds another CPU's or service's counters.
+    pub fn add(&mut self, s: &AllocStats) {
+        self.alloc_bytes += s.alloc_bytes;
+        self.allocs += s.allocs;
+        self.free_bytes += s.free_bytes;
+        self.frees += s.frees;
+        self.failed += s.failed;
+        self.untracked += s.untracked;
+        self.untracked_bytes += s.untracked_bytes;
+        let mut i = 0;
+        while i < SIZE_BUCKETS {
+            self.size_buckets[i] += s.size_buckets[i];
+            i += 1;
+        }
+    }
+
     pub const ZERO: Self = Self {
         alloc_bytes: 0,
         allocs: 0,
@@ -57,6 +81,7 @@ impl AllocStats {
         frees: 0,
         failed: 0,
         untracked: 0,
+        untracked_bytes: 0,
         size_buckets: [0; SIZE_BUCKETS],
     };
 }

@@ -215,6 +215,7 @@ fn finish<C: EbpfContext + StackIdContext>(
         }
         if !tracked {
             s.untracked += 1;
+            s.untracked_bytes += size;
         }
     });
 }

@@ -107,12 +107,15 @@ pub fn load_error(program: &str, err: ProgramError) -> LoadError {
     }
 }
 
-/// The last `n` non-empty lines of a verifier log, joined on one line.
+/// The last `n` meaningful lines of a verifier log, joined on one line. The statistics the
+/// verifier appends (`processed N insns`, `verification time`, `stack depth`) say nothing about
+/// the rejection, so they are skipped.
 pub fn log_tail(log: &str, n: usize) -> String {
+    let stats = ["processed ", "verification time", "stack depth"];
     let lines: Vec<&str> = log
         .lines()
         .map(str::trim)
-        .filter(|l| !l.is_empty())
+        .filter(|l| !l.is_empty() && !stats.iter().any(|s| l.starts_with(s)))
         .collect();
     let start = lines.len().saturating_sub(n);
     let tail = lines[start..].join(" | ");
@@ -390,7 +393,7 @@ format:
         let line = load_error("sys_enter", err).to_string();
         assert_eq!(
             line,
-            "the kernel verifier rejected program sys_enter: 0: (79) r0 = *(u64 *)(r1 +8) | invalid bpf_context access off=8 size=8 | processed 1 insns (limit 1000000)"
+            "the kernel verifier rejected program sys_enter: 0: R1=ctx() R10=fp0 | 0: (79) r0 = *(u64 *)(r1 +8) | invalid bpf_context access off=8 size=8"
         );
         assert!(!line.contains('\n'));
     }
@@ -400,7 +403,7 @@ format:
         let log = "0: (b7) r0 = 0\n\n1: (95) exit\nR0 !read_ok\nprocessed 2 insns\n";
         assert_eq!(
             log_tail(log, 3),
-            "1: (95) exit | R0 !read_ok | processed 2 insns"
+            "0: (b7) r0 = 0 | 1: (95) exit | R0 !read_ok"
         );
         assert_eq!(log_tail("", 3), "(empty verifier log)");
     }

@@ -11,6 +11,7 @@ use prometheus::proto::MetricFamily;
 
 use crate::{
     collectors::{
+        alloc::{self as alloccollector, AllocCollector, AllocError, Suspect},
         memory::MemoryCollector,
         net::{self as netcollector, NetCollector, NetSnapshot},
         syscalls::{SyscallCollector, SyscallSnapshot},
@@ -20,7 +21,10 @@ use crate::{
     metrics::{self, HOST_LABEL_LIMIT, LabelCap},
     preflight::{self, PreflightError},
     selfmetrics,
-    targeting::{Matcher, config::Settings},
+    targeting::{
+        Matcher,
+        config::{PreciseAlloc, Settings},
+    },
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -43,6 +47,10 @@ pub struct Probe {
     pub syscalls: SyscallCollector,
     pub net: NetCollector,
     pub memory: MemoryCollector,
+    /// Precise allocation tracing, when opted in (see [`Probe::attach_precise_alloc`]).
+    pub alloc: Option<AllocCollector>,
+    suspects: Vec<Suspect>,
+    suspects_at: Option<Instant>,
     exec_ring: Option<RingBuf<MapData>>,
     pub bounds_ns: Vec<u64>,
     pub scan: ScanSummary,
@@ -87,6 +95,9 @@ impl Probe {
             syscalls,
             net,
             memory: MemoryCollector::default(),
+            alloc: None,
+            suspects: Vec::new(),
+            suspects_at: None,
             exec_ring: Some(exec_ring),
             bounds_ns: settings.bounds_ns.clone(),
             scan,
@@ -119,6 +130,38 @@ impl Probe {
                 Some((name.to_owned(), info.run_time(), info.run_count()))
             })
             .collect()
+    }
+
+    /// Attaches the allocation uprobes to the processes `mode` selects; returns how many.
+    pub fn attach_precise_alloc(&mut self, mode: &PreciseAlloc) -> Result<usize, AllocError> {
+        let pairs = self.targets.targeted_pairs();
+        let services = self.targets.matcher().services();
+        let pids: Vec<u32> = match mode {
+            PreciseAlloc::Off => return Ok(0),
+            PreciseAlloc::All => pairs.iter().map(|(pid, _)| *pid).collect(),
+            PreciseAlloc::Services(names) => pairs
+                .iter()
+                .filter(|(_, s)| names.iter().any(|n| n == services.name(*s)))
+                .map(|(pid, _)| *pid)
+                .collect(),
+        };
+        let alloc = AllocCollector::attach(&mut self.ebpf, &pids)?;
+        let n = alloc.pids.len();
+        self.alloc = Some(alloc);
+        Ok(n)
+    }
+
+    /// Periodic work of the agent: the memory signal and, in precise mode, the leak suspects
+    /// (which walk the outstanding allocations, so at most every 30 s).
+    pub fn tick(&mut self) {
+        self.sample_memory();
+        let due = self
+            .suspects_at
+            .is_none_or(|at| at.elapsed() >= alloccollector::SUSPECT_MIN_AGE);
+        if let (true, Some(alloc)) = (due, self.alloc.as_mut()) {
+            self.suspects = alloc.suspects();
+            self.suspects_at = Some(Instant::now());
+        }
     }
 
     /// Samples resident memory per service (at most every few seconds) and logs services whose
@@ -167,6 +210,13 @@ impl Probe {
         let mut families = metrics::syscall_families(&snap, label, &self.bounds_ns);
         families.extend(netcollector::families(&net, label, &self.bounds_ns));
         families.extend(self.memory.families(label));
+        if let Some(alloc) = &self.alloc {
+            families.extend(alloccollector::families(
+                &alloc.stats(),
+                &self.suspects,
+                label,
+            ));
+        }
         families.extend(selfmetrics::families(self, &targeted, &label));
         (families, snap)
     }

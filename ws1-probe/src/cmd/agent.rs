@@ -26,13 +26,25 @@ pub struct AgentArgs {
     /// so per-program run time and count are exported; costs ~20 ns per program run
     #[arg(long)]
     pub bpf_stats: bool,
+    /// Trace allocations of every selected process with uprobes (alloc metrics, leak suspects);
+    /// costs a few microseconds per malloc/free. Per service: `precise_alloc = true` in the config
+    #[arg(long)]
+    pub precise_alloc: bool,
 }
 
 type Shared = Arc<Mutex<Option<Probe>>>;
 
 pub fn run(args: AgentArgs) -> anyhow::Result<()> {
     let started = Instant::now();
-    let settings = super::settings(&args.common, args.listen.clone(), args.bpf_stats)?;
+    let settings = super::settings_with(
+        &args.common,
+        ws1_probe::targeting::config::FlagOverrides {
+            listen: args.listen.clone(),
+            bpf_stats: args.bpf_stats,
+            precise_alloc: args.precise_alloc,
+            ..Default::default()
+        },
+    )?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -64,10 +76,18 @@ pub fn run(args: AgentArgs) -> anyhow::Result<()> {
         ));
 
         let load_settings = settings.clone();
-        let mut probe = tokio::task::spawn_blocking(move || Probe::start(&load_settings))
-            .await
-            .context("loader task failed")?
-            .context("cannot start the collectors")?;
+        let mut probe = tokio::task::spawn_blocking(move || -> anyhow::Result<Probe> {
+            let mut probe = Probe::start(&load_settings).context("cannot start the collectors")?;
+            let n = probe
+                .attach_precise_alloc(&load_settings.precise_alloc)
+                .context("cannot attach the allocation probes")?;
+            if n > 0 {
+                tracing::info!("precise allocation tracing on {n} process(es)");
+            }
+            Ok(probe)
+        })
+        .await
+        .context("loader task failed")??;
         tracing::info!(
             "observing {}: {} of {} processes targeted",
             settings.targets.describe(),
@@ -112,7 +132,7 @@ pub fn run(args: AgentArgs) -> anyhow::Result<()> {
                     _ = sample_stop.wait_for(|stop| *stop) => return,
                     _ = tick.tick() => {
                         if let Some(probe) = lock(&sample_state).as_mut() {
-                            probe.sample_memory();
+                            probe.tick();
                         }
                     }
                 }

@@ -44,17 +44,6 @@ fn parse_age(text: &str) -> Result<Duration, String> {
     units::parse_duration(text)
 }
 
-/// CLOCK_MONOTONIC in nanoseconds: the clock of `bpf_ktime_get_ns`.
-fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: a valid pointer to a timespec.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
-
 /// A finished precise-mode tracing session.
 pub(super) struct Session {
     pub probe: Probe,
@@ -69,15 +58,7 @@ impl Session {
     pub fn total(&self) -> AllocStats {
         let mut total = AllocStats::ZERO;
         for s in self.allocs.stats().values() {
-            total.alloc_bytes += s.alloc_bytes;
-            total.allocs += s.allocs;
-            total.free_bytes += s.free_bytes;
-            total.frees += s.frees;
-            total.failed += s.failed;
-            total.untracked += s.untracked;
-            for (a, b) in total.size_buckets.iter_mut().zip(s.size_buckets.iter()) {
-                *a += b;
-            }
+            total.add(s);
         }
         total
     }
@@ -157,7 +138,7 @@ pub fn run(args: LeaksArgs) -> anyhow::Result<()> {
     );
     let mut session = trace(&args.common, args.duration, &note)?;
     let swept = session.allocs.sweep_exited();
-    let now = monotonic_ns();
+    let now = units::monotonic_ns();
     let outstanding = session.allocs.outstanding();
     let min_age_ns = args.min_age.as_nanos() as u64;
     let groups = leaks::group(&outstanding, now, min_age_ns);

@@ -32,13 +32,24 @@ pub fn settings(
     listen: Option<String>,
     bpf_stats: bool,
 ) -> anyhow::Result<Settings> {
+    settings_with(
+        common,
+        FlagOverrides {
+            listen,
+            bpf_stats,
+            ..Default::default()
+        },
+    )
+}
+
+/// Like [`settings`], with every flag override given.
+pub fn settings_with(common: &CommonArgs, flags: FlagOverrides) -> anyhow::Result<Settings> {
     let rules = common
         .selectors
         .to_rules(Path::new("/proc"), Path::new(CGROUP_ROOT))?;
     let flags = FlagOverrides {
         config: common.config.clone(),
-        listen,
-        bpf_stats,
+        ..flags
     };
     config::resolve(&flags, rules, |k| std::env::var(k).ok()).context("invalid configuration")
 }

@@ -153,7 +153,7 @@ impl AllocCollector {
         for (service, per_cpu) in self.stats.iter().flatten() {
             let total = out.entry(service).or_insert(AllocStats::ZERO);
             for s in per_cpu.iter() {
-                add_stats(total, s);
+                total.add(s);
             }
         }
         out
@@ -171,18 +171,6 @@ impl AllocCollector {
         dead.iter()
             .filter(|k| self.allocs.remove(k).is_ok())
             .count()
-    }
-}
-
-fn add_stats(total: &mut AllocStats, s: &AllocStats) {
-    total.alloc_bytes += s.alloc_bytes;
-    total.allocs += s.allocs;
-    total.free_bytes += s.free_bytes;
-    total.frees += s.frees;
-    total.failed += s.failed;
-    total.untracked += s.untracked;
-    for (a, b) in total.size_buckets.iter_mut().zip(s.size_buckets.iter()) {
-        *a += b;
     }
 }
 
@@ -222,6 +210,157 @@ fn attach_one(
             reason: attach_reason(&err),
         }),
     }
+}
+
+/// A leak suspect exported as `ws1_probe_leak_suspect_bytes`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Suspect {
+    pub service: u32,
+    pub stack_id: i32,
+    pub bytes: u64,
+    /// The allocating function (top frame), for the label.
+    pub function: String,
+}
+
+/// How many suspects the agent exports (bounded cardinality).
+pub const SUSPECTS: usize = 10;
+/// Blocks younger than this are not suspects.
+pub const SUSPECT_MIN_AGE: std::time::Duration = std::time::Duration::from_secs(30);
+
+impl AllocCollector {
+    /// The largest groups of blocks outstanding for [`SUSPECT_MIN_AGE`] or more, by stack. Walks
+    /// the whole outstanding map: call it every few tens of seconds, not per scrape.
+    pub fn suspects(&mut self) -> Vec<Suspect> {
+        self.sweep_exited();
+        let now = crate::units::monotonic_ns();
+        let groups = crate::report::leaks::group(
+            &self.outstanding(),
+            now,
+            SUSPECT_MIN_AGE.as_nanos() as u64,
+        );
+        let symbolizer = crate::symbolize::Symbolizer::new();
+        groups
+            .iter()
+            .take(SUSPECTS)
+            .map(|g| {
+                let top = self
+                    .stack(g.stack_id)
+                    .into_iter()
+                    .take(1)
+                    .collect::<Vec<_>>();
+                let frame = symbolizer.user_frames(g.pid, &top).into_iter().next();
+                Suspect {
+                    service: g.service,
+                    stack_id: g.stack_id,
+                    bytes: g.bytes,
+                    function: frame
+                        .and_then(|f| f.function.or(Some(format!("{:#x}", f.addr))))
+                        .unwrap_or_else(|| "unknown".to_owned()),
+                }
+            })
+            .collect()
+    }
+}
+
+/// Allocation metric families (precise mode).
+pub fn families<'a>(
+    stats: &BTreeMap<u32, AllocStats>,
+    suspects: &[Suspect],
+    label: impl Fn(u32) -> &'a str,
+) -> Vec<prometheus::proto::MetricFamily> {
+    use prometheus::proto::MetricType;
+    use ws1_probe_common::alloc::SIZE_BOUNDS;
+
+    use crate::metrics::{counter, family, gauge};
+    let mut by_label: BTreeMap<&str, AllocStats> = BTreeMap::new();
+    for (service, s) in stats {
+        by_label
+            .entry(label(*service))
+            .or_insert(AllocStats::ZERO)
+            .add(s);
+    }
+    let per = |f: &dyn Fn(&AllocStats) -> f64, gauge_kind: bool| {
+        by_label
+            .iter()
+            .map(|(service, s)| {
+                if gauge_kind {
+                    gauge(&[("service", service)], f(s))
+                } else {
+                    counter(&[("service", service)], f(s))
+                }
+            })
+            .collect()
+    };
+    let sizes = by_label
+        .iter()
+        .map(|(service, s)| {
+            let mut h = prometheus::proto::Histogram::default();
+            h.set_sample_count(s.allocs);
+            h.set_sample_sum(s.alloc_bytes as f64);
+            let mut acc = 0;
+            let buckets = SIZE_BOUNDS
+                .iter()
+                .zip(s.size_buckets.iter())
+                .map(|(bound, n)| {
+                    acc += n;
+                    let mut b = prometheus::proto::Bucket::default();
+                    b.set_upper_bound(*bound as f64);
+                    b.set_cumulative_count(acc);
+                    b
+                })
+                .collect();
+            h.set_bucket(buckets);
+            let mut m = prometheus::proto::Metric::default();
+            m.set_label(vec![crate::metrics::label_pair("service", service)]);
+            m.set_histogram(h);
+            m
+        })
+        .collect();
+    let suspects = suspects
+        .iter()
+        .map(|s| {
+            gauge(
+                &[
+                    ("service", label(s.service)),
+                    ("stack_id", &s.stack_id.to_string()),
+                    ("function", &s.function),
+                ],
+                s.bytes as f64,
+            )
+        })
+        .collect();
+    vec![
+        family(
+            "ws1_probe_alloc_bytes_total",
+            "Bytes allocated through the malloc family (precise mode).",
+            MetricType::COUNTER,
+            per(&|s| s.alloc_bytes as f64, false),
+        ),
+        family(
+            "ws1_probe_free_bytes_total",
+            "Bytes freed of allocations seen by precise mode.",
+            MetricType::COUNTER,
+            per(&|s| s.free_bytes as f64, false),
+        ),
+        family(
+            "ws1_probe_alloc_outstanding_bytes",
+            "Bytes allocated since precise mode attached and not freed yet.",
+            MetricType::GAUGE,
+            per(&|s| s.outstanding_bytes() as f64, true),
+        ),
+        family(
+            "ws1_probe_alloc_size_bytes",
+            "Sizes of allocations (precise mode).",
+            MetricType::HISTOGRAM,
+            sizes,
+        ),
+        family(
+            "ws1_probe_leak_suspect_bytes",
+            "Bytes outstanding for 30 s or more, by allocation stack (top 10 stacks).",
+            MetricType::GAUGE,
+            suspects,
+        ),
+    ]
 }
 
 #[cfg(test)]

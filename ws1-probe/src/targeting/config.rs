@@ -62,6 +62,9 @@ pub struct ServiceSection {
     pub name: Spanned<String>,
     #[serde(rename = "match")]
     pub matches: Spanned<MatchSection>,
+    /// Trace this service's allocations with uprobes (leak suspects and allocation metrics).
+    #[serde(default)]
+    pub precise_alloc: bool,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -109,6 +112,19 @@ pub struct FlagOverrides {
     pub config: Option<PathBuf>,
     pub listen: Option<String>,
     pub bpf_stats: bool,
+    /// `--precise-alloc`: allocation uprobes on every selected process.
+    pub precise_alloc: bool,
+}
+
+/// Which processes get the allocation uprobes (precise mode), an opt-in.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum PreciseAlloc {
+    #[default]
+    Off,
+    /// Every observed process (`--precise-alloc` with command-line selectors).
+    All,
+    /// The configured services with `precise_alloc = true`.
+    Services(Vec<String>),
 }
 
 /// Everything the agent and CLI need to know, resolved.
@@ -120,6 +136,7 @@ pub struct Settings {
     pub bounds_ns: Vec<u64>,
     pub targets: TargetSpec,
     pub config_path: Option<PathBuf>,
+    pub precise_alloc: PreciseAlloc,
 }
 
 /// Parses a config file's text; `path` only names it in errors.
@@ -280,6 +297,28 @@ pub fn resolve(
     };
 
     let file_rules = service_rules(&path, &text, &file)?;
+    let precise_alloc = if flags.precise_alloc {
+        if selectors.is_empty() && file_rules.is_empty() {
+            return Err(ConfigError::BadValue {
+                source_name: "--precise-alloc".to_owned(),
+                field: "precise_alloc",
+                reason: "needs a selector (--pid, --comm, --cgroup or configured services): uprobes on every process would slow the whole host".to_owned(),
+            });
+        }
+        PreciseAlloc::All
+    } else {
+        let names: Vec<String> = file
+            .services
+            .iter()
+            .filter(|s| s.precise_alloc && selectors.is_empty())
+            .map(|s| s.name.get_ref().clone())
+            .collect();
+        if names.is_empty() {
+            PreciseAlloc::Off
+        } else {
+            PreciseAlloc::Services(names)
+        }
+    };
     let targets = if !selectors.is_empty() {
         TargetSpec::Rules(selectors)
     } else if !file_rules.is_empty() {
@@ -294,6 +333,7 @@ pub fn resolve(
         bounds_ns,
         targets,
         config_path,
+        precise_alloc,
     })
 }
 
@@ -406,6 +446,7 @@ match = { exe = "/opt/ws1/bin/risk$", pid = 77 }
             config: Some(p.clone()),
             listen: Some("127.0.0.1:9800".into()),
             bpf_stats: true,
+            precise_alloc: false,
         };
         let mut sel = Rule::labeled(None);
         sel.pid = Some(1);
@@ -436,6 +477,43 @@ match = { exe = "/opt/ws1/bin/risk$", pid = 77 }
             err.starts_with("cannot read config file /nonexistent/ws1.toml: "),
             "{err}"
         );
+    }
+
+    #[test]
+    fn precise_alloc_is_opt_in_per_service_or_by_flag() {
+        let text = "[[service]]\nname = \"risk\"\nmatch = { comm = \"risk\" }\nprecise_alloc = true\n[[service]]\nname = \"db\"\nmatch = { comm = \"pg\" }\n";
+        let p = write_tmp("precise", text);
+        let flags = FlagOverrides {
+            config: Some(p.clone()),
+            ..Default::default()
+        };
+        let s = resolve(&flags, vec![], no_env).unwrap();
+        assert_eq!(s.precise_alloc, PreciseAlloc::Services(vec!["risk".into()]));
+        let flags = FlagOverrides {
+            precise_alloc: true,
+            ..flags
+        };
+        assert_eq!(
+            resolve(&flags, vec![], no_env).unwrap().precise_alloc,
+            PreciseAlloc::All
+        );
+        std::fs::remove_file(p).unwrap();
+        let err = resolve(
+            &FlagOverrides {
+                precise_alloc: true,
+                ..Default::default()
+            },
+            vec![],
+            no_env,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.starts_with("--precise-alloc precise_alloc: needs a selector"),
+            "{err}"
+        );
+        let s = resolve(&FlagOverrides::default(), vec![], no_env).unwrap();
+        assert_eq!(s.precise_alloc, PreciseAlloc::Off);
     }
 
     #[test]
