@@ -8,6 +8,7 @@
 pub mod alloc;
 pub mod check;
 pub mod hist;
+pub mod memory;
 pub mod net;
 pub mod syscalls;
 pub mod targets;

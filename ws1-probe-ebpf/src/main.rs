@@ -9,6 +9,7 @@
 
 mod alloc;
 mod hist;
+mod memory;
 mod net;
 mod syscalls;
 mod targets;
@@ -89,6 +90,13 @@ pub fn tcp_send_reset(ctx: TracePointContext) -> u32 {
 #[tracepoint]
 pub fn tcp_receive_reset(ctx: TracePointContext) -> u32 {
     net::try_sock_event(&ctx, net::SockEvent::ResetReceived).unwrap_or(0)
+}
+
+// --- memory (always on): sampled page faults ---
+
+#[perf_event]
+pub fn page_fault(ctx: PerfEventContext) -> u32 {
+    memory::try_page_fault(&ctx).unwrap_or(0)
 }
 
 // --- allocations (precise mode) ---

@@ -54,6 +54,14 @@ pub const COLLECTORS: &[CollectorNeeds] = &[
         name: "syscalls",
         hooks: &["raw_tp sys_enter", "raw_tp sys_exit"],
     },
+    CollectorNeeds {
+        name: "memory",
+        hooks: &["perf_event software page-faults"],
+    },
+    CollectorNeeds {
+        name: "alloc",
+        hooks: &["uprobe libc malloc family", "uprobe libc free"],
+    },
 ];
 
 /// Whether a hook (or a facility: btf, tracefs) works here; `detail` says how or why not.

@@ -89,12 +89,13 @@ impl Probe {
             &targets.targeted_pids(),
             targets.matcher().clone(),
         );
+        let memory = MemoryCollector::attach(&mut ebpf)?;
         Ok(Self {
             ebpf,
             targets,
             syscalls,
             net,
-            memory: MemoryCollector::default(),
+            memory,
             alloc: None,
             suspects: Vec::new(),
             suspects_at: None,

@@ -155,6 +155,11 @@ fn privileged_tests(args: &[String]) -> Result<(u64, u64)> {
     run_tests(&mut test).context("xtask test: privileged tests failed")
 }
 
+/// CI systems set CI=true (or 1); treat empty/"false"/"0" as unset.
+fn in_ci() -> bool {
+    env::var("CI").is_ok_and(|v| !matches!(v.trim(), "" | "0" | "false" | "FALSE" | "False"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::parse_test_result;
@@ -167,9 +172,4 @@ mod tests {
         assert_eq!(parse_test_result(line), Some((2, 1)));
         assert_eq!(parse_test_result("running 3 tests"), None);
     }
-}
-
-/// CI systems set CI=true (or 1); treat empty/"false"/"0" as unset.
-fn in_ci() -> bool {
-    env::var("CI").is_ok_and(|v| !matches!(v.trim(), "" | "0" | "false" | "FALSE" | "False"))
 }

@@ -9,7 +9,22 @@ use std::{
 
 use prometheus::proto::{MetricFamily, MetricType};
 
-use crate::metrics::{family, gauge};
+use aya::{
+    Ebpf,
+    maps::{MapData, StackTraceMap},
+    programs::{
+        PerfEvent,
+        perf_event::{PerfEventConfig, PerfEventScope, SamplePolicy, SoftwareEvent},
+    },
+};
+use ws1_probe_common::memory::{FAULT_SAMPLE_PERIOD, FaultKey};
+
+use super::{take_map, typed};
+use crate::{
+    ebpf::{LoadError, attach_reason, load_error},
+    metrics::{counter, family, gauge},
+    symbolize::Symbolizer,
+};
 
 /// How far back the growth slope looks.
 pub const WINDOW: Duration = Duration::from_secs(300);
@@ -83,7 +98,14 @@ pub fn resident_bytes(pid: u32) -> Option<u64> {
     Some(pages * page)
 }
 
+/// Sampled page faults by (service, stack), when the perf event could be attached.
+pub struct FaultSampler {
+    faults: aya::maps::HashMap<MapData, FaultKey, u64>,
+    stacks: StackTraceMap<MapData>,
+}
+
 pub struct MemoryCollector {
+    pub faults: Option<FaultSampler>,
     started: Instant,
     last_sample: Option<Instant>,
     pub resident: BTreeMap<u32, u64>,
@@ -95,6 +117,7 @@ pub struct MemoryCollector {
 impl Default for MemoryCollector {
     fn default() -> Self {
         Self {
+            faults: None,
             started: Instant::now(),
             last_sample: None,
             resident: BTreeMap::new(),
@@ -105,6 +128,47 @@ impl Default for MemoryCollector {
 }
 
 impl MemoryCollector {
+    /// The collector with the page-fault sampler attached on every online CPU. A kernel
+    /// without perf events loses only the page-fault part, with a warning.
+    pub fn attach(ebpf: &mut Ebpf) -> Result<Self, LoadError> {
+        let mut collector = Self::default();
+        match attach_faults(ebpf) {
+            Ok(faults) => collector.faults = Some(faults),
+            Err(err) => tracing::warn!("page faults are not sampled: {err}"),
+        }
+        Ok(collector)
+    }
+
+    /// Sampled page faults per service, scaled by the sample period (an estimate).
+    pub fn faults_by_service(&self) -> BTreeMap<u32, u64> {
+        let mut out = BTreeMap::new();
+        if let Some(f) = &self.faults {
+            for (key, n) in f.faults.iter().flatten() {
+                *out.entry(key.service).or_insert(0) += n * FAULT_SAMPLE_PERIOD;
+            }
+        }
+        out
+    }
+
+    /// The function where a service faults in the most memory (first frame of its most
+    /// sampled stack), symbolized in process `pid`.
+    pub fn top_fault_function(&self, service: u32, pid: u32) -> Option<String> {
+        let f = self.faults.as_ref()?;
+        let (key, _) = f
+            .faults
+            .iter()
+            .flatten()
+            .filter(|(k, _)| k.service == service && k.stack_id >= 0)
+            .max_by_key(|(_, n)| *n)?;
+        let trace = f.stacks.get(&u32::try_from(key.stack_id).ok()?, 0).ok()?;
+        let ip = trace.frames().first()?.ip;
+        let frame = Symbolizer::new()
+            .user_frames(pid, &[ip])
+            .into_iter()
+            .next()?;
+        Some(frame.display())
+    }
+
     /// Samples resident memory per service from `targets` (pid → service), at most every
     /// [`SAMPLE_EVERY`]. Returns the services whose growth should be flagged now.
     pub fn sample(&mut self, targets: &[(u32, u32)]) -> Vec<(u32, f64)> {
@@ -161,6 +225,10 @@ impl MemoryCollector {
                 *growth.entry(label(*service)).or_insert(0.0) += slope;
             }
         }
+        let mut faults: BTreeMap<&str, f64> = BTreeMap::new();
+        for (service, n) in self.faults_by_service() {
+            *faults.entry(label(service)).or_insert(0.0) += n as f64;
+        }
         let gauges = |m: BTreeMap<&str, f64>| {
             m.into_iter()
                 .map(|(service, v)| gauge(&[("service", service)], v))
@@ -179,8 +247,52 @@ impl MemoryCollector {
                 MetricType::GAUGE,
                 gauges(growth),
             ),
+            family(
+                "ws1_probe_page_faults_total",
+                "Page faults of the observed processes, per service (sampled one in 64, scaled).",
+                MetricType::COUNTER,
+                faults
+                    .into_iter()
+                    .map(|(service, n)| counter(&[("service", service)], n))
+                    .collect(),
+            ),
         ]
     }
+}
+
+/// Opens a sampling page-fault perf event on every online CPU with the `page_fault` program.
+fn attach_faults(ebpf: &mut Ebpf) -> Result<FaultSampler, LoadError> {
+    let program = "page_fault";
+    let prog: &mut PerfEvent = ebpf
+        .program_mut(program)
+        .ok_or_else(|| LoadError::MissingProgram {
+            program: program.to_owned(),
+        })?
+        .try_into()
+        .map_err(|e| load_error(program, e))?;
+    prog.load().map_err(|e| load_error(program, e))?;
+    let cpus = aya::util::online_cpus().map_err(|(what, err)| LoadError::Attach {
+        program: program.to_owned(),
+        hook: "perf software page-faults".to_owned(),
+        reason: format!("{what}: {err}"),
+    })?;
+    for cpu in cpus {
+        prog.attach(
+            PerfEventConfig::Software(SoftwareEvent::PageFaults),
+            PerfEventScope::AllProcessesOneCpu { cpu },
+            SamplePolicy::Period(FAULT_SAMPLE_PERIOD),
+            false,
+        )
+        .map_err(|e| LoadError::Attach {
+            program: program.to_owned(),
+            hook: format!("perf software page-faults on cpu {cpu}"),
+            reason: attach_reason(&e),
+        })?;
+    }
+    Ok(FaultSampler {
+        faults: typed("PAGE_FAULTS", take_map(ebpf, "PAGE_FAULTS")?)?,
+        stacks: typed("FAULT_STACKS", take_map(ebpf, "FAULT_STACKS")?)?,
+    })
 }
 
 #[cfg(test)]

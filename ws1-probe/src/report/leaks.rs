@@ -95,7 +95,7 @@ pub fn symbolize<'a>(
             }),
         }
     }
-    merged.sort_by(|a, b| b.bytes.cmp(&a.bytes));
+    merged.sort_by_key(|r| std::cmp::Reverse(r.bytes));
     merged
 }
 
