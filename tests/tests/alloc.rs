@@ -242,3 +242,33 @@ fn agent_precise_mode_exports_allocation_metrics() {
     assert_eq!(bucket("1024"), Some(100.0 + K as f64));
     assert_eq!(bucket("+Inf"), Some(100.0 + K as f64));
 }
+
+#[test]
+fn agent_precise_mode_follows_new_processes() {
+    if !privileged() {
+        return;
+    }
+    let agent = ws1_probe_tests::Agent::start(&["--comm", "^w-apnew$", "--precise-alloc"]);
+    // Started after the agent: found through its exec, traced from the agent's next tick (5 s).
+    let mut w = Workload::spawn_program(&allocload_bin(), "w-apnew");
+    let service = [("service", "w-apnew")];
+    let started = std::time::Instant::now();
+    let before = loop {
+        w.cmd("leak-malloc 1 8");
+        let m = agent.metrics();
+        if let Some(out) = m.get("ws1_probe_alloc_outstanding_bytes", &service) {
+            break out;
+        }
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(20),
+            "new process not traced after 20 s"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(250));
+    };
+    w.cmd(&format!("leak-malloc {K} {S}"));
+    let after = agent
+        .metrics()
+        .get("ws1_probe_alloc_outstanding_bytes", &service)
+        .expect("outstanding bytes");
+    assert_eq!(after - before, (K * S) as f64);
+}

@@ -49,6 +49,7 @@ pub struct Probe {
     pub memory: MemoryCollector,
     /// Precise allocation tracing, when opted in (see [`Probe::attach_precise_alloc`]).
     pub alloc: Option<AllocCollector>,
+    precise: PreciseAlloc,
     suspects: Vec<Suspect>,
     suspects_at: Option<Instant>,
     exec_ring: Option<RingBuf<MapData>>,
@@ -97,6 +98,7 @@ impl Probe {
             net,
             memory,
             alloc: None,
+            precise: PreciseAlloc::Off,
             suspects: Vec::new(),
             suspects_at: None,
             exec_ring: Some(exec_ring),
@@ -134,28 +136,49 @@ impl Probe {
     }
 
     /// Attaches the allocation uprobes to the processes `mode` selects; returns how many.
+    /// Processes of those services started later are attached by [`Probe::tick`].
     pub fn attach_precise_alloc(&mut self, mode: &PreciseAlloc) -> Result<usize, AllocError> {
-        let pairs = self.targets.targeted_pairs();
-        let services = self.targets.matcher().services();
-        let pids: Vec<u32> = match mode {
-            PreciseAlloc::Off => return Ok(0),
-            PreciseAlloc::All => pairs.iter().map(|(pid, _)| *pid).collect(),
-            PreciseAlloc::Services(names) => pairs
-                .iter()
-                .filter(|(_, s)| names.iter().any(|n| n == services.name(*s)))
-                .map(|(pid, _)| *pid)
-                .collect(),
-        };
+        self.precise = mode.clone();
+        if *mode == PreciseAlloc::Off {
+            return Ok(0);
+        }
+        let pids = self.precise_pids();
         let alloc = AllocCollector::attach(&mut self.ebpf, &pids)?;
         let n = alloc.pids.len();
         self.alloc = Some(alloc);
         Ok(n)
     }
 
+    /// The observed processes that precise mode covers.
+    fn precise_pids(&self) -> Vec<u32> {
+        let services = self.targets.matcher().services();
+        self.targets
+            .targeted_pairs()
+            .into_iter()
+            .filter(|(_, s)| match &self.precise {
+                PreciseAlloc::Off => false,
+                PreciseAlloc::All => true,
+                PreciseAlloc::Services(names) => names.iter().any(|n| n == services.name(*s)),
+            })
+            .map(|(pid, _)| pid)
+            .collect()
+    }
+
     /// Periodic work of the agent: the memory signal and, in precise mode, the leak suspects
     /// (which walk the outstanding allocations, so at most every 30 s).
     pub fn tick(&mut self) {
         self.sample_memory();
+        if self.alloc.is_some() {
+            let pids = self.precise_pids();
+            if let Some(alloc) = self.alloc.as_mut() {
+                alloc.prune(&mut self.ebpf);
+                match alloc.add_pids(&mut self.ebpf, &pids) {
+                    Ok(0) => {}
+                    Ok(n) => tracing::info!("precise allocation tracing on {n} new process(es)"),
+                    Err(err) => tracing::warn!("cannot trace allocations of a new process: {err}"),
+                }
+            }
+        }
         let due = self
             .suspects_at
             .is_none_or(|at| at.elapsed() >= alloccollector::SUSPECT_MIN_AGE);

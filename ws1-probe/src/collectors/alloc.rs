@@ -11,7 +11,10 @@ use std::{
 use aya::{
     Ebpf,
     maps::{HashMap, MapData, PerCpuHashMap, StackTraceMap},
-    programs::{ProgramError, UProbe, uprobe::UProbeScope},
+    programs::{
+        ProgramError, UProbe,
+        uprobe::{UProbeLinkId, UProbeScope},
+    },
 };
 use ws1_probe_common::alloc::{AllocInfo, AllocKey, AllocSite, AllocSiteKey, AllocStats};
 
@@ -96,34 +99,66 @@ pub struct AllocCollector {
     sites: HashMap<MapData, AllocSiteKey, AllocSite>,
     /// Processes the uprobes are attached to.
     pub pids: Vec<u32>,
+    /// Every attachment, to detach those of exited processes.
+    links: Vec<(u32, &'static str, UProbeLinkId)>,
 }
 
 impl AllocCollector {
     /// Loads the programs and attaches them to the allocator of each pid.
     pub fn attach(ebpf: &mut Ebpf, pids: &[u32]) -> Result<Self, AllocError> {
-        let mut attached = Vec::new();
+        let mut collector = Self {
+            allocs: typed("ALLOCS", take_map(ebpf, "ALLOCS")?)?,
+            stacks: typed("ALLOC_STACKS", take_map(ebpf, "ALLOC_STACKS")?)?,
+            stats: typed("ALLOC_STATS", take_map(ebpf, "ALLOC_STATS")?)?,
+            sites: typed("ALLOC_SITES", take_map(ebpf, "ALLOC_SITES")?)?,
+            pids: Vec::new(),
+            links: Vec::new(),
+        };
+        collector.add_pids(ebpf, pids)?;
+        Ok(collector)
+    }
+
+    /// Attaches to the allocator of each pid not traced yet (new processes of a precise-mode
+    /// service). Processes that exited meanwhile are skipped.
+    pub fn add_pids(&mut self, ebpf: &mut Ebpf, pids: &[u32]) -> Result<usize, AllocError> {
+        let mut added = 0;
         for &pid in pids {
+            if self.pids.contains(&pid) {
+                continue;
+            }
             let lib = match allocator_path(pid) {
                 Ok(lib) => lib,
-                // A process that exited since the scan is not an error.
                 Err(AllocError::Maps { .. }) => continue,
                 Err(err) => return Err(err),
             };
             for (program, symbols) in ENTRIES.iter().chain(RETURNS.iter()) {
                 for symbol in *symbols {
-                    attach_one(ebpf, program, symbol, &lib, pid)?;
+                    if let Some(link) = attach_one(ebpf, program, symbol, &lib, pid)? {
+                        self.links.push((pid, program, link));
+                    }
                 }
             }
-            attach_one(ebpf, "alloc_free", "free", &lib, pid)?;
-            attached.push(pid);
+            if let Some(link) = attach_one(ebpf, "alloc_free", "free", &lib, pid)? {
+                self.links.push((pid, "alloc_free", link));
+            }
+            self.pids.push(pid);
+            added += 1;
         }
-        Ok(Self {
-            allocs: typed("ALLOCS", take_map(ebpf, "ALLOCS")?)?,
-            stacks: typed("ALLOC_STACKS", take_map(ebpf, "ALLOC_STACKS")?)?,
-            stats: typed("ALLOC_STATS", take_map(ebpf, "ALLOC_STATS")?)?,
-            sites: typed("ALLOC_SITES", take_map(ebpf, "ALLOC_SITES")?)?,
-            pids: attached,
-        })
+        Ok(added)
+    }
+
+    /// Detaches the probes of processes that have exited (each holds a perf event open).
+    pub fn prune(&mut self, ebpf: &mut Ebpf) {
+        let alive = |pid: u32| Path::new(&format!("/proc/{pid}")).exists();
+        self.pids.retain(|pid| alive(*pid));
+        let (keep, gone): (Vec<_>, Vec<_>) = self.links.drain(..).partition(|(pid, _, _)| alive(*pid));
+        self.links = keep;
+        for (_, program, link) in gone {
+            let prog: Option<&mut UProbe> = ebpf.program_mut(program).and_then(|p| p.try_into().ok());
+            if let Some(prog) = prog {
+                let _ = prog.detach(link);
+            }
+        }
     }
 
     /// Outstanding allocations.
@@ -180,7 +215,7 @@ fn attach_one(
     symbol: &str,
     lib: &Path,
     pid: u32,
-) -> Result<(), AllocError> {
+) -> Result<Option<UProbeLinkId>, AllocError> {
     let prog: &mut UProbe = ebpf
         .program_mut(program)
         .ok_or_else(|| LoadError::MissingProgram {
@@ -193,7 +228,7 @@ fn attach_one(
     }
     let scope = NonZeroU32::new(pid).map_or(UProbeScope::AllProcesses, UProbeScope::OneProcess);
     match prog.attach(symbol, lib, scope) {
-        Ok(_) => Ok(()),
+        Ok(link) => Ok(Some(link)),
         Err(err) if !REQUIRED.contains(&symbol) => {
             // Older or newer C libraries lack some of these (pvalloc, reallocarray).
             tracing::debug!(
@@ -201,7 +236,7 @@ fn attach_one(
                 lib.display(),
                 attach_reason(&err)
             );
-            Ok(())
+            Ok(None)
         }
         Err(err) => Err(AllocError::Attach {
             program: program.to_owned(),
