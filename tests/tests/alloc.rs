@@ -272,3 +272,46 @@ fn agent_precise_mode_follows_new_processes() {
         .expect("outstanding bytes");
     assert_eq!(after - before, (K * S) as f64);
 }
+
+#[test]
+fn a_custom_allocator_is_traced_by_binary_and_prefix() {
+    if !privileged() {
+        return;
+    }
+    let mut w = Workload::spawn_program(&allocload_bin(), "w-custom");
+    let mut child = Command::new(probe_bin())
+        .args(["leaks", "--pid", &w.pid.to_string(), "--duration", "2s"])
+        .args([
+            "--min-age",
+            "0s",
+            "--json",
+            "--alloc-lib",
+            "exe",
+            "--alloc-prefix",
+            "ws1_",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start ws1-probe leaks");
+    let stderr = child.stderr.take().expect("stderr");
+    let mut lines = BufReader::new(stderr).lines();
+    let first = lines.next().and_then(Result::ok).unwrap_or_default();
+    assert!(first.starts_with("collecting allocations"), "{first}");
+    std::thread::spawn(move || lines.for_each(drop));
+    w.cmd(&format!("leak-custom {K} {S}"));
+    w.cmd("churn-custom 50 64");
+    // libc's malloc is not traced in this mode.
+    w.cmd(&format!("leak-malloc {K} {S}"));
+    let report = finish(child);
+    let groups = at(&report, "leak_with_custom");
+    assert_eq!(groups.len(), 1, "{report}");
+    assert_eq!(
+        (groups[0]["bytes"].as_u64(), groups[0]["count"].as_u64()),
+        (Some(K * S), Some(K))
+    );
+    assert!(at(&report, "leak_with_malloc").is_empty(), "{report}");
+    assert!(at(&report, "churn_custom").is_empty(), "{report}");
+    assert_eq!(report["stats"]["w-custom"]["frees"], 50, "{report}");
+}

@@ -11,7 +11,7 @@ use prometheus::proto::MetricFamily;
 
 use crate::{
     collectors::{
-        alloc::{self as alloccollector, AllocCollector, AllocError, Suspect},
+        alloc::{self as alloccollector, AllocCollector, AllocError, AllocatorSpec, Suspect},
         memory::MemoryCollector,
         net::{self as netcollector, NetCollector, NetSnapshot},
         syscalls::{SyscallCollector, SyscallSnapshot},
@@ -50,6 +50,7 @@ pub struct Probe {
     /// Precise allocation tracing, when opted in (see [`Probe::attach_precise_alloc`]).
     pub alloc: Option<AllocCollector>,
     precise: PreciseAlloc,
+    settings: Settings,
     suspects: Vec<Suspect>,
     suspects_at: Option<Instant>,
     exec_ring: Option<RingBuf<MapData>>,
@@ -99,6 +100,7 @@ impl Probe {
             memory,
             alloc: None,
             precise: PreciseAlloc::Off,
+            settings: settings.clone(),
             suspects: Vec::new(),
             suspects_at: None,
             exec_ring: Some(exec_ring),
@@ -143,10 +145,32 @@ impl Probe {
             return Ok(0);
         }
         let pids = self.precise_pids();
-        let alloc = AllocCollector::attach(&mut self.ebpf, &pids)?;
+        let spec = self.allocator_specs();
+        let alloc = AllocCollector::attach(&mut self.ebpf, &pids, &spec)?;
         let n = alloc.pids.len();
         self.alloc = Some(alloc);
         Ok(n)
+    }
+
+    /// The allocator of each process, from the settings of its service.
+    fn allocator_specs(&self) -> impl Fn(u32) -> AllocatorSpec + use<> {
+        let services = self.targets.matcher().services();
+        let by_pid: std::collections::HashMap<u32, AllocatorSpec> = self
+            .targets
+            .targeted_pairs()
+            .into_iter()
+            .map(|(pid, service)| {
+                let a = self.settings.allocator(services.name(service));
+                (
+                    pid,
+                    AllocatorSpec {
+                        lib: a.lib,
+                        prefix: a.prefix,
+                    },
+                )
+            })
+            .collect();
+        move |pid| by_pid.get(&pid).cloned().unwrap_or_default()
     }
 
     /// The observed processes that precise mode covers.
@@ -170,9 +194,10 @@ impl Probe {
         self.sample_memory();
         if self.alloc.is_some() {
             let pids = self.precise_pids();
+            let spec = self.allocator_specs();
             if let Some(alloc) = self.alloc.as_mut() {
                 alloc.prune(&mut self.ebpf);
-                match alloc.add_pids(&mut self.ebpf, &pids) {
+                match alloc.add_pids(&mut self.ebpf, &pids, &spec) {
                     Ok(0) => {}
                     Ok(n) => tracing::info!("precise allocation tracing on {n} new process(es)"),
                     Err(err) => tracing::warn!("cannot trace allocations of a new process: {err}"),

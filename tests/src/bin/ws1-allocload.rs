@@ -5,6 +5,8 @@
 //! - `leak-malloc K S`, `leak-calloc K S`, `leak-realloc K S`, `leak-memalign K S`: leak K
 //!   blocks of S bytes through that function
 //! - `balanced N S`: allocate N blocks of S bytes and free them all
+//! - `leak-custom K S`, `churn-custom N S`: the same through the program's own prefixed
+//!   allocator functions `ws1_malloc`/`ws1_free`
 //! - `free-leaks`: free every block leaked so far
 //! - `time-malloc N S`: N times `p = malloc(S); free(p)`, timed; replies `ok <elapsed ns in
 //!   total>` (the benchmark's tight loop)
@@ -71,6 +73,36 @@ fn time_malloc(n: usize, size: usize) -> u128 {
     started.elapsed().as_nanos()
 }
 
+/// A "custom allocator" living in the program itself, with prefixed names, the way a statically
+/// linked jemalloc exposes `je_malloc`/`je_free`: traced with `--alloc-lib exe --alloc-prefix ws1_`.
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn ws1_malloc(size: usize) -> *mut libc::c_void {
+    // SAFETY: plain malloc.
+    std::hint::black_box(unsafe { libc::malloc(size) })
+}
+
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn ws1_free(ptr: *mut libc::c_void) {
+    // SAFETY: `ptr` came from ws1_malloc.
+    unsafe { libc::free(std::hint::black_box(ptr)) }
+}
+
+#[inline(never)]
+fn leak_with_custom(k: usize, size: usize, leaked: &mut Vec<usize>) {
+    for _ in 0..k {
+        leaked.push(ws1_malloc(size) as usize);
+    }
+}
+
+#[inline(never)]
+fn churn_custom(n: usize, size: usize) {
+    for _ in 0..n {
+        ws1_free(ws1_malloc(size));
+    }
+}
+
 #[inline(never)]
 fn balanced_churn(n: usize, size: usize, scratch: &mut Vec<usize>) {
     for _ in 0..n {
@@ -114,6 +146,8 @@ fn main() {
             "leak-realloc" => leak_with_realloc(a.min(room), b, &mut leaked),
             "leak-memalign" => leak_with_memalign(a.min(room), b, &mut leaked),
             "balanced" => balanced_churn(a.min(MAX_LEAKED), b, &mut scratch),
+            "leak-custom" => leak_with_custom(a.min(room), b, &mut leaked),
+            "churn-custom" => churn_custom(a, b),
             "free-leaks" => {
                 for p in leaked.drain(..) {
                     // SAFETY: every pointer came from the allocator and is freed once.

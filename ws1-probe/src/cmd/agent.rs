@@ -30,6 +30,8 @@ pub struct AgentArgs {
     /// costs a few microseconds per malloc/free. Per service: `precise_alloc = true` in the config
     #[arg(long)]
     pub precise_alloc: bool,
+    #[command(flatten)]
+    pub allocator: super::leaks::AllocatorArgs,
 }
 
 type Shared = Arc<Mutex<Option<Probe>>>;
@@ -42,6 +44,10 @@ pub fn run(args: AgentArgs) -> anyhow::Result<()> {
             listen: args.listen.clone(),
             bpf_stats: args.bpf_stats,
             precise_alloc: args.precise_alloc,
+            allocator: ws1_probe::targeting::config::AllocatorConfig {
+                lib: args.allocator.alloc_lib.clone(),
+                prefix: args.allocator.alloc_prefix.clone(),
+            },
             ..Default::default()
         },
     )?;

@@ -8,13 +8,18 @@ use ws1_probe::{
     units,
 };
 
-use super::{CommonArgs, leaks::trace};
+use super::{
+    CommonArgs,
+    leaks::{AllocatorArgs, trace},
+};
 
 /// Show allocation rate, size histogram and top allocating stacks
 #[derive(clap::Args, Debug)]
 pub struct AllocsArgs {
     #[command(flatten)]
     pub common: CommonArgs,
+    #[command(flatten)]
+    pub allocator: AllocatorArgs,
     /// How long to trace (e.g. 10s, 1m); Ctrl-C stops early
     #[arg(long, short = 'd', default_value = "10s", value_parser = units::parse_duration)]
     pub duration: Duration,
@@ -27,7 +32,7 @@ pub struct AllocsArgs {
 }
 
 pub fn run(args: AllocsArgs) -> anyhow::Result<()> {
-    let session = trace(&args.common, args.duration, "")?;
+    let session = trace(&args.common, &args.allocator, args.duration, "")?;
     let total = session.total();
     let services = session.probe.targets.matcher().services();
     let pairs = session.probe.targets.targeted_pairs();

@@ -12,17 +12,32 @@ use ws1_probe::{
     collectors::alloc::AllocCollector,
     probe::Probe,
     report::leaks::{self, format_bytes},
+    targeting::config::{AllocatorConfig, FlagOverrides, PreciseAlloc},
     units,
 };
 use ws1_probe_common::alloc::AllocStats;
 
 use super::CommonArgs;
 
+/// Which allocator to trace, when not the C library's malloc.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct AllocatorArgs {
+    /// Binary holding the allocator, as the process sees it (a statically linked program, or
+    /// e.g. /usr/lib/libjemalloc.so.2); `exe` for the program itself. Default: its libc
+    #[arg(long, value_name = "PATH")]
+    pub alloc_lib: Option<String>,
+    /// Prefix of the allocator's function names (e.g. `je_` for je_malloc/je_free)
+    #[arg(long, value_name = "PREFIX", default_value = "")]
+    pub alloc_prefix: String,
+}
+
 /// Find memory leaks: allocations still outstanding after --min-age, by stack
 #[derive(clap::Args, Debug)]
 pub struct LeaksArgs {
     #[command(flatten)]
     pub common: CommonArgs,
+    #[command(flatten)]
+    pub allocator: AllocatorArgs,
     /// How long to trace (e.g. 60s, 2m); Ctrl-C stops early and reports what was seen
     #[arg(long, short = 'd', default_value = "60s", value_parser = units::parse_duration)]
     pub duration: Duration,
@@ -68,22 +83,34 @@ impl Session {
 /// until Ctrl-C), with a progress line on a terminal.
 pub(super) fn trace(
     common: &CommonArgs,
+    allocator: &AllocatorArgs,
     duration: Duration,
     note: &str,
 ) -> anyhow::Result<Session> {
-    let settings = super::settings(common, None, false)?;
+    let flags = FlagOverrides {
+        allocator: AllocatorConfig {
+            lib: allocator.alloc_lib.clone(),
+            prefix: allocator.alloc_prefix.clone(),
+        },
+        ..Default::default()
+    };
+    let mut settings = super::settings_with(common, flags)?;
     if settings.targets.is_host() {
         bail!(
             "precise allocation tracing needs a selector (uprobes on every process would slow the whole host): pass --pid, --comm, --cgroup or --config"
         );
     }
+    settings.precise_alloc = PreciseAlloc::All;
     let mut probe = Probe::start(&settings).context("cannot start the collectors")?;
-    let pids = probe.targets.targeted_pids();
-    if pids.is_empty() {
+    if probe.targets.targeted_pids().is_empty() {
         bail!("no running process matches {}", settings.targets.describe());
     }
-    let allocs = AllocCollector::attach(probe.ebpf_mut(), &pids)
+    probe
+        .attach_precise_alloc(&settings.precise_alloc)
         .context("cannot attach the allocation probes")?;
+    let Some(allocs) = probe.alloc.take() else {
+        bail!("no allocation probe was attached");
+    };
     let what = settings.targets.describe();
     eprintln!(
         "collecting allocations of {} process(es) ({what}) for {:.0}s{note}",
@@ -136,7 +163,7 @@ pub fn run(args: LeaksArgs) -> anyhow::Result<()> {
         "; leaks are blocks outstanding for {:.1}s or more",
         args.min_age.as_secs_f64()
     );
-    let mut session = trace(&args.common, args.duration, &note)?;
+    let mut session = trace(&args.common, &args.allocator, args.duration, &note)?;
     let swept = session.allocs.sweep_exited();
     let now = units::monotonic_ns();
     let outstanding = session.allocs.outstanding();

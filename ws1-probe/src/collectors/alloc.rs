@@ -47,7 +47,8 @@ const RETURNS: [(&str, &[&str]); 2] = [
     ),
     ("alloc_return_posix_memalign", &["posix_memalign"]),
 ];
-/// Without these two the report would be wrong, so failing to attach them is an error.
+/// Without these two the report would be wrong, so failing to attach them is an error (with
+/// or without a prefix).
 const REQUIRED: [&str; 2] = ["malloc", "free"];
 
 #[derive(Debug, thiserror::Error)]
@@ -58,6 +59,10 @@ pub enum AllocError {
         "pid {pid} maps no C allocator (libc.so): is it statically linked or using a custom allocator?"
     )]
     NoAllocator { pid: u32 },
+    #[error(
+        "allocator binary {lib} not found for pid {pid}: give its path as the process sees it, or `exe`"
+    )]
+    NoLibrary { pid: u32, lib: String },
     #[error("cannot read /proc/{pid}/maps: {source}")]
     Maps {
         pid: u32,
@@ -71,6 +76,40 @@ pub enum AllocError {
         lib: String,
         reason: String,
     },
+}
+
+/// Which allocator to trace: the process's C library by default, or a named binary (a
+/// statically linked program, or a library such as jemalloc) whose allocator functions carry a
+/// prefix (`je_malloc`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct AllocatorSpec {
+    /// Path of the binary holding the allocator, as the process sees it; `exe` means the
+    /// process's own executable.
+    pub lib: Option<String>,
+    /// Prefix of the allocator's symbol names.
+    pub prefix: String,
+}
+
+impl AllocatorSpec {
+    /// The binary to attach to for `pid`, as seen from this mount namespace.
+    pub fn path(&self, pid: u32) -> Result<PathBuf, AllocError> {
+        match self.lib.as_deref() {
+            None => allocator_path(pid),
+            Some("exe") => Ok(PathBuf::from(format!("/proc/{pid}/exe"))),
+            Some(lib) => {
+                let path =
+                    Path::new(&format!("/proc/{pid}/root")).join(lib.trim_start_matches('/'));
+                if path.exists() {
+                    Ok(path)
+                } else {
+                    Err(AllocError::NoLibrary {
+                        pid,
+                        lib: lib.to_owned(),
+                    })
+                }
+            }
+        }
+    }
 }
 
 /// Where a process's allocator lives, as seen from this mount namespace.
@@ -105,7 +144,11 @@ pub struct AllocCollector {
 
 impl AllocCollector {
     /// Loads the programs and attaches them to the allocator of each pid.
-    pub fn attach(ebpf: &mut Ebpf, pids: &[u32]) -> Result<Self, AllocError> {
+    pub fn attach(
+        ebpf: &mut Ebpf,
+        pids: &[u32],
+        spec: &dyn Fn(u32) -> AllocatorSpec,
+    ) -> Result<Self, AllocError> {
         let mut collector = Self {
             allocs: typed("ALLOCS", take_map(ebpf, "ALLOCS")?)?,
             stacks: typed("ALLOC_STACKS", take_map(ebpf, "ALLOC_STACKS")?)?,
@@ -114,32 +157,41 @@ impl AllocCollector {
             pids: Vec::new(),
             links: Vec::new(),
         };
-        collector.add_pids(ebpf, pids)?;
+        collector.add_pids(ebpf, pids, spec)?;
         Ok(collector)
     }
 
     /// Attaches to the allocator of each pid not traced yet (new processes of a precise-mode
     /// service). Processes that exited meanwhile are skipped.
-    pub fn add_pids(&mut self, ebpf: &mut Ebpf, pids: &[u32]) -> Result<usize, AllocError> {
+    pub fn add_pids(
+        &mut self,
+        ebpf: &mut Ebpf,
+        pids: &[u32],
+        spec: &dyn Fn(u32) -> AllocatorSpec,
+    ) -> Result<usize, AllocError> {
         let mut added = 0;
         for &pid in pids {
             if self.pids.contains(&pid) {
                 continue;
             }
-            let lib = match allocator_path(pid) {
+            let spec = spec(pid);
+            let lib = match spec.path(pid) {
                 Ok(lib) => lib,
                 Err(AllocError::Maps { .. }) => continue,
                 Err(err) => return Err(err),
             };
-            for (program, symbols) in ENTRIES.iter().chain(RETURNS.iter()) {
-                for symbol in *symbols {
-                    if let Some(link) = attach_one(ebpf, program, symbol, &lib, pid)? {
+            let all = ENTRIES
+                .iter()
+                .chain(RETURNS.iter())
+                .copied()
+                .chain([("alloc_free", &["free"][..])]);
+            for (program, symbols) in all {
+                for symbol in symbols {
+                    let symbol = format!("{}{symbol}", spec.prefix);
+                    if let Some(link) = attach_one(ebpf, program, &symbol, &lib, pid)? {
                         self.links.push((pid, program, link));
                     }
                 }
-            }
-            if let Some(link) = attach_one(ebpf, "alloc_free", "free", &lib, pid)? {
-                self.links.push((pid, "alloc_free", link));
             }
             self.pids.push(pid);
             added += 1;
@@ -151,10 +203,12 @@ impl AllocCollector {
     pub fn prune(&mut self, ebpf: &mut Ebpf) {
         let alive = |pid: u32| Path::new(&format!("/proc/{pid}")).exists();
         self.pids.retain(|pid| alive(*pid));
-        let (keep, gone): (Vec<_>, Vec<_>) = self.links.drain(..).partition(|(pid, _, _)| alive(*pid));
+        let (keep, gone): (Vec<_>, Vec<_>) =
+            self.links.drain(..).partition(|(pid, _, _)| alive(*pid));
         self.links = keep;
         for (_, program, link) in gone {
-            let prog: Option<&mut UProbe> = ebpf.program_mut(program).and_then(|p| p.try_into().ok());
+            let prog: Option<&mut UProbe> =
+                ebpf.program_mut(program).and_then(|p| p.try_into().ok());
             if let Some(prog) = prog {
                 let _ = prog.detach(link);
             }
@@ -229,7 +283,7 @@ fn attach_one(
     let scope = NonZeroU32::new(pid).map_or(UProbeScope::AllProcesses, UProbeScope::OneProcess);
     match prog.attach(symbol, lib, scope) {
         Ok(link) => Ok(Some(link)),
-        Err(err) if !REQUIRED.contains(&symbol) => {
+        Err(err) if !REQUIRED.iter().any(|r| symbol.ends_with(r)) => {
             // Older or newer C libraries lack some of these (pvalloc, reallocarray).
             tracing::debug!(
                 "{symbol} not attached in {}: {}",

@@ -65,6 +65,18 @@ pub struct ServiceSection {
     /// Trace this service's allocations with uprobes (leak suspects and allocation metrics).
     #[serde(default)]
     pub precise_alloc: bool,
+    /// Binary holding the allocator when it is not the C library (a statically linked program,
+    /// or e.g. libjemalloc), as the process sees it; `exe` for the program itself.
+    pub alloc_lib: Option<String>,
+    /// Prefix of the allocator's function names, e.g. `je_` for jemalloc built with a prefix.
+    pub alloc_prefix: Option<String>,
+}
+
+/// The allocator of a precise-mode service, when not the C library's plain malloc.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct AllocatorConfig {
+    pub lib: Option<String>,
+    pub prefix: String,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -114,6 +126,8 @@ pub struct FlagOverrides {
     pub bpf_stats: bool,
     /// `--precise-alloc`: allocation uprobes on every selected process.
     pub precise_alloc: bool,
+    /// `--alloc-lib` / `--alloc-prefix`: the allocator of every selected process.
+    pub allocator: AllocatorConfig,
 }
 
 /// Which processes get the allocation uprobes (precise mode), an opt-in.
@@ -137,6 +151,19 @@ pub struct Settings {
     pub targets: TargetSpec,
     pub config_path: Option<PathBuf>,
     pub precise_alloc: PreciseAlloc,
+    /// Allocator per service name; `""` is the default for every process (flags).
+    pub allocators: Vec<(String, AllocatorConfig)>,
+}
+
+impl Settings {
+    /// The allocator configured for a service (its own, else the flags', else libc).
+    pub fn allocator(&self, service: &str) -> AllocatorConfig {
+        let find = |name: &str| self.allocators.iter().find(|(n, _)| n == name);
+        find(service)
+            .or_else(|| find(""))
+            .map(|(_, a)| a.clone())
+            .unwrap_or_default()
+    }
 }
 
 /// Parses a config file's text; `path` only names it in errors.
@@ -319,6 +346,21 @@ pub fn resolve(
             PreciseAlloc::Services(names)
         }
     };
+    let mut allocators: Vec<(String, AllocatorConfig)> = file
+        .services
+        .iter()
+        .filter(|s| s.alloc_lib.is_some() || s.alloc_prefix.is_some())
+        .map(|s| {
+            let config = AllocatorConfig {
+                lib: s.alloc_lib.clone(),
+                prefix: s.alloc_prefix.clone().unwrap_or_default(),
+            };
+            (s.name.get_ref().clone(), config)
+        })
+        .collect();
+    if flags.allocator != AllocatorConfig::default() {
+        allocators.push((String::new(), flags.allocator.clone()));
+    }
     let targets = if !selectors.is_empty() {
         TargetSpec::Rules(selectors)
     } else if !file_rules.is_empty() {
@@ -334,6 +376,7 @@ pub fn resolve(
         targets,
         config_path,
         precise_alloc,
+        allocators,
     })
 }
 
@@ -446,7 +489,7 @@ match = { exe = "/opt/ws1/bin/risk$", pid = 77 }
             config: Some(p.clone()),
             listen: Some("127.0.0.1:9800".into()),
             bpf_stats: true,
-            precise_alloc: false,
+            ..Default::default()
         };
         let mut sel = Rule::labeled(None);
         sel.pid = Some(1);
@@ -481,7 +524,7 @@ match = { exe = "/opt/ws1/bin/risk$", pid = 77 }
 
     #[test]
     fn precise_alloc_is_opt_in_per_service_or_by_flag() {
-        let text = "[[service]]\nname = \"risk\"\nmatch = { comm = \"risk\" }\nprecise_alloc = true\n[[service]]\nname = \"db\"\nmatch = { comm = \"pg\" }\n";
+        let text = "[[service]]\nname = \"risk\"\nmatch = { comm = \"risk\" }\nprecise_alloc = true\nalloc_lib = \"exe\"\nalloc_prefix = \"je_\"\n[[service]]\nname = \"db\"\nmatch = { comm = \"pg\" }\n";
         let p = write_tmp("precise", text);
         let flags = FlagOverrides {
             config: Some(p.clone()),
@@ -489,6 +532,12 @@ match = { exe = "/opt/ws1/bin/risk$", pid = 77 }
         };
         let s = resolve(&flags, vec![], no_env).unwrap();
         assert_eq!(s.precise_alloc, PreciseAlloc::Services(vec!["risk".into()]));
+        let je = AllocatorConfig {
+            lib: Some("exe".into()),
+            prefix: "je_".into(),
+        };
+        assert_eq!(s.allocator("risk"), je);
+        assert_eq!(s.allocator("db"), AllocatorConfig::default());
         let flags = FlagOverrides {
             precise_alloc: true,
             ..flags
