@@ -208,7 +208,10 @@ impl Probe {
             .suspects_at
             .is_none_or(|at| at.elapsed() >= alloccollector::SUSPECT_MIN_AGE);
         if let (true, Some(alloc)) = (due, self.alloc.as_mut()) {
-            self.suspects = alloc.suspects();
+            let elapsed = self
+                .suspects_at
+                .map_or(0.0, |at| at.elapsed().as_secs_f64());
+            self.suspects = alloc.suspects(&self.suspects, elapsed);
             self.suspects_at = Some(Instant::now());
         }
     }

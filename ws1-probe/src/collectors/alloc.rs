@@ -307,6 +307,9 @@ pub struct Suspect {
     pub service: u32,
     pub stack_id: i32,
     pub bytes: u64,
+    /// Change of `bytes` per second since the previous refresh: a stack whose old blocks keep
+    /// adding up is the typical leak; a large but flat one is more likely a cache.
+    pub growth_bytes_per_second: f64,
     /// The allocating function (top frame), for the label.
     pub function: String,
 }
@@ -319,7 +322,9 @@ pub const SUSPECT_MIN_AGE: std::time::Duration = std::time::Duration::from_secs(
 impl AllocCollector {
     /// The largest groups of blocks outstanding for [`SUSPECT_MIN_AGE`] or more, by stack. Walks
     /// the whole outstanding map: call it every few tens of seconds, not per scrape.
-    pub fn suspects(&mut self) -> Vec<Suspect> {
+    /// Growing stacks rank first, then the largest; `previous` is the last result, `elapsed`
+    /// the seconds since it.
+    pub fn suspects(&mut self, previous: &[Suspect], elapsed: f64) -> Vec<Suspect> {
         self.sweep_exited();
         let now = crate::units::monotonic_ns();
         let groups = crate::report::leaks::group(
@@ -327,11 +332,12 @@ impl AllocCollector {
             now,
             SUSPECT_MIN_AGE.as_nanos() as u64,
         );
+        let ranked = rank_suspects(&groups, previous, elapsed);
         let symbolizer = crate::symbolize::Symbolizer::new();
-        groups
-            .iter()
+        ranked
+            .into_iter()
             .take(SUSPECTS)
-            .map(|g| {
+            .map(|(growth, g)| {
                 let top = self
                     .stack(g.stack_id)
                     .into_iter()
@@ -342,6 +348,7 @@ impl AllocCollector {
                     service: g.service,
                     stack_id: g.stack_id,
                     bytes: g.bytes,
+                    growth_bytes_per_second: growth,
                     function: frame
                         .and_then(|f| f.function.or(Some(format!("{:#x}", f.addr))))
                         .unwrap_or_else(|| "unknown".to_owned()),
@@ -349,6 +356,27 @@ impl AllocCollector {
             })
             .collect()
     }
+}
+
+/// Groups with their growth in bytes per second since `previous`, growing ones first, then by
+/// size.
+pub fn rank_suspects<'g>(
+    groups: &'g [crate::report::leaks::LeakGroup],
+    previous: &[Suspect],
+    elapsed: f64,
+) -> Vec<(f64, &'g crate::report::leaks::LeakGroup)> {
+    let growth = |g: &crate::report::leaks::LeakGroup| {
+        previous
+            .iter()
+            .find(|p| p.service == g.service && p.stack_id == g.stack_id)
+            .map_or(0.0, |p| {
+                (g.bytes as f64 - p.bytes as f64) / elapsed.max(1.0)
+            })
+    };
+    let mut ranked: Vec<(f64, &crate::report::leaks::LeakGroup)> =
+        groups.iter().map(|g| (growth(g), g)).collect();
+    ranked.sort_by(|(ga, a), (gb, b)| (*gb > 0.0).cmp(&(*ga > 0.0)).then(b.bytes.cmp(&a.bytes)));
+    ranked
 }
 
 /// Allocation metric families (precise mode).
@@ -405,19 +433,21 @@ pub fn families<'a>(
             m
         })
         .collect();
-    let suspects = suspects
-        .iter()
-        .map(|s| {
-            gauge(
-                &[
-                    ("service", label(s.service)),
-                    ("stack_id", &s.stack_id.to_string()),
-                    ("function", &s.function),
-                ],
-                s.bytes as f64,
-            )
-        })
-        .collect();
+    let suspect = |value: &dyn Fn(&Suspect) -> f64| {
+        suspects
+            .iter()
+            .map(|s| {
+                gauge(
+                    &[
+                        ("service", label(s.service)),
+                        ("stack_id", &s.stack_id.to_string()),
+                        ("function", &s.function),
+                    ],
+                    value(s),
+                )
+            })
+            .collect()
+    };
     vec![
         family(
             "ws1_probe_alloc_bytes_total",
@@ -445,9 +475,15 @@ pub fn families<'a>(
         ),
         family(
             "ws1_probe_leak_suspect_bytes",
-            "Bytes outstanding for 30 s or more, by allocation stack (top 10 stacks).",
+            "Bytes outstanding for 30 s or more, by allocation stack (top 10 stacks, growing first).",
             MetricType::GAUGE,
-            suspects,
+            suspect(&|s| s.bytes as f64),
+        ),
+        family(
+            "ws1_probe_leak_suspect_growth_bytes_per_second",
+            "Growth of a leak suspect's outstanding bytes since the previous 30 s refresh.",
+            MetricType::GAUGE,
+            suspect(&|s| s.growth_bytes_per_second),
         ),
     ]
 }
@@ -470,6 +506,34 @@ mod tests {
             find_libc("7f-8f r-xp 0 0:0 0 /usr/lib/libcrypto.so.3"),
             None
         );
+    }
+
+    #[test]
+    fn growing_stacks_rank_first() {
+        use crate::report::leaks::LeakGroup;
+        let group = |stack_id, bytes| LeakGroup {
+            service: 1,
+            stack_id,
+            bytes,
+            count: 1,
+            oldest_age_ns: 0,
+            pid: 1,
+        };
+        let suspect = |stack_id, bytes| Suspect {
+            service: 1,
+            stack_id,
+            bytes,
+            growth_bytes_per_second: 0.0,
+            function: String::new(),
+        };
+        // Stack 1 is large and flat, stack 2 small and growing by 300 B over 30 s.
+        let groups = vec![group(1, 1_000_000), group(2, 600), group(3, 500)];
+        let previous = vec![suspect(1, 1_000_000), suspect(2, 300)];
+        let ranked = rank_suspects(&groups, &previous, 30.0);
+        let order: Vec<i32> = ranked.iter().map(|(_, g)| g.stack_id).collect();
+        assert_eq!(order, vec![2, 1, 3]);
+        assert_eq!(ranked[0].0, 10.0);
+        assert_eq!(ranked[1].0, 0.0);
     }
 
     #[test]

@@ -120,7 +120,7 @@ mod tests {
         assert_eq!(rows[4], ("<= 4.0 KiB".to_owned(), 2));
         assert_eq!(rows[11], ("> 16.0 MiB".to_owned(), 1));
         let text = render(&stats, 2.0, &[], 8);
-        assert!(text.contains("<= 4.0 KiB         2\n"), "{text}");
+        assert!(text.contains("<= 4.0 KiB        2\n"), "{text}");
         assert!(!text.contains("<= 64 B"), "empty rows are hidden: {text}");
     }
 }
