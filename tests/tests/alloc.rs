@@ -315,3 +315,38 @@ fn a_custom_allocator_is_traced_by_binary_and_prefix() {
     assert!(at(&report, "churn_custom").is_empty(), "{report}");
     assert_eq!(report["stats"]["w-custom"]["frees"], 50, "{report}");
 }
+
+#[test]
+fn mmap_munmap_and_brk_outside_the_allocator_are_counted() {
+    if !privileged() {
+        return;
+    }
+    const PAGE: u64 = 4096;
+    let mut w = Workload::spawn_program(&allocload_bin(), "w-mmap");
+    let leaks = start_leaks(w.pid, "2s");
+    w.cmd(&format!("mmap-leak 3 {}", 16 * PAGE));
+    w.cmd(&format!("mmap-churn 5 {}", 4 * PAGE));
+    w.cmd(&format!("brk-grow {}", 8 * PAGE));
+    // A large malloc is served by mmap inside the allocator: counted once, as a block.
+    w.cmd("leak-malloc 1 1048576");
+    let report = finish(leaks);
+    let stats = &report["stats"]["w-mmap"];
+    assert_eq!(
+        stats["mmap_bytes"].as_u64(),
+        Some(3 * 16 * PAGE + 5 * 4 * PAGE),
+        "{report}"
+    );
+    assert_eq!(
+        stats["munmap_bytes"].as_u64(),
+        Some(5 * 4 * PAGE),
+        "{report}"
+    );
+    assert_eq!(stats["brk_bytes"].as_u64(), Some(8 * PAGE), "{report}");
+    assert_eq!(report["mapped_regions"].as_u64(), Some(3), "{report}");
+    assert_eq!(
+        report["mapped_bytes"].as_u64(),
+        Some(3 * 16 * PAGE),
+        "{report}"
+    );
+    assert_eq!(stats["alloc_bytes"].as_u64(), Some(1048576), "{report}");
+}

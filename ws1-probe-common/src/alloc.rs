@@ -46,6 +46,11 @@ pub struct AllocStats {
     /// Allocations not recorded because `ALLOCS` was full, and their bytes.
     pub untracked: u64,
     pub untracked_bytes: u64,
+    /// Anonymous memory mapped with mmap outside the allocator, and unmapped again.
+    pub mmap_bytes: u64,
+    pub munmap_bytes: u64,
+    /// Growth of the program break by brk outside the allocator.
+    pub brk_bytes: u64,
     /// Non-cumulative size buckets, see [`size_bucket`].
     pub size_buckets: [u64; SIZE_BUCKETS],
 }
@@ -67,6 +72,9 @@ impl AllocStats {
         self.failed += s.failed;
         self.untracked += s.untracked;
         self.untracked_bytes += s.untracked_bytes;
+        self.mmap_bytes += s.mmap_bytes;
+        self.munmap_bytes += s.munmap_bytes;
+        self.brk_bytes += s.brk_bytes;
         let mut i = 0;
         while i < SIZE_BUCKETS {
             self.size_buckets[i] += s.size_buckets[i];
@@ -82,6 +90,9 @@ impl AllocStats {
         failed: 0,
         untracked: 0,
         untracked_bytes: 0,
+        mmap_bytes: 0,
+        munmap_bytes: 0,
+        brk_bytes: 0,
         size_buckets: [0; SIZE_BUCKETS],
     };
 }
@@ -137,6 +148,40 @@ pub struct AllocSite {
 /// Capacity of `ALLOC_SITES`.
 pub const SITE_ENTRIES: u32 = 8_192;
 
+/// Field offsets of the syscall tracepoints precise mode reads, from tracefs at start-up.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MmapOffsets {
+    /// `syscalls:sys_enter_mmap` → `len`, `flags`.
+    pub mmap_len: u32,
+    pub mmap_flags: u32,
+    /// `syscalls:sys_enter_munmap` → `addr`, `len`.
+    pub munmap_addr: u32,
+    pub munmap_len: u32,
+    /// `ret` of `syscalls:sys_exit_mmap` and `syscalls:sys_exit_brk`.
+    pub exit_ret: u32,
+    pub _pad: u32,
+}
+
+impl MmapOffsets {
+    /// Linux 6.x layout, used when tracefs cannot be read.
+    pub const FALLBACK: Self = Self {
+        mmap_len: 24,
+        mmap_flags: 40,
+        munmap_addr: 16,
+        munmap_len: 24,
+        exit_ret: 16,
+        _pad: 0,
+    };
+}
+
+/// `MAP_ANONYMOUS` from include/uapi/asm-generic/mman-common.h.
+pub const MAP_ANONYMOUS: u64 = 0x20;
+/// Capacity of `ALLOC_MMAPS` (anonymous regions mapped outside the allocator).
+pub const MMAP_ENTRIES: u32 = 65_536;
+/// Capacity of `PRECISE_PIDS`.
+pub const PRECISE_ENTRIES: u32 = 16_384;
+
 /// Capacity of `ALLOCS` (outstanding allocations; not preallocated).
 pub const ALLOC_ENTRIES: u32 = 1 << 20;
 /// Capacity of `ALLOC_STACKS`.
@@ -149,7 +194,8 @@ crate::impl_pod!(
     PendingAlloc,
     AllocStats,
     AllocSiteKey,
-    AllocSite
+    AllocSite,
+    MmapOffsets
 );
 
 #[cfg(test)]

@@ -13,12 +13,13 @@ use aya_ebpf::{
     helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_user},
     macros::map,
     maps::{HashMap, PerCpuHashMap, StackTrace},
-    programs::{ProbeContext, RetProbeContext, tracing::StackIdContext},
+    programs::{ProbeContext, RetProbeContext, TracePointContext, tracing::StackIdContext},
 };
 use ws1_probe_common::{
     alloc::{
-        ALLOC_ENTRIES, AllocInfo, AllocKey, AllocSite, AllocSiteKey, AllocStats, PendingAlloc,
-        SITE_ENTRIES, STACK_ENTRIES, size_bucket,
+        ALLOC_ENTRIES, AllocInfo, AllocKey, AllocSite, AllocSiteKey, AllocStats, MAP_ANONYMOUS,
+        MMAP_ENTRIES, MmapOffsets, PRECISE_ENTRIES, PendingAlloc, SITE_ENTRIES, STACK_ENTRIES,
+        size_bucket,
     },
     targets::DropReason,
 };
@@ -45,6 +46,28 @@ static ALLOC_STACKS: StackTrace = StackTrace::with_max_entries(STACK_ENTRIES, 0)
 /// Shared by all CPUs and updated with atomic adds.
 #[map]
 static ALLOC_SITES: HashMap<AllocSiteKey, AllocSite> = HashMap::with_max_entries(SITE_ENTRIES, 0);
+
+/// Processes in precise mode: the syscall tracepoints below fire host-wide, the uprobes only in
+/// these.
+#[map]
+static PRECISE_PIDS: HashMap<u32, u32> = HashMap::with_max_entries(PRECISE_ENTRIES, 0);
+
+/// Anonymous regions mapped outside the allocator: (tgid, address) → length.
+#[map]
+static ALLOC_MMAPS: HashMap<AllocKey, u64> =
+    HashMap::with_max_entries(MMAP_ENTRIES, BPF_F_NO_PREALLOC);
+
+/// An anonymous mmap in progress, by thread: its length.
+#[map]
+static MMAP_PENDING: HashMap<u32, u64> = HashMap::with_max_entries(16_384, 0);
+
+/// Last program break seen per process, to turn brk results into growth.
+#[map]
+static LAST_BRK: HashMap<u32, u64> = HashMap::with_max_entries(PRECISE_ENTRIES, 0);
+
+/// Tracepoint field offsets, read by the agent from tracefs.
+#[unsafe(no_mangle)]
+static MMAP_OFFSETS: MmapOffsets = MmapOffsets::FALLBACK;
 
 /// Per-service counters.
 #[map]
@@ -277,4 +300,115 @@ fn update_stats(service: u32, f: impl FnOnce(&mut AllocStats)) {
     };
     // SAFETY: this CPU's value; programs do not migrate while they run.
     f(unsafe { &mut *stats });
+}
+
+/// Precise-mode process calling a syscall itself, not from inside the allocator (whose own
+/// mmap/brk calls are already accounted as the blocks it returns): (tid, tgid, service).
+#[inline(always)]
+fn precise_outside_allocator() -> Option<(u32, u32, u32)> {
+    let (tid, tgid, service) = targeted()?;
+    PRECISE_PIDS.get_ptr(tgid)?;
+    if ALLOC_PENDING.get_ptr(tid).is_some() {
+        return None;
+    }
+    Some((tid, tgid, service))
+}
+
+#[inline(always)]
+fn offsets() -> MmapOffsets {
+    // SAFETY: a plain read of a global the loader may have rewritten.
+    unsafe { core::ptr::read_volatile(&MMAP_OFFSETS) }
+}
+
+pub fn try_mmap_enter(ctx: &TracePointContext) -> Result<u32, i32> {
+    let Some((tid, _, _)) = precise_outside_allocator() else {
+        return Ok(0);
+    };
+    let off = offsets();
+    // SAFETY: offsets read from this tracepoint's format file.
+    let flags: u64 = unsafe { ctx.read_at(off.mmap_flags as usize)? };
+    if flags & MAP_ANONYMOUS == 0 {
+        return Ok(0);
+    }
+    // SAFETY: as above.
+    let len: u64 = unsafe { ctx.read_at(off.mmap_len as usize)? };
+    let _ = MMAP_PENDING.insert(tid, len, 0);
+    Ok(0)
+}
+
+pub fn try_mmap_exit(ctx: &TracePointContext) -> Result<u32, i32> {
+    let Some((tid, tgid, service)) = targeted() else {
+        return Ok(0);
+    };
+    let Some(len) = MMAP_PENDING.get_ptr(tid) else {
+        return Ok(0);
+    };
+    // SAFETY: pointer from a successful lookup, copied before the entry is removed.
+    let len = unsafe { *len };
+    let _ = MMAP_PENDING.remove(tid);
+    // SAFETY: offset read from this tracepoint's format file.
+    let ret: i64 = unsafe { ctx.read_at(offsets().exit_ret as usize)? };
+    if ret < 0 && ret >= -4095 {
+        return Ok(0);
+    }
+    let key = AllocKey {
+        tgid,
+        _pad: 0,
+        addr: ret as u64,
+    };
+    if ALLOC_MMAPS.insert(&key, &len, 0).is_ok() {
+        update_stats(service, |s| s.mmap_bytes += len);
+    }
+    Ok(0)
+}
+
+pub fn try_munmap_enter(ctx: &TracePointContext) -> Result<u32, i32> {
+    let Some((_, tgid, service)) = precise_outside_allocator() else {
+        return Ok(0);
+    };
+    let off = offsets();
+    // SAFETY: offsets read from this tracepoint's format file.
+    let addr: u64 = unsafe { ctx.read_at(off.munmap_addr as usize)? };
+    let key = AllocKey {
+        tgid,
+        _pad: 0,
+        addr,
+    };
+    let Some(len) = ALLOC_MMAPS.get_ptr(&key) else {
+        return Ok(0);
+    };
+    // SAFETY: pointer from a successful lookup, copied before the entry is removed.
+    let len = unsafe { *len };
+    // Only a whole-region unmap releases the region; a partial one leaves it tracked.
+    // SAFETY: as above.
+    let unmapped: u64 = unsafe { ctx.read_at(off.munmap_len as usize)? };
+    if unmapped >= len && ALLOC_MMAPS.remove(&key).is_ok() {
+        update_stats(service, |s| s.munmap_bytes += len);
+    }
+    Ok(0)
+}
+
+pub fn try_brk_exit(ctx: &TracePointContext) -> Result<u32, i32> {
+    let Some((tid, tgid, service)) = targeted() else {
+        return Ok(0);
+    };
+    if PRECISE_PIDS.get_ptr(tgid).is_none() {
+        return Ok(0);
+    }
+    // SAFETY: offset read from this tracepoint's format file.
+    let brk: u64 = unsafe { ctx.read_at(offsets().exit_ret as usize)? };
+    let last = LAST_BRK.get_ptr(tgid).map(|p| {
+        // SAFETY: pointer from a successful lookup.
+        unsafe { *p }
+    });
+    let _ = LAST_BRK.insert(tgid, brk, 0);
+    // The allocator's own brk calls are accounted as the blocks it returns.
+    let inside_allocator = ALLOC_PENDING.get_ptr(tid).is_some();
+    if let Some(last) = last
+        && brk > last
+        && !inside_allocator
+    {
+        update_stats(service, |s| s.brk_bytes += brk - last);
+    }
+    Ok(0)
 }

@@ -146,6 +146,26 @@ pub fn alloc_free(ctx: ProbeContext) -> u32 {
     alloc::try_free(&ctx).unwrap_or(0)
 }
 
+#[tracepoint]
+pub fn alloc_mmap_enter(ctx: TracePointContext) -> u32 {
+    alloc::try_mmap_enter(&ctx).unwrap_or(0)
+}
+
+#[tracepoint]
+pub fn alloc_mmap_exit(ctx: TracePointContext) -> u32 {
+    alloc::try_mmap_exit(&ctx).unwrap_or(0)
+}
+
+#[tracepoint]
+pub fn alloc_munmap_enter(ctx: TracePointContext) -> u32 {
+    alloc::try_munmap_enter(&ctx).unwrap_or(0)
+}
+
+#[tracepoint]
+pub fn alloc_brk_exit(ctx: TracePointContext) -> u32 {
+    alloc::try_brk_exit(&ctx).unwrap_or(0)
+}
+
 // --- hook probes for `ws1-probe check` and the benchmark floor ---
 
 #[tracepoint]

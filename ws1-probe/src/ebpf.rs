@@ -73,6 +73,7 @@ pub fn load(opts: &LoadOptions) -> Result<Ebpf, LoadError> {
     // Read here rather than passed in: every load needs them, and the net collector reads the
     // same files again to learn which hooks exist.
     let net_offsets = read_net_offsets(Path::new(TRACEFS));
+    let mmap_offsets = read_mmap_offsets(Path::new(TRACEFS));
     EbpfLoader::new()
         .map_max_entries("TARGET_FILTER", pid_max())
         .override_global("HOST_MODE", &host_mode, true)
@@ -80,8 +81,30 @@ pub fn load(opts: &LoadOptions) -> Result<Ebpf, LoadError> {
         .override_global("SYSCALL_BOUNDS_NS", &bounds, true)
         .override_global("NET_BOUNDS_NS", &bounds, true)
         .override_global("NET_OFFSETS", &net_offsets, true)
+        .override_global("MMAP_OFFSETS", &mmap_offsets, true)
         .load(OBJECT)
         .map_err(|source| LoadError::Object { source })
+}
+
+/// Field offsets of the mmap/munmap/brk syscall tracepoints (precise allocation mode), field
+/// by field falling back to the Linux 6.x layout.
+pub fn read_mmap_offsets(tracefs: &Path) -> ws1_probe_common::alloc::MmapOffsets {
+    let mut off = ws1_probe_common::alloc::MmapOffsets::FALLBACK;
+    let read = |event: &str| {
+        std::fs::read_to_string(tracefs.join("events/syscalls").join(event).join("format")).ok()
+    };
+    if let Some(fmt) = read("sys_enter_mmap") {
+        off.mmap_len = parse_format_offset(&fmt, "len").unwrap_or(off.mmap_len);
+        off.mmap_flags = parse_format_offset(&fmt, "flags").unwrap_or(off.mmap_flags);
+    }
+    if let Some(fmt) = read("sys_enter_munmap") {
+        off.munmap_addr = parse_format_offset(&fmt, "addr").unwrap_or(off.munmap_addr);
+        off.munmap_len = parse_format_offset(&fmt, "len").unwrap_or(off.munmap_len);
+    }
+    if let Some(fmt) = read("sys_exit_mmap") {
+        off.exit_ret = parse_format_offset(&fmt, "ret").unwrap_or(off.exit_ret);
+    }
+    off
 }
 
 /// `kernel.pid_max`: the size of the tgid-indexed filter array. Falls back to the largest value

@@ -76,6 +76,7 @@ pub fn families<'a>(
         .usage()
         .into_iter()
         .chain(probe.syscalls.usage())
+        .chain(probe.net.usage())
         .collect();
     out.push(family(
         "ws1_probe_bpf_map_entries",

@@ -5,6 +5,8 @@
 //! - `leak-malloc K S`, `leak-calloc K S`, `leak-realloc K S`, `leak-memalign K S`: leak K
 //!   blocks of S bytes through that function
 //! - `balanced N S`: allocate N blocks of S bytes and free them all
+//! - `mmap-leak K S`, `mmap-churn N S`: K anonymous mappings of S bytes kept, or N mapped and
+//!   unmapped; `brk-grow S`: raise the program break by S bytes with raw brk calls
 //! - `leak-custom K S`, `churn-custom N S`: the same through the program's own prefixed
 //!   allocator functions `ws1_malloc`/`ws1_free`
 //! - `free-leaks`: free every block leaked so far
@@ -103,6 +105,37 @@ fn churn_custom(n: usize, size: usize) {
     }
 }
 
+/// Anonymous mappings made directly, outside the allocator.
+#[inline(never)]
+fn mmap_regions(k: usize, size: usize, keep: bool) {
+    for _ in 0..k {
+        // SAFETY: an anonymous private mapping; unmapped below unless kept (leaked on purpose).
+        unsafe {
+            let p = libc::mmap(
+                std::ptr::null_mut(),
+                size,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            );
+            if !keep && p != libc::MAP_FAILED {
+                libc::munmap(p, size);
+            }
+        }
+    }
+}
+
+/// Moves the program break up by `size` bytes with raw brk calls (the first reads it).
+#[inline(never)]
+fn brk_grow(size: usize) {
+    // SAFETY: brk(0) reads the break; raising it maps memory the allocator never hands out.
+    unsafe {
+        let current = libc::syscall(libc::SYS_brk, 0usize);
+        libc::syscall(libc::SYS_brk, current as usize + size);
+    }
+}
+
 #[inline(never)]
 fn balanced_churn(n: usize, size: usize, scratch: &mut Vec<usize>) {
     for _ in 0..n {
@@ -147,6 +180,9 @@ fn main() {
             "leak-memalign" => leak_with_memalign(a.min(room), b, &mut leaked),
             "balanced" => balanced_churn(a.min(MAX_LEAKED), b, &mut scratch),
             "leak-custom" => leak_with_custom(a.min(room), b, &mut leaked),
+            "mmap-leak" => mmap_regions(a, b, true),
+            "mmap-churn" => mmap_regions(a, b, false),
+            "brk-grow" => brk_grow(a),
             "churn-custom" => churn_custom(a, b),
             "free-leaks" => {
                 for p in leaked.drain(..) {

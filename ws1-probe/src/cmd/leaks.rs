@@ -167,6 +167,7 @@ pub fn run(args: LeaksArgs) -> anyhow::Result<()> {
     let swept = session.allocs.sweep_exited();
     let now = units::monotonic_ns();
     let outstanding = session.allocs.outstanding();
+    let mapped = session.allocs.mapped();
     let min_age_ns = args.min_age.as_nanos() as u64;
     let groups = leaks::group(&outstanding, now, min_age_ns);
     let services = session.probe.targets.matcher().services();
@@ -185,6 +186,8 @@ pub fn run(args: LeaksArgs) -> anyhow::Result<()> {
                         "alloc_bytes": s.alloc_bytes, "allocs": s.allocs,
                         "free_bytes": s.free_bytes, "frees": s.frees,
                         "failed": s.failed, "untracked": s.untracked,
+                        "mmap_bytes": s.mmap_bytes, "munmap_bytes": s.munmap_bytes,
+                        "brk_bytes": s.brk_bytes,
                     }),
                 )
             })
@@ -196,12 +199,21 @@ pub fn run(args: LeaksArgs) -> anyhow::Result<()> {
             "min_age_seconds": args.min_age.as_secs_f64(),
             "outstanding_blocks": outstanding.len(),
             "exited_blocks_removed": swept,
+            "mapped_regions": mapped.0,
+            "mapped_bytes": mapped.1,
             "leaks": reports,
             "stats": per_service,
         });
         println!("{out}");
     } else {
         print!("{}", leaks::render(&reports, stacks, min_age_ns, 12));
+        if mapped.0 > 0 {
+            println!(
+                "\nanonymous mappings made outside the allocator and still mapped: {} in {} regions",
+                format_bytes(mapped.1),
+                mapped.0
+            );
+        }
     }
     Ok(())
 }

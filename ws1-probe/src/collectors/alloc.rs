@@ -136,6 +136,8 @@ pub struct AllocCollector {
     stacks: StackTraceMap<MapData>,
     stats: PerCpuHashMap<MapData, u32, AllocStats>,
     sites: HashMap<MapData, AllocSiteKey, AllocSite>,
+    precise_pids: HashMap<MapData, u32, u32>,
+    mmaps: HashMap<MapData, AllocKey, u64>,
     /// Processes the uprobes are attached to.
     pub pids: Vec<u32>,
     /// Every attachment, to detach those of exited processes.
@@ -154,9 +156,24 @@ impl AllocCollector {
             stacks: typed("ALLOC_STACKS", take_map(ebpf, "ALLOC_STACKS")?)?,
             stats: typed("ALLOC_STATS", take_map(ebpf, "ALLOC_STATS")?)?,
             sites: typed("ALLOC_SITES", take_map(ebpf, "ALLOC_SITES")?)?,
+            precise_pids: typed("PRECISE_PIDS", take_map(ebpf, "PRECISE_PIDS")?)?,
+            mmaps: typed("ALLOC_MMAPS", take_map(ebpf, "ALLOC_MMAPS")?)?,
             pids: Vec::new(),
             links: Vec::new(),
         };
+        // The syscall side: anonymous mmap/munmap and brk outside the allocator. Kernels built
+        // without syscall tracepoints lose only these counters.
+        for (program, event) in [
+            ("alloc_mmap_enter", "sys_enter_mmap"),
+            ("alloc_mmap_exit", "sys_exit_mmap"),
+            ("alloc_munmap_enter", "sys_enter_munmap"),
+            ("alloc_brk_exit", "sys_exit_brk"),
+        ] {
+            if let Err(err) = crate::ebpf::attach_tracepoint(ebpf, program, "syscalls", event) {
+                tracing::warn!("mmap/munmap/brk are not counted: {err}");
+                break;
+            }
+        }
         collector.add_pids(ebpf, pids, spec)?;
         Ok(collector)
     }
@@ -193,6 +210,7 @@ impl AllocCollector {
                     }
                 }
             }
+            let _ = self.precise_pids.insert(pid, 1, 0);
             self.pids.push(pid);
             added += 1;
         }
@@ -202,6 +220,9 @@ impl AllocCollector {
     /// Detaches the probes of processes that have exited (each holds a perf event open).
     pub fn prune(&mut self, ebpf: &mut Ebpf) {
         let alive = |pid: u32| Path::new(&format!("/proc/{pid}")).exists();
+        for pid in self.pids.iter().filter(|pid| !alive(**pid)) {
+            let _ = self.precise_pids.remove(pid);
+        }
         self.pids.retain(|pid| alive(*pid));
         let (keep, gone): (Vec<_>, Vec<_>) =
             self.links.drain(..).partition(|(pid, _, _)| alive(*pid));
@@ -213,6 +234,14 @@ impl AllocCollector {
                 let _ = prog.detach(link);
             }
         }
+    }
+
+    /// Anonymous regions mapped outside the allocator and not unmapped: (regions, bytes).
+    pub fn mapped(&self) -> (u64, u64) {
+        self.mmaps
+            .iter()
+            .flatten()
+            .fold((0, 0), |(n, b), (_, len)| (n + 1, b + len))
     }
 
     /// Outstanding allocations.
@@ -251,12 +280,12 @@ impl AllocCollector {
     /// Removes the outstanding allocations of processes that have exited, so their entries do
     /// not outlive them. Returns how many were removed.
     pub fn sweep_exited(&mut self) -> usize {
-        let dead: Vec<AllocKey> = self
-            .allocs
-            .keys()
-            .flatten()
-            .filter(|k| !Path::new(&format!("/proc/{}", k.tgid)).exists())
-            .collect();
+        let gone = |k: &AllocKey| !Path::new(&format!("/proc/{}", k.tgid)).exists();
+        let dead_maps: Vec<AllocKey> = self.mmaps.keys().flatten().filter(gone).collect();
+        for k in &dead_maps {
+            let _ = self.mmaps.remove(k);
+        }
+        let dead: Vec<AllocKey> = self.allocs.keys().flatten().filter(gone).collect();
         dead.iter()
             .filter(|k| self.allocs.remove(k).is_ok())
             .count()
@@ -466,6 +495,24 @@ pub fn families<'a>(
             "Bytes allocated since precise mode attached and not freed yet.",
             MetricType::GAUGE,
             per(&|s| s.outstanding_bytes() as f64, true),
+        ),
+        family(
+            "ws1_probe_mmap_bytes_total",
+            "Anonymous memory mapped with mmap outside the allocator (precise mode).",
+            MetricType::COUNTER,
+            per(&|s| s.mmap_bytes as f64, false),
+        ),
+        family(
+            "ws1_probe_munmap_bytes_total",
+            "Bytes of those mappings unmapped again (precise mode).",
+            MetricType::COUNTER,
+            per(&|s| s.munmap_bytes as f64, false),
+        ),
+        family(
+            "ws1_probe_brk_bytes_total",
+            "Growth of the program break by brk outside the allocator (precise mode).",
+            MetricType::COUNTER,
+            per(&|s| s.brk_bytes as f64, false),
         ),
         family(
             "ws1_probe_alloc_size_bytes",
