@@ -58,7 +58,8 @@ pub const DEFAULT_EXPORT_BOUNDS_NS: [u64; 22] = [
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub struct LatencyHist {
-    /// Number of observations.
+    /// Number of observations. Shared (atomic) histograms leave it 0 and readers use
+    /// [`LatencyHist::observations`], the sum of the export buckets.
     pub count: u64,
     /// Sum of observations in nanoseconds.
     pub sum_ns: u64,
@@ -71,6 +72,11 @@ pub struct LatencyHist {
 }
 
 impl LatencyHist {
+    /// Number of observations: every observation lands in exactly one export bucket.
+    pub fn observations(&self) -> u64 {
+        self.export.iter().sum()
+    }
+
     /// An empty histogram.
     pub const ZERO: Self = Self {
         count: 0,

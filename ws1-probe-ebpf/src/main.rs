@@ -3,7 +3,7 @@
 //! code never panics. Maps and logic live in the probe modules.
 #![no_std]
 #![no_main]
-// The network histograms are shared by all CPUs and need an atomic add (see net.rs).
+// Histograms are shared by all CPUs and need an atomic add (see hist.rs).
 #![allow(internal_features)]
 #![feature(core_intrinsics)]
 

@@ -18,14 +18,11 @@ use aya_ebpf::{
     bindings::BPF_NOEXIST,
     helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns},
     macros::map,
-    maps::{Array, HashMap, PerCpuHashMap},
+    maps::{HashMap, PerCpuHashMap},
     programs::TracePointContext,
 };
 use ws1_probe_common::{
-    hist::{
-        DEFAULT_EXPORT_BOUNDS_NS, EXPORT_BOUND_SLOTS, LatencyHist, export_index, fine_index,
-        pad_bounds,
-    },
+    hist::{DEFAULT_EXPORT_BOUNDS_NS, EXPORT_BOUND_SLOTS, LatencyHist, pad_bounds},
     net::{
         IPPROTO_TCP, KIND_CONNECT, KIND_LIFETIME, KIND_REQUEST, KIND_RTT, LISTEN_ENTRIES, MSG_PEEK,
         NET_HIST_ENTRIES, NetCounters, NetKey, NetOffsets, PHASE_IDLE, PHASE_PENDING,
@@ -35,7 +32,10 @@ use ws1_probe_common::{
     targets::DropReason,
 };
 
-use crate::targets::{count_drop, service_of};
+use crate::{
+    hist,
+    targets::{count_drop, service_of},
+};
 
 /// `struct sock` address → owner and request state of an observed TCP socket.
 #[map]
@@ -50,7 +50,7 @@ static NET_LISTEN: HashMap<u32, u32> = HashMap::with_max_entries(LISTEN_ENTRIES,
 static NET_STATS: PerCpuHashMap<NetKey, NetCounters> =
     PerCpuHashMap::with_max_entries(STATS_ENTRIES, 0);
 
-/// (service, side, port, kind) → histogram, shared by all CPUs and updated with atomic adds.
+/// (service, side, port, kind) → histogram, shared by all CPUs (see hist.rs).
 ///
 /// Not per CPU, and preallocated, on purpose: a per-CPU map of 4.6 KB values cannot be
 /// preallocated (entries × 4.6 KB × CPUs), and a map that is not preallocated takes new elements
@@ -65,10 +65,6 @@ static NET_HIST: HashMap<NetKey, LatencyHist> = HashMap::with_max_entries(NET_HI
 /// whichever CPU), so only the sum over CPUs is meaningful (two's complement).
 #[map]
 static NET_ACTIVE: PerCpuHashMap<NetKey, u64> = PerCpuHashMap::with_max_entries(STATS_ENTRIES, 0);
-
-/// One zeroed histogram, the source for new `NET_HIST` entries (too large for the stack).
-#[map]
-static NET_HIST_ZERO: Array<LatencyHist> = Array::with_max_entries(1, 0);
 
 /// Prometheus `le` bounds in nanoseconds, padded with `u64::MAX`; the agent may override them.
 #[unsafe(no_mangle)]
@@ -140,54 +136,13 @@ fn add_active(key: &NetKey, delta: u64) {
 
 #[inline(always)]
 fn record(key: &NetKey, value: u64) {
-    let hist = match NET_HIST.get_ptr_mut(key) {
-        Some(hist) => hist,
-        None => {
-            let Some(zero) = NET_HIST_ZERO.get(0) else {
-                return;
-            };
-            let _ = NET_HIST.insert(key, zero, BPF_NOEXIST as u64);
-            match NET_HIST.get_ptr_mut(key) {
-                Some(hist) => hist,
-                None => {
-                    count_drop(DropReason::NetStatsFull);
-                    return;
-                }
-            }
-        }
+    let Some(hist) = hist::get_or_create(&NET_HIST, key) else {
+        count_drop(DropReason::NetStatsFull);
+        return;
     };
     // SAFETY: bounds are a global the loader may have rewritten.
     let bounds = unsafe { &*core::ptr::addr_of!(NET_BOUNDS_NS) };
-    let export = export_index(bounds, value);
-    let fine = fine_index(value);
-    // SAFETY: `hist` points into a map value that lives as long as the map; every field is
-    // only updated with atomic adds (the maximum excepted, see below), and indices are checked
-    // by `get_mut`.
-    unsafe {
-        let hist = &mut *hist;
-        atomic_add(&mut hist.count, 1);
-        atomic_add(&mut hist.sum_ns, value);
-        // Racy on purpose: the maximum is advisory (two CPUs may both raise it), where an
-        // atomic compare-and-exchange loop would need a bounded loop per event.
-        if value > hist.max_ns {
-            hist.max_ns = value;
-        }
-        if let Some(bucket) = hist.export.get_mut(export) {
-            atomic_add(bucket, 1);
-        }
-        if let Some(bucket) = hist.fine.get_mut(fine) {
-            atomic_add(bucket, 1);
-        }
-    }
-}
-
-/// `*slot += n` as one atomic instruction (BPF_ATOMIC | BPF_ADD, its result unused). The BPF
-/// target has no `AtomicU64::fetch_add` in `core`, so the intrinsic is called directly.
-#[inline(always)]
-fn atomic_add(slot: &mut u64, n: u64) {
-    use core::intrinsics::{AtomicOrdering, atomic_xadd};
-    // SAFETY: `slot` is a valid, aligned u64 for the duration of the call.
-    unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(slot, n) };
+    hist::observe(hist, bounds, value);
 }
 
 fn track(sk: u64, service: u32, port: u16, side: u8, now: u64) {

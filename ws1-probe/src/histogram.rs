@@ -33,7 +33,7 @@ impl Default for Histogram {
 impl Histogram {
     /// Adds one kernel (per-CPU) histogram.
     pub fn add_kernel(&mut self, h: &LatencyHist) {
-        self.merge(h.count, h.sum_ns, h.max_ns, &h.export, &h.fine);
+        self.merge(h.observations(), h.sum_ns, h.max_ns, &h.export, &h.fine);
     }
 
     /// Adds another merged histogram.
