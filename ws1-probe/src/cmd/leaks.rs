@@ -2,10 +2,7 @@
 //! the blocks still outstanding after `--min-age`, grouped by allocation stack. The tracing
 //! session is shared with `ws1-probe allocs`.
 
-use std::{
-    io::{IsTerminal as _, Write as _},
-    time::{Duration, Instant},
-};
+use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 use ws1_probe::{
@@ -17,7 +14,7 @@ use ws1_probe::{
 };
 use ws1_probe_common::alloc::AllocStats;
 
-use super::CommonArgs;
+use super::{CommonArgs, collect};
 
 /// Which allocator to trace, when not the C library's malloc.
 #[derive(clap::Args, Debug, Clone, Default)]
@@ -108,54 +105,33 @@ pub(super) fn trace(
     probe
         .attach_precise_alloc(&settings.precise_alloc)
         .context("cannot attach the allocation probes")?;
+    let traced = probe.alloc.as_ref().map_or(0, |a| a.pids.len());
+    let what = settings.targets.describe();
+    let start_line = format!(
+        "collecting allocations of {traced} process(es) ({what}) for {:.0}s{note}",
+        duration.as_secs_f64(),
+    );
+    let collected = collect(&mut probe, duration, &start_line, |probe| {
+        let mut total = AllocStats::ZERO;
+        for s in probe.alloc.iter().flat_map(|a| a.stats().into_values()) {
+            total.add(&s);
+        }
+        format!(
+            "{} allocated, {} freed",
+            format_bytes(total.alloc_bytes),
+            format_bytes(total.free_bytes)
+        )
+    })?;
     let Some(allocs) = probe.alloc.take() else {
         bail!("no allocation probe was attached");
     };
-    let what = settings.targets.describe();
-    eprintln!(
-        "collecting allocations of {} process(es) ({what}) for {:.0}s{note}",
-        allocs.pids.len(),
-        duration.as_secs_f64(),
-    );
-    let mut session = Session {
+    Ok(Session {
         probe,
         allocs,
         what,
-        elapsed: Duration::ZERO,
-        interrupted: false,
-    };
-    let tty = std::io::stderr().is_terminal();
-    let started = Instant::now();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("cannot start the async runtime")?;
-    session.interrupted = rt.block_on(async {
-        let deadline = tokio::time::Instant::now() + duration;
-        let mut tick = tokio::time::interval(Duration::from_secs(1));
-        loop {
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => return true,
-                _ = tokio::time::sleep_until(deadline) => return false,
-                _ = tick.tick() => if tty {
-                    let total = session.total();
-                    eprint!(
-                        "\r\x1b[K{:.0}s/{:.0}s: {} allocated, {} freed (Ctrl-C to stop)",
-                        started.elapsed().as_secs_f64(),
-                        duration.as_secs_f64(),
-                        format_bytes(total.alloc_bytes),
-                        format_bytes(total.free_bytes)
-                    );
-                    let _ = std::io::stderr().flush();
-                },
-            }
-        }
-    });
-    if tty {
-        eprint!("\r\x1b[K");
-    }
-    session.elapsed = started.elapsed();
-    Ok(session)
+        elapsed: collected.elapsed,
+        interrupted: collected.interrupted,
+    })
 }
 
 pub fn run(args: LeaksArgs) -> anyhow::Result<()> {

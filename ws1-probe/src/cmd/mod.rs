@@ -53,3 +53,71 @@ pub fn settings_with(common: &CommonArgs, flags: FlagOverrides) -> anyhow::Resul
     };
     config::resolve(&flags, rules, |k| std::env::var(k).ok()).context("invalid configuration")
 }
+
+/// How a collection window ended.
+pub struct Collected {
+    pub interrupted: bool,
+    pub elapsed: std::time::Duration,
+}
+
+/// Runs a one-shot collection window: follows execs every 100 ms, shows `progress(probe)` on a
+/// terminal every second (one start line otherwise), and stops after `duration` or at Ctrl-C.
+pub fn collect(
+    probe: &mut ws1_probe::probe::Probe,
+    duration: std::time::Duration,
+    start_line: &str,
+    mut progress: impl FnMut(&mut ws1_probe::probe::Probe) -> String,
+) -> anyhow::Result<Collected> {
+    use std::{
+        io::{IsTerminal as _, Write as _},
+        time::{Duration, Instant},
+    };
+    let tty = std::io::stderr().is_terminal();
+    if !tty {
+        eprintln!("{start_line}");
+    }
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    let mut ring = probe.take_exec_ring();
+    let started = Instant::now();
+    let interrupted = rt.block_on(async {
+        let deadline = tokio::time::Instant::now() + duration;
+        let mut tick = tokio::time::interval(Duration::from_millis(100));
+        let mut last_progress = Instant::now() - Duration::from_secs(1);
+        loop {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => return true,
+                _ = tokio::time::sleep_until(deadline) => return false,
+                _ = tick.tick() => {
+                    // Exec events are rare: polling them every 100 ms is cheap and keeps the
+                    // one-shot commands single-threaded.
+                    if let Some(ring) = ring.as_mut() {
+                        probe.targets.drain(ring);
+                    }
+                    if tty && last_progress.elapsed() >= Duration::from_secs(1) {
+                        last_progress = Instant::now();
+                        eprint!(
+                            "\r\x1b[K{:.0}s/{:.0}s: {} (Ctrl-C to stop)",
+                            started.elapsed().as_secs_f64(),
+                            duration.as_secs_f64(),
+                            progress(probe)
+                        );
+                        let _ = std::io::stderr().flush();
+                    }
+                }
+            }
+        }
+    });
+    if let Some(ring) = ring.as_mut() {
+        probe.targets.drain(ring);
+    }
+    if tty {
+        eprint!("\r\x1b[K");
+    }
+    Ok(Collected {
+        interrupted,
+        elapsed: started.elapsed(),
+    })
+}

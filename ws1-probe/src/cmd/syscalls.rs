@@ -1,14 +1,11 @@
 //! `ws1-probe syscalls`: collect for a while, print a table sorted by total time.
 
-use std::{
-    io::{IsTerminal as _, Write as _},
-    time::{Duration, Instant},
-};
+use std::time::Duration;
 
 use anyhow::Context as _;
 use ws1_probe::{probe::Probe, report, units};
 
-use super::CommonArgs;
+use super::{Collected, CommonArgs, collect};
 
 /// Collect syscall latency
 #[derive(clap::Args, Debug)]
@@ -28,59 +25,22 @@ pub struct SyscallsArgs {
 
 pub fn run(args: SyscallsArgs) -> anyhow::Result<()> {
     let settings = super::settings(&args.common, None, false)?;
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("cannot start the async runtime")?;
     let mut probe = Probe::start(&settings).context("cannot start the syscall collector")?;
     let what = settings.targets.describe();
-    let tty = std::io::stderr().is_terminal();
-    if !tty {
-        eprintln!(
-            "collecting syscalls of {what} for {}s ({} processes now)",
-            args.duration.as_secs_f64(),
-            probe.scan.targeted
-        );
-    }
-    let mut ring = probe.take_exec_ring();
-    let started = Instant::now();
-    let interrupted = rt.block_on(async {
-        let deadline = tokio::time::Instant::now() + args.duration;
-        let mut tick = tokio::time::interval(Duration::from_millis(100));
-        let mut last_progress = Instant::now() - Duration::from_secs(1);
-        loop {
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => return true,
-                _ = tokio::time::sleep_until(deadline) => return false,
-                _ = tick.tick() => {
-                    // Exec events are rare: polling them every 100 ms is cheap and keeps the
-                    // one-shot command single-threaded.
-                    if let Some(ring) = ring.as_mut() {
-                        probe.targets.drain(ring);
-                    }
-                    if tty && last_progress.elapsed() >= Duration::from_secs(1) {
-                        last_progress = Instant::now();
-                        let calls = probe.syscalls.snapshot().total_calls();
-                        eprint!(
-                            "\r\x1b[Kcollecting syscalls of {what}: {:.0}s/{:.0}s, {calls} calls (Ctrl-C to stop)",
-                            started.elapsed().as_secs_f64(),
-                            args.duration.as_secs_f64()
-                        );
-                        let _ = std::io::stderr().flush();
-                    }
-                }
-            }
-        }
-    });
-    if let Some(ring) = ring.as_mut() {
-        probe.targets.drain(ring);
-    }
+    let start_line = format!(
+        "collecting syscalls of {what} for {}s ({} processes now)",
+        args.duration.as_secs_f64(),
+        probe.scan.targeted
+    );
+    let Collected {
+        interrupted,
+        elapsed,
+    } = collect(&mut probe, args.duration, &start_line, |probe| {
+        let calls = probe.syscalls.snapshot().total_calls();
+        format!("collecting syscalls of {what}, {calls} calls")
+    })?;
     let snap = probe.syscalls.snapshot();
     drop(probe);
-    if tty {
-        eprint!("\r\x1b[K");
-    }
-    let elapsed = started.elapsed();
     let rows = report::syscalls::rows(&snap);
     if args.json {
         let out = serde_json::json!({
