@@ -129,11 +129,7 @@ pub fn render(
         "{} in {count} blocks outstanding for at least {}, from {total_groups} stacks{}\n",
         format_bytes(bytes),
         format_ns(min_age_ns),
-        if total_groups > reports.len() {
-            format!(" ({} shown; use --top)", reports.len())
-        } else {
-            String::new()
-        }
+        super::hidden_note(total_groups, reports.len())
     ));
     for (i, r) in reports.iter().enumerate() {
         out.push_str(&format!(

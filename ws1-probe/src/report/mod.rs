@@ -5,6 +5,14 @@ pub mod leaks;
 pub mod net;
 pub mod syscalls;
 
+/// ` (N not shown; use --top)` when a table shows fewer rows than it has, else nothing.
+pub fn hidden_note(rows: usize, top: usize) -> String {
+    match rows.saturating_sub(top) {
+        0 => String::new(),
+        hidden => format!(" ({hidden} not shown; use --top)"),
+    }
+}
+
 /// Left-aligns the first column and right-aligns the rest.
 pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
     let mut widths: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();

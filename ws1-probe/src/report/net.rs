@@ -116,15 +116,10 @@ pub fn render(rows: &[NetRow], top: usize) -> String {
     let mut out = super::table(&header, &cells);
     let requests: u64 = rows.iter().map(|r| r.requests).sum();
     let connections: u64 = rows.iter().map(|r| r.connections).sum();
-    let hidden = rows.len().saturating_sub(top);
     out.push_str(&format!(
         "{requests} requests, {connections} connections, {} endpoints (→ :port = remote port it connects to, ← :port = local port it serves){}\n",
         rows.len(),
-        if hidden > 0 {
-            format!(" ({hidden} not shown; use --top)")
-        } else {
-            String::new()
-        }
+        super::hidden_note(rows.len(), top)
     ));
     out
 }

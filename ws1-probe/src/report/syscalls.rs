@@ -69,15 +69,10 @@ pub fn render(rows: &[SyscallRow], top: usize) -> String {
     let mut out = super::table(&header, &cells);
     let calls: u64 = rows.iter().map(|r| r.count).sum();
     let errors: u64 = rows.iter().map(|r| r.errors).sum();
-    let hidden = rows.len().saturating_sub(top);
     out.push_str(&format!(
         "{calls} calls, {errors} errors, {} syscalls{}\n",
         rows.len(),
-        if hidden > 0 {
-            format!(" ({hidden} not shown; use --top)")
-        } else {
-            String::new()
-        }
+        super::hidden_note(rows.len(), top)
     ));
     out
 }
