@@ -67,6 +67,16 @@ pub fn sock_send_length(ctx: TracePointContext) -> u32 {
     net::try_sock_length(&ctx, true).unwrap_or(0)
 }
 
+#[raw_tracepoint(tracepoint = "sock_send_length")]
+pub fn sock_send_length_raw(ctx: RawTracePointContext) -> i32 {
+    net::try_sock_length_raw(&ctx, true).map_or(0, |r| r as i32)
+}
+
+#[raw_tracepoint(tracepoint = "sock_recv_length")]
+pub fn sock_recv_length_raw(ctx: RawTracePointContext) -> i32 {
+    net::try_sock_length_raw(&ctx, false).map_or(0, |r| r as i32)
+}
+
 #[tracepoint]
 pub fn sock_recv_length(ctx: TracePointContext) -> u32 {
     net::try_sock_length(&ctx, false).unwrap_or(0)

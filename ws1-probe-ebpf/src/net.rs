@@ -19,7 +19,7 @@ use aya_ebpf::{
     helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns},
     macros::map,
     maps::{HashMap, PerCpuHashMap},
-    programs::TracePointContext,
+    programs::{RawTracePointContext, TracePointContext},
 };
 use ws1_probe_common::{
     hist::{DEFAULT_EXPORT_BOUNDS_NS, EXPORT_BOUND_SLOTS, LatencyHist, pad_bounds},
@@ -259,8 +259,8 @@ pub fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<u32, i64> {
     Ok(0)
 }
 
-/// `sock:sock_send_length` (`send = true`) and `sock:sock_recv_length`: byte counts and the
-/// request state machine.
+/// `sock:sock_send_length` (`send = true`) and `sock:sock_recv_length` as classic tracepoints:
+/// fields read through tracefs offsets. Used where raw tracepoints cannot attach.
 pub fn try_sock_length(ctx: &TracePointContext, send: bool) -> Result<u32, i64> {
     // The process filter first: untargeted processes cost this one lookup.
     if current_service().is_none() {
@@ -280,6 +280,25 @@ pub fn try_sock_length(ctx: &TracePointContext, send: bool) -> Result<u32, i64> 
             ctx.read_at::<i32>(flags_off as usize)?,
         )
     };
+    sock_length(sk, ret, flags, send)
+}
+
+/// The same hooks as raw tracepoints, the faster path: the arguments
+/// `(struct sock *sk, int ret, int flags)` of the `sock_msg_length` event class are read
+/// straight from the context, where the classic tracepoint needs three helper calls.
+pub fn try_sock_length_raw(ctx: &RawTracePointContext, send: bool) -> Result<u32, i64> {
+    if current_service().is_none() {
+        return Ok(0);
+    }
+    let sk: u64 = ctx.arg(0);
+    let ret: i64 = ctx.arg(1);
+    let flags: i64 = ctx.arg(2);
+    sock_length(sk, ret as i32, flags as i32, send)
+}
+
+/// Byte counts and the request state machine of one send or receive.
+#[inline(always)]
+fn sock_length(sk: u64, ret: i32, flags: i32, send: bool) -> Result<u32, i64> {
     // Errors, EOF and peeks move no data and end no request (MSG_PEEK only means that on
     // receive).
     if ret <= 0 || (!send && flags & MSG_PEEK != 0) {

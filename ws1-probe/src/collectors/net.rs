@@ -20,7 +20,8 @@ use ws1_probe_common::{
 use super::{MapUsage, capacity, take_map, typed};
 use crate::{
     ebpf::{
-        LoadError, NET_TRACEPOINTS, TRACEFS, attach_tracepoint, net_hook_usable, read_net_offsets,
+        LoadError, NET_TRACEPOINTS, TRACEFS, attach_raw_tracepoint, attach_tracepoint,
+        net_hook_usable, read_net_offsets,
     },
     histogram::Histogram,
     metrics::{counter, family, gauge, histogram},
@@ -144,6 +145,15 @@ impl NetCollector {
                     "network: this kernel lacks tracepoint {hook} (or its fields); its metrics are not collected"
                 );
                 skipped.push((hook, "tracepoint or fields missing".to_owned()));
+                continue;
+            }
+            // The send/receive hooks run on every socket call of every process: prefer their
+            // raw tracepoints (arguments read directly), falling back to the tracepoint.
+            let raw = format!("{program}_raw");
+            if matches!(name, "sock_send_length" | "sock_recv_length")
+                && attach_raw_tracepoint(ebpf, &raw, name).is_ok()
+            {
+                attached.push(format!("raw_tp {name}"));
                 continue;
             }
             match attach_tracepoint(ebpf, program, category, name) {
