@@ -14,21 +14,37 @@ const S: u64 = 1024;
 
 /// Starts `ws1-probe leaks` on `pid` and returns once its probes are attached.
 fn start_leaks(pid: u32, duration: &str) -> Child {
+    let pid = pid.to_string();
+    start_precise(&[
+        "leaks",
+        "--pid",
+        &pid,
+        "--duration",
+        duration,
+        "--min-age",
+        "0s",
+        "--json",
+        "--top",
+        "50",
+    ])
+}
+
+/// Starts a precise-mode command (`leaks`, `allocs`) and returns once its probes are attached.
+fn start_precise(args: &[&str]) -> Child {
     let mut child = Command::new(probe_bin())
-        .args(["leaks", "--pid", &pid.to_string(), "--duration", duration])
-        .args(["--min-age", "0s", "--json", "--top", "50"])
+        .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .expect("start ws1-probe leaks");
+        .expect("start ws1-probe");
     let stderr = child.stderr.take().expect("stderr");
     let mut lines = BufReader::new(stderr).lines();
     loop {
         match lines.next() {
             Some(Ok(line)) if line.starts_with("collecting allocations") => break,
-            Some(Ok(line)) => eprintln!("leaks: {line}"),
-            _ => panic!("ws1-probe leaks exited before attaching"),
+            Some(Ok(line)) => eprintln!("ws1-probe: {line}"),
+            _ => panic!("ws1-probe {args:?} exited before attaching"),
         }
     }
     // Keep draining stderr so the CLI never blocks on a full pipe.
@@ -144,30 +160,8 @@ fn allocs_reports_rate_sizes_and_top_stacks() {
         return;
     }
     let mut w = Workload::spawn_program(&allocload_bin(), "w-allocs");
-    let mut child = Command::new(probe_bin())
-        .args([
-            "allocs",
-            "--pid",
-            &w.pid.to_string(),
-            "--duration",
-            "2s",
-            "--json",
-        ])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start ws1-probe allocs");
-    let stderr = child.stderr.take().expect("stderr");
-    let mut lines = BufReader::new(stderr).lines();
-    assert!(
-        lines
-            .next()
-            .and_then(Result::ok)
-            .is_some_and(|l| l.starts_with("collecting allocations")),
-        "allocs did not attach"
-    );
-    std::thread::spawn(move || lines.for_each(drop));
+    let pid = w.pid.to_string();
+    let child = start_precise(&["allocs", "--pid", &pid, "--duration", "2s", "--json"]);
     w.cmd("balanced 500 64");
     w.cmd(&format!("leak-malloc {K} {S}"));
     let report = finish(child);
@@ -279,27 +273,21 @@ fn a_custom_allocator_is_traced_by_binary_and_prefix() {
         return;
     }
     let mut w = Workload::spawn_program(&allocload_bin(), "w-custom");
-    let mut child = Command::new(probe_bin())
-        .args(["leaks", "--pid", &w.pid.to_string(), "--duration", "2s"])
-        .args([
-            "--min-age",
-            "0s",
-            "--json",
-            "--alloc-lib",
-            "exe",
-            "--alloc-prefix",
-            "ws1_",
-        ])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start ws1-probe leaks");
-    let stderr = child.stderr.take().expect("stderr");
-    let mut lines = BufReader::new(stderr).lines();
-    let first = lines.next().and_then(Result::ok).unwrap_or_default();
-    assert!(first.starts_with("collecting allocations"), "{first}");
-    std::thread::spawn(move || lines.for_each(drop));
+    let pid = w.pid.to_string();
+    let child = start_precise(&[
+        "leaks",
+        "--pid",
+        &pid,
+        "--duration",
+        "2s",
+        "--min-age",
+        "0s",
+        "--json",
+        "--alloc-lib",
+        "exe",
+        "--alloc-prefix",
+        "ws1_",
+    ]);
     w.cmd(&format!("leak-custom {K} {S}"));
     w.cmd("churn-custom 50 64");
     // libc's malloc is not traced in this mode.
