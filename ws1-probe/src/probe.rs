@@ -219,6 +219,9 @@ impl Probe {
     /// Samples resident memory per service (at most every few seconds) and logs services whose
     /// memory keeps growing, pointing to precise mode.
     pub fn sample_memory(&mut self) {
+        if !self.memory.due() {
+            return;
+        }
         let pairs = self.targets.targeted_pairs();
         for (service, slope) in self.memory.sample(&pairs) {
             let name = self.targets.matcher().services().name(service);

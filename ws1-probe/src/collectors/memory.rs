@@ -128,6 +128,13 @@ impl Default for MemoryCollector {
 }
 
 impl MemoryCollector {
+    /// Whether [`MemoryCollector::sample`] would take a sample now; lets callers skip listing
+    /// the targeted processes on every scrape.
+    pub fn due(&self) -> bool {
+        self.last_sample
+            .is_none_or(|last| last.elapsed() >= SAMPLE_EVERY)
+    }
+
     /// The collector with the page-fault sampler attached on every online CPU. A kernel
     /// without perf events loses only the page-fault part, with a warning.
     pub fn attach(ebpf: &mut Ebpf) -> Result<Self, LoadError> {
@@ -172,13 +179,10 @@ impl MemoryCollector {
     /// Samples resident memory per service from `targets` (pid → service), at most every
     /// [`SAMPLE_EVERY`]. Returns the services whose growth should be flagged now.
     pub fn sample(&mut self, targets: &[(u32, u32)]) -> Vec<(u32, f64)> {
-        let now = Instant::now();
-        if self
-            .last_sample
-            .is_some_and(|last| now.duration_since(last) < SAMPLE_EVERY)
-        {
+        if !self.due() {
             return Vec::new();
         }
+        let now = Instant::now();
         self.last_sample = Some(now);
         let mut resident: BTreeMap<u32, u64> = BTreeMap::new();
         for (pid, service) in targets {

@@ -37,7 +37,13 @@ pub struct MapUsage {
     pub capacity: u64,
 }
 
-/// Capacity of a map from the kernel's map info.
-pub(crate) fn capacity(map: &MapData) -> u64 {
-    map.info().map(|i| u64::from(i.max_entries())).unwrap_or(0)
+impl MapUsage {
+    /// Usage of `data` holding `entries` entries; the capacity comes from the kernel's map info.
+    pub(crate) fn of(map: &'static str, entries: usize, data: &MapData) -> Self {
+        Self {
+            map,
+            entries: entries as u64,
+            capacity: data.info().map(|i| u64::from(i.max_entries())).unwrap_or(0),
+        }
+    }
 }

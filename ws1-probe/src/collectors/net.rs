@@ -17,7 +17,7 @@ use ws1_probe_common::{
     net::{KIND_CONNECT, KIND_LIFETIME, KIND_REQUEST, KIND_RTT, NetCounters, NetKey, SockState},
 };
 
-use super::{MapUsage, capacity, take_map, typed};
+use super::{MapUsage, take_map, typed};
 use crate::{
     ebpf::{
         LoadError, NET_TRACEPOINTS, TRACEFS, attach_raw_tracepoint, attach_tracepoint,
@@ -242,26 +242,10 @@ impl NetCollector {
 
     pub fn usage(&self) -> Vec<MapUsage> {
         vec![
-            MapUsage {
-                map: "NET_SOCKS",
-                entries: self.socks.keys().count() as u64,
-                capacity: capacity(self.socks.map()),
-            },
-            MapUsage {
-                map: "NET_LISTEN",
-                entries: self.listen.keys().count() as u64,
-                capacity: capacity(self.listen.map()),
-            },
-            MapUsage {
-                map: "NET_STATS",
-                entries: self.stats.keys().count() as u64,
-                capacity: capacity(self.stats.map()),
-            },
-            MapUsage {
-                map: "NET_HIST",
-                entries: self.hist.keys().count() as u64,
-                capacity: capacity(self.hist.map()),
-            },
+            MapUsage::of("NET_SOCKS", self.socks.keys().count(), self.socks.map()),
+            MapUsage::of("NET_LISTEN", self.listen.keys().count(), self.listen.map()),
+            MapUsage::of("NET_STATS", self.stats.keys().count(), self.stats.map()),
+            MapUsage::of("NET_HIST", self.hist.keys().count(), self.hist.map()),
         ]
     }
 }

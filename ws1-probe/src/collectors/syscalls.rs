@@ -12,7 +12,7 @@ use ws1_probe_common::{
     syscalls::{SyscallErrorKey, SyscallKey, SyscallStart},
 };
 
-use super::{MapUsage, capacity, take_map, typed};
+use super::{MapUsage, take_map, typed};
 use crate::{
     ebpf::{LoadError, attach_raw_tracepoint},
     histogram::Histogram,
@@ -94,21 +94,13 @@ impl SyscallCollector {
 
     pub fn usage(&self) -> Vec<MapUsage> {
         vec![
-            MapUsage {
-                map: "SYSCALL_START",
-                entries: self.start.keys().count() as u64,
-                capacity: capacity(self.start.map()),
-            },
-            MapUsage {
-                map: "SYSCALL_HIST",
-                entries: self.hist.keys().count() as u64,
-                capacity: capacity(self.hist.map()),
-            },
-            MapUsage {
-                map: "SYSCALL_ERRORS",
-                entries: self.errors.keys().count() as u64,
-                capacity: capacity(self.errors.map()),
-            },
+            MapUsage::of("SYSCALL_START", self.start.keys().count(), self.start.map()),
+            MapUsage::of("SYSCALL_HIST", self.hist.keys().count(), self.hist.map()),
+            MapUsage::of(
+                "SYSCALL_ERRORS",
+                self.errors.keys().count(),
+                self.errors.map(),
+            ),
         ]
     }
 }

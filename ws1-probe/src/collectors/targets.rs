@@ -9,7 +9,7 @@ use aya::{
 };
 use ws1_probe_common::targets::{Comm, DropReason, ExecEvent, SERVICE_NONE};
 
-use super::{MapUsage, capacity, take_map, typed};
+use super::{MapUsage, take_map, typed};
 use crate::{
     ebpf::{LoadError, attach_tracepoint},
     targeting::{Matcher, ProcessInfo, process::list_pids},
@@ -191,16 +191,12 @@ impl Targets {
 
     pub fn usage(&self) -> Vec<MapUsage> {
         vec![
-            MapUsage {
-                map: "TARGETS",
-                entries: self.targets.keys().count() as u64,
-                capacity: capacity(self.targets.map()),
-            },
-            MapUsage {
-                map: "COMM_SERVICES",
-                entries: self.comm_services.keys().count() as u64,
-                capacity: capacity(self.comm_services.map()),
-            },
+            MapUsage::of("TARGETS", self.targets.keys().count(), self.targets.map()),
+            MapUsage::of(
+                "COMM_SERVICES",
+                self.comm_services.keys().count(),
+                self.comm_services.map(),
+            ),
         ]
     }
 
