@@ -8,6 +8,7 @@ pub mod metrics;
 pub mod names;
 pub mod preflight;
 pub mod probe;
+pub mod profile;
 pub mod report;
 pub mod selfmetrics;
 pub mod server;
