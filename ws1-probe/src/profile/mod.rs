@@ -5,6 +5,15 @@
 //! `collectors/profile.rs` reads those maps (and the stream of sampled stacks the DWARF unwinder
 //! needs) and turns them into a [`Profile`], one [`StackSample`] per distinct symbolized stack.
 
+pub mod flame;
+pub mod fold;
+pub mod fpcheck;
+pub mod perfmap;
+pub mod pprof;
+pub mod symbols;
+pub mod top;
+pub mod unwind;
+
 use std::{collections::HashMap, time::Duration};
 
 /// What a profile's values measure.
