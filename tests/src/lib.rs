@@ -33,6 +33,26 @@ pub fn allocload_bin() -> PathBuf {
     workload_bin().with_file_name("ws1-allocload")
 }
 
+/// The profiler's workload (tests/workloads/burn.c): `ws1_burn_three` and `ws1_burn_one` burn
+/// CPU 3:1, or `--sleep-ms M` sleeps M ms per call in `ws1_sleep_here`. tests/build.rs compiles
+/// it with frame pointers in every function, or without any, next to this crate's build.
+pub fn burn_bin(frame_pointers: bool) -> PathBuf {
+    PathBuf::from(if frame_pointers {
+        env!("WS1_BURN_FP")
+    } else {
+        env!("WS1_BURN_NOFP")
+    })
+}
+
+/// The Go pprof tool, the reader the profiler's pprof output must satisfy: `WS1_PPROF_BIN` (set
+/// by `cargo xtask test`, which builds it from Debian's packages), defaulting to where xtask
+/// puts it.
+pub fn pprof_bin() -> PathBuf {
+    std::env::var_os("WS1_PPROF_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/tools/pprof"))
+}
+
 /// True when the tests can load BPF programs. Without root they are skipped, except in CI where
 /// a skip is a failure.
 pub fn privileged() -> bool {

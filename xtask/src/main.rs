@@ -7,6 +7,7 @@ mod bench_alloc;
 mod bench_net;
 mod bootstrap;
 mod run;
+mod tools;
 mod util;
 
 use std::{env, ffi::OsString, process::ExitCode};

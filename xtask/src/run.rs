@@ -5,7 +5,7 @@ use std::{env, ffi::OsString};
 use anyhow::{Context as _, Result, bail};
 
 use crate::{
-    bootstrap,
+    bootstrap, tools,
     util::{self, cargo, run_cmd},
 };
 
@@ -125,6 +125,8 @@ fn parse_test_result(line: &str) -> Option<(u64, u64)> {
 }
 
 fn privileged_tests(args: &[String]) -> Result<(u64, u64)> {
+    // The profiler tests read its pprof output with the Go pprof tool.
+    let pprof = tools::ensure_pprof()?;
     let mut build = cargo();
     build.args([
         "build",
@@ -151,7 +153,8 @@ fn privileged_tests(args: &[String]) -> Result<(u64, u64)> {
     .arg("--test-threads=1")
     .args(args)
     .env("WS1_PROBE_BIN", release.join("ws1-probe"))
-    .env("WS1_WORKLOAD_BIN", release.join("ws1-workload"));
+    .env("WS1_WORKLOAD_BIN", release.join("ws1-workload"))
+    .env("WS1_PPROF_BIN", pprof);
     run_tests(&mut test).context("xtask test: privileged tests failed")
 }
 

@@ -1,0 +1,174 @@
+//! Reference tools the privileged tests check ws1-probe's output with, installed by xtask itself
+//! so a clean CI machine gets them too: for now the Go pprof tool, the reader the profiler's
+//! pprof files must satisfy.
+
+use std::{
+    fs,
+    os::unix::fs::PermissionsExt as _,
+    path::{Path, PathBuf},
+    process::Command,
+    time::Instant,
+};
+
+use anyhow::{Context as _, Result};
+
+use crate::util::{self, run_cmd};
+
+/// Debian bookworm ships pprof only as Go source (`-dev` packages, for building other Go
+/// packages), so the command is built from that source with Debian's Go. The last two are
+/// pprof's own dependencies; the `-dev` package pulls them in, they are listed to be explicit.
+const PPROF_PACKAGES: &[&str] = &[
+    "golang-go",
+    "golang-github-google-pprof-dev",
+    "golang-github-chzyer-readline-dev",
+    "golang-github-ianlancetaylor-demangle-dev",
+];
+
+/// Where Debian's `-dev` packages put Go source: a GOPATH tree (`src/github.com/...`).
+const DEBIAN_GOPATH: &str = "/usr/share/gocode";
+
+/// Debian's Go, by its own path: a different `go` earlier on PATH must not change what builds.
+const DEBIAN_GO: &str = "/usr/lib/go/bin/go";
+
+fn report(step: &str, status: &str) {
+    eprintln!("tools: {step} ... {status}");
+}
+
+/// Returns the Go pprof tool at `<target>/tools/pprof`, building it once: Debian's packages
+/// give Go and the pprof source, and `go build` in GOPATH mode turns them into the command
+/// (about a minute from nothing, mostly apt). Later calls only check that the file is there.
+pub fn ensure_pprof() -> Result<PathBuf> {
+    let tools = util::target_dir().join("tools");
+    let pprof = tools.join("pprof");
+    if is_executable(&pprof) {
+        report("pprof", &format!("already built ({})", pprof.display()));
+        return Ok(pprof);
+    }
+    report("pprof", "missing, will build it from Debian's Go source");
+    ensure_debian_packages(PPROF_PACKAGES)?;
+
+    let started = Instant::now();
+    fs::create_dir_all(&tools)
+        .with_context(|| format!("cannot create {}: check permissions", tools.display()))?;
+    // Built under another name and renamed, so an interrupted build never leaves a file that
+    // the check above would take for a finished tool.
+    let partial = tools.join("pprof.partial");
+    let mut build = Command::new(DEBIAN_GO);
+    build
+        .args(["build", "-o"])
+        .arg(&partial)
+        .arg("github.com/google/pprof")
+        // GOPATH mode: the packages are plain source trees with no go.mod, and no module proxy
+        // is reachable anyway.
+        .env("GO111MODULE", "off")
+        .env("GOPATH", DEBIAN_GOPATH)
+        .env("GOCACHE", tools.join("go-cache"))
+        // Neither the user's go env file nor GOFLAGS may change the build; cgo is not needed.
+        .env("GOENV", "off")
+        .env_remove("GOFLAGS")
+        .env("CGO_ENABLED", "0");
+    run_cmd(&mut build).with_context(|| {
+        format!(
+            "pprof: `go build` failed: reinstall the sources with `apt-get install --reinstall {}`",
+            PPROF_PACKAGES.join(" ")
+        )
+    })?;
+    fs::rename(&partial, &pprof).with_context(|| {
+        format!(
+            "cannot move {} to {}: check permissions",
+            partial.display(),
+            pprof.display()
+        )
+    })?;
+    report(
+        "pprof",
+        &format!(
+            "built in {:.1} s ({})",
+            started.elapsed().as_secs_f64(),
+            pprof.display()
+        ),
+    );
+    Ok(pprof)
+}
+
+fn is_executable(path: &Path) -> bool {
+    fs::metadata(path).is_ok_and(|meta| meta.is_file() && meta.permissions().mode() & 0o111 != 0)
+}
+
+/// Installs the Debian packages that are not installed yet. Unlike `apt::ensure_packages`,
+/// which looks for a binary on PATH, this asks dpkg about each package: source-only `-dev`
+/// packages have no binary to look for.
+fn ensure_debian_packages(packages: &[&str]) -> Result<()> {
+    let installed = installed_packages(packages)?;
+    let mut missing = Vec::new();
+    for &package in packages {
+        if installed.iter().any(|name| name == package) {
+            eprintln!("apt: package {package} ... already installed");
+        } else {
+            eprintln!("apt: package {package} ... missing, will install");
+            missing.push(package);
+        }
+    }
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let list = missing.join(" ");
+    let started = Instant::now();
+    run_cmd(
+        Command::new("apt-get")
+            .arg("update")
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )
+    .with_context(|| {
+        format!("{list}: `apt-get update` failed (needs root and a reachable mirror)")
+    })?;
+    run_cmd(
+        Command::new("apt-get")
+            .args(["install", "-y", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )
+    .with_context(|| format!("{list}: install with `apt-get install {list}`"))?;
+    eprintln!(
+        "apt: {list} ... done in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+/// The names among `packages` that dpkg reports as installed. dpkg-query exits non-zero when it
+/// knows nothing of one of them but still lists the others, so its status is not an error.
+fn installed_packages(packages: &[&str]) -> Result<Vec<String>> {
+    let output = Command::new("dpkg-query")
+        .args(["--show", "--showformat=${Package} ${db:Status-Status}\\n"])
+        .args(packages)
+        .output()
+        .context("cannot run dpkg-query: this needs a Debian-based system with dpkg")?;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    Ok(parse_installed(&stdout))
+}
+
+/// Package names whose status is `installed` in `dpkg-query` lines of `<package> <status>`.
+/// Architecture-qualified names (`libfoo:amd64`) are reported without the architecture.
+fn parse_installed(lines: &str) -> Vec<String> {
+    lines
+        .lines()
+        .filter_map(|line| {
+            let (package, status) = line.trim().split_once(' ')?;
+            let package = package.split(':').next().unwrap_or(package);
+            (status.trim() == "installed").then(|| package.to_owned())
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_installed;
+
+    #[test]
+    fn installed_packages_from_dpkg_query() {
+        let out = "golang-go installed\ngolang-github-google-pprof-dev not-installed\n\
+                   libc6:amd64 installed\ngolang-src config-files\n";
+        assert_eq!(parse_installed(out), ["golang-go", "libc6"]);
+    }
+}
