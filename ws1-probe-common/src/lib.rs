@@ -10,6 +10,7 @@ pub mod check;
 pub mod hist;
 pub mod memory;
 pub mod net;
+pub mod profile;
 pub mod syscalls;
 pub mod targets;
 

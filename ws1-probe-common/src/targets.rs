@@ -83,10 +83,16 @@ pub enum DropReason {
     AllocPendingFull = 8,
     /// An allocation's user stack could not be stored (`ALLOC_STACKS` full or a hash collision).
     AllocStackLost = 9,
+    /// `PROFILE_COUNTS` or `OFFCPU_TIME` was full: a sample or a block is not counted.
+    ProfileCountsFull = 10,
+    /// The sample ring buffer was full: a DWARF-mode sample is lost.
+    ProfileRingFull = 11,
+    /// `OFFCPU_START` was full: a thread's block is not measured.
+    OffCpuStartFull = 12,
 }
 
 impl DropReason {
-    pub const COUNT: u32 = 10;
+    pub const COUNT: u32 = 13;
     pub const ALL: [DropReason; Self::COUNT as usize] = [
         Self::TargetsFull,
         Self::ExecRingFull,
@@ -98,6 +104,9 @@ impl DropReason {
         Self::NetListenFull,
         Self::AllocPendingFull,
         Self::AllocStackLost,
+        Self::ProfileCountsFull,
+        Self::ProfileRingFull,
+        Self::OffCpuStartFull,
     ];
 
     /// Label value used in `ws1_probe_events_dropped_total{reason}`.
@@ -113,6 +122,9 @@ impl DropReason {
             Self::NetListenFull => "net_listen_map_full",
             Self::AllocPendingFull => "alloc_pending_map_full",
             Self::AllocStackLost => "alloc_stack_lost",
+            Self::ProfileCountsFull => "profile_counts_map_full",
+            Self::ProfileRingFull => "profile_ringbuf_full",
+            Self::OffCpuStartFull => "offcpu_start_map_full",
         }
     }
 }

@@ -11,6 +11,7 @@ mod alloc;
 mod hist;
 mod memory;
 mod net;
+mod profile;
 mod syscalls;
 mod targets;
 
@@ -107,6 +108,23 @@ pub fn tcp_receive_reset(ctx: TracePointContext) -> u32 {
 #[perf_event]
 pub fn page_fault(ctx: PerfEventContext) -> u32 {
     memory::try_page_fault(&ctx).unwrap_or(0)
+}
+
+// --- profiler: on-CPU samples, off-CPU time ---
+
+#[perf_event]
+pub fn profile_cpu(ctx: PerfEventContext) -> u32 {
+    profile::try_cpu_sample(&ctx).unwrap_or(0)
+}
+
+#[tracepoint]
+pub fn profile_sched_switch(ctx: TracePointContext) -> u32 {
+    profile::try_sched_switch(&ctx).unwrap_or(0)
+}
+
+#[raw_tracepoint(tracepoint = "sys_exit")]
+pub fn profile_sys_exit(ctx: RawTracePointContext) -> i32 {
+    profile::try_offcpu_sys_exit(&ctx).map_or(0, |r| r as i32)
 }
 
 // --- allocations (precise mode) ---

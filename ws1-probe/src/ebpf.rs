@@ -58,6 +58,8 @@ pub struct LoadOptions {
     pub host_mode: bool,
     pub offsets: TracepointOffsets,
     pub bounds_ns: Vec<u64>,
+    /// Profiler threshold and `sched_switch` offsets.
+    pub profile: ws1_probe_common::profile::ProfileSettings,
 }
 
 /// Loads the object (maps are created; programs are loaded later, one by one, on attach).
@@ -82,6 +84,7 @@ pub fn load(opts: &LoadOptions) -> Result<Ebpf, LoadError> {
         .override_global("NET_BOUNDS_NS", &bounds, true)
         .override_global("NET_OFFSETS", &net_offsets, true)
         .override_global("MMAP_OFFSETS", &mmap_offsets, true)
+        .override_global("PROFILE_SETTINGS", &opts.profile, true)
         .load(OBJECT)
         .map_err(|source| LoadError::Object { source })
 }

@@ -30,6 +30,11 @@ enum Command {
     Leaks(cmd::leaks::LeaksArgs),
     /// Trace allocations of the selected processes: rate, size histogram, top allocating stacks
     Allocs(cmd::allocs::AllocsArgs),
+    /// Sample where the selected processes spend CPU time (or block, with --off-cpu): folded
+    /// stacks, SVG flame graph, pprof or a table
+    Profile(cmd::profile::ProfileArgs),
+    /// Live view of the hottest functions of the selected processes (q or Ctrl-C quits)
+    Top(cmd::top::TopArgs),
     /// Report which hooks this kernel allows and which collector will use which
     Check(cmd::check::CheckArgs),
     /// Attach empty sys_enter/sys_exit programs (the cost floor for `cargo xtask bench`)
@@ -53,6 +58,8 @@ fn main() -> ExitCode {
         Command::Net(args) => cmd::net::run(args).map(|()| ExitCode::SUCCESS),
         Command::Leaks(args) => cmd::leaks::run(args).map(|()| ExitCode::SUCCESS),
         Command::Allocs(args) => cmd::allocs::run(args).map(|()| ExitCode::SUCCESS),
+        Command::Profile(args) => cmd::profile::run(args).map(|()| ExitCode::SUCCESS),
+        Command::Top(args) => cmd::top::run(args).map(|()| ExitCode::SUCCESS),
         Command::Check(args) => cmd::check::run(args),
         Command::BenchFloor(args) => cmd::floor::run(args).map(|()| ExitCode::SUCCESS),
     };

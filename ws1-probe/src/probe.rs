@@ -14,6 +14,7 @@ use crate::{
         alloc::{self as alloccollector, AllocCollector, AllocError, AllocatorSpec, Suspect},
         memory::MemoryCollector,
         net::{self as netcollector, NetCollector, NetSnapshot},
+        profile::{self as profilecollector, ProfileCollector, RawProfile},
         syscalls::{SyscallCollector, SyscallSnapshot},
         targets::{ScanSummary, Targets},
     },
@@ -47,6 +48,12 @@ pub struct Probe {
     pub syscalls: SyscallCollector,
     pub net: NetCollector,
     pub memory: MemoryCollector,
+    /// The profiler, when on (agent default: 19 Hz on-CPU).
+    pub profile: Option<ProfileCollector>,
+    /// Symbolized profile windows and per-service sample totals.
+    pub profiles: crate::profile::windows::Windows,
+    profile_drained: Option<Instant>,
+    streams_at: Option<Instant>,
     /// Precise allocation tracing, when opted in (see [`Probe::attach_precise_alloc`]).
     pub alloc: Option<AllocCollector>,
     precise: PreciseAlloc,
@@ -77,22 +84,39 @@ impl Probe {
             host_mode: settings.targets.is_host(),
             offsets: ebpf::read_offsets(std::path::Path::new(TRACEFS)),
             bounds_ns: settings.bounds_ns.clone(),
+            profile: profilecollector::kernel_settings(
+                std::path::Path::new(TRACEFS),
+                settings.profile.offcpu_min_ns,
+            ),
         };
         let mut ebpf = ebpf::load(&opts)?;
         let matcher = Matcher::new(settings.targets.clone());
         let pinned = matcher.configured_ids();
         let (mut targets, exec_ring) = Targets::attach(&mut ebpf, matcher)?;
         let scan = targets.scan().map_err(ProbeError::Scan)?;
-        let syscalls = SyscallCollector::attach(&mut ebpf)?;
-        let mut net = NetCollector::attach(&mut ebpf)?;
+        let on = settings.collectors;
+        let syscalls = SyscallCollector::attach(&mut ebpf, on.syscalls)?;
+        let mut net = NetCollector::attach(&mut ebpf, on.net)?;
         // After attaching, so a listen() during the scan is seen by one or the other.
         net.seed_listeners(
             std::path::Path::new("/proc"),
             &targets.targeted_pids(),
             targets.matcher().clone(),
         );
-        let memory = MemoryCollector::attach(&mut ebpf)?;
+        let memory = MemoryCollector::attach(&mut ebpf, on.memory)?;
+        let profile =
+            if on.profile && (settings.profile.frequency_hz > 0 || settings.profile.off_cpu) {
+                let mut p = ProfileCollector::attach(&mut ebpf, &settings.profile)?;
+                p.update_targets(&targets.targeted_pairs());
+                Some(p)
+            } else {
+                None
+            };
         Ok(Self {
+            profile,
+            profiles: crate::profile::windows::Windows::default(),
+            profile_drained: None,
+            streams_at: None,
             ebpf,
             targets,
             syscalls,
@@ -192,6 +216,9 @@ impl Probe {
     /// (which walk the outstanding allocations, so at most every 30 s).
     pub fn tick(&mut self) {
         self.sample_memory();
+        // Symbolize while the sampled processes still exist (short-lived ones would be gone
+        // by the next scrape or profile request).
+        self.profile_drain_if_older(std::time::Duration::from_secs(10));
         if self.alloc.is_some() {
             let pids = self.precise_pids();
             let spec = self.allocator_specs();
@@ -237,9 +264,50 @@ impl Probe {
         }
     }
 
+    /// Work one-shot commands do every 100 ms: unwind streamed profile samples (their ring
+    /// buffer holds only a few seconds of them) and, every second, choose the unwinding of new
+    /// processes.
+    pub fn poll_streams(&mut self) {
+        if let Some(p) = self.profile.as_mut() {
+            p.poll();
+            if self.streams_at.is_none_or(|at| at.elapsed().as_secs() >= 1) {
+                p.update_targets(&self.targets.targeted_pairs());
+                self.streams_at = Some(Instant::now());
+            }
+        }
+    }
+
+    /// Drains the profiler's counts into a symbolized window (see [`crate::profile::windows`]).
+    /// Returns false when the profiler is off.
+    pub fn profile_drain(&mut self) -> bool {
+        let Some(p) = self.profile.as_mut() else {
+            return false;
+        };
+        p.update_targets(&self.targets.targeted_pairs());
+        let frequency = p.options.frequency_hz;
+        let raw: RawProfile = p.drain(1_000_000_000u64.checked_div(frequency).unwrap_or(0));
+        let services = self.targets.matcher().services();
+        self.profiles.add(&raw, frequency, |id| services.name(id));
+        self.profile_drained = Some(Instant::now());
+        true
+    }
+
+    /// Drains the profiler when the last drain is older than `max_age`.
+    pub fn profile_drain_if_older(&mut self, max_age: std::time::Duration) {
+        if self
+            .profile_drained
+            .is_none_or(|at| at.elapsed() >= max_age)
+        {
+            self.profile_drain();
+        }
+    }
+
     /// Builds every metric family, reading the maps once.
     pub fn families(&mut self) -> (Vec<MetricFamily>, SyscallSnapshot) {
         self.sample_memory();
+        // Sample totals are counted as windows are symbolized; a scrape sees them at most a
+        // second old.
+        self.profile_drain_if_older(std::time::Duration::from_secs(1));
         let snap = self.syscalls.snapshot();
         let net: NetSnapshot = self.net.snapshot();
         let targeted = self.targets.targeted_by_service();
@@ -265,6 +333,9 @@ impl Probe {
         let mut families = metrics::syscall_families(&snap, label, &self.bounds_ns);
         families.extend(netcollector::families(&net, label, &self.bounds_ns));
         families.extend(self.memory.families(label));
+        if self.profile.is_some() {
+            families.extend(self.profiles.families(label));
+        }
         if let Some(alloc) = &self.alloc {
             families.extend(alloccollector::families(
                 &alloc.stats(),

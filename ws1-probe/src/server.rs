@@ -1,10 +1,13 @@
-//! The agent's HTTP endpoints: `/metrics`, `/healthz`, `/readyz`.
+//! The agent's HTTP endpoints: `/metrics`, `/healthz`, `/readyz`, and
+//! `/debug/pprof/profile?seconds=N` (a CPU profile of the next N seconds, gzipped pprof, as
+//! Go's net/http/pprof serves it, for Parca/Pyroscope-style scrapers).
 //!
 //! A deliberately small HTTP/1.1 responder (GET/HEAD, `Connection: close`): scrapers and probes
 //! need nothing more, and it keeps the agent's dependency tree and memory small.
 
 use std::{
     future::Future,
+    pin::Pin,
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -28,17 +31,51 @@ const READ_TIMEOUT: Duration = Duration::from_secs(5);
 pub struct Response {
     pub status: u16,
     pub content_type: &'static str,
-    pub body: String,
+    pub body: Vec<u8>,
 }
 
 impl Response {
-    fn text(status: u16, body: &str) -> Self {
+    pub fn text(status: u16, body: &str) -> Self {
         Self {
             status,
             content_type: "text/plain; charset=utf-8",
-            body: body.to_owned(),
+            body: body.as_bytes().to_vec(),
         }
     }
+}
+
+/// Default and largest `seconds` of a profile request (Go's net/http/pprof defaults to 30).
+pub const PROFILE_DEFAULT_SECONDS: u64 = 30;
+pub const PROFILE_MAX_SECONDS: u64 = 300;
+
+/// Produces a profile of the next `seconds` seconds: the gzipped pprof body, or a status and
+/// message.
+pub type ProfileFn =
+    dyn Fn(u64) -> Pin<Box<dyn Future<Output = Response> + Send>> + Send + Sync + 'static;
+
+/// The `seconds` parameter of a profile request's query string.
+pub fn profile_seconds(query: Option<&str>) -> Result<u64, String> {
+    let Some(value) = query
+        .into_iter()
+        .flat_map(|q| q.split('&'))
+        .find_map(|kv| kv.strip_prefix("seconds="))
+    else {
+        return Ok(PROFILE_DEFAULT_SECONDS);
+    };
+    match value.parse::<u64>() {
+        Ok(s) if (1..=PROFILE_MAX_SECONDS).contains(&s) => Ok(s),
+        _ => Err(format!(
+            "bad seconds={value}: use 1 to {PROFILE_MAX_SECONDS}\n"
+        )),
+    }
+}
+
+/// The query string of a request head's target, if any.
+pub fn request_query(head: &[u8]) -> Option<&str> {
+    let line = head.split(|b| *b == b'\n').next()?;
+    let line = std::str::from_utf8(line).ok()?;
+    let target = line.split(' ').nth(1)?;
+    target.split_once('?').map(|(_, q)| q)
 }
 
 /// Method and path of a request head, or `None` if it is not an HTTP request line.
@@ -62,14 +99,14 @@ pub fn route(method: &str, path: &str, ready: bool, render: impl FnOnce() -> Str
         "/metrics" => Response {
             status: 200,
             content_type: CONTENT_TYPE,
-            body: render(),
+            body: render().into_bytes(),
         },
         "/healthz" => Response::text(200, "ok\n"),
         "/readyz" if ready => Response::text(200, "ready\n"),
         "/readyz" => Response::text(503, "not ready: programs are still loading\n"),
         "/" => Response::text(
             200,
-            "ws1-probe agent: /metrics (Prometheus), /healthz, /readyz\n",
+            "ws1-probe agent: /metrics (Prometheus), /healthz, /readyz, /debug/pprof/profile?seconds=N\n",
         ),
         _ => Response::text(404, "not found: try /metrics, /healthz or /readyz\n"),
     }
@@ -91,6 +128,7 @@ pub async fn serve<R>(
     listener: TcpListener,
     ready: Arc<AtomicBool>,
     render: R,
+    profile: Option<Arc<ProfileFn>>,
     shutdown: impl Future<Output = ()>,
 ) where
     R: Fn() -> String + Send + Sync + 'static,
@@ -104,8 +142,9 @@ pub async fn serve<R>(
                 Ok((stream, _)) => {
                     let render = Arc::clone(&render);
                     let ready = Arc::clone(&ready);
+                    let profile = profile.clone();
                     tokio::spawn(async move {
-                        if let Err(err) = handle(stream, &ready, &*render).await {
+                        if let Err(err) = handle(stream, &ready, &*render, profile.as_deref()).await {
                             tracing::debug!("http connection: {err}");
                         }
                     });
@@ -123,6 +162,7 @@ async fn handle(
     mut stream: TcpStream,
     ready: &AtomicBool,
     render: &(dyn Fn() -> String + Send + Sync),
+    profile: Option<&ProfileFn>,
 ) -> std::io::Result<()> {
     let mut head = Vec::with_capacity(1024);
     let mut buf = [0u8; 1024];
@@ -144,6 +184,16 @@ async fn handle(
     .await
     .unwrap_or(Ok(false))?;
     let response = match parse_request_line(&head).filter(|_| complete) {
+        Some(("GET", "/debug/pprof/profile")) => {
+            match (profile, profile_seconds(request_query(&head))) {
+                (None, _) => Response::text(
+                    404,
+                    "profiling is off: start the agent with --collectors including profile and --profile-frequency above 0\n",
+                ),
+                (Some(_), Err(msg)) => Response::text(400, &msg),
+                (Some(profile), Ok(seconds)) => profile(seconds).await,
+            }
+        }
         Some((method, path)) => {
             let head_only = method == "HEAD";
             let mut r = route(method, path, ready.load(Ordering::Acquire), render);
@@ -169,7 +219,7 @@ async fn write_response(stream: &mut TcpStream, r: &Response, len: usize) -> std
         r.content_type
     );
     stream.write_all(head.as_bytes()).await?;
-    stream.write_all(r.body.as_bytes()).await?;
+    stream.write_all(&r.body).await?;
     stream.shutdown().await
 }
 
@@ -191,6 +241,21 @@ mod tests {
     }
 
     #[test]
+    fn profile_queries() {
+        assert_eq!(profile_seconds(None), Ok(PROFILE_DEFAULT_SECONDS));
+        assert_eq!(profile_seconds(Some("seconds=5")), Ok(5));
+        assert_eq!(profile_seconds(Some("debug=0&seconds=7")), Ok(7));
+        assert!(profile_seconds(Some("seconds=0")).is_err());
+        assert!(profile_seconds(Some("seconds=301")).is_err());
+        assert!(profile_seconds(Some("seconds=x")).is_err());
+        assert_eq!(
+            request_query(b"GET /debug/pprof/profile?seconds=3 HTTP/1.1\r\n\r\n"),
+            Some("seconds=3")
+        );
+        assert_eq!(request_query(b"GET /metrics HTTP/1.1\r\n\r\n"), None);
+    }
+
+    #[test]
     fn routes() {
         let never = || panic!("render must not run");
         assert_eq!(route("GET", "/healthz", false, never).status, 200);
@@ -200,8 +265,8 @@ mod tests {
         assert_eq!(route("GET", "/nope", true, never).status, 404);
         let r = route("GET", "/metrics", true, || "m 1\n".to_owned());
         assert_eq!(
-            (r.status, r.content_type, r.body.as_str()),
-            (200, CONTENT_TYPE, "m 1\n")
+            (r.status, r.content_type, r.body.as_slice()),
+            (200, CONTENT_TYPE, b"m 1\n".as_slice())
         );
     }
 
@@ -215,6 +280,7 @@ mod tests {
             listener,
             Arc::clone(&ready),
             || "x 1\n".to_owned(),
+            None,
             async {
                 let _ = rx.await;
             },

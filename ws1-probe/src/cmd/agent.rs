@@ -10,7 +10,14 @@ use std::{
 
 use anyhow::Context as _;
 use tokio::{io::unix::AsyncFd, net::TcpListener};
-use ws1_probe::{probe::Probe, selfmetrics::own_usage};
+use ws1_probe::{
+    collectors::profile::{AGENT_FREQUENCY_HZ, UnwindMode},
+    probe::Probe,
+    profile::pprof,
+    selfmetrics::own_usage,
+    server::{ProfileFn, Response},
+    targeting::config::Collectors,
+};
 
 use super::CommonArgs;
 
@@ -32,13 +39,29 @@ pub struct AgentArgs {
     pub precise_alloc: bool,
     #[command(flatten)]
     pub allocator: super::leaks::AllocatorArgs,
+    /// Collectors to run, comma-separated: syscalls, net, memory, profile (or all)
+    #[arg(long, default_value = "all", value_parser = Collectors::parse)]
+    pub collectors: Collectors,
+    /// Continuous on-CPU profiling rate, samples per second per CPU (0 turns it off); profiles
+    /// are served at /debug/pprof/profile?seconds=N
+    #[arg(long, default_value_t = AGENT_FREQUENCY_HZ)]
+    pub profile_frequency: u64,
+    /// User stack unwinding of the continuous profiler
+    #[arg(long, value_enum, default_value = "auto")]
+    pub unwind: UnwindMode,
 }
 
 type Shared = Arc<Mutex<Option<Probe>>>;
 
 pub fn run(args: AgentArgs) -> anyhow::Result<()> {
     let started = Instant::now();
-    let settings = super::settings_with(
+    if args.profile_frequency > 10_000 {
+        anyhow::bail!(
+            "invalid --profile-frequency {}: use 0 (off) to 10000; 19 is cheap enough to leave on",
+            args.profile_frequency
+        );
+    }
+    let mut settings = super::settings_with(
         &args.common,
         ws1_probe::targeting::config::FlagOverrides {
             listen: args.listen.clone(),
@@ -51,6 +74,10 @@ pub fn run(args: AgentArgs) -> anyhow::Result<()> {
             ..Default::default()
         },
     )?;
+    settings.collectors = args.collectors;
+    settings.profile.frequency_hz = args.profile_frequency;
+    settings.profile.unwind = args.unwind;
+    let profiling = settings.collectors.profile && args.profile_frequency > 0;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -72,10 +99,19 @@ pub fn run(args: AgentArgs) -> anyhow::Result<()> {
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let render_state = Arc::clone(&shared);
         let mut server_stop = stop_rx.clone();
+        let profile_state = Arc::clone(&shared);
+        let profile: Option<Arc<ProfileFn>> = profiling.then(|| {
+            let f: Arc<ProfileFn> = Arc::new(move |seconds| {
+                let state = Arc::clone(&profile_state);
+                Box::pin(profile_window(state, seconds))
+            });
+            f
+        });
         let server = tokio::spawn(ws1_probe::server::serve(
             listener,
             Arc::clone(&ready),
             move || render(&render_state),
+            profile,
             async move {
                 let _ = server_stop.wait_for(|stop| *stop).await;
             },
@@ -144,6 +180,24 @@ pub fn run(args: AgentArgs) -> anyhow::Result<()> {
                 }
             }
         });
+        if profiling {
+            // Streamed samples (DWARF mode) fill their ring buffer in seconds: unwind them often.
+            let poll_state = Arc::clone(&shared);
+            let mut poll_stop = stop_rx.clone();
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(std::time::Duration::from_millis(100));
+                loop {
+                    tokio::select! {
+                        _ = poll_stop.wait_for(|stop| *stop) => return,
+                        _ = tick.tick() => {
+                            if let Some(probe) = lock(&poll_state).as_mut() {
+                                probe.poll_streams();
+                            }
+                        }
+                    }
+                }
+            });
+        }
         ready.store(true, Ordering::Release);
         let rss = own_usage().map_or(0, |(_, rss)| rss);
         tracing::info!(
@@ -169,6 +223,33 @@ fn lock(shared: &Shared) -> std::sync::MutexGuard<'_, Option<Probe>> {
     shared
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// `/debug/pprof/profile?seconds=N`: drains the profiler so the window starts now, waits,
+/// drains again, and serves the windows in between as gzipped pprof.
+async fn profile_window(state: Shared, seconds: u64) -> Response {
+    let drained = lock(&state).as_mut().map(Probe::profile_drain);
+    let since = match drained {
+        Some(true) => Instant::now(),
+        Some(false) => return Response::text(404, "profiling is off\n"),
+        None => return Response::text(503, "not ready: programs are still loading\n"),
+    };
+    tokio::time::sleep(std::time::Duration::from_secs(seconds)).await;
+    let profile = match lock(&state).as_mut() {
+        Some(probe) => {
+            probe.profile_drain();
+            probe.profiles.since(since).0
+        }
+        None => return Response::text(503, "stopping\n"),
+    };
+    match pprof::encode_gzip(&profile) {
+        Ok(body) => Response {
+            status: 200,
+            content_type: "application/octet-stream",
+            body,
+        },
+        Err(err) => Response::text(500, &format!("cannot encode the profile: {err}\n")),
+    }
 }
 
 fn render(shared: &Shared) -> String {

@@ -46,6 +46,7 @@ pub fn run(args: FloorArgs) -> anyhow::Result<()> {
         host_mode: false,
         offsets: ebpf::read_offsets(Path::new(TRACEFS)),
         bounds_ns: DEFAULT_EXPORT_BOUNDS_NS.to_vec(),
+        profile: ws1_probe_common::profile::ProfileSettings::FALLBACK,
     };
     let mut object = ebpf::load(&opts)?;
     if let Some(pid) = args.uprobe_pid {

@@ -6,7 +6,9 @@ pub mod check;
 pub mod floor;
 pub mod leaks;
 pub mod net;
+pub mod profile;
 pub mod syscalls;
+pub mod top;
 
 use std::path::{Path, PathBuf};
 
@@ -96,6 +98,7 @@ pub fn collect(
                     if let Some(ring) = ring.as_mut() {
                         probe.targets.drain(ring);
                     }
+                    probe.poll_streams();
                     if tty && last_progress.elapsed() >= Duration::from_secs(1) {
                         last_progress = Instant::now();
                         eprint!(

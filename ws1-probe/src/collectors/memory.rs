@@ -105,6 +105,8 @@ pub struct FaultSampler {
 }
 
 pub struct MemoryCollector {
+    /// Off in one-shot commands that do not use the memory signal.
+    enabled: bool,
     pub faults: Option<FaultSampler>,
     started: Instant,
     last_sample: Option<Instant>,
@@ -117,6 +119,7 @@ pub struct MemoryCollector {
 impl Default for MemoryCollector {
     fn default() -> Self {
         Self {
+            enabled: true,
             faults: None,
             started: Instant::now(),
             last_sample: None,
@@ -131,14 +134,23 @@ impl MemoryCollector {
     /// Whether [`MemoryCollector::sample`] would take a sample now; lets callers skip listing
     /// the targeted processes on every scrape.
     pub fn due(&self) -> bool {
-        self.last_sample
-            .is_none_or(|last| last.elapsed() >= SAMPLE_EVERY)
+        self.enabled
+            && self
+                .last_sample
+                .is_none_or(|last| last.elapsed() >= SAMPLE_EVERY)
     }
 
     /// The collector with the page-fault sampler attached on every online CPU. A kernel
     /// without perf events loses only the page-fault part, with a warning.
-    pub fn attach(ebpf: &mut Ebpf) -> Result<Self, LoadError> {
-        let mut collector = Self::default();
+    /// When `enabled` is false nothing is attached and nothing is sampled.
+    pub fn attach(ebpf: &mut Ebpf, enabled: bool) -> Result<Self, LoadError> {
+        let mut collector = Self {
+            enabled,
+            ..Self::default()
+        };
+        if !enabled {
+            return Ok(collector);
+        }
         match attach_faults(ebpf) {
             Ok(faults) => collector.faults = Some(faults),
             Err(err) => tracing::warn!("page faults are not sampled: {err}"),

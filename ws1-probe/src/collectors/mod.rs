@@ -4,6 +4,7 @@
 pub mod alloc;
 pub mod memory;
 pub mod net;
+pub mod profile;
 pub mod syscalls;
 pub mod targets;
 

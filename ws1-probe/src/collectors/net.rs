@@ -134,11 +134,13 @@ impl NetCollector {
     /// Attaches every network tracepoint the kernel has. A missing hook is logged and skipped:
     /// the metrics it feeds stay absent, everything else works. Without
     /// `sock:inet_sock_set_state` no socket is ever observed, so that one is reported too.
-    pub fn attach(ebpf: &mut Ebpf) -> Result<Self, LoadError> {
+    /// When `enabled` is false the maps are taken but nothing is attached: they stay empty.
+    pub fn attach(ebpf: &mut Ebpf, enabled: bool) -> Result<Self, LoadError> {
         let offsets = read_net_offsets(std::path::Path::new(TRACEFS));
         let mut attached = Vec::new();
         let mut skipped = Vec::new();
-        for (category, name, program) in NET_TRACEPOINTS {
+        let hooks: &[(&str, &str, &str)] = if enabled { &NET_TRACEPOINTS } else { &[] };
+        for &(category, name, program) in hooks {
             let hook = format!("{category}:{name}");
             if !net_hook_usable(&offsets, program) {
                 tracing::warn!(

@@ -64,9 +64,12 @@ pub struct SyscallCollector {
 impl SyscallCollector {
     /// Attaches the raw tracepoints. Raw tracepoints are the cheapest syscall hook every kernel
     /// since 4.17 offers (no fentry equivalent exists for the generic syscall path).
-    pub fn attach(ebpf: &mut Ebpf) -> Result<Self, LoadError> {
-        attach_raw_tracepoint(ebpf, "sys_enter", "sys_enter")?;
-        attach_raw_tracepoint(ebpf, "sys_exit", "sys_exit")?;
+    /// When `enabled` is false the maps are taken but nothing is attached: they stay empty.
+    pub fn attach(ebpf: &mut Ebpf, enabled: bool) -> Result<Self, LoadError> {
+        if enabled {
+            attach_raw_tracepoint(ebpf, "sys_enter", "sys_enter")?;
+            attach_raw_tracepoint(ebpf, "sys_exit", "sys_exit")?;
+        }
         Ok(Self {
             hist: typed("SYSCALL_HIST", take_map(ebpf, "SYSCALL_HIST")?)?,
             errors: typed("SYSCALL_ERRORS", take_map(ebpf, "SYSCALL_ERRORS")?)?,

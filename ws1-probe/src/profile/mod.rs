@@ -13,6 +13,7 @@ pub mod pprof;
 pub mod symbols;
 pub mod top;
 pub mod unwind;
+pub mod windows;
 
 use std::{collections::HashMap, time::Duration};
 

@@ -153,6 +153,61 @@ pub struct Settings {
     pub precise_alloc: PreciseAlloc,
     /// Allocator per service name; `""` is the default for every process (flags).
     pub allocators: Vec<(String, AllocatorConfig)>,
+    /// Which collectors run (the agent runs all; one-shot commands only their own).
+    pub collectors: Collectors,
+    /// On-CPU sampling frequency, off-CPU, unwinding.
+    pub profile: crate::collectors::profile::ProfileOptions,
+}
+
+/// Which collectors attach their programs. A collector that is off costs nothing in the
+/// kernel; its metrics are simply absent.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Collectors {
+    pub syscalls: bool,
+    pub net: bool,
+    pub memory: bool,
+    pub profile: bool,
+}
+
+impl Collectors {
+    pub const ALL: Self = Self {
+        syscalls: true,
+        net: true,
+        memory: true,
+        profile: true,
+    };
+    pub const NONE: Self = Self {
+        syscalls: false,
+        net: false,
+        memory: false,
+        profile: false,
+    };
+
+    /// Parses a comma-separated list such as `syscalls,profile` (or `all`).
+    pub fn parse(list: &str) -> Result<Self, String> {
+        let mut c = Self::NONE;
+        for name in list.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+            match name {
+                "all" => c = Self::ALL,
+                "syscalls" => c.syscalls = true,
+                "net" => c.net = true,
+                "memory" => c.memory = true,
+                "profile" => c.profile = true,
+                other => {
+                    return Err(format!(
+                        "unknown collector `{other}`: expected syscalls, net, memory, profile or all"
+                    ));
+                }
+            }
+        }
+        Ok(c)
+    }
+}
+
+impl Default for Collectors {
+    fn default() -> Self {
+        Self::ALL
+    }
 }
 
 impl Settings {
@@ -370,6 +425,8 @@ pub fn resolve(
     };
 
     Ok(Settings {
+        collectors: Collectors::ALL,
+        profile: crate::collectors::profile::ProfileOptions::default(),
         listen: listen_addr,
         bpf_stats: flags.bpf_stats || file.agent.bpf_stats.unwrap_or(false),
         bounds_ns,

@@ -1,0 +1,602 @@
+//! The profiler's userspace half: attaches the cpu-clock sampler (and, for off-CPU profiles,
+//! `sched:sched_switch`), chooses frame-pointer or DWARF unwinding per process, unwinds the
+//! streamed DWARF samples, and reads the kernel's counts as raw stacks that
+//! [`symbolize`] turns into a [`Profile`].
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    path::Path,
+};
+
+use aya::{
+    Ebpf,
+    maps::{HashMap as BpfHashMap, IterableMap, MapData, RingBuf, StackTraceMap},
+    programs::{
+        PerfEvent,
+        perf_event::{PerfEventConfig, PerfEventScope, SamplePolicy, SoftwareEvent},
+    },
+};
+use ws1_probe_common::profile::{
+    OffCpuValue, ProfileKey, ProfileSettings, SAMPLE_OFFCPU, STACK_COPY_BYTES, StackSampleEvent,
+};
+
+use super::{MapUsage, take_map, typed};
+use crate::{
+    ebpf::{LoadError, attach_raw_tracepoint, attach_reason, attach_tracepoint, load_error},
+    profile::{
+        ProfFrame, Profile, ProfileKind, StackSample,
+        fpcheck::FpCache,
+        symbols::ProfileSymbolizer,
+        unwind::{DwarfUnwinder, UserRegs},
+    },
+};
+
+/// Agent default: continuous, cheap enough to leave on.
+pub const AGENT_FREQUENCY_HZ: u64 = 19;
+/// CLI default: the usual profiler rate, off the timer tick so it does not alias with it.
+pub const CLI_FREQUENCY_HZ: u64 = 99;
+/// Default off-CPU threshold.
+pub const DEFAULT_OFFCPU_MIN_NS: u64 = 1_000_000;
+
+/// How user stacks are walked.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum UnwindMode {
+    /// Frame pointers where the main binary keeps them, DWARF (`.eh_frame`) otherwise.
+    #[default]
+    Auto,
+    /// Frame pointers only (cheapest; broken stacks for binaries built without them).
+    Fp,
+    /// Copy the stack and unwind from `.eh_frame` for every process.
+    Dwarf,
+}
+
+/// What to profile.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProfileOptions {
+    /// Samples per second per CPU; 0 turns on-CPU sampling off.
+    pub frequency_hz: u64,
+    /// Also measure blocked time by stack.
+    pub off_cpu: bool,
+    /// Blocks shorter than this are not counted.
+    pub offcpu_min_ns: u64,
+    pub unwind: UnwindMode,
+}
+
+impl Default for ProfileOptions {
+    fn default() -> Self {
+        Self {
+            frequency_hz: AGENT_FREQUENCY_HZ,
+            off_cpu: false,
+            offcpu_min_ns: DEFAULT_OFFCPU_MIN_NS,
+            unwind: UnwindMode::Auto,
+        }
+    }
+}
+
+/// Load-time settings of the kernel part: the threshold and the `sched_switch` field offsets.
+pub fn kernel_settings(tracefs: &Path, offcpu_min_ns: u64) -> ProfileSettings {
+    let mut s = ProfileSettings::FALLBACK;
+    s.offcpu_min_ns = offcpu_min_ns;
+    if let Ok(format) = std::fs::read_to_string(tracefs.join("events/sched/sched_switch/format")) {
+        let field = |name| crate::ebpf::parse_format_offset(&format, name);
+        if let (Some(p), Some(st), Some(n)) =
+            (field("prev_pid"), field("prev_state"), field("next_pid"))
+        {
+            s.switch_prev_pid = p;
+            s.switch_prev_state = st;
+            s.switch_next_pid = n;
+        }
+    }
+    s
+}
+
+/// A stack with its totals, before symbolization. Addresses are lookup addresses (the sampled
+/// instruction, then return addresses minus one), leaf first.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RawStack {
+    pub tgid: u32,
+    pub service: u32,
+    pub user: Vec<u64>,
+    /// `Some(complete)` for DWARF-unwound stacks (whether the unwinder reached the outermost
+    /// frame); `None` for frame-pointer stacks, judged by their outermost function instead.
+    pub dwarf_complete: Option<bool>,
+    pub kernel: Vec<u64>,
+    pub samples: u64,
+    pub value_ns: u64,
+}
+
+/// Raw stacks of one drain.
+#[derive(Clone, Debug, Default)]
+pub struct RawProfile {
+    pub cpu: Vec<RawStack>,
+    pub off_cpu: Vec<RawStack>,
+}
+
+/// Key of the DWARF aggregates kept in userspace.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct DwarfKey {
+    tgid: u32,
+    service: u32,
+    kernel_stack: i32,
+    user: Vec<u64>,
+    complete: bool,
+}
+
+/// Converts a kernel stack trace into lookup addresses.
+fn lookup_addrs(ips: impl Iterator<Item = u64>) -> Vec<u64> {
+    ips.enumerate()
+        .map(|(i, ip)| if i == 0 { ip } else { ip.saturating_sub(1) })
+        .collect()
+}
+
+pub struct ProfileCollector {
+    counts: BpfHashMap<MapData, ProfileKey, u64>,
+    offcpu: BpfHashMap<MapData, ProfileKey, OffCpuValue>,
+    stacks: StackTraceMap<MapData>,
+    dwarf_pids: BpfHashMap<MapData, u32, u32>,
+    ring: RingBuf<MapData>,
+    pub options: ProfileOptions,
+    unwinder: DwarfUnwinder,
+    fp: FpCache,
+    /// Processes seen, and whether they are unwound with DWARF.
+    modes: HashMap<u32, bool>,
+    /// Kernel values already reported, so each drain reports what is new.
+    seen_cpu: HashMap<ProfileKey, u64>,
+    seen_off: HashMap<ProfileKey, OffCpuValue>,
+    /// Stack traces read so far (ids stay valid until a reset).
+    stack_cache: HashMap<i32, Vec<u64>>,
+    dwarf_cpu: HashMap<DwarfKey, u64>,
+    dwarf_off: HashMap<DwarfKey, (u64, u64)>,
+    /// Samples unwound from copies.
+    pub dwarf_samples: u64,
+    /// Kernel map resets (entries dropped because the maps filled up).
+    pub resets: u64,
+}
+
+impl ProfileCollector {
+    /// Attaches the sampler on every online CPU (and the off-CPU hooks when asked).
+    pub fn attach(ebpf: &mut Ebpf, options: &ProfileOptions) -> Result<Self, LoadError> {
+        if options.frequency_hz > 0 {
+            attach_sampler(ebpf, options.frequency_hz)?;
+        }
+        if options.off_cpu {
+            attach_tracepoint(ebpf, "profile_sched_switch", "sched", "sched_switch")?;
+            // Only DWARF-mode processes need it; a kernel without it loses their user stacks
+            // for blocks (they fall back to frame pointers), so it is not fatal.
+            if options.unwind != UnwindMode::Fp
+                && let Err(err) = attach_raw_tracepoint(ebpf, "profile_sys_exit", "sys_exit")
+            {
+                tracing::warn!(
+                    "off-CPU: cannot attach raw_tp sys_exit ({err}); blocks of binaries without frame pointers use frame-pointer stacks"
+                );
+            }
+        }
+        Ok(Self {
+            counts: typed("PROFILE_COUNTS", take_map(ebpf, "PROFILE_COUNTS")?)?,
+            offcpu: typed("OFFCPU_TIME", take_map(ebpf, "OFFCPU_TIME")?)?,
+            stacks: typed("PROFILE_STACKS", take_map(ebpf, "PROFILE_STACKS")?)?,
+            dwarf_pids: typed("PROFILE_DWARF", take_map(ebpf, "PROFILE_DWARF")?)?,
+            ring: typed("PROFILE_SAMPLES", take_map(ebpf, "PROFILE_SAMPLES")?)?,
+            options: options.clone(),
+            unwinder: DwarfUnwinder::new(),
+            fp: FpCache::default(),
+            modes: HashMap::new(),
+            seen_cpu: HashMap::new(),
+            seen_off: HashMap::new(),
+            stack_cache: HashMap::new(),
+            dwarf_cpu: HashMap::new(),
+            dwarf_off: HashMap::new(),
+            dwarf_samples: 0,
+            resets: 0,
+        })
+    }
+
+    /// Chooses the unwinding of new processes and forgets exited ones. `targets` are the
+    /// targeted (pid, service) pairs.
+    pub fn update_targets(&mut self, targets: &[(u32, u32)]) {
+        let live: std::collections::HashSet<u32> = targets.iter().map(|(p, _)| *p).collect();
+        let gone: Vec<u32> = self
+            .modes
+            .keys()
+            .filter(|p| !live.contains(p))
+            .copied()
+            .collect();
+        for pid in gone {
+            if self.modes.remove(&pid) == Some(true) {
+                let _ = self.dwarf_pids.remove(&pid);
+            }
+            self.unwinder.forget(pid);
+        }
+        for (pid, _) in targets {
+            if self.modes.contains_key(pid) {
+                continue;
+            }
+            let dwarf = match self.options.unwind {
+                UnwindMode::Fp => false,
+                UnwindMode::Dwarf => true,
+                UnwindMode::Auto => match self.fp.process_main_binary_has_frame_pointers(*pid) {
+                    Ok(fp) => !fp,
+                    Err(err) => {
+                        tracing::debug!("pid {pid}: cannot check for frame pointers: {err}");
+                        false
+                    }
+                },
+            };
+            if dwarf && let Err(err) = self.dwarf_pids.insert(pid, 1, 0) {
+                tracing::warn!("pid {pid}: cannot switch to DWARF unwinding: {err}");
+                self.modes.insert(*pid, false);
+                continue;
+            }
+            self.modes.insert(*pid, dwarf);
+        }
+    }
+
+    /// On-CPU samples so far (kernel counts plus unwound copies), for progress lines.
+    pub fn samples_so_far(&self) -> u64 {
+        let kernel: u64 = self.counts.iter().flatten().map(|(_, n)| n).sum();
+        kernel + self.dwarf_samples
+    }
+
+    /// Processes unwound from stack copies, of those seen.
+    pub fn dwarf_processes(&self) -> (usize, usize) {
+        (
+            self.modes.values().filter(|d| **d).count(),
+            self.modes.len(),
+        )
+    }
+
+    /// Whether a process is unwound from stack copies.
+    pub fn is_dwarf(&self, pid: u32) -> bool {
+        self.modes.get(&pid).copied().unwrap_or(false)
+    }
+
+    /// Unwinds the streamed samples into the userspace aggregates. Returns how many.
+    pub fn poll(&mut self) -> usize {
+        let mut n = 0;
+        let stack_at = std::mem::offset_of!(StackSampleEvent, stack);
+        while let Some(item) = self.ring.next() {
+            if item.len() < stack_at {
+                continue;
+            }
+            // SAFETY: the kernel wrote a StackSampleEvent; the header fields are plain integers
+            // (any bit pattern valid), read unaligned.
+            let read_u32 = |off: usize| unsafe {
+                std::ptr::read_unaligned(item.as_ptr().add(off).cast::<u32>())
+            };
+            // SAFETY: as above.
+            let read_u64 = |off: usize| unsafe {
+                std::ptr::read_unaligned(item.as_ptr().add(off).cast::<u64>())
+            };
+            let tgid = read_u32(std::mem::offset_of!(StackSampleEvent, tgid));
+            let service = read_u32(std::mem::offset_of!(StackSampleEvent, service));
+            let kernel_stack =
+                read_u32(std::mem::offset_of!(StackSampleEvent, kernel_stack)) as i32;
+            let kind = read_u32(std::mem::offset_of!(StackSampleEvent, kind));
+            let value_ns = read_u64(std::mem::offset_of!(StackSampleEvent, value_ns));
+            let regs = UserRegs {
+                ip: read_u64(std::mem::offset_of!(StackSampleEvent, ip)),
+                sp: read_u64(std::mem::offset_of!(StackSampleEvent, sp)),
+                bp: read_u64(std::mem::offset_of!(StackSampleEvent, bp)),
+            };
+            let len = (read_u32(std::mem::offset_of!(StackSampleEvent, len)) as usize)
+                .min(STACK_COPY_BYTES)
+                .min(item.len() - stack_at);
+            let stack = &item[stack_at..stack_at + len];
+            let unwound = self.unwinder.unwind(tgid, regs, stack);
+            drop(item);
+            let key = DwarfKey {
+                tgid,
+                service,
+                kernel_stack,
+                user: unwound.frames,
+                complete: unwound.complete,
+            };
+            if kind == SAMPLE_OFFCPU {
+                let e = self.dwarf_off.entry(key).or_insert((0, 0));
+                e.0 += 1;
+                e.1 += value_ns;
+            } else {
+                *self.dwarf_cpu.entry(key).or_insert(0) += 1;
+            }
+            self.dwarf_samples += 1;
+            n += 1;
+        }
+        n
+    }
+
+    fn stack(&mut self, id: i32) -> Vec<u64> {
+        if id < 0 {
+            return Vec::new();
+        }
+        if let Some(s) = self.stack_cache.get(&id) {
+            return s.clone();
+        }
+        let addrs = match self.stacks.get(&(id as u32), 0) {
+            Ok(trace) => lookup_addrs(trace.frames().iter().map(|f| f.ip)),
+            Err(_) => Vec::new(),
+        };
+        self.stack_cache.insert(id, addrs.clone());
+        addrs
+    }
+
+    /// Everything counted since the last drain, as raw stacks. `period_ns` converts on-CPU
+    /// samples to time.
+    pub fn drain(&mut self, period_ns: u64) -> RawProfile {
+        self.poll();
+        let mut out = RawProfile::default();
+        let cpu: Vec<(ProfileKey, u64)> = self.counts.iter().flatten().collect::<Vec<_>>();
+        for (key, n) in &cpu {
+            let before = self.seen_cpu.insert(*key, *n).unwrap_or(0);
+            let delta = n.saturating_sub(before);
+            if delta == 0 {
+                continue;
+            }
+            let stack = RawStack {
+                tgid: key.tgid,
+                service: key.service,
+                user: self.stack(key.user_stack),
+                dwarf_complete: None,
+                kernel: self.stack(key.kernel_stack),
+                samples: delta,
+                value_ns: delta * period_ns,
+            };
+            out.cpu.push(stack);
+        }
+        let off: Vec<(ProfileKey, OffCpuValue)> = self.offcpu.iter().flatten().collect::<Vec<_>>();
+        for (key, v) in &off {
+            let before = self.seen_off.insert(*key, *v).unwrap_or_default();
+            let count = v.count.saturating_sub(before.count);
+            if count == 0 {
+                continue;
+            }
+            let stack = RawStack {
+                tgid: key.tgid,
+                service: key.service,
+                user: self.stack(key.user_stack),
+                dwarf_complete: None,
+                kernel: self.stack(key.kernel_stack),
+                samples: count,
+                value_ns: v.ns.saturating_sub(before.ns),
+            };
+            out.off_cpu.push(stack);
+        }
+        for (key, n) in std::mem::take(&mut self.dwarf_cpu) {
+            let kernel = self.stack(key.kernel_stack);
+            out.cpu.push(RawStack {
+                tgid: key.tgid,
+                service: key.service,
+                user: key.user,
+                dwarf_complete: Some(key.complete),
+                kernel,
+                samples: n,
+                value_ns: n * period_ns,
+            });
+        }
+        for (key, (n, ns)) in std::mem::take(&mut self.dwarf_off) {
+            let kernel = self.stack(key.kernel_stack);
+            out.off_cpu.push(RawStack {
+                tgid: key.tgid,
+                service: key.service,
+                user: key.user,
+                dwarf_complete: Some(key.complete),
+                kernel,
+                samples: n,
+                value_ns: ns,
+            });
+        }
+        // Counts are read as deltas, so the maps keep growing; past half their capacity they
+        // are emptied (what was just read is reported, a sample landing in between is lost).
+        let capacity = ws1_probe_common::profile::PROFILE_ENTRIES as usize;
+        if cpu.len() > capacity / 2 || off.len() > capacity / 2 {
+            self.reset();
+        }
+        out
+    }
+
+    /// Empties the kernel counts and stacks.
+    fn reset(&mut self) {
+        for key in self.seen_cpu.keys() {
+            let _ = self.counts.remove(key);
+        }
+        for key in self.seen_off.keys() {
+            let _ = self.offcpu.remove(key);
+        }
+        for id in self.stack_cache.keys() {
+            let _ = self.stacks.remove(&(*id as u32));
+        }
+        self.seen_cpu.clear();
+        self.seen_off.clear();
+        self.stack_cache.clear();
+        self.resets += 1;
+    }
+
+    pub fn map_usage(&self) -> Vec<MapUsage> {
+        vec![
+            MapUsage::of("PROFILE_COUNTS", self.seen_cpu.len(), self.counts.map()),
+            MapUsage::of("OFFCPU_TIME", self.seen_off.len(), self.offcpu.map()),
+        ]
+    }
+}
+
+/// Opens a sampling cpu-clock perf event on every online CPU with the `profile_cpu` program.
+fn attach_sampler(ebpf: &mut Ebpf, frequency_hz: u64) -> Result<(), LoadError> {
+    let program = "profile_cpu";
+    let prog: &mut PerfEvent = ebpf
+        .program_mut(program)
+        .ok_or_else(|| LoadError::MissingProgram {
+            program: program.to_owned(),
+        })?
+        .try_into()
+        .map_err(|e| load_error(program, e))?;
+    prog.load().map_err(|e| load_error(program, e))?;
+    let cpus = aya::util::online_cpus().map_err(|(what, err)| LoadError::Attach {
+        program: program.to_owned(),
+        hook: "perf software cpu-clock".to_owned(),
+        reason: format!("{what}: {err}"),
+    })?;
+    for cpu in cpus {
+        prog.attach(
+            PerfEventConfig::Software(SoftwareEvent::CpuClock),
+            PerfEventScope::AllProcessesOneCpu { cpu },
+            SamplePolicy::Frequency(frequency_hz),
+            false,
+        )
+        .map_err(|e| LoadError::Attach {
+            program: program.to_owned(),
+            hook: format!("perf software cpu-clock on cpu {cpu}"),
+            reason: attach_reason(&e),
+        })?;
+    }
+    Ok(())
+}
+
+/// Functions a complete user stack ends in: the process entry and thread entries of glibc and
+/// musl.
+const ROOT_FUNCTIONS: &[&str] = &[
+    "_start",
+    "__libc_start_main",
+    "__libc_start_call_main",
+    "start_thread",
+    "clone",
+    "clone3",
+    "__clone",
+    "__clone3",
+    "thread_start",
+];
+
+/// Whether a frame-pointer user stack (leaf first) reached an outermost function.
+pub fn reaches_root(frames: &[ProfFrame]) -> bool {
+    frames.last().is_some_and(|f| {
+        ROOT_FUNCTIONS
+            .iter()
+            .any(|r| f.function == *r || f.function.starts_with(&format!("{r}@")))
+    })
+}
+
+/// Cuts a frame-pointer stack after the first frame that no binary could name: without frame
+/// pointers the kernel's walk continues into garbage.
+fn trim_garbage(frames: &mut Vec<ProfFrame>) {
+    if let Some(cut) = frames
+        .iter()
+        .skip(1)
+        .position(|f| f.function.starts_with("[unknown]"))
+    {
+        frames.truncate(cut + 1);
+    }
+}
+
+/// Symbolizes raw stacks into profile stacks. `service_name` labels service ids.
+pub fn symbolize<'a>(
+    raw: &[RawStack],
+    sym: &mut ProfileSymbolizer,
+    service_name: impl Fn(u32) -> &'a str,
+) -> Vec<StackSample> {
+    let mut out = Vec::with_capacity(raw.len());
+    for r in raw {
+        let mut user: Vec<ProfFrame> = sym.user(r.tgid, &r.user).into_iter().flatten().collect();
+        let truncated = match r.dwarf_complete {
+            Some(complete) => !complete,
+            None => {
+                trim_garbage(&mut user);
+                !reaches_root(&user)
+            }
+        };
+        let mut frames = sym.kernel(&r.kernel);
+        frames.extend(user);
+        out.push(StackSample {
+            service: service_name(r.service).to_owned(),
+            pid: r.tgid,
+            frames,
+            samples: r.samples,
+            value_ns: r.value_ns,
+            truncated,
+        });
+    }
+    out
+}
+
+/// A symbolized profile of one window from raw stacks.
+pub fn build_profile<'a>(
+    kind: ProfileKind,
+    frequency_hz: u64,
+    start_unix_ns: u64,
+    duration: std::time::Duration,
+    raw: &[RawStack],
+    sym: &mut ProfileSymbolizer,
+    service_name: impl Fn(u32) -> &'a str,
+) -> Profile {
+    let mut p = Profile::new(kind, frequency_hz, start_unix_ns);
+    p.duration = duration;
+    p.stacks = symbolize(raw, sym, service_name);
+    p.merge();
+    p
+}
+
+/// Samples and truncated samples per service of a symbolized profile.
+pub fn sample_counts(p: &Profile) -> BTreeMap<String, (u64, u64)> {
+    let mut out: BTreeMap<String, (u64, u64)> = BTreeMap::new();
+    for s in &p.stacks {
+        let e = out.entry(s.service.clone()).or_insert((0, 0));
+        e.0 += s.samples;
+        if s.truncated {
+            e.1 += s.samples;
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lookup_addresses_step_back_into_the_call() {
+        assert_eq!(
+            lookup_addrs([100, 200, 300].into_iter()),
+            vec![100, 199, 299]
+        );
+    }
+
+    #[test]
+    fn roots_and_garbage() {
+        let f = |n: &str| ProfFrame::named(n);
+        assert!(reaches_root(&[
+            f("work"),
+            f("main"),
+            f("__libc_start_call_main")
+        ]));
+        assert!(!reaches_root(&[f("work"), f("main")]));
+        assert!(!reaches_root(&[]));
+        let mut frames = vec![f("a"), f("[unknown]+0x10"), f("b"), f("[unknown]+0x20")];
+        trim_garbage(&mut frames);
+        assert_eq!(frames, vec![f("a"), f("[unknown]+0x10")]);
+    }
+
+    #[test]
+    fn kernel_settings_from_format() {
+        let dir = std::env::temp_dir().join(format!("ws1-switch-{}", std::process::id()));
+        let ev = dir.join("events/sched/sched_switch");
+        std::fs::create_dir_all(&ev).unwrap();
+        std::fs::write(
+            ev.join("format"),
+            "\tfield:pid_t prev_pid;\toffset:20;\tsize:4;\tsigned:1;\n\tfield:long prev_state;\toffset:40;\tsize:8;\tsigned:1;\n\tfield:pid_t next_pid;\toffset:64;\tsize:4;\tsigned:1;\n",
+        )
+        .unwrap();
+        let s = kernel_settings(&dir, 5);
+        assert_eq!(
+            (
+                s.offcpu_min_ns,
+                s.switch_prev_pid,
+                s.switch_prev_state,
+                s.switch_next_pid
+            ),
+            (5, 20, 40, 64)
+        );
+        let missing = kernel_settings(&dir.join("nope"), 7);
+        assert_eq!(
+            missing.switch_next_pid,
+            ProfileSettings::FALLBACK.switch_next_pid
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -1,0 +1,210 @@
+//! Symbolized profile windows: each drain of the kernel counts becomes one window, symbolized
+//! right away (while its processes still exist), kept for [`HISTORY`] so
+//! `/debug/pprof/profile?seconds=N` can merge the windows of its request, and counted into the
+//! per-service totals the metrics export.
+
+use std::{
+    collections::{BTreeMap, VecDeque},
+    time::{Duration, Instant, SystemTime},
+};
+
+use prometheus::proto::{MetricFamily, MetricType};
+
+use super::{Profile, ProfileKind, symbols::ProfileSymbolizer};
+use crate::{
+    collectors::profile::{RawProfile, RawStack, symbolize},
+    metrics::{counter, family, gauge},
+};
+
+/// How long windows are kept.
+pub const HISTORY: Duration = Duration::from_secs(600);
+
+/// One drain's profiles.
+pub struct Window {
+    pub start: Instant,
+    pub end: Instant,
+    pub start_unix_ns: u64,
+    pub cpu: Profile,
+    pub off_cpu: Profile,
+}
+
+/// The symbolizer, movable between threads with the probe that owns it.
+pub struct SendSymbolizer(pub ProfileSymbolizer);
+
+// SAFETY: blazesym's symbolizer is !Send only because it holds `Rc`s to its cached files. Every
+// one of those `Rc`s is owned by the symbolizer itself (symbolization results are copied into
+// owned strings before they leave `ProfileSymbolizer`), so moving the whole symbolizer to
+// another thread moves every clone with it; it is never used from two threads at once (the
+// probe that owns it sits behind a mutex).
+unsafe impl Send for SendSymbolizer {}
+
+impl std::ops::Deref for SendSymbolizer {
+    type Target = ProfileSymbolizer;
+    fn deref(&self) -> &ProfileSymbolizer {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for SendSymbolizer {
+    fn deref_mut(&mut self) -> &mut ProfileSymbolizer {
+        &mut self.0
+    }
+}
+
+/// Samples of one service since start.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Totals {
+    pub samples: u64,
+    /// Samples whose user stack did not reach an outermost frame.
+    pub truncated: u64,
+}
+
+pub struct Windows {
+    pub sym: SendSymbolizer,
+    history: VecDeque<Window>,
+    /// On-CPU totals by service id, since start (monotonic).
+    pub totals: BTreeMap<u32, Totals>,
+    last_end: Instant,
+}
+
+impl Default for Windows {
+    fn default() -> Self {
+        Self {
+            sym: SendSymbolizer(ProfileSymbolizer::new()),
+            history: VecDeque::new(),
+            totals: BTreeMap::new(),
+            last_end: Instant::now(),
+        }
+    }
+}
+
+fn unix_ns(at: Instant) -> u64 {
+    let ago = at.elapsed();
+    SystemTime::now()
+        .checked_sub(ago)
+        .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_nanos() as u64)
+}
+
+impl Windows {
+    /// Symbolizes one drain into a window ending now, and counts its samples.
+    pub fn add<'a>(
+        &mut self,
+        raw: &RawProfile,
+        frequency_hz: u64,
+        service_name: impl Fn(u32) -> &'a str + Copy,
+    ) {
+        let end = Instant::now();
+        let start = self.last_end;
+        self.last_end = end;
+        let cpu_stacks = symbolize(&raw.cpu, &mut self.sym, service_name);
+        for (r, s) in raw.cpu.iter().zip(&cpu_stacks) {
+            let t = self.totals.entry(r.service).or_default();
+            t.samples += s.samples;
+            if s.truncated {
+                t.truncated += s.samples;
+            }
+        }
+        let start_unix_ns = unix_ns(start);
+        let mut cpu = Profile::new(ProfileKind::Cpu, frequency_hz, start_unix_ns);
+        cpu.duration = end - start;
+        cpu.stacks = cpu_stacks;
+        cpu.merge();
+        let mut off_cpu = Profile::new(ProfileKind::OffCpu, 0, start_unix_ns);
+        off_cpu.duration = end - start;
+        off_cpu.stacks = symbolize(&raw.off_cpu, &mut self.sym, service_name);
+        off_cpu.merge();
+        self.history.push_back(Window {
+            start,
+            end,
+            start_unix_ns,
+            cpu,
+            off_cpu,
+        });
+        while self
+            .history
+            .front()
+            .is_some_and(|w| end.duration_since(w.end) > HISTORY)
+        {
+            self.history.pop_front();
+        }
+    }
+
+    /// The windows that ended after `since`, merged into one on-CPU and one off-CPU profile.
+    /// (Callers that need an exact window drain first and take `since` after that drain.)
+    pub fn since(&self, since: Instant) -> (Profile, Profile) {
+        let mut windows = self.history.iter().filter(|w| w.end > since).peekable();
+        let (start, start_unix_ns) = windows
+            .peek()
+            .map_or((since, unix_ns(since)), |w| (w.start, w.start_unix_ns));
+        let frequency = windows.peek().map_or(0, |w| w.cpu.frequency_hz);
+        let mut cpu = Profile::new(ProfileKind::Cpu, frequency, start_unix_ns);
+        let mut off_cpu = Profile::new(ProfileKind::OffCpu, 0, start_unix_ns);
+        let mut end = start;
+        for w in windows {
+            cpu.stacks.extend(w.cpu.stacks.iter().cloned());
+            off_cpu.stacks.extend(w.off_cpu.stacks.iter().cloned());
+            end = w.end;
+        }
+        cpu.duration = end - start;
+        off_cpu.duration = end - start;
+        cpu.merge();
+        off_cpu.merge();
+        (cpu, off_cpu)
+    }
+
+    /// `ws1_probe_profile_*` families.
+    pub fn families<'a>(&self, label: impl Fn(u32) -> &'a str) -> Vec<MetricFamily> {
+        let mut by_label: BTreeMap<&str, Totals> = BTreeMap::new();
+        for (service, t) in &self.totals {
+            let e = by_label.entry(label(*service)).or_default();
+            e.samples += t.samples;
+            e.truncated += t.truncated;
+        }
+        let counters = |f: fn(&Totals) -> u64| {
+            by_label
+                .iter()
+                .map(|(s, t)| counter(&[("service", s)], f(t) as f64))
+                .collect()
+        };
+        vec![
+            family(
+                "ws1_probe_profile_samples_total",
+                "On-CPU profile samples of the observed processes, per service.",
+                MetricType::COUNTER,
+                counters(|t| t.samples),
+            ),
+            family(
+                "ws1_probe_profile_truncated_samples_total",
+                "Profile samples whose user stack did not reach the process or thread entry (unwinding stopped early), per service.",
+                MetricType::COUNTER,
+                counters(|t| t.truncated),
+            ),
+            family(
+                "ws1_probe_profile_truncated_stack_ratio",
+                "Share of profile samples with truncated user stacks since start, per service.",
+                MetricType::GAUGE,
+                by_label
+                    .iter()
+                    .filter(|(_, t)| t.samples > 0)
+                    .map(|(s, t)| gauge(&[("service", s)], t.truncated as f64 / t.samples as f64))
+                    .collect(),
+            ),
+            family(
+                "ws1_probe_profile_symbolization_errors_total",
+                "Addresses of profile stacks that no symbol, perf map or kernel symbol could name (kept as build id + offset).",
+                MetricType::COUNTER,
+                vec![counter(&[], self.sym.errors() as f64)],
+            ),
+        ]
+    }
+}
+
+/// Samples in raw stacks per service id (for tests and summaries).
+pub fn raw_samples_by_service(raw: &[RawStack]) -> BTreeMap<u32, u64> {
+    let mut out = BTreeMap::new();
+    for r in raw {
+        *out.entry(r.service).or_insert(0) += r.samples;
+    }
+    out
+}
