@@ -1,0 +1,1426 @@
+//! Turning profile addresses into [`ProfFrame`]s: user addresses through the binaries they are in
+//! (ELF symbols and DWARF, with inline frames and `file:line`), JIT code through perf maps, and
+//! kernel addresses through `/proc/kallsyms`.
+//!
+//! Everything is local and lazy: a binary is opened the first time one of its addresses is
+//! asked for, and what it said is cached by (build id, file offset). Keying on the build id
+//! rather than on the process or the path means the same libc code sampled in a hundred
+//! processes, or in a hundred successive reports, is symbolized once; binaries without a build
+//! id fall back to their file identity (device, inode, size, mtime).
+//!
+//! Binaries are reached through `/proc/PID/map_files`, which opens the very file a process
+//! mapped even when it lives in a container's mount namespace or was deleted since (a package
+//! upgrade). Without the capability that needs, the process's own root (`/proc/PID/root`) is used.
+//!
+//! A frame nothing can name keeps what is needed to name it later, `[build-id]+0xOFFSET` (or
+//! `file+0xOFFSET`, or `[unknown]+0xADDR` outside any mapping), and is counted in
+//! [`ProfileSymbolizer::errors`], which the agent exports as a metric.
+
+use std::{
+    collections::{HashMap, hash_map::Entry},
+    fmt::Write as _,
+    fs,
+    io::ErrorKind,
+    os::unix::fs::MetadataExt,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use blazesym::{
+    MaybeDefault, Pid,
+    normalize::{NormalizeOpts, Normalizer, UserMeta},
+    symbolize::{
+        CodeInfo, Input, Reason, Sym, Symbolized, Symbolizer as Blaze, evict,
+        source::{Elf, Kernel, Source},
+    },
+};
+
+use super::{
+    ProfFrame,
+    perfmap::{self, PerfMapError, PerfMapReader},
+};
+
+/// Cached user addresses before the cache is emptied. At a few hundred bytes an entry this is
+/// tens of megabytes at most, and a full cache is cheap to refill from the parsed binaries.
+const MAX_CACHED_ADDRS: usize = 100_000;
+/// Cached kernel addresses before that cache is emptied.
+const MAX_CACHED_KERNEL_ADDRS: usize = 100_000;
+/// Binaries kept open (with their parsed symbols and DWARF) at once. blazesym keeps a file
+/// descriptor for each, so this stays well under the usual limit of 1024.
+const MAX_BINARIES: usize = 256;
+/// A binary no address was found in for this long is closed.
+const BINARY_IDLE: Duration = Duration::from_secs(600);
+/// How often idle binaries are looked for.
+const SWEEP_EVERY: Duration = Duration::from_secs(60);
+/// A process's perf map is checked for changes at most this often: JITs append to it constantly,
+/// and re-reading it for every batch of addresses would cost more than the lookups.
+const PERF_MAP_RECHECK: Duration = Duration::from_secs(1);
+/// Processes whose perf map is remembered before the memory is emptied (exited processes are
+/// dropped earlier through [`ProfileSymbolizer::forget`]).
+const MAX_PERF_MAPS: usize = 1024;
+/// A kernel address that kallsyms does not name makes it re-read, but not more often than this:
+/// modules and BPF programs loaded since it was read are then found.
+const KALLSYMS_REFRESH: Duration = Duration::from_secs(60);
+/// Module of frames named by a perf map.
+const PERF_MAP_MODULE: &str = "[perf-map]";
+/// Module of kernel frames.
+const KERNEL_MODULE: &str = "[kernel]";
+/// Module of frames in the vDSO (the kernel-provided `clock_gettime` and friends).
+const VDSO_MODULE: &str = "[vdso]";
+
+/// Why part of a symbolization failed. None of these fail a call: the affected frames come out
+/// unnamed, the failure is counted and logged at debug level.
+#[derive(Debug, thiserror::Error)]
+pub enum SymbolsError {
+    #[error("cannot read the mappings of pid {pid}: {source}")]
+    Normalize {
+        pid: u32,
+        #[source]
+        source: blazesym::Error,
+    },
+    #[error("cannot open binary {path}: {source}")]
+    Open {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot symbolize addresses in {path}: {source}")]
+    Symbolize {
+        path: PathBuf,
+        #[source]
+        source: blazesym::Error,
+    },
+    #[error("cannot symbolize {count} addresses in {path}: blazesym reported errors it folded")]
+    Folded { path: PathBuf, count: usize },
+    #[error("cannot symbolize kernel addresses: {source}")]
+    Kernel {
+        #[source]
+        source: blazesym::Error,
+    },
+    #[error(transparent)]
+    PerfMap(#[from] PerfMapError),
+}
+
+/// Counters of a [`ProfileSymbolizer`], for self-metrics and tests.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct SymbolizerStats {
+    /// Frames returned without a name (`[build-id]+0x…`, `[unknown]+0x…`, `[kernel]+0x…`), one
+    /// per address asked for, cached or not.
+    pub unnamed_frames: u64,
+    /// Calls into blazesym (or reads of a perf map) that failed as a whole: a process gone
+    /// before its mappings were read, a binary that could not be opened or parsed.
+    pub failures: u64,
+    /// User addresses answered from the cache.
+    pub cache_hits: u64,
+    /// User addresses (distinct per call) that had to be symbolized.
+    pub cache_misses: u64,
+}
+
+/// What identifies the contents of a binary without trusting its path: device and inode, plus
+/// size and mtime so a file rewritten in place is not mistaken for its old self.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+struct FileId {
+    dev: u64,
+    ino: u64,
+    size: u64,
+    mtime: i64,
+    mtime_nsec: i64,
+}
+
+impl From<&fs::Metadata> for FileId {
+    fn from(md: &fs::Metadata) -> Self {
+        Self {
+            dev: md.dev(),
+            ino: md.ino(),
+            size: md.size(),
+            mtime: md.mtime(),
+            mtime_nsec: md.mtime_nsec(),
+        }
+    }
+}
+
+/// The key symbolization results are cached under, with the file offset: the same build id is
+/// the same code wherever the file lives.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+enum BinKey {
+    BuildId(Arc<[u8]>),
+    File(FileId),
+}
+
+/// A binary seen in some process.
+struct Binary {
+    key: BinKey,
+    /// File name, for [`ProfFrame::module`].
+    name: String,
+    /// Build id in hex, for naming frames it has no symbols for.
+    build_id: Option<String>,
+    /// The one path blazesym knows this binary by. blazesym caches parsed files by path; giving
+    /// it one path per binary (rather than each process's `map_files` path) lets every process
+    /// share one parse. `None` after the path was taken back (see `forget_path`).
+    path: Option<PathBuf>,
+    last_used: Instant,
+}
+
+/// What one call needs of a binary, copied out so the registry can change meanwhile.
+struct CallBinary {
+    id: FileId,
+    key: BinKey,
+    name: String,
+    build_id: Option<String>,
+    /// The path blazesym knows the binary by.
+    path: PathBuf,
+    /// The path this call reached the binary through (differs from `path` when another
+    /// process's path was registered first).
+    reached: PathBuf,
+}
+
+/// Where a user address turned out to be.
+enum Place {
+    /// In a file-backed mapping of the binary at this index of the call's binaries.
+    File { bin: usize, offset: u64 },
+    /// Already named while normalizing (the vDSO).
+    Named(ProfFrame),
+    /// In no file: anonymous memory (JIT code), or no mapping at all.
+    Nowhere,
+}
+
+/// A process's perf map and when it was last looked at.
+struct PerfMapState {
+    /// `None` until first read.
+    checked: Option<Instant>,
+    reader: PerfMapReader,
+}
+
+/// Symbolizes profile stacks; keep one for the whole agent (or report) so its caches pay off.
+///
+/// Not `Send`: blazesym's symbolizer is single-threaded. Keep it on one thread (the agent's
+/// runtime is current-thread) or behind `spawn_blocking` on a thread of its own.
+pub struct ProfileSymbolizer {
+    /// blazesym for user binaries. Auto-reload is off: a path here always names one file
+    /// contents (see [`Binary::path`]), so the `stat` it would do on every call is wasted.
+    blaze: Blaze,
+    /// blazesym for the kernel, separate so kallsyms can be re-read by replacing it without
+    /// dropping the parsed user binaries.
+    kernel_blaze: Blaze,
+    /// When `kernel_blaze` first read kallsyms.
+    kernel_loaded: Option<Instant>,
+    normalizer: Normalizer,
+    /// Reach binaries through `/proc/PID/root/PATH` instead of `/proc/PID/map_files`, because
+    /// opening map_files is refused (it needs CAP_SYS_ADMIN or CAP_CHECKPOINT_RESTORE).
+    /// Decided on first use.
+    root_paths: Option<bool>,
+    binaries: HashMap<FileId, Binary>,
+    /// Which binary each path registered with blazesym belongs to.
+    paths: HashMap<PathBuf, FileId>,
+    last_sweep: Instant,
+    /// Frames by (binary, file offset); an empty slice means the binary could not name it.
+    cache: HashMap<(BinKey, u64), Arc<[ProfFrame]>>,
+    kernel_cache: HashMap<u64, Arc<str>>,
+    perf_maps: HashMap<u32, PerfMapState>,
+    stats: SymbolizerStats,
+}
+
+impl Default for ProfileSymbolizer {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl ProfileSymbolizer {
+    /// A symbolizer with empty caches; nothing is read until addresses are asked for.
+    pub fn new() -> Self {
+        Self {
+            blaze: Blaze::builder().enable_auto_reload(false).build(),
+            kernel_blaze: Self::new_kernel_blaze(),
+            kernel_loaded: None,
+            // Build ids are read here, once per file, instead of by the normalizer: its cache
+            // is keyed by path and never shrinks, and map_files paths are per process.
+            normalizer: Normalizer::builder().enable_build_ids(false).build(),
+            root_paths: None,
+            binaries: HashMap::new(),
+            paths: HashMap::new(),
+            last_sweep: Instant::now(),
+            cache: HashMap::new(),
+            kernel_cache: HashMap::new(),
+            perf_maps: HashMap::new(),
+            stats: SymbolizerStats::default(),
+        }
+    }
+
+    fn new_kernel_blaze() -> Blaze {
+        Blaze::builder()
+            .enable_code_info(false)
+            .enable_inlined_fns(false)
+            .build()
+    }
+
+    /// Symbolization errors so far: frames returned unnamed plus failed blazesym calls. Exported
+    /// as a metric; a rising count means binaries without symbols, JITs without perf maps, or
+    /// processes that exited before their stacks were symbolized.
+    pub fn errors(&self) -> u64 {
+        self.stats.unnamed_frames + self.stats.failures
+    }
+
+    /// All counters.
+    pub fn stats(&self) -> SymbolizerStats {
+        self.stats
+    }
+
+    /// Number of user addresses cached.
+    pub fn cache_len(&self) -> usize {
+        self.cache.len()
+    }
+
+    /// Drops what is kept for process `pid` (its perf map); call it when the process exits.
+    /// Parsed binaries stay: other processes likely map them too, and idle ones are closed after
+    /// a while anyway.
+    pub fn forget(&mut self, pid: u32) {
+        self.perf_maps.remove(&pid);
+    }
+
+    /// The frames each address of process `pid` stands for, innermost first: several when the
+    /// address is in code inlined into its caller, one otherwise. Addresses are lookup
+    /// addresses (a return address minus one, or the sampled instruction pointer).
+    ///
+    /// Pass all addresses of a process at once: the process's mappings are read once a call.
+    pub fn user(&mut self, pid: u32, addrs: &[u64]) -> Vec<Vec<ProfFrame>> {
+        if addrs.is_empty() {
+            return Vec::new();
+        }
+        self.sweep_binaries();
+        let (places, mut bins) = self.locate(pid, addrs);
+
+        // Answer from the cache what it has; gather the rest per binary.
+        let mut known: Vec<Option<Arc<[ProfFrame]>>> = vec![None; addrs.len()];
+        let mut pending: HashMap<usize, Vec<u64>> = HashMap::new();
+        for (i, place) in places.iter().enumerate() {
+            if let Place::File { bin, offset } = place {
+                match self.cache.get(&(bins[*bin].key.clone(), *offset)) {
+                    Some(frames) => {
+                        self.stats.cache_hits += 1;
+                        known[i] = Some(Arc::clone(frames));
+                    }
+                    None => pending.entry(*bin).or_default().push(*offset),
+                }
+            }
+        }
+        let mut fresh: HashMap<(usize, u64), Arc<[ProfFrame]>> = HashMap::new();
+        for (bin, mut offsets) in pending {
+            offsets.sort_unstable();
+            offsets.dedup();
+            self.stats.cache_misses += offsets.len() as u64;
+            let results = self.symbolize_binary(&mut bins[bin], &offsets);
+            for (offset, result) in offsets.into_iter().zip(results) {
+                let frames = match result {
+                    Some(frames) => {
+                        if self.cache.len() >= MAX_CACHED_ADDRS {
+                            self.cache.clear();
+                        }
+                        self.cache
+                            .insert((bins[bin].key.clone(), offset), Arc::clone(&frames));
+                        frames
+                    }
+                    // A failure is not cached: it may be transient (a binary being replaced).
+                    None => Arc::from([]),
+                };
+                fresh.insert((bin, offset), frames);
+            }
+        }
+
+        let mut out = Vec::with_capacity(addrs.len());
+        for ((i, place), &addr) in places.into_iter().enumerate().zip(addrs) {
+            let frames = match place {
+                Place::Named(frame) => vec![frame],
+                Place::File { bin, offset } => {
+                    let b = &bins[bin];
+                    let found = known[i]
+                        .take()
+                        .or_else(|| fresh.get(&(bin, offset)).cloned())
+                        .unwrap_or_else(|| Arc::from([]));
+                    if found.is_empty() {
+                        // Code in a file can still be JIT output (a runtime mapping a memfd or
+                        // a file it wrote), so the perf map gets a say first.
+                        let unnamed = unnamed_in_file(b.build_id.as_deref(), &b.name, offset);
+                        vec![self.perf_map_frame(pid, addr).unwrap_or_else(|| {
+                            self.stats.unnamed_frames += 1;
+                            unnamed
+                        })]
+                    } else {
+                        found
+                            .iter()
+                            .map(|f| ProfFrame {
+                                module: Some(b.name.clone()),
+                                ..f.clone()
+                            })
+                            .collect()
+                    }
+                }
+                Place::Nowhere => vec![self.perf_map_frame(pid, addr).unwrap_or_else(|| {
+                    self.stats.unnamed_frames += 1;
+                    unnamed_nowhere(addr)
+                })],
+            };
+            out.push(frames);
+        }
+        out
+    }
+
+    /// Finds, for each address, the binary and file offset it is at, registering binaries not
+    /// seen before. An address whose process or binary cannot be read is [`Place::Nowhere`].
+    fn locate(&mut self, pid: u32, addrs: &[u64]) -> (Vec<Place>, Vec<CallBinary>) {
+        let root_paths = *self.root_paths.get_or_insert_with(|| {
+            let usable = map_files_usable();
+            if !usable {
+                tracing::info!(
+                    "/proc/PID/map_files cannot be opened (it needs CAP_SYS_ADMIN); binaries are read through /proc/PID/root, which misses deleted ones"
+                );
+            }
+            !usable
+        });
+        let opts = NormalizeOpts {
+            map_files: !root_paths,
+            ..Default::default()
+        };
+        let normalized =
+            match self
+                .normalizer
+                .normalize_user_addrs_opts(Pid::from(pid), addrs, &opts)
+            {
+                Ok(normalized) => normalized,
+                Err(source) => {
+                    self.fail(SymbolsError::Normalize { pid, source });
+                    return (addrs.iter().map(|_| Place::Nowhere).collect(), Vec::new());
+                }
+            };
+        // Owned copies, so the normalizer is no longer borrowed while binaries register.
+        let metas: Vec<Meta> = normalized
+            .meta
+            .iter()
+            .map(|meta| match meta {
+                UserMeta::Elf(elf) => Meta::File(elf.path.clone()),
+                UserMeta::Sym(sym) => Meta::Named(ProfFrame {
+                    function: sym.name.to_string(),
+                    module: Some(VDSO_MODULE.to_owned()),
+                    location: None,
+                    kernel: false,
+                }),
+                _ => Meta::Nowhere,
+            })
+            .collect();
+        let outputs = normalized.outputs;
+
+        let mut bins = Vec::new();
+        let mut meta_bin: Vec<Option<usize>> = vec![None; metas.len()];
+        for (idx, meta) in metas.iter().enumerate() {
+            let Meta::File(path) = meta else { continue };
+            match self.binary(pid, path, root_paths) {
+                Ok(bin) => {
+                    meta_bin[idx] = Some(bins.len());
+                    bins.push(bin);
+                }
+                Err(err) => self.fail(err),
+            }
+        }
+        let places = outputs
+            .into_iter()
+            .map(|(offset, idx)| match metas.get(idx) {
+                Some(Meta::File(_)) => match meta_bin[idx] {
+                    Some(bin) => Place::File { bin, offset },
+                    None => Place::Nowhere,
+                },
+                Some(Meta::Named(frame)) => Place::Named(frame.clone()),
+                _ => Place::Nowhere,
+            })
+            .collect();
+        (places, bins)
+    }
+
+    /// The binary behind `path` (a map_files path, or the path the process sees when
+    /// `root_paths`), read for its build id the first time its contents are seen.
+    fn binary(
+        &mut self,
+        pid: u32,
+        path: &Path,
+        root_paths: bool,
+    ) -> Result<CallBinary, SymbolsError> {
+        let reached = if root_paths {
+            root_path(pid, path)
+        } else {
+            path.to_owned()
+        };
+        let md = fs::metadata(&reached).map_err(|source| SymbolsError::Open {
+            path: reached.clone(),
+            source,
+        })?;
+        let id = FileId::from(&md);
+        // A path can come back naming another file: a new process got the old one's pid and
+        // maps something else at the same range. blazesym must not answer from the old file.
+        if self.paths.get(&reached).is_some_and(|old| *old != id) {
+            self.forget_path(&reached);
+        }
+        let now = Instant::now();
+        let bin = match self.binaries.entry(id) {
+            Entry::Occupied(e) => e.into_mut(),
+            Entry::Vacant(e) => {
+                let build_id = read_build_id(&reached);
+                let name = if root_paths {
+                    file_name(path)
+                } else {
+                    // The map_files link points at the path the process mapped.
+                    fs::read_link(&reached)
+                        .map(|target| file_name(&target))
+                        .unwrap_or_else(|_| file_name(path))
+                };
+                e.insert(Binary {
+                    key: match &build_id {
+                        Some(b) => BinKey::BuildId(Arc::clone(b)),
+                        None => BinKey::File(id),
+                    },
+                    name,
+                    build_id: build_id.map(|b| hex(&b)),
+                    path: None,
+                    last_used: now,
+                })
+            }
+        };
+        bin.last_used = now;
+        let registered = match &bin.path {
+            Some(p) => p.clone(),
+            None => {
+                bin.path = Some(reached.clone());
+                self.paths.insert(reached.clone(), id);
+                reached.clone()
+            }
+        };
+        Ok(CallBinary {
+            id,
+            key: bin.key.clone(),
+            name: bin.name.clone(),
+            build_id: bin.build_id.clone(),
+            path: registered,
+            reached,
+        })
+    }
+
+    /// Symbolizes file offsets of one binary: per offset, its frames (empty when the binary
+    /// cannot name it), or `None` when blazesym failed.
+    fn symbolize_binary(
+        &mut self,
+        bin: &mut CallBinary,
+        offsets: &[u64],
+    ) -> Vec<Option<Arc<[ProfFrame]>>> {
+        let mut result = self.symbolize_file(&bin.path, offsets);
+        if result.is_err() && bin.path != bin.reached {
+            // The registered path may belong to a process that exited before blazesym ever
+            // opened it; the path this call came through is alive.
+            self.forget_path(&bin.path.clone());
+            if let Some(b) = self.binaries.get_mut(&bin.id) {
+                b.path = Some(bin.reached.clone());
+                self.paths.insert(bin.reached.clone(), bin.id);
+            }
+            bin.path = bin.reached.clone();
+            result = self.symbolize_file(&bin.path, offsets);
+        }
+        match result {
+            Ok(frames) => frames,
+            Err(err) => {
+                self.fail(err);
+                vec![None; offsets.len()]
+            }
+        }
+    }
+
+    fn symbolize_file(
+        &mut self,
+        path: &Path,
+        offsets: &[u64],
+    ) -> Result<Vec<Option<Arc<[ProfFrame]>>>, SymbolsError> {
+        let src = Source::Elf(Elf::new(path));
+        let symbolized = self
+            .blaze
+            .symbolize(&src, Input::FileOffset(offsets))
+            .map_err(|source| SymbolsError::Symbolize {
+                path: path.to_owned(),
+                source,
+            })?;
+        let mut folded = 0;
+        let frames = symbolized
+            .iter()
+            .map(|s| match s {
+                Symbolized::Sym(sym) => Some(frames_of(sym)),
+                Symbolized::Unknown(Reason::IgnoredError) => {
+                    folded += 1;
+                    None
+                }
+                Symbolized::Unknown(_) => Some(Arc::from([])),
+            })
+            .collect();
+        if folded > 0 {
+            self.fail(SymbolsError::Folded {
+                path: path.to_owned(),
+                count: folded,
+            });
+        }
+        Ok(frames)
+    }
+
+    /// Takes `path` back from blazesym, closing the file unless another path still names it.
+    fn forget_path(&mut self, path: &Path) {
+        if let Some(id) = self.paths.remove(path)
+            && let Some(bin) = self.binaries.get_mut(&id)
+            && bin.path.as_deref() == Some(path)
+        {
+            bin.path = None;
+        }
+        if let Err(err) = self.blaze.evict(&evict::Evict::Elf(evict::Elf::new(path))) {
+            tracing::debug!("cannot evict {}: {err}", path.display());
+        }
+    }
+
+    /// Closes binaries unused for [`BINARY_IDLE`] and, past [`MAX_BINARIES`], the least recently
+    /// used ones, so parsed DWARF and open files do not pile up as processes come and go.
+    fn sweep_binaries(&mut self) {
+        let now = Instant::now();
+        let over = self.binaries.len() > MAX_BINARIES;
+        if !over && now.duration_since(self.last_sweep) < SWEEP_EVERY {
+            return;
+        }
+        self.last_sweep = now;
+        let mut by_age: Vec<(Instant, FileId)> = self
+            .binaries
+            .iter()
+            .map(|(id, b)| (b.last_used, *id))
+            .collect();
+        by_age.sort_unstable_by_key(|(used, _)| *used);
+        // Past the limit, go down to three quarters of it, so the next few new binaries do not
+        // each trigger a sweep.
+        let excess = if over {
+            self.binaries.len() - MAX_BINARIES * 3 / 4
+        } else {
+            0
+        };
+        for (i, (used, id)) in by_age.into_iter().enumerate() {
+            if i >= excess && now.duration_since(used) < BINARY_IDLE {
+                break;
+            }
+            if let Some(path) = self.binaries.remove(&id).and_then(|b| b.path) {
+                self.forget_path(&path);
+            }
+        }
+    }
+
+    /// The frame the perf map of `pid` gives `addr`, if it has one.
+    fn perf_map_frame(&mut self, pid: u32, addr: u64) -> Option<ProfFrame> {
+        let now = Instant::now();
+        if !self.perf_maps.contains_key(&pid) && self.perf_maps.len() >= MAX_PERF_MAPS {
+            self.perf_maps.clear();
+        }
+        let state = self.perf_maps.entry(pid).or_insert(PerfMapState {
+            checked: None,
+            reader: PerfMapReader::default(),
+        });
+        let mut failed = None;
+        if state
+            .checked
+            .is_none_or(|t| now.duration_since(t) >= PERF_MAP_RECHECK)
+        {
+            state.checked = Some(now);
+            // Recomputed each time: the namespace pid in the path belongs to whichever process
+            // has this pid now.
+            let path = perfmap::path_for(pid);
+            if let Err(err) = state.reader.update(&path) {
+                state.reader = PerfMapReader::default();
+                // Most processes have no perf map; that is not an error.
+                let PerfMapError::Read { source, .. } = &err;
+                if source.kind() != ErrorKind::NotFound {
+                    failed = Some(err);
+                }
+            }
+        }
+        let frame = state.reader.map().lookup(addr).map(|name| ProfFrame {
+            function: name.to_owned(),
+            module: Some(PERF_MAP_MODULE.to_owned()),
+            location: None,
+            kernel: false,
+        });
+        if let Some(err) = failed {
+            self.fail(err.into());
+        }
+        frame
+    }
+
+    /// Kernel addresses to frames, one each, through `/proc/kallsyms` (never a vmlinux: looking
+    /// for one scans the disk, and kallsyms already names every function). An address it does
+    /// not name becomes `[kernel]+0xADDR`.
+    pub fn kernel(&mut self, addrs: &[u64]) -> Vec<ProfFrame> {
+        let mut missing: Vec<u64> = addrs
+            .iter()
+            .copied()
+            .filter(|a| !self.kernel_cache.contains_key(a))
+            .collect();
+        missing.sort_unstable();
+        missing.dedup();
+        if !missing.is_empty() {
+            let stale = self
+                .kernel_loaded
+                .is_some_and(|t| t.elapsed() >= KALLSYMS_REFRESH);
+            let mut found = self.kernel_lookup(&missing);
+            if stale && found.iter().any(Option::is_none) {
+                // Something unnamed in an old kallsyms snapshot: a module or BPF program may
+                // have been loaded since.
+                self.kernel_blaze = Self::new_kernel_blaze();
+                self.kernel_loaded = None;
+                found = self.kernel_lookup(&missing);
+            }
+            for (addr, name) in missing.into_iter().zip(found) {
+                // Unnamed addresses are not cached, so a later kallsyms re-read can name them.
+                if let Some(name) = name {
+                    if self.kernel_cache.len() >= MAX_CACHED_KERNEL_ADDRS {
+                        self.kernel_cache.clear();
+                    }
+                    self.kernel_cache.insert(addr, name);
+                }
+            }
+        }
+        addrs
+            .iter()
+            .map(|addr| {
+                let function = match self.kernel_cache.get(addr) {
+                    Some(name) => name.to_string(),
+                    None => {
+                        self.stats.unnamed_frames += 1;
+                        format!("{KERNEL_MODULE}+0x{addr:x}")
+                    }
+                };
+                ProfFrame {
+                    function,
+                    module: Some(KERNEL_MODULE.to_owned()),
+                    location: None,
+                    kernel: true,
+                }
+            })
+            .collect()
+    }
+
+    fn kernel_lookup(&mut self, addrs: &[u64]) -> Vec<Option<Arc<str>>> {
+        let src = Source::Kernel(Kernel {
+            kallsyms: MaybeDefault::Default,
+            vmlinux: MaybeDefault::None,
+            kaslr_offset: None,
+            debug_syms: false,
+            ..Default::default()
+        });
+        if self.kernel_loaded.is_none() {
+            self.kernel_loaded = Some(Instant::now());
+        }
+        match self.kernel_blaze.symbolize(&src, Input::AbsAddr(addrs)) {
+            Ok(symbolized) => symbolized
+                .iter()
+                .map(|s| s.as_sym().map(|sym| Arc::from(&*sym.name)))
+                .collect(),
+            Err(source) => {
+                self.fail(SymbolsError::Kernel { source });
+                vec![None; addrs.len()]
+            }
+        }
+    }
+
+    fn fail(&mut self, err: SymbolsError) {
+        self.stats.failures += 1;
+        tracing::debug!("symbolization: {err}");
+    }
+}
+
+/// Normalizer meta information, owned.
+enum Meta {
+    File(PathBuf),
+    Named(ProfFrame),
+    Nowhere,
+}
+
+/// Frames of one blazesym symbol, innermost first: blazesym lists inlined calls outermost
+/// first after the function they were inlined into, each with the location inside it.
+fn frames_of(sym: &Sym<'_>) -> Arc<[ProfFrame]> {
+    let frame = |name: &str, code_info: Option<&CodeInfo<'_>>| ProfFrame {
+        function: name.to_owned(),
+        module: None,
+        location: code_info.map(location),
+        kernel: false,
+    };
+    sym.inlined
+        .iter()
+        .rev()
+        .map(|inl| frame(&inl.name, inl.code_info.as_ref()))
+        .chain(std::iter::once(frame(&sym.name, sym.code_info.as_deref())))
+        .collect()
+}
+
+/// `file:line`, or the file alone when the line is not known.
+fn location(ci: &CodeInfo<'_>) -> String {
+    let file = ci.file.to_string_lossy();
+    match ci.line {
+        Some(line) => format!("{file}:{line}"),
+        None => file.into_owned(),
+    }
+}
+
+/// The frame for `offset` in a binary that cannot name it: `[build-id]+0xOFFSET`, which a later
+/// symbolization with the binary's debug file can resolve, or `file+0xOFFSET` without a build id.
+fn unnamed_in_file(build_id: Option<&str>, name: &str, offset: u64) -> ProfFrame {
+    let function = match build_id {
+        Some(id) => format!("[{id}]+0x{offset:x}"),
+        None => format!("{name}+0x{offset:x}"),
+    };
+    ProfFrame {
+        function,
+        module: Some(name.to_owned()),
+        location: None,
+        kernel: false,
+    }
+}
+
+/// The frame for an address in no file and in no perf map.
+fn unnamed_nowhere(addr: u64) -> ProfFrame {
+    ProfFrame {
+        function: format!("[unknown]+0x{addr:x}"),
+        module: None,
+        location: None,
+        kernel: false,
+    }
+}
+
+/// The build id of the ELF file at `path`; `None` when it has none or is not ELF.
+fn read_build_id(path: &Path) -> Option<Arc<[u8]>> {
+    match blazesym::helper::read_elf_build_id(path) {
+        Ok(Some(id)) if !id.is_empty() => Some(Arc::from(&*id)),
+        Ok(_) => None,
+        Err(err) => {
+            tracing::debug!("no build id for {}: {err}", path.display());
+            None
+        }
+    }
+}
+
+/// Whether `/proc/PID/map_files` links can be opened, tried on this process's first mapping.
+/// Opening them needs CAP_SYS_ADMIN (or CAP_CHECKPOINT_RESTORE) whichever process they belong
+/// to, so one answer holds for all.
+fn map_files_usable() -> bool {
+    let maps = fs::read_to_string("/proc/self/maps").unwrap_or_default();
+    maps.split_ascii_whitespace()
+        .next()
+        .is_some_and(|range| fs::metadata(format!("/proc/self/map_files/{range}")).is_ok())
+}
+
+/// `path` as the process `pid` sees it, reached through its root.
+fn root_path(pid: u32, path: &Path) -> PathBuf {
+    let relative = path.strip_prefix("/").unwrap_or(path);
+    Path::new(&format!("/proc/{pid}/root")).join(relative)
+}
+
+/// The last component of `path`, without the ` (deleted)` the kernel appends to unlinked files.
+fn file_name(path: &Path) -> String {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| path.to_string_lossy().into_owned());
+    match name.strip_suffix(" (deleted)") {
+        Some(stripped) => stripped.to_owned(),
+        None => name,
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        let _ = write!(s, "{b:02x}");
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    use std::{
+        ffi::c_void,
+        process::{Child, Command},
+        thread::sleep,
+    };
+
+    use object::{Object as _, ObjectSection as _, ObjectSymbol as _};
+
+    /// Whether kallsyms can be read with addresses; without them (not root, or
+    /// `kptr_restrict`) the kernel test cannot run, which CI must not accept.
+    fn kallsyms_or_skip(test: &str) -> Option<String> {
+        let text = fs::read_to_string("/proc/kallsyms").unwrap_or_default();
+        if text.lines().any(|l| !l.starts_with("0000000000000000")) {
+            return Some(text);
+        }
+        if std::env::var_os("CI").is_some() {
+            panic!("{test}: /proc/kallsyms shows no addresses (not root?), and CI must not skip");
+        }
+        println!("skipping test - {test}: /proc/kallsyms shows no addresses (not root?)");
+        None
+    }
+
+    fn own_exe_name() -> String {
+        file_name(&std::env::current_exe().unwrap())
+    }
+
+    #[inline(never)]
+    fn profile_symbols_marker() -> u64 {
+        std::hint::black_box(profile_symbols_marker as *const () as u64)
+    }
+
+    #[inline(always)]
+    fn inlined_leaf(x: u64) -> u64 {
+        x.wrapping_mul(0x9e37_79b9_7f4a_7c15).rotate_left(7) ^ 0x55
+    }
+
+    #[inline(never)]
+    fn inline_host(x: u64) -> u64 {
+        inlined_leaf(std::hint::black_box(x)).wrapping_add(1)
+    }
+
+    /// Function symbols of this test binary with their run-time addresses, through the `object`
+    /// crate rather than blazesym, so the tests compare two readings of the binary.
+    fn own_functions() -> Vec<(String, u64, u64)> {
+        let data = fs::read(std::env::current_exe().unwrap()).unwrap();
+        let file = object::File::parse(&*data).unwrap();
+        let marker = file
+            .symbols()
+            .find(|s| {
+                s.name()
+                    .is_ok_and(|n| n.contains("22profile_symbols_marker17h"))
+            })
+            .expect("marker symbol in the test binary");
+        let bias = profile_symbols_marker().wrapping_sub(marker.address());
+        file.symbols()
+            .filter(|s| s.kind() == object::SymbolKind::Text && s.size() > 0 && s.address() > 0)
+            .filter_map(|s| {
+                let name = s.name().ok()?.to_owned();
+                Some((name, s.address().wrapping_add(bias), s.size()))
+            })
+            .collect()
+    }
+
+    #[test]
+    fn names_own_function_then_answers_from_cache() {
+        let pid = std::process::id();
+        let addr = profile_symbols_marker();
+        let mut s = ProfileSymbolizer::new();
+        let frames = s.user(pid, &[addr]);
+        assert_eq!(frames.len(), 1);
+        let f = frames[0].last().unwrap();
+        assert!(f.function.ends_with("profile_symbols_marker"), "{frames:?}");
+        assert_eq!(f.module.as_deref(), Some(own_exe_name().as_str()));
+        let loc = f.location.as_deref().unwrap_or("");
+        assert!(loc.starts_with("symbols.rs:"), "{loc}");
+        assert!(!f.kernel);
+        assert_eq!(s.cache_len(), 1);
+        assert_eq!(s.stats().cache_misses, 1);
+        assert_eq!(s.stats().cache_hits, 0);
+
+        let again = s.user(pid, &[addr, addr]);
+        assert_eq!(again, vec![frames[0].clone(), frames[0].clone()]);
+        assert_eq!(s.stats().cache_hits, 2);
+        assert_eq!(s.stats().cache_misses, 1);
+        assert_eq!(s.cache_len(), 1);
+        assert_eq!(s.errors(), 0);
+
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        if unsafe { libc::geteuid() } == 0 {
+            // Root reads binaries through map_files, which reach deleted and containerised ones.
+            assert_eq!(s.root_paths, Some(false));
+            let registered: Vec<&PathBuf> = s.paths.keys().collect();
+            assert_eq!(registered.len(), 1);
+            assert!(registered[0].starts_with(format!("/proc/{pid}/map_files/")));
+        }
+    }
+
+    #[test]
+    fn reaches_binaries_through_process_root() {
+        // What an agent without CAP_SYS_ADMIN does, and the path a container's binaries are
+        // reached through.
+        let pid = std::process::id();
+        let mut s = ProfileSymbolizer::new();
+        s.root_paths = Some(true);
+        let frames = s.user(pid, &[profile_symbols_marker()]);
+        let f = frames[0].last().unwrap();
+        assert!(f.function.ends_with("profile_symbols_marker"), "{frames:?}");
+        assert_eq!(f.module.as_deref(), Some(own_exe_name().as_str()));
+        assert_eq!(s.errors(), 0);
+        let registered: Vec<&PathBuf> = s.paths.keys().collect();
+        assert_eq!(registered.len(), 1);
+        assert!(registered[0].starts_with(format!("/proc/{pid}/root/")));
+    }
+
+    #[test]
+    fn inline_frames_come_innermost_first() {
+        let pid = std::process::id();
+        assert_ne!(inline_host(3), 0);
+        let (_, start, size) = own_functions()
+            .into_iter()
+            .find(|(name, _, _)| name.contains("11inline_host17h"))
+            .expect("inline_host symbol");
+        let addrs: Vec<u64> = (start..start + size).collect();
+        let mut s = ProfileSymbolizer::new();
+        let all = s.user(pid, &addrs);
+        for frames in &all {
+            assert!(
+                frames.last().unwrap().function.ends_with("inline_host"),
+                "{frames:?}"
+            );
+        }
+        let inlined = all
+            .iter()
+            .find(|frames| frames.len() == 2)
+            .unwrap_or_else(|| panic!("no address with an inline frame: {all:?}"));
+        assert!(inlined[0].function.ends_with("inlined_leaf"), "{inlined:?}");
+        assert!(inlined[1].function.ends_with("inline_host"), "{inlined:?}");
+        for f in inlined {
+            assert!(
+                f.location
+                    .as_deref()
+                    .unwrap_or("")
+                    .starts_with("symbols.rs:"),
+                "{f:?}"
+            );
+            assert_eq!(f.module.as_deref(), Some(own_exe_name().as_str()));
+        }
+        assert_eq!(s.errors(), 0);
+    }
+
+    /// An anonymous executable mapping and a perf map file, removed again even on failure.
+    struct FakeJit {
+        base: *mut c_void,
+        len: usize,
+        map: PathBuf,
+    }
+
+    impl Drop for FakeJit {
+        fn drop(&mut self) {
+            let _ = fs::remove_file(&self.map);
+            // SAFETY: `base` and `len` are exactly the mapping made in the test, unmapped once.
+            unsafe { libc::munmap(self.base, self.len) };
+        }
+    }
+
+    #[test]
+    fn jit_code_is_named_by_the_perf_map() {
+        let pid = std::process::id();
+        let len = 0x4000;
+        // SAFETY: a new private anonymous mapping at an address of the kernel's choosing; it
+        // aliases nothing and is only ever looked at by address.
+        let base = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_EXEC,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        assert_ne!(base, libc::MAP_FAILED);
+        let jit = FakeJit {
+            base,
+            len,
+            map: PathBuf::from(format!("/tmp/perf-{pid}.map")),
+        };
+        let start = base as u64;
+        fs::write(
+            &jit.map,
+            format!(
+                "{:x} 100 stale\n{:#x} 80 py::handle:/srv/app.py\n",
+                start + 0x100,
+                start + 0x100
+            ),
+        )
+        .unwrap();
+        let mut s = ProfileSymbolizer::new();
+        let frames = s.user(pid, &[start + 0x140, start + 0x1000]);
+        assert_eq!(
+            frames[0],
+            vec![ProfFrame {
+                function: "py::handle:/srv/app.py".to_owned(),
+                module: Some("[perf-map]".to_owned()),
+                location: None,
+                kernel: false,
+            }]
+        );
+        assert_eq!(frames[1], vec![unnamed_nowhere(start + 0x1000)]);
+        assert_eq!(s.errors(), 1);
+
+        // The runtime recompiles into the same range; the map is re-read once a second has
+        // passed since it was last looked at.
+        fs::write(
+            &jit.map,
+            format!(
+                "{:x} 80 py::handle:/srv/app.py [recompiled]\n",
+                start + 0x100
+            ),
+        )
+        .unwrap();
+        sleep(PERF_MAP_RECHECK + Duration::from_millis(100));
+        let frames = s.user(pid, &[start + 0x140]);
+        assert_eq!(frames[0][0].function, "py::handle:/srv/app.py [recompiled]");
+
+        // An exited process's map is forgotten: the state is rebuilt from the file.
+        s.forget(pid);
+        assert!(s.perf_maps.is_empty());
+        drop(jit);
+    }
+
+    #[test]
+    fn address_in_no_mapping_is_unknown_and_counted() {
+        let pid = std::process::id();
+        let mut s = ProfileSymbolizer::new();
+        assert_eq!(s.user(pid, &[0x1]), vec![vec![unnamed_nowhere(0x1)]]);
+        assert_eq!(s.user(pid, &[0x1])[0][0].function, "[unknown]+0x1");
+        assert_eq!(s.errors(), 2);
+        assert_eq!(s.stats().failures, 0);
+        assert_eq!(s.stats().unnamed_frames, 2);
+    }
+
+    #[test]
+    fn process_that_does_not_exist_is_a_failure() {
+        // Above pid_max (at most 2^22), so no process has it.
+        let pid = 1 << 23;
+        let mut s = ProfileSymbolizer::new();
+        let frames = s.user(pid, &[0x1000, 0x2000]);
+        assert_eq!(frames[0], vec![unnamed_nowhere(0x1000)]);
+        assert_eq!(frames[1], vec![unnamed_nowhere(0x2000)]);
+        assert_eq!(s.stats().failures, 1);
+        assert_eq!(s.stats().unnamed_frames, 2);
+        assert_eq!(s.errors(), 3);
+        assert!(s.user(pid, &[]).is_empty());
+    }
+
+    #[test]
+    fn kernel_addresses_are_named_by_kallsyms() {
+        let Some(kallsyms) = kallsyms_or_skip("kernel_addresses_are_named_by_kallsyms") else {
+            return;
+        };
+        // A text symbol alone at its address, so the expected name is unambiguous;
+        // do_sys_openat2 when the kernel has it.
+        let syms: Vec<(u64, &str, &str)> = kallsyms
+            .lines()
+            .filter_map(|l| {
+                let mut it = l.split_ascii_whitespace();
+                let addr = u64::from_str_radix(it.next()?, 16).ok()?;
+                Some((addr, it.next()?, it.next()?))
+            })
+            .collect();
+        let alone = |i: usize| {
+            let addr = syms[i].0;
+            matches!(syms[i].1, "T" | "t")
+                && addr != 0
+                && syms.iter().filter(|s| s.0 == addr).count() == 1
+        };
+        let pick = (0..syms.len())
+            .find(|&i| syms[i].2 == "do_sys_openat2" && alone(i))
+            .or_else(|| (0..syms.len()).find(|&i| alone(i)))
+            .expect("a text symbol in kallsyms");
+        let (addr, _, name) = syms[pick];
+
+        let mut s = ProfileSymbolizer::new();
+        let frames = s.kernel(&[addr, addr + 1, 0x1]);
+        assert_eq!(
+            frames[0],
+            ProfFrame {
+                function: name.to_owned(),
+                module: Some("[kernel]".to_owned()),
+                location: None,
+                kernel: true,
+            }
+        );
+        assert_eq!(frames[1].function, name);
+        assert_eq!(frames[2].function, "[kernel]+0x1");
+        assert!(frames[2].kernel);
+        assert_eq!(s.errors(), 1);
+        assert_eq!(s.kernel_cache.len(), 2);
+        // Answered from the cache.
+        assert_eq!(s.kernel(&[addr])[0].function, name);
+        assert_eq!(s.kernel_cache.len(), 2);
+        assert_eq!(s.errors(), 1);
+    }
+
+    /// A small C program running until killed; killed on drop.
+    struct Program {
+        child: Child,
+        path: PathBuf,
+    }
+
+    impl Drop for Program {
+        fn drop(&mut self) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+
+    /// A directory of this test process, removed on drop.
+    struct TempDir(PathBuf);
+
+    impl TempDir {
+        fn new(name: &str) -> Self {
+            let dir = std::env::temp_dir().join(format!("ws1-probe-{name}-{}", std::process::id()));
+            fs::create_dir_all(&dir).unwrap();
+            Self(dir)
+        }
+    }
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = fs::remove_dir_all(&self.0);
+        }
+    }
+
+    /// Builds a C program that waits in `wait_here`, stripped or not, or `None` when there is
+    /// no C compiler (which CI must have).
+    fn build_program(dir: &Path, name: &str, build_id: &str, strip: bool) -> Option<PathBuf> {
+        let src = dir.join("waits.c");
+        fs::write(
+            &src,
+            "#include <unistd.h>\n\
+             __attribute__((noinline)) static void wait_here(void) { for (;;) pause(); }\n\
+             int main(void) { wait_here(); return 0; }\n",
+        )
+        .unwrap();
+        let path = dir.join(name);
+        let built = Command::new("cc")
+            .arg("-O1")
+            .arg(format!("-Wl,--build-id={build_id}"))
+            .arg("-o")
+            .arg(&path)
+            .arg(&src)
+            .status();
+        match built {
+            Ok(status) => assert!(status.success(), "cc failed"),
+            Err(err) if std::env::var_os("CI").is_none() => {
+                println!("skipping test - no C compiler: {err}");
+                return None;
+            }
+            Err(err) => panic!("no C compiler, and CI must not skip: {err}"),
+        }
+        if strip {
+            let stripped = Command::new("strip").arg(&path).status().unwrap();
+            assert!(stripped.success());
+        }
+        Some(path)
+    }
+
+    /// Starts the program at `path` and waits until it runs.
+    fn start(path: &Path) -> Program {
+        let child = Command::new(path).spawn().unwrap();
+        let program = Program {
+            child,
+            path: path.to_owned(),
+        };
+        // Wait until the program's code is mapped: /proc/PID/exe already names it while exec
+        // is still mapping segments.
+        let maps = PathBuf::from(format!("/proc/{}/maps", program.child.id()));
+        let wanted = path.to_string_lossy().into_owned();
+        for _ in 0..200 {
+            let text = fs::read_to_string(&maps).unwrap_or_default();
+            if text
+                .lines()
+                .any(|l| l.ends_with(&*wanted) && l.contains(" r-xp "))
+            {
+                return program;
+            }
+            sleep(Duration::from_millis(10));
+        }
+        panic!("{} did not start", program.path.display());
+    }
+
+    /// An address in the executable mapping of `path` in process `pid`, and its file offset.
+    fn text_address(pid: u32, path: &Path) -> (u64, u64) {
+        let maps = fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
+        let line = maps
+            .lines()
+            .find(|l| l.ends_with(&*path.to_string_lossy()) && l.contains(" r-xp "))
+            .unwrap_or_else(|| panic!("no executable mapping of {}: {maps}", path.display()));
+        let mut fields = line.split_ascii_whitespace();
+        let (start, end) = fields.next().unwrap().split_once('-').unwrap();
+        let start = u64::from_str_radix(start, 16).unwrap();
+        let end = u64::from_str_radix(end, 16).unwrap();
+        let offset = u64::from_str_radix(fields.nth(1).unwrap(), 16).unwrap();
+        let addr = start + 0x10;
+        assert!(addr < end);
+        (addr, addr - start + offset)
+    }
+
+    #[test]
+    fn stripped_binary_keeps_build_id_and_offset() {
+        let dir = TempDir::new("stripped");
+        let Some(with_id) = build_program(&dir.0, "waits", "sha1", true) else {
+            return;
+        };
+        let Some(without_id) = build_program(&dir.0, "waits-no-id", "none", true) else {
+            return;
+        };
+        let (with_id, without_id) = (start(&with_id), start(&without_id));
+        let data = fs::read(&with_id.path).unwrap();
+        let build_id = object::File::parse(&*data)
+            .unwrap()
+            .build_id()
+            .unwrap()
+            .expect("a build id");
+        assert_eq!(build_id.len(), 20);
+
+        let mut s = ProfileSymbolizer::new();
+        let pid = with_id.child.id();
+        let (addr, offset) = text_address(pid, &with_id.path);
+        let frames = s.user(pid, &[addr]);
+        assert_eq!(
+            frames,
+            vec![vec![ProfFrame {
+                function: format!("[{}]+0x{offset:x}", hex(build_id)),
+                module: Some("waits".to_owned()),
+                location: None,
+                kernel: false,
+            }]]
+        );
+        assert_eq!(s.errors(), 1);
+
+        let pid = without_id.child.id();
+        let (addr, offset) = text_address(pid, &without_id.path);
+        let frames = s.user(pid, &[addr]);
+        assert_eq!(frames[0][0].function, format!("waits-no-id+0x{offset:x}"));
+        assert_eq!(frames[0][0].module.as_deref(), Some("waits-no-id"));
+        assert_eq!(s.errors(), 2);
+    }
+
+    #[test]
+    fn one_binary_in_many_processes_is_opened_once() {
+        let dir = TempDir::new("shared");
+        let Some(path) = build_program(&dir.0, "waits-shared", "sha1", false) else {
+            return;
+        };
+        // Where wait_here is in the file, read with `object`.
+        let data = fs::read(&path).unwrap();
+        let elf = object::File::parse(&*data).unwrap();
+        let sym = elf
+            .symbols()
+            .find(|s| s.name() == Ok("wait_here"))
+            .expect("wait_here in the unstripped program");
+        let text = elf.section_by_name(".text").unwrap();
+        let file_off = sym.address() - text.address() + text.file_range().unwrap().0;
+        let runtime = |pid: u32, delta: u64| {
+            let (addr, offset) = text_address(pid, &path);
+            addr - offset + file_off + delta
+        };
+        let (a, b, c) = (start(&path), start(&path), start(&path));
+        let (a_pid, b_pid, c_pid) = (a.child.id(), b.child.id(), c.child.id());
+        let (a_addr, b_addr, c_addr) = (runtime(a_pid, 0), runtime(b_pid, 0), runtime(c_pid, 0));
+        let named = |frames: &[Vec<ProfFrame>]| {
+            assert_eq!(frames[0].len(), 1, "{frames:?}");
+            assert_eq!(frames[0][0].function, "wait_here", "{frames:?}");
+            assert_eq!(frames[0][0].module.as_deref(), Some("waits-shared"));
+        };
+
+        // The binary is registered with blazesym under a's path, and stays usable through it
+        // after a exits, because blazesym holds the file open.
+        let mut s = ProfileSymbolizer::new();
+        named(&s.user(a_pid, &[a_addr]));
+        let registered: Vec<PathBuf> = s.paths.keys().cloned().collect();
+        drop(a);
+        named(&s.user(b_pid, &[b_addr + 1]));
+        assert_eq!(s.paths.keys().cloned().collect::<Vec<_>>(), registered);
+        assert_eq!(s.binaries.len(), 1);
+        assert_eq!(s.errors(), 0);
+
+        // Registered under c's path but never opened (say, every address was cached), then c
+        // exits: the next process's own path takes over.
+        let mut s = ProfileSymbolizer::new();
+        let (places, _) = s.locate(c_pid, &[c_addr]);
+        assert!(matches!(places[0], Place::File { .. }));
+        drop(c);
+        named(&s.user(b_pid, &[b_addr]));
+        assert_eq!(s.errors(), 0);
+        assert_eq!(s.paths.len(), 1);
+        assert!(
+            !s.paths
+                .keys()
+                .any(|p| p.starts_with(format!("/proc/{c_pid}/")))
+        );
+        drop(b);
+    }
+
+    #[test]
+    fn unnamed_forms() {
+        assert_eq!(
+            unnamed_in_file(Some("ab12"), "libfoo.so", 0x1234).function,
+            "[ab12]+0x1234"
+        );
+        assert_eq!(
+            unnamed_in_file(None, "libfoo.so", 0x1234).function,
+            "libfoo.so+0x1234"
+        );
+        assert_eq!(unnamed_nowhere(0xdead).function, "[unknown]+0xdead");
+        assert_eq!(hex(&[0x00, 0xab, 0x7f]), "00ab7f");
+        assert_eq!(
+            file_name(Path::new("/usr/lib/libc.so.6 (deleted)")),
+            "libc.so.6"
+        );
+        assert_eq!(
+            root_path(42, Path::new("/usr/bin/python3")),
+            PathBuf::from("/proc/42/root/usr/bin/python3")
+        );
+    }
+
+    /// Measures cold and warm symbolization of many distinct addresses of this (large) test
+    /// binary; run with `--nocapture` to see the times.
+    #[test]
+    fn many_addresses_cold_then_warm() {
+        let pid = std::process::id();
+        let mut funcs = own_functions();
+        funcs.sort_by_key(|f| f.1);
+        funcs.dedup_by_key(|f| f.1);
+        let step = (funcs.len() / 1000).max(1);
+        let addrs: Vec<u64> = funcs.iter().step_by(step).take(1000).map(|f| f.1).collect();
+
+        let rss_kib = |key: &str| {
+            let status = fs::read_to_string("/proc/self/status").unwrap_or_default();
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(key))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+                .unwrap_or(0)
+        };
+        let mut s = ProfileSymbolizer::new();
+        let (anon_before, file_before) = (rss_kib("RssAnon:"), rss_kib("RssFile:"));
+        let t = Instant::now();
+        let cold = s.user(pid, &addrs);
+        let cold_time = t.elapsed();
+        let anon_growth = rss_kib("RssAnon:").saturating_sub(anon_before);
+        let file_growth = rss_kib("RssFile:").saturating_sub(file_before);
+        let t = Instant::now();
+        let warm = s.user(pid, &addrs);
+        let warm_time = t.elapsed();
+        // Memory growth is only indicative: other tests run in this process meanwhile. Anonymous
+        // memory is what the parsed symbols cost; file pages are the binary, mapped.
+        println!(
+            "{} addresses of {}: cold {cold_time:?}, warm {warm_time:?}, \
+             anonymous memory +{anon_growth} KiB, file pages +{file_growth} KiB",
+            addrs.len(),
+            own_exe_name()
+        );
+        assert_eq!(cold, warm);
+        assert_eq!(s.stats().cache_hits, addrs.len() as u64);
+        let unnamed = cold
+            .iter()
+            .filter(|frames| frames[0].function.contains("+0x"))
+            .count();
+        assert_eq!(unnamed as u64, s.stats().unnamed_frames / 2);
+        // Every address is a function's first byte, so every one has a name.
+        assert_eq!(
+            unnamed,
+            0,
+            "{:?}",
+            cold.iter().find(|f| f[0].function.contains("+0x"))
+        );
+    }
+}
