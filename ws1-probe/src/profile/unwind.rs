@@ -766,6 +766,10 @@ mod tests {
     /// What the kernel program copies: 16 KiB of stack from the stack pointer.
     const STACK_COPY: usize = 16 * 1024;
 
+    /// Held by tests that change this process's executable mappings (dlopen) and by tests that
+    /// need them unchanged for a while; tests run in parallel threads of one process.
+    static MAPS_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
     struct Capture {
         regs: UserRegs,
         stack: Vec<u8>,
@@ -959,9 +963,13 @@ mod tests {
         assert!(out.complete, "{names:?}");
         assert_eq!(unwinder.stats().complete, 1);
 
-        // A second unwind of the same binaries parses nothing again.
+        // A process mapping the same binaries (here: this one, loaded afresh) reuses the
+        // parsed binaries.
+        let _maps_unchanged = MAPS_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+        unwinder.preload(std::process::id()).unwrap();
         let parsed = unwinder.stats().binaries_parsed;
         assert!(parsed >= 2, "the test binary and libc at least");
+        unwinder.forget(std::process::id());
         let again = unwinder.unwind(std::process::id(), capture.regs, &capture.stack);
         assert_eq!(again, out);
         assert_eq!(unwinder.stats().binaries_parsed, parsed);
@@ -1102,6 +1110,7 @@ __attribute__((noinline)) long unwind_c_frame(callback cb, void *arg, long n) {
         unwinder.reload_interval = Duration::ZERO;
 
         let path = std::ffi::CString::new(library.as_os_str().as_encoded_bytes()).unwrap();
+        let maps_change = MAPS_LOCK.lock().unwrap_or_else(|e| e.into_inner());
         // SAFETY: `path` is a NUL-terminated path of a library with no initializers.
         let handle = unsafe { libc::dlopen(path.as_ptr(), libc::RTLD_NOW) };
         assert!(!handle.is_null(), "dlopen {library:?}");
@@ -1110,6 +1119,7 @@ __attribute__((noinline)) long unwind_c_frame(callback cb, void *arg, long n) {
         assert!(!symbol.is_null());
         // SAFETY: the symbol is the C function above, whose signature CFrame matches.
         let c_frame = unsafe { std::mem::transmute::<*mut c_void, CFrame>(symbol) };
+        drop(maps_change);
 
         let capture = on_big_stack(move || unwind_probe_through_c(c_frame));
         let out = unwinder.unwind(pid, capture.regs, &capture.stack);
@@ -1152,10 +1162,20 @@ __attribute__((noinline)) long unwind_c_frame(callback cb, void *arg, long n) {
         for _ in 0..ROUNDS {
             unwinder.unwind_into(pid, capture.regs, &capture.stack, &mut reused);
         }
-        let per_unwind = started.elapsed() / ROUNDS;
+        let warm = started.elapsed() / ROUNDS;
+        assert_eq!(reused, out);
+        // With an empty rule cache each frame's rule comes from its FDE, as for stacks never
+        // seen before.
+        let started = Instant::now();
+        for _ in 0..ROUNDS {
+            unwinder.cache = CacheX86_64::new();
+            unwinder.unwind_into(pid, capture.regs, &capture.stack, &mut reused);
+        }
+        let cold = started.elapsed() / ROUNDS;
         assert_eq!(reused, out);
         eprintln!(
-            "{} frames: first unwind (loading modules) {first:?}, then {per_unwind:?} each",
+            "{} frames: first unwind (loading modules) {first:?}, then {warm:?} each with \
+             cached rules, {cold:?} each without",
             out.frames.len()
         );
     }
