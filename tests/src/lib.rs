@@ -75,6 +75,26 @@ pub fn free_port() -> u16 {
         .expect("no free loopback port")
 }
 
+/// A GET request with a binary body; returns (status, body bytes).
+pub fn http_get_bytes(port: u16, path: &str, timeout: Duration) -> std::io::Result<(u16, Vec<u8>)> {
+    let mut s = TcpStream::connect(("127.0.0.1", port))?;
+    s.set_read_timeout(Some(timeout))?;
+    write!(s, "GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n")?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw)?;
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map_or(raw.len(), |p| p + 4);
+    let head = String::from_utf8_lossy(&raw[..split]);
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    Ok((status, raw[split..].to_vec()))
+}
+
 /// A GET request; returns (status, body).
 pub fn http_get(port: u16, path: &str) -> std::io::Result<(u16, String)> {
     let mut s = TcpStream::connect(("127.0.0.1", port))?;
@@ -212,6 +232,11 @@ impl Workload {
 
     /// Starts `program` (a workload speaking the same line protocol) under command name `comm`.
     pub fn spawn_program(program: &std::path::Path, comm: &str) -> Workload {
+        Self::spawn_args(program, comm, &[])
+    }
+
+    /// Like [`Workload::spawn_program`], with command-line arguments.
+    pub fn spawn_args(program: &std::path::Path, comm: &str, args: &[&str]) -> Workload {
         assert!(comm.len() <= 15, "comm {comm:?} is longer than 15 bytes");
         let name = program
             .file_name()
@@ -225,10 +250,11 @@ impl Workload {
             std::os::unix::fs::symlink(program, &link).expect("workload symlink");
         }
         let mut child = Command::new(&link)
+            .args(args)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {}: {e}", workload_bin().display()));
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", program.display()));
         let stdin = child.stdin.take().expect("stdin");
         let mut stdout = BufReader::new(child.stdout.take().expect("stdout"));
         let mut line = String::new();
