@@ -59,6 +59,15 @@ pub const COLLECTORS: &[CollectorNeeds] = &[
         hooks: &["perf_event software page-faults"],
     },
     CollectorNeeds {
+        name: "profile",
+        hooks: &[
+            "perf_event software cpu-clock",
+            "tracepoint sched:sched_switch",
+            "raw_tp sys_exit",
+            "ringbuf",
+        ],
+    },
+    CollectorNeeds {
         name: "alloc",
         hooks: &["uprobe libc malloc family", "uprobe libc free"],
     },

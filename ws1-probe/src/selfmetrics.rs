@@ -77,6 +77,7 @@ pub fn families<'a>(
         .into_iter()
         .chain(probe.syscalls.usage())
         .chain(probe.net.usage())
+        .chain(probe.profile.iter().flat_map(|p| p.map_usage()))
         .collect();
     out.push(family(
         "ws1_probe_bpf_map_entries",
