@@ -78,6 +78,7 @@ pub fn load(opts: &LoadOptions) -> Result<Ebpf, LoadError> {
     let mmap_offsets = read_mmap_offsets(Path::new(TRACEFS));
     EbpfLoader::new()
         .map_max_entries("TARGET_FILTER", pid_max())
+        .map_max_entries("PROFILE_SAMPLES", sample_ring_bytes(possible_cpus()))
         .override_global("HOST_MODE", &host_mode, true)
         .override_global("TP_OFFSETS", &opts.offsets, true)
         .override_global("SYSCALL_BOUNDS_NS", &bounds, true)
@@ -87,6 +88,26 @@ pub fn load(opts: &LoadOptions) -> Result<Ebpf, LoadError> {
         .override_global("PROFILE_SETTINGS", &opts.profile, true)
         .load(OBJECT)
         .map_err(|source| LoadError::Object { source })
+}
+
+/// Number of possible CPUs (1 when it cannot be read).
+pub fn possible_cpus() -> u32 {
+    aya::util::nr_cpus()
+        .ok()
+        .and_then(|n| u32::try_from(n).ok())
+        .unwrap_or(1)
+}
+
+/// Size of the DWARF sample ring buffer: 512 KiB (about 32 samples of 16 KiB) per CPU, at least
+/// the compiled-in size, rounded to a power of two as ring buffers require. At 99 Hz that holds
+/// about 300 ms of samples per CPU, three times the agent's 100 ms polling interval.
+pub fn sample_ring_bytes(cpus: u32) -> u32 {
+    let min = ws1_probe_common::profile::SAMPLE_RINGBUF_BYTES;
+    cpus.saturating_mul(512 * 1024)
+        .max(min)
+        .checked_next_power_of_two()
+        .unwrap_or(1 << 30)
+        .min(1 << 30)
 }
 
 /// Field offsets of the mmap/munmap/brk syscall tracepoints (precise allocation mode), field
@@ -358,6 +379,16 @@ pub fn net_hook_usable(off: &NetOffsets, program: &str) -> bool {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn sample_ring_scales_with_cpus() {
+        assert_eq!(sample_ring_bytes(1), 8 << 20);
+        assert_eq!(sample_ring_bytes(16), 8 << 20);
+        assert_eq!(sample_ring_bytes(17), 16 << 20);
+        assert_eq!(sample_ring_bytes(64), 32 << 20);
+        assert_eq!(sample_ring_bytes(100_000), 1 << 30);
+    }
+
     use super::*;
 
     const NEWTASK: &str = "name: task_newtask
