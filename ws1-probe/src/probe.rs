@@ -106,9 +106,21 @@ impl Probe {
         let memory = MemoryCollector::attach(&mut ebpf, on.memory)?;
         let profile =
             if on.profile && (settings.profile.frequency_hz > 0 || settings.profile.off_cpu) {
-                let mut p = ProfileCollector::attach(&mut ebpf, &settings.profile)?;
-                p.update_targets(&targets.targeted_pairs());
-                Some(p)
+                match ProfileCollector::attach(&mut ebpf, &settings.profile) {
+                    Ok(mut p) => {
+                        p.update_targets(&targets.targeted_pairs());
+                        Some(p)
+                    }
+                    // Beside other collectors (the agent) a kernel that refuses the profiler
+                    // loses only profiles; alone (`profile`, `top`) it is the error.
+                    Err(err) if on.syscalls || on.net || on.memory => {
+                        tracing::warn!(
+                            "profiler is off: {err}; the other collectors run (leave it out with --collectors to silence this)"
+                        );
+                        None
+                    }
+                    Err(err) => return Err(err.into()),
+                }
             } else {
                 None
             };
