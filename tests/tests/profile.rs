@@ -46,7 +46,9 @@ fn temp(name: &str) -> std::path::PathBuf {
 
 /// The share in "…, N.N% truncated" of the CLI's summary line.
 fn truncated_share(stderr: &str) -> f64 {
-    let at = stderr.find("% truncated").expect("summary line with truncated share");
+    let at = stderr
+        .find("% truncated")
+        .expect("summary line with truncated share");
     let start = stderr[..at]
         .rfind(|c: char| !(c.is_ascii_digit() || c == '.'))
         .map_or(0, |i| i + 1);
@@ -191,7 +193,11 @@ fn cpu_profile_splits_3_to_1_without_frame_pointers() {
 
 /// Off-CPU mode: a function that sleeps 20 ms per call is where the blocked time is.
 fn off_cpu(frame_pointers: bool) {
-    let comm = if frame_pointers { "w-sleep-fp" } else { "w-sleep-nofp" };
+    let comm = if frame_pointers {
+        "w-sleep-fp"
+    } else {
+        "w-sleep-nofp"
+    };
     let target = Workload::spawn_args(&burn_bin(frame_pointers), comm, &["--sleep-ms", "20"]);
     let folded_path = temp(&format!("{comm}.folded"));
     let pid = target.pid.to_string();
@@ -220,7 +226,10 @@ fn off_cpu(frame_pointers: bool) {
         (2_500_000..=3_100_000).contains(&sleep_us),
         "{sleep_us} us asleep in ws1_sleep_here of {total_us} us\n{text}\n{stderr}"
     );
-    assert!(sleep_us * 100 >= total_us * 95, "{sleep_us} of {total_us} us\n{text}");
+    assert!(
+        sleep_us * 100 >= total_us * 95,
+        "{sleep_us} of {total_us} us\n{text}"
+    );
     let reaching: u64 = folded
         .iter()
         .filter(|(f, _)| in_order(f, &["main", "ws1_run_sleep", "ws1_sleep_here"]))
@@ -311,8 +320,11 @@ fn agent_serves_pprof_profiles_and_sample_metrics() {
     let ratio = m.value("ws1_probe_profile_truncated_stack_ratio", &service);
     assert!(ratio < 0.05, "truncated share {ratio}");
     assert!(
-        m.get("ws1_probe_profile_samples_total", &[("service", "w-bystander2")])
-            .is_none()
+        m.get(
+            "ws1_probe_profile_samples_total",
+            &[("service", "w-bystander2")]
+        )
+        .is_none()
     );
     assert!(
         m.get("ws1_probe_profile_symbolization_errors_total", &[])

@@ -104,26 +104,27 @@ impl Probe {
             targets.matcher().clone(),
         );
         let memory = MemoryCollector::attach(&mut ebpf, on.memory)?;
-        let profile =
-            if on.profile && (settings.profile.frequency_hz > 0 || settings.profile.off_cpu) {
-                match ProfileCollector::attach(&mut ebpf, &settings.profile) {
-                    Ok(mut p) => {
-                        p.update_targets(&targets.targeted_pairs());
-                        Some(p)
-                    }
-                    // Beside other collectors (the agent) a kernel that refuses the profiler
-                    // loses only profiles; alone (`profile`, `top`) it is the error.
-                    Err(err) if on.syscalls || on.net || on.memory => {
-                        tracing::warn!(
-                            "profiler is off: {err}; the other collectors run (leave it out with --collectors to silence this)"
-                        );
-                        None
-                    }
-                    Err(err) => return Err(err.into()),
+        let profile = if on.profile
+            && (settings.profile.frequency_hz > 0 || settings.profile.off_cpu)
+        {
+            match ProfileCollector::attach(&mut ebpf, &settings.profile) {
+                Ok(mut p) => {
+                    let _ = p.update_targets(&targets.targeted_pairs());
+                    Some(p)
                 }
-            } else {
-                None
-            };
+                // Beside other collectors (the agent) a kernel that refuses the profiler
+                // loses only profiles; alone (`profile`, `top`) it is the error.
+                Err(err) if on.syscalls || on.net || on.memory => {
+                    tracing::warn!(
+                        "profiler is off: {err}; the other collectors run (leave it out with --collectors to silence this)"
+                    );
+                    None
+                }
+                Err(err) => return Err(err.into()),
+            }
+        } else {
+            None
+        };
         Ok(Self {
             profile,
             profiles: crate::profile::windows::Windows::default(),
@@ -283,7 +284,10 @@ impl Probe {
         if let Some(p) = self.profile.as_mut() {
             p.poll();
             if self.streams_at.is_none_or(|at| at.elapsed().as_secs() >= 1) {
-                p.update_targets(&self.targets.targeted_pairs());
+                let gone = p.update_targets(&self.targets.targeted_pairs());
+                for pid in gone {
+                    self.profiles.sym.forget(pid);
+                }
                 self.streams_at = Some(Instant::now());
             }
         }
@@ -295,11 +299,15 @@ impl Probe {
         let Some(p) = self.profile.as_mut() else {
             return false;
         };
-        p.update_targets(&self.targets.targeted_pairs());
+        let gone = p.update_targets(&self.targets.targeted_pairs());
         let frequency = p.options.frequency_hz;
         let raw: RawProfile = p.drain(1_000_000_000u64.checked_div(frequency).unwrap_or(0));
         let services = self.targets.matcher().services();
         self.profiles.add(&raw, frequency, |id| services.name(id));
+        // After symbolizing: the last window may hold stacks of the processes that exited.
+        for pid in gone {
+            self.profiles.sym.forget(pid);
+        }
         self.profile_drained = Some(Instant::now());
         true
     }

@@ -134,7 +134,7 @@ fn draw(
     let table = top::render(&top::top_functions(&p, args.rows), &header, width());
     let mut out = std::io::stdout().lock();
     if live {
-        write!(out, "{}{table}q or Ctrl-C quits\n", top::CLEAR_SCREEN)
+        writeln!(out, "{}{table}q or Ctrl-C quits", top::CLEAR_SCREEN)
     } else {
         writeln!(out, "{table}")
     }

@@ -192,8 +192,8 @@ impl ProfileCollector {
     }
 
     /// Chooses the unwinding of new processes and forgets exited ones. `targets` are the
-    /// targeted (pid, service) pairs.
-    pub fn update_targets(&mut self, targets: &[(u32, u32)]) {
+    /// targeted (pid, service) pairs. Returns the processes forgotten.
+    pub fn update_targets(&mut self, targets: &[(u32, u32)]) -> Vec<u32> {
         let live: std::collections::HashSet<u32> = targets.iter().map(|(p, _)| *p).collect();
         let gone: Vec<u32> = self
             .modes
@@ -201,11 +201,11 @@ impl ProfileCollector {
             .filter(|p| !live.contains(p))
             .copied()
             .collect();
-        for pid in gone {
-            if self.modes.remove(&pid) == Some(true) {
-                let _ = self.dwarf_pids.remove(&pid);
+        for pid in &gone {
+            if self.modes.remove(pid) == Some(true) {
+                let _ = self.dwarf_pids.remove(pid);
             }
-            self.unwinder.forget(pid);
+            self.unwinder.forget(*pid);
         }
         for (pid, _) in targets {
             if self.modes.contains_key(pid) {
@@ -229,6 +229,7 @@ impl ProfileCollector {
             }
             self.modes.insert(*pid, dwarf);
         }
+        gone
     }
 
     /// On-CPU samples so far (kernel counts plus unwound copies), for progress lines.
