@@ -29,8 +29,8 @@ const ROUNDS: usize = 3;
 const GOAL_LOSS_PCT: f64 = 3.0;
 
 const CONFIGS: [(&str, &str); 2] = [
-    ("b", "agent --pid <server> --pid <client>"),
-    ("c", "agent --pid <idle sleep> (load not observed)"),
+    ("b", "agent --collectors net --pid <server> --pid <client>"),
+    ("c", "agent --collectors net --pid <idle sleep> (load not observed)"),
 ];
 
 /// A `ws1-netload` driven over stdin/stdout.
@@ -282,7 +282,9 @@ pub fn run() -> Result<()> {
                 vec![idle.id()]
             };
             let log = logs.join(format!("net-agent-{key}.log"));
-            let agent = Agent::start(&probe, &targets, &[], &log)?;
+            // Only the network collector: its cost is what the goal is about (the syscall
+            // collector would add its own per-syscall cost to the same requests).
+            let agent = Agent::start(&probe, &targets, &["--collectors", "net"], &log)?;
             let made = bench.block(key)?;
             if key == "b" {
                 sanity.push((agent.client_requests()?, made));
