@@ -335,6 +335,35 @@ fn pooled_and_unpooled_clients_have_their_reuse_ratios() {
         19.0
     );
     assert_eq!(m.value("ws1_probe_tcp_connections_total", &srv), 11.0);
+
+    // Bytes per connection at close: 8-byte requests, so the pooled connection sent 160 bytes
+    // and each unpooled one 8 (all 10 in the 64-byte bucket). Closing takes the FIN exchange.
+    const BYTES: &str = "ws1_probe_tcp_connection_bytes";
+    let sent = |service: &'static str| {
+        let [a, b, c] = series(service, "client", &p);
+        [a, b, c, ("direction", "sent")]
+    };
+    let m = agent.wait_for("both clients' connections closed", |m| {
+        m.get(&format!("{BYTES}_count"), &sent("n-pooled")) == Some(1.0)
+            && m.get(&format!("{BYTES}_count"), &sent("n-unpooled")) == Some(10.0)
+    });
+    assert_eq!(
+        m.get(&format!("{BYTES}_sum"), &sent("n-pooled")),
+        Some(160.0)
+    );
+    assert_eq!(
+        m.get(&format!("{BYTES}_sum"), &sent("n-unpooled")),
+        Some(80.0)
+    );
+    let mut le64 = sent("n-unpooled").to_vec();
+    le64.push(("le", "64"));
+    assert_eq!(m.get(&format!("{BYTES}_bucket"), &le64), Some(10.0));
+    let mut le256 = sent("n-pooled").to_vec();
+    le256.push(("le", "64"));
+    assert_eq!(m.get(&format!("{BYTES}_bucket"), &le256), Some(0.0));
+    le256.pop();
+    le256.push(("le", "256"));
+    assert_eq!(m.get(&format!("{BYTES}_bucket"), &le256), Some(1.0));
 }
 
 fn ip(args: &[&str]) {

@@ -20,6 +20,28 @@ pub const KIND_RTT: u8 = 1;
 pub const KIND_REQUEST: u8 = 2;
 /// Connection lifetime, ESTABLISHED → CLOSE.
 pub const KIND_LIFETIME: u8 = 3;
+/// Bytes a connection sent, observed when it closes.
+pub const KIND_BYTES_SENT: u8 = 4;
+/// Bytes a connection received, observed when it closes.
+pub const KIND_BYTES_RECEIVED: u8 = 5;
+
+/// `le` bounds of the bytes-per-connection histograms: 64 B to 1 GiB in ×4 steps. Powers of
+/// two, so they are also edges of the fine buckets.
+pub const BYTES_BOUNDS: [u64; 13] = [
+    64,
+    256,
+    1 << 10,
+    4 << 10,
+    16 << 10,
+    64 << 10,
+    256 << 10,
+    1 << 20,
+    4 << 20,
+    16 << 20,
+    64 << 20,
+    256 << 20,
+    1 << 30,
+];
 
 /// Request state of a socket: no request in flight.
 pub const PHASE_IDLE: u8 = 0;
@@ -69,6 +91,9 @@ pub struct SockState {
     pub rtt_ns: u64,
     /// Requests completed on this connection.
     pub requests: u64,
+    /// Bytes sent and received on this connection so far.
+    pub bytes_sent: u64,
+    pub bytes_received: u64,
 }
 
 /// Key of `NET_STATS` and, with `kind`, of `NET_HIST`.

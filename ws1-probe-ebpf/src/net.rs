@@ -24,10 +24,11 @@ use aya_ebpf::{
 use ws1_probe_common::{
     hist::{DEFAULT_EXPORT_BOUNDS_NS, EXPORT_BOUND_SLOTS, LatencyHist, pad_bounds},
     net::{
-        IPPROTO_TCP, KIND_CONNECT, KIND_LIFETIME, KIND_REQUEST, KIND_RTT, LISTEN_ENTRIES, MSG_PEEK,
-        NET_HIST_ENTRIES, NetCounters, NetKey, NetOffsets, PHASE_IDLE, PHASE_PENDING,
-        RTT_SAMPLE_NS, SIDE_CLIENT, SIDE_SERVER, SOCK_ENTRIES, STATS_ENTRIES, SockState, TCP_CLOSE,
-        TCP_ESTABLISHED, TCP_LISTEN, TCP_SYN_RECV, TCP_SYN_SENT,
+        BYTES_BOUNDS, IPPROTO_TCP, KIND_BYTES_RECEIVED, KIND_BYTES_SENT, KIND_CONNECT,
+        KIND_LIFETIME, KIND_REQUEST, KIND_RTT, LISTEN_ENTRIES, MSG_PEEK, NET_HIST_ENTRIES,
+        NetCounters, NetKey, NetOffsets, PHASE_IDLE, PHASE_PENDING, RTT_SAMPLE_NS, SIDE_CLIENT,
+        SIDE_SERVER, SOCK_ENTRIES, STATS_ENTRIES, SockState, TCP_CLOSE, TCP_ESTABLISHED,
+        TCP_LISTEN, TCP_SYN_RECV, TCP_SYN_SENT,
     },
     targets::DropReason,
 };
@@ -69,6 +70,9 @@ static NET_ACTIVE: PerCpuHashMap<NetKey, u64> = PerCpuHashMap::with_max_entries(
 /// Prometheus `le` bounds in nanoseconds, padded with `u64::MAX`; the agent may override them.
 #[unsafe(no_mangle)]
 static NET_BOUNDS_NS: [u64; EXPORT_BOUND_SLOTS] = pad_bounds(&DEFAULT_EXPORT_BOUNDS_NS);
+
+/// `le` bounds of the bytes-per-connection histograms, padded with `u64::MAX`.
+static NET_BYTES_BOUNDS: [u64; EXPORT_BOUND_SLOTS] = pad_bounds(&BYTES_BOUNDS);
 
 /// Tracepoint field offsets, read by the agent from tracefs at start-up.
 #[unsafe(no_mangle)]
@@ -136,12 +140,17 @@ fn add_active(key: &NetKey, delta: u64) {
 
 #[inline(always)]
 fn record(key: &NetKey, value: u64) {
+    // SAFETY: bounds are a global the loader may have rewritten.
+    let bounds = unsafe { &*core::ptr::addr_of!(NET_BOUNDS_NS) };
+    record_in(key, bounds, value);
+}
+
+#[inline(always)]
+fn record_in(key: &NetKey, bounds: &[u64; EXPORT_BOUND_SLOTS], value: u64) {
     let Some(hist) = hist::get_or_create(&NET_HIST, key) else {
         count_drop(DropReason::NetStatsFull);
         return;
     };
-    // SAFETY: bounds are a global the loader may have rewritten.
-    let bounds = unsafe { &*core::ptr::addr_of!(NET_BOUNDS_NS) };
     hist::observe(hist, bounds, value);
 }
 
@@ -155,6 +164,8 @@ fn track(sk: u64, service: u32, port: u16, side: u8, now: u64) {
         established_ns: 0,
         rtt_ns: 0,
         requests: 0,
+        bytes_sent: 0,
+        bytes_received: 0,
     };
     if NET_SOCKS.insert(sk, state, 0).is_err() {
         count_drop(DropReason::NetSocksFull);
@@ -243,6 +254,12 @@ pub fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<u32, i64> {
                 &key(&s, KIND_LIFETIME),
                 now.saturating_sub(s.established_ns),
             );
+            record_in(&key(&s, KIND_BYTES_SENT), &NET_BYTES_BOUNDS, s.bytes_sent);
+            record_in(
+                &key(&s, KIND_BYTES_RECEIVED),
+                &NET_BYTES_BOUNDS,
+                s.bytes_received,
+            );
             add_active(&stats_key, u64::MAX);
             if let Some(c) = counters(&stats_key) {
                 // SAFETY: per-CPU value of this CPU.
@@ -311,6 +328,14 @@ fn sock_length(sk: u64, ret: i32, flags: i32, send: bool) -> Result<u32, i64> {
     // in the common case, and a race costs at most one miscounted request.
     let s = unsafe { *entry };
     let now = now_ns();
+    // SAFETY: as above.
+    unsafe {
+        if send {
+            (*entry).bytes_sent = s.bytes_sent + ret as u64;
+        } else {
+            (*entry).bytes_received = s.bytes_received + ret as u64;
+        }
+    }
     // Client requests begin with a send, server requests with a receive.
     let starts = send == (s.side == SIDE_CLIENT);
     let mut done = false;

@@ -95,17 +95,28 @@ pub fn gauge(labels: &[(&str, &str)], value: f64) -> Metric {
 
 /// A histogram sample in seconds with the exact kernel-counted `le` buckets.
 pub fn histogram(labels: &[(&str, &str)], h: &Histogram, bounds_ns: &[u64]) -> Metric {
+    scaled_histogram(labels, h, bounds_ns, 1e9)
+}
+
+/// A histogram sample whose values are reported divided by `unit` (1e9 turns nanoseconds into
+/// seconds; 1.0 keeps bytes as bytes), with the exact kernel-counted `le` buckets.
+pub fn scaled_histogram(
+    labels: &[(&str, &str)],
+    h: &Histogram,
+    bounds_ns: &[u64],
+    unit: f64,
+) -> Metric {
     let mut m = metric(labels);
     let mut ph = proto::Histogram::default();
     ph.set_sample_count(h.count);
-    ph.set_sample_sum(h.sum_ns as f64 / 1e9);
+    ph.set_sample_sum(h.sum_ns as f64 / unit);
     let cumulative = h.cumulative(bounds_ns);
     let buckets = bounds_ns
         .iter()
         .zip(&cumulative)
         .map(|(bound, count)| {
             let mut b = proto::Bucket::default();
-            b.set_upper_bound(*bound as f64 / 1e9);
+            b.set_upper_bound(*bound as f64 / unit);
             b.set_cumulative_count(*count);
             b
         })

@@ -30,7 +30,10 @@ const GOAL_LOSS_PCT: f64 = 3.0;
 
 const CONFIGS: [(&str, &str); 2] = [
     ("b", "agent --collectors net --pid <server> --pid <client>"),
-    ("c", "agent --collectors net --pid <idle sleep> (load not observed)"),
+    (
+        "c",
+        "agent --collectors net --pid <idle sleep> (load not observed)",
+    ),
 ];
 
 /// A `ws1-netload` driven over stdin/stdout.

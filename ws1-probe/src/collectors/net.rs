@@ -14,7 +14,10 @@ use aya::{
 use prometheus::proto::{Metric, MetricFamily, MetricType};
 use ws1_probe_common::{
     hist::LatencyHist,
-    net::{KIND_CONNECT, KIND_LIFETIME, KIND_REQUEST, KIND_RTT, NetCounters, NetKey, SockState},
+    net::{
+        BYTES_BOUNDS, KIND_BYTES_RECEIVED, KIND_BYTES_SENT, KIND_CONNECT, KIND_LIFETIME,
+        KIND_REQUEST, KIND_RTT, NetCounters, NetKey, SockState,
+    },
 };
 
 use super::{MapUsage, take_map, typed};
@@ -24,7 +27,7 @@ use crate::{
         net_hook_usable, read_net_offsets,
     },
     histogram::Histogram,
-    metrics::{counter, family, gauge, histogram},
+    metrics::{counter, family, gauge, histogram, scaled_histogram},
     targeting::{Matcher, ProcessInfo},
 };
 
@@ -67,6 +70,9 @@ pub struct EndpointStats {
     pub rtt: Histogram,
     pub request: Histogram,
     pub lifetime: Histogram,
+    /// Bytes per connection, observed at close (`sum_ns` holds bytes).
+    pub bytes_sent: Histogram,
+    pub bytes_received: Histogram,
 }
 
 impl EndpointStats {
@@ -200,6 +206,8 @@ impl NetCollector {
                 KIND_RTT => &mut e.rtt,
                 KIND_REQUEST => &mut e.request,
                 KIND_LIFETIME => &mut e.lifetime,
+                KIND_BYTES_SENT => &mut e.bytes_sent,
+                KIND_BYTES_RECEIVED => &mut e.bytes_received,
                 _ => continue,
             };
             h.add_kernel(&value);
@@ -320,6 +328,8 @@ pub fn families<'a>(
         m.rtt.add(&e.rtt);
         m.request.add(&e.request);
         m.lifetime.add(&e.lifetime);
+        m.bytes_sent.add(&e.bytes_sent);
+        m.bytes_received.add(&e.bytes_received);
     }
     let mut out: Vec<(&str, &str, MetricType, Vec<Metric>)> = vec![
         (
@@ -394,6 +404,12 @@ pub fn families<'a>(
             MetricType::GAUGE,
             vec![],
         ),
+        (
+            "ws1_probe_tcp_connection_bytes",
+            "Bytes a TCP connection sent or received over its lifetime, observed when it closes.",
+            MetricType::HISTOGRAM,
+            vec![],
+        ),
     ];
     for ((service, side, port), e) in &merged {
         let port = port.to_string();
@@ -437,6 +453,12 @@ pub fn families<'a>(
         push(10, counter(&l, c.reused_requests as f64));
         if let Some(ratio) = e.reuse_ratio() {
             push(11, gauge(&l, ratio));
+        }
+        for (dir, h) in [("sent", &e.bytes_sent), ("received", &e.bytes_received)] {
+            if h.count > 0 {
+                let labels = [l[0], l[1], l[2], ("direction", dir)];
+                push(12, scaled_histogram(&labels, h, &BYTES_BOUNDS, 1.0));
+            }
         }
     }
     out.into_iter()
