@@ -212,6 +212,41 @@ fn request_latency_lands_in_le_buckets_on_both_sides() {
 }
 
 #[test]
+fn accepted_connections_give_one_handshake_observation_each() {
+    if !privileged() {
+        return;
+    }
+    let mut server = NetLoad::spawn("n-hs-srv");
+    let mut client = NetLoad::spawn("n-hs-cli");
+    // Only the server is targeted: the accept side alone.
+    let agent = Agent::start(&["--pid", &server.pid.to_string()]);
+    let port = server.listen("127.0.0.1:0");
+    client.cmd(&format!("connect 127.0.0.1:{port} 6"));
+    let p = port.to_string();
+    const HANDSHAKE: &str = "ws1_probe_tcp_accept_handshake_duration_seconds";
+    let labels = [("service", "n-hs-srv"), ("port", p.as_str())];
+    let m = agent.wait_for("6 accepted connections", |m| {
+        m.value(
+            "ws1_probe_tcp_connections_total",
+            &series("n-hs-srv", "server", &p),
+        ) == 6.0
+    });
+    assert_eq!(
+        m.get(&format!("{HANDSHAKE}_count"), &labels),
+        Some(6.0),
+        "{}",
+        m.text
+    );
+    // A loopback round trip: microseconds, and never zero (zero is not recorded).
+    let sum = m.value(&format!("{HANDSHAKE}_sum"), &labels);
+    assert!(sum > 0.0 && sum < 6.0 * 0.001, "handshake sum {sum} s");
+    let mut le = labels.to_vec();
+    le.push(("le", "0.001"));
+    assert_eq!(m.get(&format!("{HANDSHAKE}_bucket"), &le), Some(6.0));
+    assert!(!m.text.contains("n-hs-cli"), "untargeted client counted");
+}
+
+#[test]
 fn connects_counted_and_refused_is_a_failure_with_a_reset() {
     if !privileged() {
         return;

@@ -55,6 +55,17 @@ fn truncated_share(stderr: &str) -> f64 {
     stderr[start..at].parse().expect("a percentage")
 }
 
+/// CPU time a process has used, in seconds (utime + stime from /proc/PID/stat).
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("process stat");
+    // Fields after the command name (which may hold spaces) start at field 3.
+    let rest = &stat[stat.rfind(')').expect("stat has a command") + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
+    // SAFETY: sysconf has no preconditions.
+    ticks / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
+}
+
 /// Sample totals of a pprof file as the Go pprof tool reads it: (samples, value of the second
 /// sample type).
 fn pprof_totals(path: &Path) -> (u64, u64, String) {
@@ -107,6 +118,7 @@ fn cpu_split(frame_pointers: bool) {
     let folded_path = temp(&format!("{comm}.folded"));
     let pprof_path = temp(&format!("{comm}.pb.gz"));
     let pid = target.pid.to_string();
+    let cpu_before = cpu_seconds(target.pid);
     let out = run_probe(&[
         "profile",
         "--pid",
@@ -120,14 +132,17 @@ fn cpu_split(frame_pointers: bool) {
         "-o",
         pprof_path.to_str().unwrap(),
     ]);
+    let cpu = cpu_seconds(target.pid) - cpu_before;
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "profile failed: {stderr}");
     let folded = parse_folded(&std::fs::read_to_string(&folded_path).unwrap());
     let total: u64 = folded.iter().map(|(_, v)| v).sum();
-    // One busy thread sampled at 997 Hz for 6 s: about 6000 samples.
+    // Samples count CPU time: 997 per second the process ran, within 10 % (the CPU time was
+    // read a little before and after the window).
+    let expected = cpu * 997.0;
     assert!(
-        (4_500..=6_300).contains(&total),
-        "{total} samples\n{stderr}"
+        (0.85 * expected..=1.05 * expected).contains(&(total as f64)),
+        "{total} samples for {cpu:.2} s of CPU (expected ≈ {expected:.0})\n{stderr}"
     );
     for (frames, _) in &folded {
         assert_eq!(frames[0], comm, "a sample of another process: {frames:?}");
@@ -289,19 +304,26 @@ fn agent_serves_pprof_profiles_and_sample_metrics() {
     let _bystander = Workload::spawn_args(&burn_bin(true), "w-bystander2", &[]);
     let pid = target.pid.to_string();
     let agent = Agent::start(&["--pid", &pid, "--collectors", "profile"]);
+    let cpu_before = cpu_seconds(target.pid);
     let (status, body) = http_get_bytes(
         agent.port,
         "/debug/pprof/profile?seconds=3",
         Duration::from_secs(20),
     )
     .expect("profile request");
+    let cpu = cpu_seconds(target.pid) - cpu_before;
     assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
     assert_eq!(&body[..2], &[0x1f, 0x8b], "gzip body");
     let path = temp("agent.pb.gz");
     std::fs::write(&path, &body).unwrap();
     let (count, cpu_ns, raw) = pprof_totals(&path);
-    // 19 Hz on one busy thread for 3 s.
-    assert!((45..=66).contains(&count), "{count} samples\n{raw}");
+    // 19 samples per second of CPU the process used in the 3 s window (the CPU time was read
+    // over a slightly longer interval, so the window's share is a little smaller).
+    let expected = cpu * 19.0;
+    assert!(
+        (0.7 * expected - 3.0..=1.05 * expected + 2.0).contains(&(count as f64)),
+        "{count} samples for {cpu:.2} s of CPU\n{raw}"
+    );
     assert_eq!(cpu_ns, count * (1_000_000_000 / 19));
     assert!(raw.contains("ws1_burn_three"), "{raw}");
     assert!(!raw.contains("w-bystander2"), "{raw}");

@@ -24,6 +24,9 @@ pub const KIND_LIFETIME: u8 = 3;
 pub const KIND_BYTES_SENT: u8 = 4;
 /// Bytes a connection received, observed when it closes.
 pub const KIND_BYTES_RECEIVED: u8 = 5;
+/// Accept-side handshake: the round trip from the SYN-ACK to the client's ACK, as the kernel
+/// measured it into `tcp_sock.srtt_us` when the accepted socket became ESTABLISHED.
+pub const KIND_HANDSHAKE: u8 = 6;
 
 /// `le` bounds of the bytes-per-connection histograms: 64 B to 1 GiB in ×4 steps. Powers of
 /// two, so they are also edges of the fine buckets.
@@ -161,6 +164,10 @@ pub struct NetOffsets {
     pub send_reset_skaddr: u32,
     /// `tcp:tcp_receive_reset`.
     pub receive_reset_skaddr: u32,
+    /// Byte offset of `srtt_us` in `struct tcp_sock`, from the kernel's BTF (no tracepoint
+    /// carries it at the SYN_RECV → ESTABLISHED change); `u32::MAX` when unknown, and then
+    /// accept-side handshakes are not measured.
+    pub tcp_sock_srtt_us: u32,
 }
 
 impl NetOffsets {
@@ -184,6 +191,7 @@ impl NetOffsets {
         retransmit_err: 76,
         send_reset_skaddr: 16,
         receive_reset_skaddr: 8,
+        tcp_sock_srtt_us: u32::MAX,
     };
 }
 

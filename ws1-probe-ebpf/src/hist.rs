@@ -33,8 +33,13 @@ pub fn get_or_create<K>(map: &HashMap<K, LatencyHist>, key: &K) -> Option<*mut L
 /// Records `value` (nanoseconds) in `hist`, with `bounds` as the export `le` bounds.
 #[inline(always)]
 pub fn observe(hist: *mut LatencyHist, bounds: &[u64; EXPORT_BOUND_SLOTS], value: u64) {
-    let export = export_index(bounds, value);
-    let fine = fine_index(value);
+    // Through a volatile read: when LLVM knows the value's range at a call site (e.g. a u32
+    // scaled up) it proves the indices in bounds and drops the checks below, and the verifier,
+    // which cannot follow that proof, then rejects the access.
+    // SAFETY: reads of locals.
+    let export = unsafe { core::ptr::read_volatile(&export_index(bounds, value)) };
+    // SAFETY: as above.
+    let fine = unsafe { core::ptr::read_volatile(&fine_index(value)) };
     // SAFETY: `hist` points into a map value that lives as long as the map; every field is only
     // updated with atomic adds (the maximum excepted, see below), and indices are checked by
     // `get_mut`.

@@ -16,7 +16,7 @@
 
 use aya_ebpf::{
     bindings::BPF_NOEXIST,
-    helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns},
+    helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel},
     macros::map,
     maps::{HashMap, PerCpuHashMap},
     programs::{RawTracePointContext, TracePointContext},
@@ -25,10 +25,10 @@ use ws1_probe_common::{
     hist::{DEFAULT_EXPORT_BOUNDS_NS, EXPORT_BOUND_SLOTS, LatencyHist, pad_bounds},
     net::{
         BYTES_BOUNDS, IPPROTO_TCP, KIND_BYTES_RECEIVED, KIND_BYTES_SENT, KIND_CONNECT,
-        KIND_LIFETIME, KIND_REQUEST, KIND_RTT, LISTEN_ENTRIES, MSG_PEEK, NET_HIST_ENTRIES,
-        NetCounters, NetKey, NetOffsets, PHASE_IDLE, PHASE_PENDING, RTT_SAMPLE_NS, SIDE_CLIENT,
-        SIDE_SERVER, SOCK_ENTRIES, STATS_ENTRIES, SockState, TCP_CLOSE, TCP_ESTABLISHED,
-        TCP_LISTEN, TCP_SYN_RECV, TCP_SYN_SENT,
+        KIND_HANDSHAKE, KIND_LIFETIME, KIND_REQUEST, KIND_RTT, LISTEN_ENTRIES, MSG_PEEK,
+        NET_HIST_ENTRIES, NetCounters, NetKey, NetOffsets, PHASE_IDLE, PHASE_PENDING,
+        RTT_SAMPLE_NS, SIDE_CLIENT, SIDE_SERVER, SOCK_ENTRIES, STATS_ENTRIES, SockState, TCP_CLOSE,
+        TCP_ESTABLISHED, TCP_LISTEN, TCP_SYN_RECV, TCP_SYN_SENT,
     },
     targets::DropReason,
 };
@@ -236,6 +236,16 @@ pub fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<u32, i64> {
         let stats_key = key(&s, 0);
         if old == TCP_SYN_SENT {
             record(&key(&s, KIND_CONNECT), now.saturating_sub(s.ts_ns));
+        } else if old == TCP_SYN_RECV && off.tcp_sock_srtt_us != u32::MAX {
+            // The kernel measured the SYN-ACK round trip into srtt_us (8 × µs) just before
+            // this state change (tcp_rcv_state_process, case TCP_SYN_RECV).
+            let at = sk.wrapping_add(u64::from(off.tcp_sock_srtt_us)) as *const u32;
+            // SAFETY: bpf_probe_read_kernel checks the address; `sk` is a live tcp_sock here.
+            if let Ok(srtt8) = unsafe { bpf_probe_read_kernel(at) } {
+                if srtt8 != 0 {
+                    record(&key(&s, KIND_HANDSHAKE), u64::from(srtt8 >> 3) * 1_000);
+                }
+            }
         }
         // SAFETY: as above.
         unsafe {

@@ -74,7 +74,8 @@ pub fn load(opts: &LoadOptions) -> Result<Ebpf, LoadError> {
     }
     // Read here rather than passed in: every load needs them, and the net collector reads the
     // same files again to learn which hooks exist.
-    let net_offsets = read_net_offsets(Path::new(TRACEFS));
+    let mut net_offsets = read_net_offsets(Path::new(TRACEFS));
+    net_offsets.tcp_sock_srtt_us = tcp_sock_srtt_offset();
     let mmap_offsets = read_mmap_offsets(Path::new(TRACEFS));
     EbpfLoader::new()
         .map_max_entries("TARGET_FILTER", pid_max())
@@ -88,6 +89,23 @@ pub fn load(opts: &LoadOptions) -> Result<Ebpf, LoadError> {
         .override_global("PROFILE_SETTINGS", &opts.profile, true)
         .load(OBJECT)
         .map_err(|source| LoadError::Object { source })
+}
+
+/// Offset of `srtt_us` in `struct tcp_sock` from the kernel's BTF, `u32::MAX` without BTF
+/// (then accept-side handshakes are not measured, with a warning).
+pub fn tcp_sock_srtt_offset() -> u32 {
+    match crate::btf::kernel_member_offsets(&[("tcp_sock", "srtt_us")]) {
+        Ok(found) => found.first().copied().flatten().unwrap_or_else(|| {
+            tracing::warn!(
+                "kernel BTF has no tcp_sock.srtt_us: accept-side handshake latency is not measured"
+            );
+            u32::MAX
+        }),
+        Err(err) => {
+            tracing::warn!("accept-side handshake latency is not measured: {err}");
+            u32::MAX
+        }
+    }
 }
 
 /// Number of possible CPUs (1 when it cannot be read).

@@ -15,8 +15,8 @@ use prometheus::proto::{Metric, MetricFamily, MetricType};
 use ws1_probe_common::{
     hist::LatencyHist,
     net::{
-        BYTES_BOUNDS, KIND_BYTES_RECEIVED, KIND_BYTES_SENT, KIND_CONNECT, KIND_LIFETIME,
-        KIND_REQUEST, KIND_RTT, NetCounters, NetKey, SockState,
+        BYTES_BOUNDS, KIND_BYTES_RECEIVED, KIND_BYTES_SENT, KIND_CONNECT, KIND_HANDSHAKE,
+        KIND_LIFETIME, KIND_REQUEST, KIND_RTT, NetCounters, NetKey, SockState,
     },
 };
 
@@ -70,6 +70,8 @@ pub struct EndpointStats {
     pub rtt: Histogram,
     pub request: Histogram,
     pub lifetime: Histogram,
+    /// Accept-side handshake (SYN-ACK → ACK round trip), server side.
+    pub handshake: Histogram,
     /// Bytes per connection, observed at close (`sum_ns` holds bytes).
     pub bytes_sent: Histogram,
     pub bytes_received: Histogram,
@@ -208,6 +210,7 @@ impl NetCollector {
                 KIND_LIFETIME => &mut e.lifetime,
                 KIND_BYTES_SENT => &mut e.bytes_sent,
                 KIND_BYTES_RECEIVED => &mut e.bytes_received,
+                KIND_HANDSHAKE => &mut e.handshake,
                 _ => continue,
             };
             h.add_kernel(&value);
@@ -328,6 +331,7 @@ pub fn families<'a>(
         m.rtt.add(&e.rtt);
         m.request.add(&e.request);
         m.lifetime.add(&e.lifetime);
+        m.handshake.add(&e.handshake);
         m.bytes_sent.add(&e.bytes_sent);
         m.bytes_received.add(&e.bytes_received);
     }
@@ -405,6 +409,12 @@ pub fn families<'a>(
             vec![],
         ),
         (
+            "ws1_probe_tcp_accept_handshake_duration_seconds",
+            "Accept-side TCP handshake: the kernel's SYN-ACK to ACK round trip of each accepted connection, per service and local port.",
+            MetricType::HISTOGRAM,
+            vec![],
+        ),
+        (
             "ws1_probe_tcp_connection_bytes",
             "Bytes a TCP connection sent or received over its lifetime, observed when it closes.",
             MetricType::HISTOGRAM,
@@ -454,10 +464,13 @@ pub fn families<'a>(
         if let Some(ratio) = e.reuse_ratio() {
             push(11, gauge(&l, ratio));
         }
+        if *side == Side::Server && e.handshake.count > 0 {
+            push(12, histogram(&[l[0], l[2]], &e.handshake, bounds_ns));
+        }
         for (dir, h) in [("sent", &e.bytes_sent), ("received", &e.bytes_received)] {
             if h.count > 0 {
                 let labels = [l[0], l[1], l[2], ("direction", dir)];
-                push(12, scaled_histogram(&labels, h, &BYTES_BOUNDS, 1.0));
+                push(13, scaled_histogram(&labels, h, &BYTES_BOUNDS, 1.0));
             }
         }
     }
