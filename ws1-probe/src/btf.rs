@@ -58,8 +58,11 @@ pub fn member_offsets(data: &[u8], wanted: &[(&str, &str)]) -> Result<Vec<Option
         &rest[..end]
     };
     let mut out = vec![None; wanted.len()];
+    let end = types + type_len;
+    if end > data.len() || strings > data.len() {
+        return Err(BtfError::Truncated { at: data.len() });
+    }
     let mut at = types;
-    let end = (types + type_len).min(data.len());
     while at + 12 <= end {
         let name_off = u32_at(data, at).ok_or(BtfError::Truncated { at })?;
         let info = u32_at(data, at + 4).ok_or(BtfError::Truncated { at })?;
