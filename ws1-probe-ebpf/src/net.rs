@@ -409,6 +409,32 @@ pub fn try_tcp_probe(ctx: &TracePointContext) -> Result<u32, i64> {
     Ok(0)
 }
 
+/// Raw `tcp_probe` (arguments: `struct sock *sk, struct sk_buff *skb`): the same RTT sample
+/// without the tracepoint's record, which the kernel fills with ~20 fields per received
+/// segment; `srtt_us` is read from the socket at its BTF offset.
+pub fn try_tcp_probe_raw(ctx: &RawTracePointContext) -> Result<u32, i64> {
+    let off = offsets();
+    let sk: u64 = ctx.arg(0);
+    let Some(entry) = NET_SOCKS.get_ptr_mut(sk) else {
+        return Ok(0);
+    };
+    let now = now_ns();
+    // SAFETY: pointer from a successful lookup.
+    let s = unsafe { *entry };
+    if s.rtt_ns != 0 && now.saturating_sub(s.rtt_ns) < RTT_SAMPLE_NS {
+        return Ok(0);
+    }
+    // SAFETY: as above.
+    unsafe { (*entry).rtt_ns = now };
+    let at = sk.wrapping_add(u64::from(off.tcp_sock_srtt_us)) as *const u32;
+    // SAFETY: bpf_probe_read_kernel checks the address; `srtt_us` holds 8 × microseconds.
+    let srtt8: u32 = unsafe { bpf_probe_read_kernel(at)? };
+    if srtt8 != 0 {
+        record(&key(&s, KIND_RTT), u64::from(srtt8 >> 3) * 1_000);
+    }
+    Ok(0)
+}
+
 /// Which per-socket counter a softirq event bumps.
 #[derive(Clone, Copy)]
 pub enum SockEvent {

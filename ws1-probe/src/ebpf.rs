@@ -92,8 +92,13 @@ pub fn load(opts: &LoadOptions) -> Result<Ebpf, LoadError> {
 }
 
 /// Offset of `srtt_us` in `struct tcp_sock` from the kernel's BTF, `u32::MAX` without BTF
-/// (then accept-side handshakes are not measured, with a warning).
+/// (then accept-side handshakes are not measured, with a warning). Read once per process.
 pub fn tcp_sock_srtt_offset() -> u32 {
+    static OFFSET: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    *OFFSET.get_or_init(read_tcp_sock_srtt_offset)
+}
+
+fn read_tcp_sock_srtt_offset() -> u32 {
     match crate::btf::kernel_member_offsets(&[("tcp_sock", "srtt_us")]) {
         Ok(found) => found.first().copied().flatten().unwrap_or_else(|| {
             tracing::warn!(

@@ -166,6 +166,15 @@ impl NetCollector {
                 attached.push(format!("raw_tp {name}"));
                 continue;
             }
+            // tcp_probe fires per received segment: its raw tracepoint skips the record the
+            // kernel would fill, and reads srtt_us at its BTF offset (when BTF has it).
+            if name == "tcp_probe"
+                && crate::ebpf::tcp_sock_srtt_offset() != u32::MAX
+                && attach_raw_tracepoint(ebpf, &raw, name).is_ok()
+            {
+                attached.push(format!("raw_tp {name}"));
+                continue;
+            }
             match attach_tracepoint(ebpf, program, category, name) {
                 Ok(()) => attached.push(hook),
                 // A kernel without the hook; anything else (verifier, permissions) is fatal.
