@@ -371,6 +371,19 @@ fn pooled_and_unpooled_clients_have_their_reuse_ratios() {
     );
     assert_eq!(m.value("ws1_probe_tcp_connections_total", &srv), 11.0);
 
+    // RTT: sampled at the first received segment of each socket, then at most every 100 ms;
+    // these connections last a few ms, so one sample per connection, all loopback-small.
+    const RTT: &str = "ws1_probe_tcp_rtt_seconds";
+    for (service, n) in [("n-pooled", 1.0), ("n-unpooled", 10.0)] {
+        let labels = series(service, "client", &p);
+        assert_eq!(
+            m.get(&format!("{RTT}_count"), &labels),
+            Some(n),
+            "{service}"
+        );
+        let sum = m.value(&format!("{RTT}_sum"), &labels);
+        assert!(sum > 0.0 && sum < n * 0.005, "{service}: RTT sum {sum} s");
+    }
     // Bytes per connection at close: 8-byte requests, so the pooled connection sent 160 bytes
     // and each unpooled one 8 (all 10 in the 64-byte bucket). Closing takes the FIN exchange.
     const BYTES: &str = "ws1_probe_tcp_connection_bytes";
