@@ -17,12 +17,21 @@
  *                    so off-CPU time is M ms per call, attributed to
  *                    main -> ws1_run_sleep -> ws1_sleep_here (which makes the syscall itself)
  *   --seconds S      exit 0 after S seconds (default: run until killed)
+ *   --report         CPU mode: count rounds (one ws1_burn_three plus one ws1_burn_one) per
+ *                    thread, so a benchmark can see how much work the threads got done while
+ *                    being profiled. Each SIGUSR1 prints "rounds <CLOCK_MONOTONIC ns> <n1> <n2>
+ *                    ..." (rounds so far per thread) on stdout; at the --seconds deadline main
+ *                    prints "rounds/s <r1> <r2> ... over <S> s" before it exits. A signal rather
+ *                    than a periodic line, so the caller samples the counts exactly at the edges
+ *                    of its measuring windows. The counting thread waits in sigwait and uses no
+ *                    CPU in between.
  *
  * Once started, main prints "ready <pid>" on stdout and flushes it.
  */
 #define _GNU_SOURCE
 #include <errno.h>
 #include <pthread.h>
+#include <signal.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -44,6 +53,18 @@ volatile uint64_t ws1_sink;
 
 /* CLOCK_MONOTONIC nanoseconds at which to exit; 0 means never. */
 static uint64_t deadline_ns;
+
+/*
+ * Rounds done by one CPU thread. A cache line each, so a thread's count does not bounce
+ * between the CPUs its neighbours run on; written only by its thread, read by the reporter.
+ */
+struct ws1_counter {
+    uint64_t rounds;
+} __attribute__((aligned(64)));
+
+/* One counter per CPU thread (main's is the first). */
+static struct ws1_counter *counters;
+static unsigned long counter_count;
 
 static uint64_t now_ns(void)
 {
@@ -102,18 +123,39 @@ __attribute__((noipa)) void ws1_burn_one(void)
     ws1_sink = x;
 }
 
-__attribute__((noipa)) void ws1_run_cpu(void)
+/* Counting costs one store per round of about 3 ms, so it is always on. */
+__attribute__((noipa)) void ws1_run_cpu(struct ws1_counter *counter)
 {
     do {
         ws1_burn_three();
         ws1_burn_one();
+        __atomic_store_n(&counter->rounds, counter->rounds + 1, __ATOMIC_RELAXED);
     } while (!past_deadline());
 }
 
 __attribute__((noipa)) void *ws1_cpu_thread(void *arg)
 {
-    (void)arg;
-    ws1_run_cpu();
+    ws1_run_cpu(arg);
+    return NULL;
+}
+
+/* --report: prints the counts at each SIGUSR1, which every thread has blocked. */
+static void *report_thread(void *arg)
+{
+    sigset_t *usr1 = arg;
+    for (;;) {
+        int sig = 0;
+        if (sigwait(usr1, &sig) != 0) {
+            continue;
+        }
+        printf("rounds %llu", (unsigned long long)now_ns());
+        for (unsigned long t = 0; t < counter_count; t++) {
+            printf(" %llu",
+                   (unsigned long long)__atomic_load_n(&counters[t].rounds, __ATOMIC_RELAXED));
+        }
+        printf("\n");
+        fflush(stdout);
+    }
     return NULL;
 }
 
@@ -160,7 +202,7 @@ static void usage(const char *bad)
 {
     fprintf(stderr,
             "ws1-burn: bad argument %s\n"
-            "usage: ws1-burn [--cpu] [--threads N] [--sleep-ms M] [--seconds S]\n",
+            "usage: ws1-burn [--cpu] [--threads N] [--sleep-ms M] [--seconds S] [--report]\n",
             bad);
     exit(2);
 }
@@ -184,7 +226,7 @@ static unsigned long number_arg(int argc, char **argv, int *i)
 int main(int argc, char **argv)
 {
     unsigned long threads = 1, sleep_ms = 0, seconds = 0;
-    int sleep_mode = 0;
+    int sleep_mode = 0, report = 0;
 
     for (int i = 1; i < argc; i++) {
         if (strcmp(argv[i], "--cpu") == 0) {
@@ -199,19 +241,51 @@ int main(int argc, char **argv)
             sleep_mode = 1;
         } else if (strcmp(argv[i], "--seconds") == 0) {
             seconds = number_arg(argc, argv, &i);
+        } else if (strcmp(argv[i], "--report") == 0) {
+            report = 1;
         } else {
             usage(argv[i]);
         }
     }
+    if (report && sleep_mode) {
+        usage("--report (it counts CPU rounds; not with --sleep-ms)");
+    }
+    uint64_t started_ns = now_ns();
     if (seconds != 0) {
-        deadline_ns = now_ns() + (uint64_t)seconds * 1000000000ULL;
+        deadline_ns = started_ns + (uint64_t)seconds * 1000000000ULL;
+    }
+
+    counter_count = sleep_mode ? 0 : threads;
+    if (counter_count > 0) {
+        counters = aligned_alloc(sizeof(struct ws1_counter), threads * sizeof(struct ws1_counter));
+        if (counters == NULL) {
+            fprintf(stderr, "ws1-burn: cannot allocate %lu counters\n", threads);
+            return 1;
+        }
+        memset(counters, 0, threads * sizeof(struct ws1_counter));
+    }
+
+    static sigset_t usr1;
+    if (report) {
+        /* Blocked before any thread starts, so every thread inherits the mask and only
+         * sigwait in the reporter takes the signal. */
+        sigemptyset(&usr1);
+        sigaddset(&usr1, SIGUSR1);
+        pthread_sigmask(SIG_BLOCK, &usr1, NULL);
+        pthread_t thread;
+        int err = pthread_create(&thread, NULL, report_thread, &usr1);
+        if (err != 0) {
+            fprintf(stderr, "ws1-burn: cannot start the report thread: %s\n", strerror(err));
+            return 1;
+        }
+        pthread_detach(thread);
     }
 
     if (!sleep_mode) {
         /* Main is one of the CPU threads, so the single-thread stack starts at main. */
         for (unsigned long t = 1; t < threads; t++) {
             pthread_t thread;
-            int err = pthread_create(&thread, NULL, ws1_cpu_thread, NULL);
+            int err = pthread_create(&thread, NULL, ws1_cpu_thread, &counters[t]);
             if (err != 0) {
                 fprintf(stderr, "ws1-burn: cannot start thread: %s\n", strerror(err));
                 return 1;
@@ -226,7 +300,17 @@ int main(int argc, char **argv)
     if (sleep_mode) {
         ws1_run_sleep(sleep_ms);
     } else {
-        ws1_run_cpu();
+        ws1_run_cpu(&counters[0]);
+    }
+    if (report) {
+        double elapsed = (double)(now_ns() - started_ns) / 1e9;
+        printf("rounds/s");
+        for (unsigned long t = 0; t < counter_count; t++) {
+            uint64_t rounds = __atomic_load_n(&counters[t].rounds, __ATOMIC_RELAXED);
+            printf(" %.1f", (double)rounds / elapsed);
+        }
+        printf(" over %.3f s\n", elapsed);
+        fflush(stdout);
     }
     /* exit() ends the other CPU threads too; they check the same deadline anyway. */
     return 0;

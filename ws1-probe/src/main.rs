@@ -40,6 +40,9 @@ enum Command {
     /// Attach empty sys_enter/sys_exit programs (the cost floor for `cargo xtask bench`)
     #[command(hide = true)]
     BenchFloor(cmd::floor::FloorArgs),
+    /// Symbolize function addresses of this binary, cold and warm (for `cargo xtask bench`)
+    #[command(hide = true)]
+    BenchSymbolize(cmd::symbench::SymbenchArgs),
 }
 
 fn main() -> ExitCode {
@@ -62,6 +65,7 @@ fn main() -> ExitCode {
         Command::Top(args) => cmd::top::run(args).map(|()| ExitCode::SUCCESS),
         Command::Check(args) => cmd::check::run(args),
         Command::BenchFloor(args) => cmd::floor::run(args).map(|()| ExitCode::SUCCESS),
+        Command::BenchSymbolize(args) => cmd::symbench::run(args).map(|()| ExitCode::SUCCESS),
     };
     match result {
         Ok(code) => code,

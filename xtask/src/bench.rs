@@ -28,7 +28,8 @@ pub fn run(what: &str, args: &[String]) -> Result<()> {
         "syscalls" => bail!("bench syscalls takes no arguments (got {args:?})"),
         "net" if args.is_empty() => crate::bench_net::run(),
         "alloc" => crate::bench_alloc::run(args),
-        _ => bail!("unknown benchmark {what}: available: syscalls, net, alloc"),
+        "profile" => crate::bench_profile::run(args),
+        _ => bail!("unknown benchmark {what}: available: syscalls, net, alloc, profile"),
     }
 }
 
