@@ -190,13 +190,14 @@ impl Agent {
 /// The network collector's programs (the send/receive hooks as raw tracepoints where the kernel
 /// allows, as tracepoints otherwise: whichever is attached reports runs), and the syscall
 /// collector's.
-const NET_PROGRAMS: [&str; 9] = [
+const NET_PROGRAMS: [&str; 10] = [
     "inet_sock_set_state",
     "sock_send_length",
     "sock_recv_length",
     "sock_send_length_raw",
     "sock_recv_length_raw",
     "tcp_probe",
+    "tcp_probe_raw",
     "tcp_retransmit_skb",
     "tcp_send_reset",
     "tcp_receive_reset",
