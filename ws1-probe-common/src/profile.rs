@@ -82,7 +82,9 @@ pub struct ProfileSettings {
     pub switch_prev_state: u32,
     /// `sched:sched_switch` → `next_pid`.
     pub switch_next_pid: u32,
-    pub _pad: u32,
+    /// Byte offset of `pid` in `struct task_struct` (from BTF), for the raw `sched_switch`
+    /// tracepoint; `u32::MAX` when unknown (the classic tracepoint is used instead).
+    pub task_pid: u32,
 }
 
 impl ProfileSettings {
@@ -92,7 +94,7 @@ impl ProfileSettings {
         switch_prev_pid: 24,
         switch_prev_state: 32,
         switch_next_pid: 56,
-        _pad: 0,
+        task_pid: u32::MAX,
     };
 }
 

@@ -127,6 +127,11 @@ pub fn profile_sched_switch(ctx: TracePointContext) -> u32 {
     profile::try_sched_switch(&ctx).unwrap_or(0)
 }
 
+#[raw_tracepoint(tracepoint = "sched_switch")]
+pub fn profile_sched_switch_raw(ctx: RawTracePointContext) -> i32 {
+    profile::try_sched_switch_raw(&ctx).unwrap_or(0) as i32
+}
+
 #[raw_tracepoint(tracepoint = "sys_exit")]
 pub fn profile_sys_exit(ctx: RawTracePointContext) -> i32 {
     profile::try_offcpu_sys_exit(&ctx).map_or(0, |r| r as i32)

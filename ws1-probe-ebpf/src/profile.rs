@@ -255,15 +255,51 @@ pub fn try_cpu_sample(ctx: &PerfEventContext) -> Result<u32, i32> {
 /// `sched:sched_switch`, run by the task leaving the CPU (`prev` is the current task).
 pub fn try_sched_switch(ctx: &TracePointContext) -> Result<u32, i32> {
     let s = settings();
+    // SAFETY: offsets from the tracepoint's format file, read with bounds checks.
+    let next_pid: u32 = unsafe { ctx.read_at(s.switch_next_pid as usize)? };
+    switch(ctx, &s, next_pid, || {
+        // SAFETY: as above.
+        unsafe { ctx.read_at::<i64>(s.switch_prev_state as usize) }
+            .map(|st| st != 0)
+            .map_err(i64::from)
+    })
+}
+
+/// Raw `sched_switch` (arguments: `bool preempt, struct task_struct *prev, struct task_struct
+/// *next, unsigned int prev_state`, Linux 5.18+): the same without the tracepoint's record,
+/// which the kernel would otherwise fill (two command names among others) on every context
+/// switch of the machine.
+pub fn try_sched_switch_raw(ctx: &RawTracePointContext) -> Result<u32, i32> {
+    let s = settings();
+    let next: u64 = ctx.arg(2);
+    let at = next.wrapping_add(u64::from(s.task_pid)) as *const i32;
+    // SAFETY: bpf_probe_read_kernel checks the address; `task_pid` is the BTF offset of `pid`.
+    let next_pid = unsafe { bpf_probe_read_kernel(at) }.map_err(|e| e as i32)? as u32;
+    let preempt: u64 = ctx.arg(0);
+    let prev_state: u64 = ctx.arg(3);
+    switch(ctx, &s, next_pid, || {
+        Ok(preempt & 0xff == 0 && prev_state as u32 != 0)
+    })
+}
+
+/// Both ends of a context switch: the current task leaves (recorded when targeted) and the
+/// task `next_pid` comes back (its block is counted). `voluntary` says whether the leaving
+/// task blocked rather than being preempted.
+#[inline(always)]
+fn switch<C: StackIdContext>(
+    ctx: &C,
+    s: &ProfileSettings,
+    next_pid: u32,
+    voluntary: impl Fn() -> Result<bool, i64>,
+) -> Result<u32, i32> {
     // SAFETY: no preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
-    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let tgid = (pid_tgid >> 32) as u32;
     if tgid != 0 {
         if let Some(service) = service_of(tgid) {
-            // SAFETY: offsets from the tracepoint's format file, read with bounds checks.
-            let prev_pid: u32 = unsafe { ctx.read_at(s.switch_prev_pid as usize)? };
-            // SAFETY: as above.
-            let prev_state: i64 = unsafe { ctx.read_at(s.switch_prev_state as usize)? };
+            let prev_pid = pid_tgid as u32;
+            let voluntary = voluntary().map_err(|e| e as i32)?;
             // A long block whose stack never got its syscall exit (it blocked outside a
             // syscall, e.g. on a page fault): count it with the frame-pointer stack.
             // SAFETY: the value is copied out before the entry is removed.
@@ -279,7 +315,7 @@ pub fn try_sched_switch(ctx: &TracePointContext) -> Result<u32, i32> {
                     user_stack: stack_id(ctx, BPF_F_USER_STACK),
                     kernel_stack: stack_id(ctx, 0),
                 },
-                voluntary: u32::from(prev_state != 0),
+                voluntary: u32::from(voluntary),
                 _pad: 0,
             };
             if OFFCPU_START.insert(&prev_pid, &start, 0).is_err() {
@@ -287,8 +323,6 @@ pub fn try_sched_switch(ctx: &TracePointContext) -> Result<u32, i32> {
             }
         }
     }
-    // SAFETY: as above.
-    let next_pid: u32 = unsafe { ctx.read_at(s.switch_next_pid as usize)? };
     // SAFETY: the value is copied out before the entry is removed.
     let Some(start) = (unsafe { OFFCPU_START.get(&next_pid) }).copied() else {
         return Ok(0);

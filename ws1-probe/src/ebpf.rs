@@ -91,26 +91,50 @@ pub fn load(opts: &LoadOptions) -> Result<Ebpf, LoadError> {
         .map_err(|source| LoadError::Object { source })
 }
 
-/// Offset of `srtt_us` in `struct tcp_sock` from the kernel's BTF, `u32::MAX` without BTF
-/// (then accept-side handshakes are not measured, with a warning). Read once per process.
-pub fn tcp_sock_srtt_offset() -> u32 {
-    static OFFSET: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
-    *OFFSET.get_or_init(read_tcp_sock_srtt_offset)
+/// The kernel struct member offsets some programs read, from the kernel's BTF in one pass,
+/// once per process; `u32::MAX` for each one BTF does not have.
+#[derive(Clone, Copy, Debug)]
+pub struct KernelOffsets {
+    /// `tcp_sock.srtt_us`: accept-side handshakes and the raw `tcp_probe`.
+    pub tcp_sock_srtt_us: u32,
+    /// `task_struct.pid`: the raw `sched_switch` of the off-CPU profiler.
+    pub task_struct_pid: u32,
 }
 
-fn read_tcp_sock_srtt_offset() -> u32 {
-    match crate::btf::kernel_member_offsets(&[("tcp_sock", "srtt_us")]) {
-        Ok(found) => found.first().copied().flatten().unwrap_or_else(|| {
-            tracing::warn!(
-                "kernel BTF has no tcp_sock.srtt_us: accept-side handshake latency is not measured"
-            );
-            u32::MAX
-        }),
-        Err(err) => {
-            tracing::warn!("accept-side handshake latency is not measured: {err}");
-            u32::MAX
+pub fn kernel_offsets() -> KernelOffsets {
+    static OFFSETS: std::sync::OnceLock<KernelOffsets> = std::sync::OnceLock::new();
+    *OFFSETS.get_or_init(|| {
+        let wanted = [("tcp_sock", "srtt_us"), ("task_struct", "pid")];
+        match crate::btf::kernel_member_offsets(&wanted) {
+            Ok(found) => {
+                let get = |i: usize| found.get(i).copied().flatten().unwrap_or(u32::MAX);
+                let offsets = KernelOffsets {
+                    tcp_sock_srtt_us: get(0),
+                    task_struct_pid: get(1),
+                };
+                if offsets.tcp_sock_srtt_us == u32::MAX {
+                    tracing::warn!(
+                        "kernel BTF has no tcp_sock.srtt_us: accept-side handshake latency is not measured"
+                    );
+                }
+                offsets
+            }
+            Err(err) => {
+                tracing::warn!(
+                    "accept-side handshake latency is not measured, RTT and off-CPU use the classic tracepoints: {err}"
+                );
+                KernelOffsets {
+                    tcp_sock_srtt_us: u32::MAX,
+                    task_struct_pid: u32::MAX,
+                }
+            }
         }
-    }
+    })
+}
+
+/// Offset of `srtt_us` in `struct tcp_sock`, `u32::MAX` when unknown.
+pub fn tcp_sock_srtt_offset() -> u32 {
+    kernel_offsets().tcp_sock_srtt_us
 }
 
 /// Number of possible CPUs (1 when it cannot be read).

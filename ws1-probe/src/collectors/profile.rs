@@ -77,6 +77,7 @@ impl Default for ProfileOptions {
 pub fn kernel_settings(tracefs: &Path, offcpu_min_ns: u64) -> ProfileSettings {
     let mut s = ProfileSettings::FALLBACK;
     s.offcpu_min_ns = offcpu_min_ns;
+    s.task_pid = crate::ebpf::kernel_offsets().task_struct_pid;
     if let Ok(format) = std::fs::read_to_string(tracefs.join("events/sched/sched_switch/format")) {
         let field = |name| crate::ebpf::parse_format_offset(&format, name);
         if let (Some(p), Some(st), Some(n)) =
@@ -160,7 +161,13 @@ impl ProfileCollector {
             attach_sampler(ebpf, options.frequency_hz)?;
         }
         if options.off_cpu {
-            attach_tracepoint(ebpf, "profile_sched_switch", "sched", "sched_switch")?;
+            // Every context switch of the machine runs it: prefer the raw tracepoint (no
+            // record to fill; needs `task_struct.pid` from BTF and Linux 5.18's 4 arguments).
+            let raw = crate::ebpf::kernel_offsets().task_struct_pid != u32::MAX
+                && attach_raw_tracepoint(ebpf, "profile_sched_switch_raw", "sched_switch").is_ok();
+            if !raw {
+                attach_tracepoint(ebpf, "profile_sched_switch", "sched", "sched_switch")?;
+            }
             // Only DWARF-mode processes need it; a kernel without it loses their user stacks
             // for blocks (they fall back to frame pointers), so it is not fatal.
             if options.unwind != UnwindMode::Fp
