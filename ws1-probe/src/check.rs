@@ -62,6 +62,7 @@ pub const COLLECTORS: &[CollectorNeeds] = &[
         name: "profile",
         hooks: &[
             "perf_event software cpu-clock",
+            "raw_tp sched_switch",
             "tracepoint sched:sched_switch",
             "raw_tp sys_exit",
             "ringbuf",
