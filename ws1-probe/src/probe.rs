@@ -127,7 +127,7 @@ impl Probe {
         };
         Ok(Self {
             profile,
-            profiles: crate::profile::windows::Windows::default(),
+            profiles: crate::profile::windows::Windows::new(settings.profile.debug_info),
             profile_drained: None,
             streams_at: None,
             ebpf,

@@ -49,6 +49,11 @@ pub struct AgentArgs {
     /// User stack unwinding of the continuous profiler
     #[arg(long, value_enum, default_value = "auto")]
     pub unwind: UnwindMode,
+    /// Symbolize profiles from ELF symbol tables only, without DWARF: saves the tens of MiB
+    /// parsed DWARF of a large binary takes, but loses file:line, inline frames and functions
+    /// only DWARF names (e.g. glibc's process entry, so more stacks count as truncated)
+    #[arg(long)]
+    pub profile_symbols_only: bool,
 }
 
 type Shared = Arc<Mutex<Option<Probe>>>;
@@ -77,6 +82,7 @@ pub fn run(args: AgentArgs) -> anyhow::Result<()> {
     settings.collectors = args.collectors;
     settings.profile.frequency_hz = args.profile_frequency;
     settings.profile.unwind = args.unwind;
+    settings.profile.debug_info = !args.profile_symbols_only;
     let profiling = settings.collectors.profile && args.profile_frequency > 0;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()

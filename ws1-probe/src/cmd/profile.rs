@@ -65,6 +65,7 @@ impl SamplingArgs {
             off_cpu: self.off_cpu,
             offcpu_min_ns: self.min_block.as_nanos() as u64,
             unwind: self.unwind,
+            debug_info: true,
         };
         Ok(settings)
     }

@@ -60,15 +60,20 @@ pub struct ProfileOptions {
     /// Blocks shorter than this are not counted.
     pub offcpu_min_ns: u64,
     pub unwind: UnwindMode,
+    /// Symbolize with DWARF (file:line, inline frames); off, ELF symbol tables only, which
+    /// keeps a long-running agent's memory small.
+    pub debug_info: bool,
 }
 
 impl Default for ProfileOptions {
+    /// The agent's defaults: 19 Hz on-CPU, DWARF symbolization.
     fn default() -> Self {
         Self {
             frequency_hz: AGENT_FREQUENCY_HZ,
             off_cpu: false,
             offcpu_min_ns: DEFAULT_OFFCPU_MIN_NS,
             unwind: UnwindMode::Auto,
+            debug_info: true,
         }
     }
 }

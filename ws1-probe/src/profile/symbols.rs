@@ -217,6 +217,10 @@ pub struct ProfileSymbolizer {
     /// Frames by (binary, file offset); an empty slice means the binary could not name it.
     cache: HashMap<(BinKey, u64), Arc<[ProfFrame]>>,
     kernel_cache: HashMap<u64, Arc<str>>,
+    /// Read DWARF (file:line, inline frames, names of functions missing from the symbol
+    /// table). Off, only ELF symbol tables are read: the long-running agent keeps its memory
+    /// small that way (parsed DWARF of a large binary is tens of MiB).
+    debug_syms: bool,
     perf_maps: HashMap<u32, PerfMapState>,
     stats: SymbolizerStats,
 }
@@ -230,8 +234,18 @@ impl Default for ProfileSymbolizer {
 impl ProfileSymbolizer {
     /// A symbolizer with empty caches; nothing is read until addresses are asked for.
     pub fn new() -> Self {
+        Self::with_debug_info(true)
+    }
+
+    /// A symbolizer that reads DWARF when `debug_syms`, only ELF symbol tables otherwise.
+    pub fn with_debug_info(debug_syms: bool) -> Self {
         Self {
-            blaze: Blaze::builder().enable_auto_reload(false).build(),
+            debug_syms,
+            blaze: Blaze::builder()
+                .enable_auto_reload(false)
+                .enable_code_info(debug_syms)
+                .enable_inlined_fns(debug_syms)
+                .build(),
             kernel_blaze: Self::new_kernel_blaze(),
             kernel_loaded: None,
             // Build ids are read here, once per file, instead of by the normalizer: its cache
@@ -536,7 +550,9 @@ impl ProfileSymbolizer {
         path: &Path,
         offsets: &[u64],
     ) -> Result<Vec<Option<Arc<[ProfFrame]>>>, SymbolsError> {
-        let src = Source::Elf(Elf::new(path));
+        let mut elf = Elf::new(path);
+        elf.debug_syms = self.debug_syms;
+        let src = Source::Elf(elf);
         let symbolized = self
             .blaze
             .symbolize(&src, Input::FileOffset(offsets))

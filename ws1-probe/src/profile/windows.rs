@@ -69,8 +69,15 @@ pub struct Windows {
 
 impl Default for Windows {
     fn default() -> Self {
+        Self::new(true)
+    }
+}
+
+impl Windows {
+    /// Windows symbolized with DWARF (`debug_info`) or with ELF symbol tables only.
+    pub fn new(debug_info: bool) -> Self {
         Self {
-            sym: SendSymbolizer(ProfileSymbolizer::new()),
+            sym: SendSymbolizer(ProfileSymbolizer::with_debug_info(debug_info)),
             history: VecDeque::new(),
             totals: BTreeMap::new(),
             last_end: Instant::now(),
