@@ -632,3 +632,205 @@ fn ipv6_connections_are_observed() {
         assert_eq!(m.value("ws1_probe_tcp_connections_total", &s), 1.0, "{s:?}");
     }
 }
+
+/// Every sample whose labels include `remote`, as (service, remote).
+fn remote_labels(m: &Metrics) -> Vec<(String, String)> {
+    let mut out: Vec<(String, String)> = m
+        .samples
+        .iter()
+        .filter_map(|(_, l, _)| {
+            let get = |k: &str| l.iter().find(|(lk, _)| lk == k).map(|(_, v)| v.clone());
+            Some((get("service")?, get("remote")?))
+        })
+        .collect();
+    out.sort();
+    out.dedup();
+    out
+}
+
+#[test]
+fn remote_addresses_split_the_series_of_opted_in_services_only() {
+    if !privileged() {
+        return;
+    }
+    let mut server = NetLoad::spawn("n-ra-srv");
+    let mut client = NetLoad::spawn("n-ra-cli");
+    let mut plain = NetLoad::spawn("n-ra-plain");
+    // The same port on three loopback addresses (127.0.0.2 is loopback too): only the remote
+    // address tells the servers apart.
+    let port = server.listen("127.0.0.1:0");
+    assert_eq!(server.listen(&format!("127.0.0.2:{port}")), port);
+    assert_eq!(server.listen(&format!("[::1]:{port}")), port);
+    let config = std::env::temp_dir().join(format!("ws1-ra-{}.toml", std::process::id()));
+    std::fs::write(
+        &config,
+        "[[service]]\nname = \"n-ra-srv\"\nmatch = { comm = \"^n-ra-srv$\" }\nremote_addresses = true\n\
+         [[service]]\nname = \"n-ra-cli\"\nmatch = { comm = \"^n-ra-cli$\" }\nremote_addresses = true\n\
+         [[service]]\nname = \"n-ra-plain\"\nmatch = { comm = \"^n-ra-plain$\" }\n",
+    )
+    .expect("write config");
+    let agent = Agent::start(&["--config", config.to_str().expect("utf-8 temp path")]);
+    std::fs::remove_file(&config).expect("remove config");
+    client.cmd(&format!("pooled 127.0.0.1:{port} 3 0"));
+    client.cmd(&format!("pooled 127.0.0.2:{port} 5 0"));
+    client.cmd(&format!("unpooled 127.0.0.2:{port} 2 0"));
+    client.cmd(&format!("pooled [::1]:{port} 4 0"));
+    plain.cmd(&format!("pooled 127.0.0.1:{port} 2 0"));
+    plain.cmd(&format!("pooled 127.0.0.2:{port} 6 0"));
+    let p = port.to_string();
+    let m = agent.metrics();
+    let with = |service: &'static str, side: &'static str, remote: &'static str| {
+        let [a, b, c] = series(service, side, &p);
+        [a, b, c, ("remote", remote)]
+    };
+    // The opted-in client: one series per server address, IPv4 printed as IPv4.
+    for (remote, conns, requests) in [
+        ("127.0.0.1", 1.0, 3.0),
+        ("127.0.0.2", 3.0, 7.0),
+        ("::1", 1.0, 4.0),
+    ] {
+        let l = with("n-ra-cli", "client", remote);
+        assert_eq!(
+            m.value("ws1_probe_tcp_connections_total", &l),
+            conns,
+            "{remote}\n{}",
+            m.text
+        );
+        assert_eq!(
+            m.get(&format!("{REQUEST}_count"), &l),
+            Some(requests),
+            "{remote}"
+        );
+        assert_eq!(
+            m.get(
+                &format!("{CONNECT}_count"),
+                &[("service", "n-ra-cli"), ("port", &p), ("remote", remote)]
+            ),
+            Some(conns),
+            "{remote}"
+        );
+        assert_eq!(
+            m.value(
+                "ws1_probe_tcp_bytes_total",
+                &[l[0], l[1], l[2], l[3], ("direction", "sent")]
+            ),
+            requests * 8.0,
+            "{remote}"
+        );
+    }
+    // The opted-in server: its peers are the clients, which connect from 127.0.0.1 (the
+    // kernel's source for every 127/8 destination) or ::1; the plain client's traffic too.
+    for (remote, conns, requests) in [("127.0.0.1", 6.0, 18.0), ("::1", 1.0, 4.0)] {
+        let l = with("n-ra-srv", "server", remote);
+        assert_eq!(
+            m.value("ws1_probe_tcp_connections_total", &l),
+            conns,
+            "{remote}"
+        );
+        assert_eq!(
+            m.get(&format!("{REQUEST}_count"), &l),
+            Some(requests),
+            "{remote}"
+        );
+    }
+    // The client without the option: today's label set, one series for both servers.
+    let plain_client = series("n-ra-plain", "client", &p);
+    assert_eq!(m.get(&format!("{REQUEST}_count"), &plain_client), Some(8.0));
+    assert_eq!(
+        m.value("ws1_probe_tcp_connections_total", &plain_client),
+        2.0
+    );
+    assert_eq!(
+        remote_labels(&m),
+        [
+            ("n-ra-cli", "127.0.0.1"),
+            ("n-ra-cli", "127.0.0.2"),
+            ("n-ra-cli", "::1"),
+            ("n-ra-srv", "127.0.0.1"),
+            ("n-ra-srv", "::1"),
+        ]
+        .map(|(s, r)| (s.to_owned(), r.to_owned())),
+        "remote labels\n{}",
+        m.text
+    );
+    // Three distinct addresses interned in the kernel.
+    assert_eq!(
+        m.get("ws1_probe_bpf_map_entries", &[("map", "NET_REMOTES")]),
+        Some(3.0)
+    );
+}
+
+#[test]
+fn remote_addresses_flag_covers_every_selected_process() {
+    if !privileged() {
+        return;
+    }
+    // Host mode with the flag is refused before anything is loaded, in one line.
+    let out = run_probe(&["net", "--remote-addresses", "--duration", "1s"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert_eq!(
+        stderr.trim_end(),
+        "error: invalid configuration: --remote-addresses remote_addresses: needs a selector (--pid, --comm, --cgroup or configured services): remote addresses of every process on the host would be unbounded"
+    );
+    let pair = VethPair::create("ws1-probe-ra");
+    let mut server = NetLoad::spawn_in("n-raf-srv", Some(&pair.a));
+    let mut client = NetLoad::spawn_in("n-raf-cli", Some(&pair.b));
+    let (srv_pid, cli_pid) = (server.pid.to_string(), client.pid.to_string());
+    let agent = Agent::start(&["--pid", &srv_pid, "--pid", &cli_pid, "--remote-addresses"]);
+    // The CLI with the same flag, over the same traffic.
+    let cli = std::thread::spawn(move || {
+        run_probe(&[
+            "net",
+            "--pid",
+            &cli_pid,
+            "--remote-addresses",
+            "--duration",
+            "3s",
+        ])
+    });
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    let port = server.listen("10.231.0.1:0");
+    client.cmd(&format!("pooled 10.231.0.1:{port} 4 0"));
+    client.cmd(&format!("unpooled 10.231.0.1:{port} 3 0"));
+    let p = port.to_string();
+    let m = agent.metrics();
+    for (service, side, remote) in [
+        ("n-raf-cli", "client", "10.231.0.1"),
+        ("n-raf-srv", "server", "10.231.0.2"),
+    ] {
+        let [a, b, c] = series(service, side, &p);
+        let l = [a, b, c, ("remote", remote)];
+        assert_eq!(
+            m.value("ws1_probe_tcp_connections_total", &l),
+            4.0,
+            "{service}\n{}",
+            m.text
+        );
+        assert_eq!(
+            m.get(&format!("{REQUEST}_count"), &l),
+            Some(7.0),
+            "{service}"
+        );
+    }
+    assert_eq!(
+        remote_labels(&m),
+        [("n-raf-cli", "10.231.0.1"), ("n-raf-srv", "10.231.0.2")]
+            .map(|(s, r)| (s.to_owned(), r.to_owned()))
+    );
+    let out = cli.join().expect("cli thread");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "net failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let endpoint = format!("n-raf-cli → 10.231.0.1:{port} ");
+    let row = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix(&endpoint))
+        .unwrap_or_else(|| panic!("no {endpoint:?} row in\n{stdout}"));
+    // CONNS FAILED CONN-P50 CONN-P99 RTT-P50 RTT-P99 RETRANS RST-S/R REQS ...
+    let cols: Vec<&str> = row.split_whitespace().collect();
+    assert_eq!((cols[0], cols[1], cols[8]), ("4", "0", "7"), "{stdout}");
+}

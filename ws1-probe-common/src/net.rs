@@ -6,6 +6,11 @@
 //! the local port (server side, keyed by local port). The kernel remembers that owner per socket
 //! in `NET_SOCKS` (keyed by the `struct sock` address) from the connect/accept until the socket
 //! reaches TCP_CLOSE, so hooks that fire in softirq context can attribute their events.
+//!
+//! Services opted in to remote addresses (`remote_addresses = true`, `--remote-addresses`) also
+//! split their series by the peer's address. The address is read once per socket, when it is
+//! created, and interned as a small id (`NET_REMOTES`), so keys stay 12 bytes and the per-event
+//! work is the same for every socket.
 
 /// Which end of a connection the observed process is.
 pub const SIDE_CLIENT: u8 = 0;
@@ -76,6 +81,82 @@ pub const STATS_ENTRIES: u32 = 4_096;
 /// so this is 2,048 × 4.6 KB = 9.4 MB of kernel memory whatever the number of CPUs.
 pub const NET_HIST_ENTRIES: u32 = 2_048;
 
+/// `remote` of sockets whose service does not export remote addresses.
+pub const REMOTE_NONE: u32 = 0;
+/// `remote` of an address that got no id of its own: `NET_REMOTES` was full (the address
+/// budget is spent) or its id was taken by another address. Exported as `remote="other"`.
+pub const REMOTE_OTHER: u32 = 1;
+/// Smallest id [`RemoteAddr::id`] hands out.
+pub const REMOTE_FIRST_ID: u32 = 2;
+/// Capacity of `NET_REMOTES`: distinct remote addresses exported over the agent's lifetime, for
+/// all opted-in services together; later ones count as `remote="other"`. Every address can
+/// take up to six histograms per endpoint in `NET_HIST` (2,048), so this keeps remote
+/// addresses from crowding out the other services.
+pub const REMOTE_ENTRIES: u32 = 128;
+/// Slots of `NET_REMOTE_SERVICES` (service id → opted in): service ids stay below the
+/// targeting's cap on names.
+pub const REMOTE_SERVICE_SLOTS: u32 = crate::targets::COMM_ENTRIES;
+
+/// A remote address as `sock:inet_sock_set_state` stores it in `daddr_v6`: IPv6, or IPv4 as
+/// an IPv4-mapped address (`::ffff:a.b.c.d`). The 16 network-order bytes are kept as two
+/// native-endian words, so that the kernel compares them with two loads (a byte array would
+/// compile to a `memcmp` call, which BPF does not have).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RemoteAddr {
+    pub words: [u64; 2],
+}
+
+impl RemoteAddr {
+    pub fn from_octets(octets: [u8; 16]) -> Self {
+        let mut lo = [0u8; 8];
+        let mut hi = [0u8; 8];
+        let mut i = 0;
+        while i < 8 {
+            lo[i] = octets[i];
+            hi[i] = octets[i + 8];
+            i += 1;
+        }
+        Self {
+            words: [u64::from_ne_bytes(lo), u64::from_ne_bytes(hi)],
+        }
+    }
+
+    pub fn octets(&self) -> [u8; 16] {
+        let (lo, hi) = (self.words[0].to_ne_bytes(), self.words[1].to_ne_bytes());
+        let mut out = [0u8; 16];
+        let mut i = 0;
+        while i < 8 {
+            out[i] = lo[i];
+            out[i + 8] = hi[i];
+            i += 1;
+        }
+        out
+    }
+
+    /// Whether two addresses are equal, as two word compares.
+    #[inline(always)]
+    pub fn same(&self, other: &Self) -> bool {
+        self.words[0] == other.words[0] && self.words[1] == other.words[1]
+    }
+
+    /// The address's id in `NET_REMOTES` (its key): a multiplicative hash, at least
+    /// [`REMOTE_FIRST_ID`]. Two addresses with one id are told apart by the value stored under
+    /// it; the second one counts as [`REMOTE_OTHER`], never under the other's label.
+    #[inline(always)]
+    pub fn id(&self) -> u32 {
+        let mixed = (self.words[0] ^ self.words[1].rotate_left(32))
+            .wrapping_add(self.words[1])
+            .wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        let id = (mixed >> 32) as u32;
+        if id < REMOTE_FIRST_ID {
+            id + REMOTE_FIRST_ID
+        } else {
+            id
+        }
+    }
+}
+
 /// Per-socket state in `NET_SOCKS`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
@@ -86,6 +167,10 @@ pub struct SockState {
     pub side: u8,
     /// `PHASE_*`.
     pub phase: u8,
+    /// Id of the peer's address in `NET_REMOTES`, `REMOTE_OTHER`, or `REMOTE_NONE` when the
+    /// service does not export remote addresses.
+    pub remote: u32,
+    pub _pad: u32,
     /// Client: SYN_SENT time until established; then the start of the pending request.
     pub ts_ns: u64,
     /// ESTABLISHED time (0 until then).
@@ -108,6 +193,8 @@ pub struct NetKey {
     pub side: u8,
     /// `KIND_*` in `NET_HIST`; 0 in `NET_STATS`.
     pub kind: u8,
+    /// `SockState::remote` of the socket the event belongs to.
+    pub remote: u32,
 }
 
 /// Per-CPU counters of one (service, side, port).
@@ -143,6 +230,9 @@ pub struct NetOffsets {
     pub state_sport: u32,
     pub state_dport: u32,
     pub state_protocol: u32,
+    /// `daddr_v6` (16 bytes: the peer, IPv4 as IPv4-mapped); `u32::MAX` when absent, and then
+    /// remote addresses are not exported.
+    pub state_daddr_v6: u32,
     /// `sock:sock_send_length`.
     pub send_sk: u32,
     pub send_ret: u32,
@@ -179,6 +269,7 @@ impl NetOffsets {
         state_sport: 24,
         state_dport: 26,
         state_protocol: 30,
+        state_daddr_v6: 56,
         send_sk: 8,
         send_ret: 20,
         send_flags: 24,
@@ -196,4 +287,56 @@ impl NetOffsets {
 }
 
 #[cfg(feature = "user")]
-crate::impl_pod!(SockState, NetKey, NetCounters, NetOffsets);
+crate::impl_pod!(SockState, NetKey, NetCounters, NetOffsets, RemoteAddr);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shared_types_have_no_implicit_padding() {
+        use core::mem::size_of;
+        assert_eq!(size_of::<NetKey>(), 4 + 2 + 1 + 1 + 4);
+        assert_eq!(size_of::<SockState>(), 4 + 2 + 1 + 1 + 4 + 4 + 6 * 8);
+        assert_eq!(size_of::<RemoteAddr>(), 16);
+        assert_eq!(size_of::<NetOffsets>(), 20 * 4);
+    }
+
+    #[test]
+    fn remote_addresses_round_trip_and_get_distinct_ids() {
+        let mapped = |d: u8| {
+            let mut o = [0u8; 16];
+            o[10] = 0xff;
+            o[11] = 0xff;
+            o[12..].copy_from_slice(&[10, 0, 0, d]);
+            RemoteAddr::from_octets(o)
+        };
+        let a = mapped(5);
+        assert_eq!(a.octets()[12..], [10, 0, 0, 5]);
+        assert!(a.same(&mapped(5)) && !a.same(&mapped(6)));
+        // Every IPv4 address of a /16 and a few IPv6 ones: ids are never the reserved values,
+        // and (for this sample) never shared.
+        let mut ids = [0u32; 256 * 256 + 3];
+        let mut n = 0;
+        for c in 0..=255u8 {
+            for d in 0..=255u8 {
+                let mut o = [0u8; 16];
+                o[10] = 0xff;
+                o[11] = 0xff;
+                o[12..].copy_from_slice(&[10, 0, c, d]);
+                ids[n] = RemoteAddr::from_octets(o).id();
+                n += 1;
+            }
+        }
+        for last in [1u8, 2, 3] {
+            let mut o = [0u8; 16];
+            o[15] = last;
+            ids[n] = RemoteAddr::from_octets(o).id();
+            n += 1;
+        }
+        assert!(ids.iter().all(|id| *id >= REMOTE_FIRST_ID));
+        ids.sort_unstable();
+        let shared = ids.windows(2).filter(|w| w[0] == w[1]).count();
+        assert_eq!(shared, 0);
+    }
+}

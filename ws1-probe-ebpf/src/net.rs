@@ -13,12 +13,18 @@
 //! the call): a client request starts at the first send after the socket was idle and ends at
 //! the first successful receive; a server request starts at the first receive after idle and
 //! ends at the first send back.
+//!
+//! Remote addresses: for sockets of services opted in (`NET_REMOTE_SERVICES`), the peer's
+//! address is read from the state change that creates the socket (CLOSE → SYN_SENT for a
+//! client, LISTEN → SYN_RECV for an accepted child; `daddr_v6` is the peer in both) and
+//! interned in `NET_REMOTES` as a 4-byte id that joins the socket's state and every key. The
+//! later hooks do exactly the same work whether a socket has an address or not.
 
 use aya_ebpf::{
     bindings::BPF_NOEXIST,
     helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel},
     macros::map,
-    maps::{HashMap, PerCpuHashMap},
+    maps::{Array, HashMap, PerCpuHashMap},
     programs::{RawTracePointContext, TracePointContext},
 };
 use ws1_probe_common::{
@@ -27,7 +33,8 @@ use ws1_probe_common::{
         BYTES_BOUNDS, IPPROTO_TCP, KIND_BYTES_RECEIVED, KIND_BYTES_SENT, KIND_CONNECT,
         KIND_HANDSHAKE, KIND_LIFETIME, KIND_REQUEST, KIND_RTT, LISTEN_ENTRIES, MSG_PEEK,
         NET_HIST_ENTRIES, NetCounters, NetKey, NetOffsets, PHASE_IDLE, PHASE_PENDING,
-        RTT_SAMPLE_NS, SIDE_CLIENT, SIDE_SERVER, SOCK_ENTRIES, STATS_ENTRIES, SockState, TCP_CLOSE,
+        REMOTE_ENTRIES, REMOTE_NONE, REMOTE_OTHER, REMOTE_SERVICE_SLOTS, RTT_SAMPLE_NS, RemoteAddr,
+        SIDE_CLIENT, SIDE_SERVER, SOCK_ENTRIES, STATS_ENTRIES, SockState, TCP_CLOSE,
         TCP_ESTABLISHED, TCP_LISTEN, TCP_SYN_RECV, TCP_SYN_SENT,
     },
     targets::DropReason,
@@ -46,7 +53,18 @@ static NET_SOCKS: HashMap<u64, SockState> = HashMap::with_max_entries(SOCK_ENTRI
 #[map]
 static NET_LISTEN: HashMap<u32, u32> = HashMap::with_max_entries(LISTEN_ENTRIES, 0);
 
-/// (service, side, port) → counters, per CPU.
+/// Service id → non-zero when its series split by remote address; filled by the agent at
+/// start. An array, so the check at socket creation is a bounds check and a load.
+#[map]
+static NET_REMOTE_SERVICES: Array<u32> = Array::with_max_entries(REMOTE_SERVICE_SLOTS, 0);
+
+/// Remote address id → address (see `RemoteAddr::id`). Entries are never removed, so an id
+/// keeps its address for the agent's lifetime and every exported series stays monotonic; when
+/// the map is full, new addresses count as `REMOTE_OTHER`.
+#[map]
+static NET_REMOTES: HashMap<u32, RemoteAddr> = HashMap::with_max_entries(REMOTE_ENTRIES, 0);
+
+/// (service, side, port, remote) → counters, per CPU.
 #[map]
 static NET_STATS: PerCpuHashMap<NetKey, NetCounters> =
     PerCpuHashMap::with_max_entries(STATS_ENTRIES, 0);
@@ -103,6 +121,7 @@ fn key(s: &SockState, kind: u8) -> NetKey {
         port: s.port,
         side: s.side,
         kind,
+        remote: s.remote,
     }
 }
 
@@ -154,12 +173,50 @@ fn record_in(key: &NetKey, bounds: &[u64; EXPORT_BOUND_SLOTS], value: u64) {
     hist::observe(hist, bounds, value);
 }
 
-fn track(sk: u64, service: u32, port: u16, side: u8, now: u64) {
+/// The remote address id of a socket being created by this state change, for a service that
+/// exports remote addresses; `REMOTE_NONE` for the others, which pay one array lookup here
+/// and nothing later.
+#[inline(always)]
+fn remote_of(ctx: &TracePointContext, off: &NetOffsets, service: u32) -> u32 {
+    match NET_REMOTE_SERVICES.get(service) {
+        Some(&on) if on != 0 => {}
+        _ => return REMOTE_NONE,
+    }
+    if off.state_daddr_v6 == u32::MAX {
+        return REMOTE_NONE;
+    }
+    // SAFETY: the offset was read from this tracepoint's format file (16 bytes: `daddr_v6`).
+    let Ok(addr) = (unsafe { ctx.read_at::<RemoteAddr>(off.state_daddr_v6 as usize) }) else {
+        return REMOTE_OTHER;
+    };
+    let id = addr.id();
+    if let Some(known) = NET_REMOTES.get_ptr(id) {
+        // SAFETY: pointer from a successful lookup; entries are never removed.
+        return if unsafe { (*known).same(&addr) } {
+            id
+        } else {
+            REMOTE_OTHER
+        };
+    }
+    if NET_REMOTES.insert(id, addr, BPF_NOEXIST as u64).is_ok() {
+        return id;
+    }
+    // Full, or another CPU stored this id meanwhile (maybe for this very address).
+    match NET_REMOTES.get_ptr(id) {
+        // SAFETY: as above.
+        Some(known) if unsafe { (*known).same(&addr) } => id,
+        _ => REMOTE_OTHER,
+    }
+}
+
+fn track(sk: u64, service: u32, port: u16, side: u8, remote: u32, now: u64) {
     let state = SockState {
         service,
         port,
         side,
         phase: PHASE_IDLE,
+        remote,
+        _pad: 0,
         ts_ns: now,
         established_ns: 0,
         rtt_ns: 0,
@@ -194,7 +251,8 @@ pub fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<u32, i64> {
         };
         // SAFETY: as above.
         let dport: u16 = unsafe { ctx.read_at(off.state_dport as usize)? };
-        track(sk, service, dport, SIDE_CLIENT, now);
+        let remote = remote_of(ctx, &off, service);
+        track(sk, service, dport, SIDE_CLIENT, remote, now);
         return Ok(0);
     }
     if new == TCP_LISTEN {
@@ -217,7 +275,9 @@ pub fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<u32, i64> {
             if let Some(service) = NET_LISTEN.get_ptr(u32::from(sport)) {
                 // SAFETY: pointer from a successful lookup.
                 let service = unsafe { *service };
-                track(sk, service, sport, SIDE_SERVER, now);
+                // The child's peer is the connecting client.
+                let remote = remote_of(ctx, &off, service);
+                track(sk, service, sport, SIDE_SERVER, remote, now);
             }
         } else if new == TCP_CLOSE {
             // The listener itself closed (no other state follows LISTEN for it).

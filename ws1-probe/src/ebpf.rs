@@ -377,6 +377,10 @@ pub fn net_offsets_from(format: impl Fn(&str) -> Option<String>) -> NetOffsets {
         }
         _ => off.state_skaddr = u32::MAX,
     }
+    // Optional: without it the hook still works, only remote addresses are not exported.
+    off.state_daddr_v6 = fields("sock/inet_sock_set_state", &["daddr_v6"])
+        .and_then(|f| f.first().copied())
+        .unwrap_or(u32::MAX);
     match fields("sock/sock_send_length", &["sk", "ret", "flags"]).as_deref() {
         Some(&[sk, ret, flags]) => (off.send_sk, off.send_ret, off.send_flags) = (sk, ret, flags),
         _ => off.send_sk = u32::MAX,
@@ -478,12 +482,48 @@ format:
             _ => None,
         });
         assert_eq!((off.send_sk, off.send_ret, off.send_flags), (8, 20, 24));
+        // No inet_sock_set_state format: no remote addresses either.
+        assert_eq!(off.state_daddr_v6, u32::MAX);
         assert_eq!((off.probe_skaddr, off.probe_srtt), (136, 100));
         assert!(net_hook_usable(&off, "sock_send_length"));
         assert!(net_hook_usable(&off, "tcp_probe"));
         for missing in ["inet_sock_set_state", "sock_recv_length", "tcp_send_reset"] {
             assert!(!net_hook_usable(&off, missing), "{missing}");
         }
+    }
+
+    /// `sock:inet_sock_set_state` as Linux 6.18 prints it (fields only).
+    const SET_STATE: &str = "format:
+\tfield:unsigned short common_type;\toffset:0;\tsize:2;\tsigned:0;
+\tfield:const void * skaddr;\toffset:8;\tsize:8;\tsigned:0;
+\tfield:int oldstate;\toffset:16;\tsize:4;\tsigned:1;
+\tfield:int newstate;\toffset:20;\tsize:4;\tsigned:1;
+\tfield:__u16 sport;\toffset:24;\tsize:2;\tsigned:0;
+\tfield:__u16 dport;\toffset:26;\tsize:2;\tsigned:0;
+\tfield:__u16 family;\toffset:28;\tsize:2;\tsigned:0;
+\tfield:__u16 protocol;\toffset:30;\tsize:2;\tsigned:0;
+\tfield:__u8 saddr[4];\toffset:32;\tsize:4;\tsigned:0;
+\tfield:__u8 daddr[4];\toffset:36;\tsize:4;\tsigned:0;
+\tfield:__u8 saddr_v6[16];\toffset:40;\tsize:16;\tsigned:0;
+\tfield:__u8 daddr_v6[16];\toffset:60;\tsize:16;\tsigned:0;
+";
+
+    #[test]
+    fn remote_address_offset_is_optional() {
+        let with = net_offsets_from(|event| {
+            (event == "sock/inet_sock_set_state").then(|| SET_STATE.to_owned())
+        });
+        // Read from the text (60 here, 56 in the fallback), not assumed.
+        assert_eq!(with.state_daddr_v6, 60);
+        assert_eq!((with.state_skaddr, with.state_protocol), (8, 30));
+        assert!(net_hook_usable(&with, "inet_sock_set_state"));
+        // A kernel whose format lacks `daddr_v6`: the hook still attaches, without addresses.
+        let without = net_offsets_from(|event| {
+            (event == "sock/inet_sock_set_state")
+                .then(|| SET_STATE.replace("daddr_v6[16]", "daddr_other[16]"))
+        });
+        assert_eq!(without.state_daddr_v6, u32::MAX);
+        assert!(net_hook_usable(&without, "inet_sock_set_state"));
     }
 
     #[test]

@@ -96,7 +96,11 @@ impl Probe {
         let scan = targets.scan().map_err(ProbeError::Scan)?;
         let on = settings.collectors;
         let syscalls = SyscallCollector::attach(&mut ebpf, on.syscalls)?;
-        let mut net = NetCollector::attach(&mut ebpf, on.net)?;
+        let remote = netcollector::remote_service_ids(
+            &settings.remote_addresses,
+            targets.matcher().services(),
+        );
+        let mut net = NetCollector::attach(&mut ebpf, on.net, &remote)?;
         // After attaching, so a listen() during the scan is seen by one or the other.
         net.seed_listeners(
             std::path::Path::new("/proc"),

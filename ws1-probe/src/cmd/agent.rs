@@ -39,6 +39,10 @@ pub struct AgentArgs {
     pub precise_alloc: bool,
     #[command(flatten)]
     pub allocator: super::leaks::AllocatorArgs,
+    /// Split the network series of every selected process by remote address (a `remote`
+    /// label); needs a selector. Per service: `remote_addresses = true` in the config
+    #[arg(long)]
+    pub remote_addresses: bool,
     /// Collectors to run, comma-separated: syscalls, net, memory, profile (or all)
     #[arg(long, default_value = "all", value_parser = Collectors::parse)]
     pub collectors: Collectors,
@@ -72,6 +76,7 @@ pub fn run(args: AgentArgs) -> anyhow::Result<()> {
             listen: args.listen.clone(),
             bpf_stats: args.bpf_stats,
             precise_alloc: args.precise_alloc,
+            remote_addresses: args.remote_addresses,
             allocator: ws1_probe::targeting::config::AllocatorConfig {
                 lib: args.allocator.alloc_lib.clone(),
                 prefix: args.allocator.alloc_prefix.clone(),

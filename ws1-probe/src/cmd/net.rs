@@ -22,10 +22,20 @@ pub struct NetArgs {
     /// Rows to print in the table
     #[arg(long, default_value_t = 25)]
     pub top: usize,
+    /// One row per remote address too (every selected process; needs a selector). Per
+    /// service: `remote_addresses = true` in the config
+    #[arg(long)]
+    pub remote_addresses: bool,
 }
 
 pub fn run(args: NetArgs) -> anyhow::Result<()> {
-    let settings = super::settings(&args.common, None, false)?;
+    let settings = super::settings_with(
+        &args.common,
+        ws1_probe::targeting::config::FlagOverrides {
+            remote_addresses: args.remote_addresses,
+            ..Default::default()
+        },
+    )?;
     let mut probe = Probe::start(&settings).context("cannot start the network collector")?;
     let what = settings.targets.describe();
     let start_line = format!(

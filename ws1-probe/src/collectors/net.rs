@@ -4,19 +4,22 @@
 
 use std::{
     collections::{BTreeMap, HashSet},
+    fmt,
+    net::{IpAddr, Ipv6Addr},
     path::Path,
 };
 
 use aya::{
     Ebpf,
-    maps::{HashMap, IterableMap, MapData, PerCpuHashMap},
+    maps::{Array, HashMap, IterableMap, MapData, PerCpuHashMap},
 };
 use prometheus::proto::{Metric, MetricFamily, MetricType};
 use ws1_probe_common::{
     hist::LatencyHist,
     net::{
         BYTES_BOUNDS, KIND_BYTES_RECEIVED, KIND_BYTES_SENT, KIND_CONNECT, KIND_HANDSHAKE,
-        KIND_LIFETIME, KIND_REQUEST, KIND_RTT, NetCounters, NetKey, SockState,
+        KIND_LIFETIME, KIND_REQUEST, KIND_RTT, NetCounters, NetKey, REMOTE_NONE, REMOTE_OTHER,
+        REMOTE_SERVICE_SLOTS, RemoteAddr, SockState,
     },
 };
 
@@ -28,7 +31,7 @@ use crate::{
     },
     histogram::Histogram,
     metrics::{counter, family, gauge, histogram, scaled_histogram},
-    targeting::{Matcher, ProcessInfo},
+    targeting::{Matcher, ProcessInfo, ServiceTable, config::RemoteAddresses},
 };
 
 /// Which end of the connection the observed process is.
@@ -57,8 +60,46 @@ impl Side {
     }
 }
 
-/// (service id, side, port): the key of every network series.
-pub type Endpoint = (u32, Side, u16);
+/// The peer of an endpoint whose service exports remote addresses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Remote {
+    /// IPv4-mapped addresses (how the kernel stores IPv4 peers) are IPv4 here.
+    Addr(IpAddr),
+    /// Addresses beyond the kernel's budget of distinct addresses (`REMOTE_ENTRIES`).
+    Other,
+}
+
+impl Remote {
+    /// The address from its 16 bytes as the kernel stores them.
+    pub fn from_octets(octets: [u8; 16]) -> Self {
+        Self::Addr(Ipv6Addr::from(octets).to_canonical())
+    }
+}
+
+impl fmt::Display for Remote {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Addr(ip) => ip.fmt(f),
+            Self::Other => f.write_str("other"),
+        }
+    }
+}
+
+/// (service id, side, port, remote): the key of every network series. The remote is `None`
+/// for services that do not export remote addresses.
+pub type Endpoint = (u32, Side, u16, Option<Remote>);
+
+/// Service ids whose series split by remote address: all of them, or the configured services
+/// opted in (which have fixed ids in `services`).
+pub fn remote_service_ids(setting: &RemoteAddresses, services: &ServiceTable) -> Vec<u32> {
+    match setting {
+        RemoteAddresses::Off => Vec::new(),
+        RemoteAddresses::All => (0..REMOTE_SERVICE_SLOTS).collect(),
+        RemoteAddresses::Services(names) => (0..services.len() as u32)
+            .filter(|id| names.iter().any(|n| n == services.name(*id)))
+            .collect(),
+    }
+}
 
 /// Everything counted for one endpoint, summed over CPUs.
 #[derive(Clone, Debug, Default)]
@@ -95,7 +136,7 @@ impl NetSnapshot {
     /// Requests and connections per service (activity for the host-mode label cap).
     pub fn activity_by_service(&self) -> BTreeMap<u32, u64> {
         let mut out = BTreeMap::new();
-        for ((service, _, _), e) in &self.endpoints {
+        for ((service, ..), e) in &self.endpoints {
             *out.entry(*service).or_insert(0) += e.counters.requests + e.counters.connections;
         }
         out
@@ -132,6 +173,10 @@ pub struct NetCollector {
     stats: PerCpuHashMap<MapData, NetKey, NetCounters>,
     active: PerCpuHashMap<MapData, NetKey, u64>,
     hist: HashMap<MapData, NetKey, LatencyHist>,
+    remotes: HashMap<MapData, u32, RemoteAddr>,
+    /// Service id → opted in to remote addresses; filled once in `attach`, kept open like the
+    /// other maps for as long as the programs that read it may still be loaded.
+    _remote_services: Array<MapData, u32>,
     /// Hooks attached, as `category:name`.
     pub attached: Vec<String>,
     /// Hooks skipped, with the reason.
@@ -143,8 +188,33 @@ impl NetCollector {
     /// the metrics it feeds stay absent, everything else works. Without
     /// `sock:inet_sock_set_state` no socket is ever observed, so that one is reported too.
     /// When `enabled` is false the maps are taken but nothing is attached: they stay empty.
-    pub fn attach(ebpf: &mut Ebpf, enabled: bool) -> Result<Self, LoadError> {
+    /// Connections of the services in `remote_services` (ids) are split by remote address
+    /// from their creation on; a kernel whose tracepoint lacks the address is warned about.
+    pub fn attach(
+        ebpf: &mut Ebpf,
+        enabled: bool,
+        remote_services: &[u32],
+    ) -> Result<Self, LoadError> {
         let offsets = read_net_offsets(std::path::Path::new(TRACEFS));
+        let mut remote_on: Array<MapData, u32> = typed(
+            "NET_REMOTE_SERVICES",
+            take_map(ebpf, "NET_REMOTE_SERVICES")?,
+        )?;
+        if enabled && !remote_services.is_empty() {
+            if offsets.state_daddr_v6 == u32::MAX {
+                tracing::warn!(
+                    "network: tracepoint sock:inet_sock_set_state has no daddr_v6 field on this kernel; remote addresses are not exported"
+                );
+            } else {
+                // Before the hooks attach, so every observed connection has its address.
+                for &id in remote_services {
+                    remote_on.set(id, 1, 0).map_err(|source| LoadError::Map {
+                        map: "NET_REMOTE_SERVICES".to_owned(),
+                        source,
+                    })?;
+                }
+            }
+        }
         let mut attached = Vec::new();
         let mut skipped = Vec::new();
         let hooks: &[(&str, &str, &str)] = if enabled { &NET_TRACEPOINTS } else { &[] };
@@ -191,15 +261,40 @@ impl NetCollector {
             stats: typed("NET_STATS", take_map(ebpf, "NET_STATS")?)?,
             active: typed("NET_ACTIVE", take_map(ebpf, "NET_ACTIVE")?)?,
             hist: typed("NET_HIST", take_map(ebpf, "NET_HIST")?)?,
+            remotes: typed("NET_REMOTES", take_map(ebpf, "NET_REMOTES")?)?,
+            _remote_services: remote_on,
             attached,
             skipped,
         })
     }
 
+    /// The address behind a remote id of a key; ids never change their address, but are
+    /// looked up once per snapshot (there are at most `REMOTE_ENTRIES`).
+    fn remote(
+        &self,
+        id: u32,
+        known: &mut std::collections::HashMap<u32, Remote>,
+    ) -> Option<Remote> {
+        match id {
+            REMOTE_NONE => None,
+            REMOTE_OTHER => Some(Remote::Other),
+            id => Some(*known.entry(id).or_insert_with(|| {
+                // The kernel stores the address before any key carries its id.
+                self.remotes
+                    .get(&id, 0)
+                    .map_or(Remote::Other, |a| Remote::from_octets(a.octets()))
+            })),
+        }
+    }
+
     /// Reads the maps. Entries that disappear mid-walk are skipped.
     pub fn snapshot(&self) -> NetSnapshot {
         let mut snap = NetSnapshot::default();
-        let endpoint = |k: &NetKey| (k.service, Side::from_raw(k.side), k.port);
+        let mut known = std::collections::HashMap::new();
+        let mut endpoint = |k: &NetKey| {
+            let remote = self.remote(k.remote, &mut known);
+            (k.service, Side::from_raw(k.side), k.port, remote)
+        };
         for (key, per_cpu) in self.stats.iter().flatten() {
             let e = snap.endpoints.entry(endpoint(&key)).or_default();
             for cpu in per_cpu.iter() {
@@ -268,6 +363,11 @@ impl NetCollector {
             MapUsage::of("NET_LISTEN", self.listen.keys().count(), self.listen.map()),
             MapUsage::of("NET_STATS", self.stats.keys().count(), self.stats.map()),
             MapUsage::of("NET_HIST", self.hist.keys().count(), self.hist.map()),
+            MapUsage::of(
+                "NET_REMOTES",
+                self.remotes.keys().count(),
+                self.remotes.map(),
+            ),
         ]
     }
 }
@@ -325,15 +425,18 @@ fn listening_ports(proc_root: &Path, pid: u32) -> Vec<u16> {
 
 /// Network metric families. `label` maps a service id to its exported label. Series are keyed
 /// by service, side and port (the remote port of connections a service opened, the local port
-/// of connections it accepted); remote addresses are not exported, to bound cardinality.
+/// of connections it accepted) and, for services opted in to it, the remote address (a
+/// `remote` label); the other services' series have no `remote` label, to bound cardinality.
 pub fn families<'a>(
     snap: &NetSnapshot,
     label: impl Fn(u32) -> &'a str,
     bounds_ns: &[u64],
 ) -> Vec<MetricFamily> {
-    let mut merged: BTreeMap<(&str, Side, u16), EndpointStats> = BTreeMap::new();
-    for ((service, side, port), e) in &snap.endpoints {
-        let m = merged.entry((label(*service), *side, *port)).or_default();
+    let mut merged: BTreeMap<(&str, Side, u16, Option<Remote>), EndpointStats> = BTreeMap::new();
+    for ((service, side, port, remote), e) in &snap.endpoints {
+        let m = merged
+            .entry((label(*service), *side, *port, *remote))
+            .or_default();
         add_counters(&mut m.counters, &e.counters);
         m.active += e.active;
         m.connect.add(&e.connect);
@@ -430,20 +533,31 @@ pub fn families<'a>(
             vec![],
         ),
     ];
-    for ((service, side, port), e) in &merged {
+    for ((service, side, port, remote), e) in &merged {
         let port = port.to_string();
-        let l = [
+        let remote = remote.map(|r| r.to_string());
+        // service, side, port[, remote]; `no_side` for the families of one side only.
+        let mut l = vec![
             ("service", *service),
             ("side", side.label()),
-            ("port", &port),
+            ("port", port.as_str()),
         ];
+        if let Some(r) = &remote {
+            l.push(("remote", r.as_str()));
+        }
+        let no_side: Vec<(&str, &str)> = l.iter().copied().filter(|(k, _)| *k != "side").collect();
+        let dir = |d: &'static str| {
+            let mut v = l.clone();
+            v.push(("direction", d));
+            v
+        };
         let c = &e.counters;
         let mut push = |i: usize, m: Metric| out[i].3.push(m);
         if *side == Side::Client {
             if e.connect.count > 0 {
-                push(0, histogram(&[l[0], l[2]], &e.connect, bounds_ns));
+                push(0, histogram(&no_side, &e.connect, bounds_ns));
             }
-            push(1, counter(&[l[0], l[2]], c.connect_failures as f64));
+            push(1, counter(&no_side, c.connect_failures as f64));
         }
         if e.rtt.count > 0 {
             push(2, histogram(&l, &e.rtt, bounds_ns));
@@ -454,17 +568,11 @@ pub fn families<'a>(
         push(4, counter(&l, c.connections as f64));
         push(5, gauge(&l, e.active as f64));
         push(6, counter(&l, c.retransmits as f64));
-        for (dir, n) in [("sent", c.resets_sent), ("received", c.resets_received)] {
-            push(
-                7,
-                counter(&[l[0], l[1], l[2], ("direction", dir)], n as f64),
-            );
+        for (d, n) in [("sent", c.resets_sent), ("received", c.resets_received)] {
+            push(7, counter(&dir(d), n as f64));
         }
-        for (dir, n) in [("sent", c.bytes_sent), ("received", c.bytes_received)] {
-            push(
-                8,
-                counter(&[l[0], l[1], l[2], ("direction", dir)], n as f64),
-            );
+        for (d, n) in [("sent", c.bytes_sent), ("received", c.bytes_received)] {
+            push(8, counter(&dir(d), n as f64));
         }
         if e.request.count > 0 {
             push(9, histogram(&l, &e.request, bounds_ns));
@@ -474,12 +582,11 @@ pub fn families<'a>(
             push(11, gauge(&l, ratio));
         }
         if *side == Side::Server && e.handshake.count > 0 {
-            push(12, histogram(&[l[0], l[2]], &e.handshake, bounds_ns));
+            push(12, histogram(&no_side, &e.handshake, bounds_ns));
         }
-        for (dir, h) in [("sent", &e.bytes_sent), ("received", &e.bytes_received)] {
+        for (d, h) in [("sent", &e.bytes_sent), ("received", &e.bytes_received)] {
             if h.count > 0 {
-                let labels = [l[0], l[1], l[2], ("direction", dir)];
-                push(13, scaled_histogram(&labels, h, &BYTES_BOUNDS, 1.0));
+                push(13, scaled_histogram(&dir(d), h, &BYTES_BOUNDS, 1.0));
             }
         }
     }
@@ -520,11 +627,11 @@ mod tests {
                 e.request.observe(b, 6_000_000);
             }
             e.connect.observe(b, 40_000);
-            snap.endpoints.insert((id, Side::Client, 8080), e);
+            snap.endpoints.insert((id, Side::Client, 8080, None), e);
         }
         let mut server = EndpointStats::default();
         server.counters.bytes_received = 123;
-        snap.endpoints.insert((1, Side::Server, 80), server);
+        snap.endpoints.insert((1, Side::Server, 80, None), server);
         let text = encode(&families(&snap, |_| "api", b));
         let want = [
             "ws1_probe_tcp_connect_duration_seconds_count{service=\"api\",port=\"8080\"} 2",
@@ -544,5 +651,66 @@ mod tests {
         // No requests on the server endpoint: no ratio, no connect histogram for servers.
         assert!(!text.contains("ws1_probe_connection_reuse_ratio{service=\"api\",side=\"server\""));
         assert!(!text.contains("connect_duration_seconds_count{service=\"api\",port=\"80\"}"));
+    }
+
+    #[test]
+    fn remote_label_only_on_series_of_opted_in_services() {
+        let b = &DEFAULT_EXPORT_BOUNDS_NS;
+        let mut octets = [0u8; 16];
+        octets[10..].copy_from_slice(&[0xff, 0xff, 10, 0, 0, 5]);
+        let v4 = Remote::from_octets(octets);
+        assert_eq!(v4.to_string(), "10.0.0.5");
+        let v6 = Remote::from_octets("2001:db8::7".parse::<Ipv6Addr>().unwrap().octets());
+        assert_eq!(v6.to_string(), "2001:db8::7");
+        let mut snap = NetSnapshot::default();
+        for (remote, conns) in [(v4, 3u64), (v6, 2), (Remote::Other, 1)] {
+            let mut e = EndpointStats::default();
+            e.counters.connections = conns;
+            e.counters.bytes_sent = 8 * conns;
+            e.connect.observe(b, 40_000);
+            snap.endpoints
+                .insert((1, Side::Client, 5432, Some(remote)), e);
+        }
+        let mut plain = EndpointStats::default();
+        plain.counters.connections = 4;
+        plain.connect.observe(b, 40_000);
+        snap.endpoints.insert((2, Side::Client, 5432, None), plain);
+        let names = ["other", "api", "db"];
+        let text = encode(&families(&snap, |id| names[id as usize], b));
+        let want = [
+            "ws1_probe_tcp_connections_total{service=\"api\",side=\"client\",port=\"5432\",remote=\"10.0.0.5\"} 3",
+            "ws1_probe_tcp_connections_total{service=\"api\",side=\"client\",port=\"5432\",remote=\"2001:db8::7\"} 2",
+            "ws1_probe_tcp_connections_total{service=\"api\",side=\"client\",port=\"5432\",remote=\"other\"} 1",
+            "ws1_probe_tcp_connect_duration_seconds_count{service=\"api\",port=\"5432\",remote=\"10.0.0.5\"} 1",
+            "ws1_probe_tcp_bytes_total{service=\"api\",side=\"client\",port=\"5432\",remote=\"10.0.0.5\",direction=\"sent\"} 24",
+            // The service without the option keeps today's label sets.
+            "ws1_probe_tcp_connections_total{service=\"db\",side=\"client\",port=\"5432\"} 4",
+            "ws1_probe_tcp_connect_duration_seconds_count{service=\"db\",port=\"5432\"} 1",
+            "ws1_probe_tcp_bytes_total{service=\"db\",side=\"client\",port=\"5432\",direction=\"sent\"} 0",
+        ];
+        for line in want {
+            assert!(
+                text.lines().any(|l| l == line),
+                "missing {line:?} in\n{text}"
+            );
+        }
+        let db: Vec<&str> = text
+            .lines()
+            .filter(|l| l.contains("service=\"db\""))
+            .collect();
+        assert!(!db.is_empty() && db.iter().all(|l| !l.contains("remote=")));
+    }
+
+    #[test]
+    fn remote_services_by_name_or_all() {
+        let mut table = ServiceTable::new(16);
+        let (api, db) = (table.intern("api"), table.intern("db"));
+        assert_eq!((api, db), (1, 2));
+        let only_db = RemoteAddresses::Services(vec!["db".into(), "gone".into()]);
+        assert_eq!(remote_service_ids(&only_db, &table), vec![db]);
+        assert!(remote_service_ids(&RemoteAddresses::Off, &table).is_empty());
+        let all = remote_service_ids(&RemoteAddresses::All, &table);
+        assert_eq!(all.len() as u32, REMOTE_SERVICE_SLOTS);
+        assert!(all.contains(&0) && all.contains(&(REMOTE_SERVICE_SLOTS - 1)));
     }
 }

@@ -1,4 +1,5 @@
-//! The `ws1-probe net` table: one row per (service, side, port) endpoint, busiest first.
+//! The `ws1-probe net` table: one row per (service, side, port[, remote]) endpoint, busiest
+//! first.
 
 use serde::Serialize;
 
@@ -14,6 +15,9 @@ pub struct NetRow {
     /// `client` (port is the remote port) or `server` (port is the local port).
     pub side: &'static str,
     pub port: u16,
+    /// The peer's address (`other` beyond the address budget), for services that export it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub remote: Option<String>,
     pub connections: u64,
     pub active: i64,
     pub connect_failures: u64,
@@ -36,12 +40,19 @@ fn q(h: &Histogram, q: f64) -> Option<u64> {
     h.quantile_ns(q)
 }
 
-fn row(service: String, side: &'static str, port: u16, e: &EndpointStats) -> NetRow {
+fn row(
+    service: String,
+    side: &'static str,
+    port: u16,
+    remote: Option<String>,
+    e: &EndpointStats,
+) -> NetRow {
     let c = &e.counters;
     NetRow {
         service,
         side,
         port,
+        remote,
         connections: c.connections,
         active: e.active,
         connect_failures: c.connect_failures,
@@ -61,13 +72,16 @@ fn row(service: String, side: &'static str, port: u16, e: &EndpointStats) -> Net
     }
 }
 
-/// Rows sorted by requests, then connections, then service, side and port. `name` maps a
-/// service id to its name.
+/// Rows sorted by requests, then connections, then service, side, port and remote. `name` maps
+/// a service id to its name.
 pub fn rows<'a>(snap: &NetSnapshot, name: impl Fn(u32) -> &'a str) -> Vec<NetRow> {
     let mut rows: Vec<NetRow> = snap
         .endpoints
         .iter()
-        .map(|((service, side, port), e)| row(name(*service).to_owned(), side.label(), *port, e))
+        .map(|((service, side, port, remote), e)| {
+            let remote = remote.map(|r| r.to_string());
+            row(name(*service).to_owned(), side.label(), *port, remote, e)
+        })
         .collect();
     rows.sort_by(|a, b| {
         b.requests
@@ -76,8 +90,29 @@ pub fn rows<'a>(snap: &NetSnapshot, name: impl Fn(u32) -> &'a str) -> Vec<NetRow
             .then(a.service.cmp(&b.service))
             .then(a.side.cmp(b.side))
             .then(a.port.cmp(&b.port))
+            .then(a.remote.cmp(&b.remote))
     });
     rows
+}
+
+/// The ENDPOINT cell: `svc → :5432` (remote port it connects to), `svc ← :80` (local port it
+/// serves); with the remote address `svc → 10.0.0.5:5432` and `svc ← :80 from 10.0.0.9`.
+fn endpoint(r: &NetRow) -> String {
+    let remote = r.remote.as_deref();
+    // IPv6 addresses in brackets before a port, as in socket addresses.
+    let host = |a: &str| {
+        if a.contains(':') {
+            format!("[{a}]")
+        } else {
+            a.to_owned()
+        }
+    };
+    match (r.side, remote) {
+        ("client", None) => format!("{} → :{}", r.service, r.port),
+        ("client", Some(a)) => format!("{} → {}:{}", r.service, host(a), r.port),
+        (_, None) => format!("{} ← :{}", r.service, r.port),
+        (_, Some(a)) => format!("{} ← :{} from {a}", r.service, r.port),
+    }
 }
 
 fn ns(v: Option<u64>) -> String {
@@ -94,9 +129,8 @@ pub fn render(rows: &[NetRow], top: usize) -> String {
         .iter()
         .take(top)
         .map(|r| {
-            let peer = if r.side == "client" { "→" } else { "←" };
             vec![
-                format!("{} {peer} :{}", r.service, r.port),
+                endpoint(r),
                 r.connections.to_string(),
                 r.connect_failures.to_string(),
                 ns(r.connect_p50_ns),
@@ -142,10 +176,10 @@ mod tests {
             pooled.request.observe(b, 5_000_000);
         }
         pooled.connect.observe(b, 50_000);
-        snap.endpoints.insert((1, Side::Client, 5432), pooled);
+        snap.endpoints.insert((1, Side::Client, 5432, None), pooled);
         let mut idle = EndpointStats::default();
         idle.counters.connections = 3;
-        snap.endpoints.insert((2, Side::Server, 80), idle);
+        snap.endpoints.insert((2, Side::Server, 80, None), idle);
         let names = ["other", "risk", "web"];
         let rows = rows(&snap, |id| names[id as usize]);
         assert_eq!(rows[0].service, "risk");
@@ -166,5 +200,49 @@ mod tests {
             "{text}"
         );
         assert!(render(&rows, 1).contains("(1 not shown; use --top)"));
+    }
+
+    #[test]
+    fn endpoint_shows_the_remote_address_when_exported() {
+        use crate::collectors::net::Remote;
+        let mut snap = NetSnapshot::default();
+        let v4 = Remote::from_octets([0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 10, 0, 0, 5]);
+        let v6 = Remote::from_octets(std::net::Ipv6Addr::LOCALHOST.octets());
+        for (key, conns) in [
+            ((1, Side::Client, 5432, Some(v4)), 5),
+            ((1, Side::Client, 5432, Some(v6)), 4),
+            ((1, Side::Server, 80, Some(v4)), 3),
+            ((1, Side::Client, 6379, Some(Remote::Other)), 2),
+            ((2, Side::Client, 5432, None), 1),
+        ] {
+            let mut e = EndpointStats::default();
+            e.counters.connections = conns;
+            snap.endpoints.insert(key, e);
+        }
+        let names = ["other", "api", "db"];
+        let rows = rows(&snap, |id| names[id as usize]);
+        assert_eq!(rows[0].remote.as_deref(), Some("10.0.0.5"));
+        assert_eq!(rows[4].remote, None);
+        let text = render(&rows, 10);
+        let cells: Vec<&str> = text
+            .lines()
+            .skip(1)
+            .take(5)
+            .map(|l| l.split("  ").next().unwrap_or(""))
+            .collect();
+        assert_eq!(
+            cells,
+            [
+                "api → 10.0.0.5:5432",
+                "api → [::1]:5432",
+                "api ← :80 from 10.0.0.5",
+                "api → other:6379",
+                "db → :5432",
+            ]
+        );
+        // JSON: the field only on rows that have it.
+        let json = serde_json::to_string(&rows).unwrap();
+        assert!(json.contains("\"remote\":\"10.0.0.5\""), "{json}");
+        assert_eq!(json.matches("\"remote\"").count(), 4, "{json}");
     }
 }

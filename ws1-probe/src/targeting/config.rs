@@ -70,6 +70,9 @@ pub struct ServiceSection {
     pub alloc_lib: Option<String>,
     /// Prefix of the allocator's function names, e.g. `je_` for jemalloc built with a prefix.
     pub alloc_prefix: Option<String>,
+    /// Split this service's network series by remote address (a `remote` label).
+    #[serde(default)]
+    pub remote_addresses: bool,
 }
 
 /// The allocator of a precise-mode service, when not the C library's plain malloc.
@@ -128,6 +131,8 @@ pub struct FlagOverrides {
     pub precise_alloc: bool,
     /// `--alloc-lib` / `--alloc-prefix`: the allocator of every selected process.
     pub allocator: AllocatorConfig,
+    /// `--remote-addresses`: a `remote` label on the network series of every selected process.
+    pub remote_addresses: bool,
 }
 
 /// Which processes get the allocation uprobes (precise mode), an opt-in.
@@ -141,6 +146,18 @@ pub enum PreciseAlloc {
     Services(Vec<String>),
 }
 
+/// Which services' network series carry the remote address (`remote` label), an opt-in: the
+/// number of series grows with the number of peers.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum RemoteAddresses {
+    #[default]
+    Off,
+    /// Every observed process (`--remote-addresses` with selectors or configured services).
+    All,
+    /// The configured services with `remote_addresses = true`.
+    Services(Vec<String>),
+}
+
 /// Everything the agent and CLI need to know, resolved.
 #[derive(Clone, Debug)]
 pub struct Settings {
@@ -151,6 +168,8 @@ pub struct Settings {
     pub targets: TargetSpec,
     pub config_path: Option<PathBuf>,
     pub precise_alloc: PreciseAlloc,
+    /// Services whose network series are split by remote address.
+    pub remote_addresses: RemoteAddresses,
     /// Allocator per service name; `""` is the default for every process (flags).
     pub allocators: Vec<(String, AllocatorConfig)>,
     /// Which collectors run (the agent runs all; one-shot commands only their own).
@@ -401,6 +420,28 @@ pub fn resolve(
             PreciseAlloc::Services(names)
         }
     };
+    let remote_addresses = if flags.remote_addresses {
+        if selectors.is_empty() && file_rules.is_empty() {
+            return Err(ConfigError::BadValue {
+                source_name: "--remote-addresses".to_owned(),
+                field: "remote_addresses",
+                reason: "needs a selector (--pid, --comm, --cgroup or configured services): remote addresses of every process on the host would be unbounded".to_owned(),
+            });
+        }
+        RemoteAddresses::All
+    } else {
+        let names: Vec<String> = file
+            .services
+            .iter()
+            .filter(|s| s.remote_addresses && selectors.is_empty())
+            .map(|s| s.name.get_ref().clone())
+            .collect();
+        if names.is_empty() {
+            RemoteAddresses::Off
+        } else {
+            RemoteAddresses::Services(names)
+        }
+    };
     let mut allocators: Vec<(String, AllocatorConfig)> = file
         .services
         .iter()
@@ -433,6 +474,7 @@ pub fn resolve(
         targets,
         config_path,
         precise_alloc,
+        remote_addresses,
         allocators,
     })
 }
@@ -620,6 +662,73 @@ match = { exe = "/opt/ws1/bin/risk$", pid = 77 }
         );
         let s = resolve(&FlagOverrides::default(), vec![], no_env).unwrap();
         assert_eq!(s.precise_alloc, PreciseAlloc::Off);
+    }
+
+    #[test]
+    fn remote_addresses_are_opt_in_per_service_or_by_flag() {
+        let text = "[[service]]\nname = \"api\"\nmatch = { comm = \"api\" }\nremote_addresses = true\n[[service]]\nname = \"db\"\nmatch = { comm = \"pg\" }\nremote_addresses = false\n[[service]]\nname = \"cache\"\nmatch = { comm = \"redis\" }\n";
+        let p = write_tmp("remote", text);
+        let flags = FlagOverrides {
+            config: Some(p.clone()),
+            ..Default::default()
+        };
+        assert_eq!(
+            resolve(&flags, vec![], no_env).unwrap().remote_addresses,
+            RemoteAddresses::Services(vec!["api".into()])
+        );
+        // The flag covers every configured service.
+        let all = FlagOverrides {
+            remote_addresses: true,
+            ..flags.clone()
+        };
+        assert_eq!(
+            resolve(&all, vec![], no_env).unwrap().remote_addresses,
+            RemoteAddresses::All
+        );
+        // Selectors replace the file's services, and with them their opt-ins.
+        let mut sel = Rule::labeled(None);
+        sel.pid = Some(1);
+        assert_eq!(
+            resolve(&flags, vec![sel.clone()], no_env)
+                .unwrap()
+                .remote_addresses,
+            RemoteAddresses::Off
+        );
+        let sel_flag = FlagOverrides {
+            remote_addresses: true,
+            ..Default::default()
+        };
+        assert_eq!(
+            resolve(&sel_flag, vec![sel], no_env)
+                .unwrap()
+                .remote_addresses,
+            RemoteAddresses::All
+        );
+        std::fs::remove_file(p).unwrap();
+        // Host mode: refused, with the fix.
+        let err = resolve(&sel_flag, vec![], no_env).unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "--remote-addresses remote_addresses: needs a selector (--pid, --comm, --cgroup or configured services): remote addresses of every process on the host would be unbounded"
+        );
+        assert_eq!(
+            resolve(&FlagOverrides::default(), vec![], no_env)
+                .unwrap()
+                .remote_addresses,
+            RemoteAddresses::Off
+        );
+    }
+
+    #[test]
+    fn remote_addresses_must_be_a_boolean_with_file_and_line() {
+        let text =
+            "[[service]]\nname = \"api\"\nmatch = { comm = \"api\" }\nremote_addresses = \"yes\"\n";
+        let err = parse(Path::new("/etc/ws1.toml"), text)
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("/etc/ws1.toml:4:"), "{err}");
+        assert!(err.contains("expected a boolean"), "{err}");
+        assert!(!err.contains('\n'));
     }
 
     #[test]
