@@ -89,10 +89,13 @@ pub enum DropReason {
     ProfileRingFull = 11,
     /// `OFFCPU_START` was full: a thread's block is not measured.
     OffCpuStartFull = 12,
+    /// A remote address did not fit the `NET_REMOTES` budget (or its id was taken by another
+    /// address): the connection is counted under `remote="other"`.
+    NetRemoteOther = 13,
 }
 
 impl DropReason {
-    pub const COUNT: u32 = 13;
+    pub const COUNT: u32 = 14;
     pub const ALL: [DropReason; Self::COUNT as usize] = [
         Self::TargetsFull,
         Self::ExecRingFull,
@@ -107,6 +110,7 @@ impl DropReason {
         Self::ProfileCountsFull,
         Self::ProfileRingFull,
         Self::OffCpuStartFull,
+        Self::NetRemoteOther,
     ];
 
     /// Label value used in `ws1_probe_events_dropped_total{reason}`.
@@ -125,6 +129,7 @@ impl DropReason {
             Self::ProfileCountsFull => "profile_counts_map_full",
             Self::ProfileRingFull => "profile_ringbuf_full",
             Self::OffCpuStartFull => "offcpu_start_map_full",
+            Self::NetRemoteOther => "net_remote_address_budget",
         }
     }
 }

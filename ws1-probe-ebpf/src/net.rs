@@ -195,6 +195,7 @@ fn remote_of(ctx: &TracePointContext, off: &NetOffsets, service: u32) -> u32 {
         return if unsafe { (*known).same(&addr) } {
             id
         } else {
+            count_drop(DropReason::NetRemoteOther);
             REMOTE_OTHER
         };
     }
@@ -205,7 +206,10 @@ fn remote_of(ctx: &TracePointContext, off: &NetOffsets, service: u32) -> u32 {
     match NET_REMOTES.get_ptr(id) {
         // SAFETY: as above.
         Some(known) if unsafe { (*known).same(&addr) } => id,
-        _ => REMOTE_OTHER,
+        _ => {
+            count_drop(DropReason::NetRemoteOther);
+            REMOTE_OTHER
+        }
     }
 }
 
