@@ -27,7 +27,7 @@ use crate::{
         ProfFrame, Profile, ProfileKind, StackSample,
         fpcheck::FpCache,
         symbols::ProfileSymbolizer,
-        unwind::{DwarfUnwinder, UserRegs},
+        unwind::{DwarfUnwinder, Unwound, UserRegs},
     },
 };
 
@@ -143,6 +143,8 @@ pub struct ProfileCollector {
     ring: RingBuf<MapData>,
     pub options: ProfileOptions,
     unwinder: DwarfUnwinder,
+    /// Reused unwinding buffer.
+    unwound: Unwound,
     fp: FpCache,
     /// Processes seen, and whether they are unwound with DWARF.
     modes: HashMap<u32, bool>,
@@ -191,6 +193,7 @@ impl ProfileCollector {
             ring: typed("PROFILE_SAMPLES", take_map(ebpf, "PROFILE_SAMPLES")?)?,
             options: options.clone(),
             unwinder: DwarfUnwinder::new(),
+            unwound: Unwound::default(),
             fp: FpCache::default(),
             modes: HashMap::new(),
             seen_cpu: HashMap::new(),
@@ -295,21 +298,32 @@ impl ProfileCollector {
                 .min(STACK_COPY_BYTES)
                 .min(item.len() - stack_at);
             let stack = &item[stack_at..stack_at + len];
-            let unwound = self.unwinder.unwind(tgid, regs, stack);
+            self.unwinder
+                .unwind_into(tgid, regs, stack, &mut self.unwound);
             drop(item);
+            // The frame buffer is lent to the key for the lookup and taken back when the stack
+            // is already known, so a repeated stack allocates nothing.
             let key = DwarfKey {
                 tgid,
                 service,
                 kernel_stack,
-                user: unwound.frames,
-                complete: unwound.complete,
+                user: std::mem::take(&mut self.unwound.frames),
+                complete: self.unwound.complete,
             };
-            if kind == SAMPLE_OFFCPU {
-                let e = self.dwarf_off.entry(key).or_insert((0, 0));
-                e.0 += 1;
-                e.1 += value_ns;
+            let known = if kind == SAMPLE_OFFCPU {
+                self.dwarf_off.get_mut(&key).map(|e| {
+                    e.0 += 1;
+                    e.1 += value_ns;
+                })
             } else {
-                *self.dwarf_cpu.entry(key).or_insert(0) += 1;
+                self.dwarf_cpu.get_mut(&key).map(|e| *e += 1)
+            };
+            if known.is_some() {
+                self.unwound.frames = key.user;
+            } else if kind == SAMPLE_OFFCPU {
+                self.dwarf_off.insert(key, (1, value_ns));
+            } else {
+                self.dwarf_cpu.insert(key, 1);
             }
             self.dwarf_samples += 1;
             n += 1;
