@@ -106,8 +106,9 @@ pub const PROFILE_STACK_ENTRIES: u32 = 16_384;
 pub const OFFCPU_THREADS: u32 = 16_384;
 /// Processes whose user stacks are unwound from copies.
 pub const DWARF_PIDS: u32 = 4_096;
-/// Bytes of the sample ring buffer (about 500 samples).
-pub const SAMPLE_RINGBUF_BYTES: u32 = 8 * 1024 * 1024;
+/// Smallest size of the sample ring buffer (about 60 samples); the agent sizes it per CPU at
+/// load. Ring buffer pages are mapped into the agent (twice), so they show in its RSS.
+pub const SAMPLE_RINGBUF_BYTES: u32 = 1024 * 1024;
 
 #[cfg(feature = "user")]
 crate::impl_pod!(

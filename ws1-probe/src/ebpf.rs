@@ -433,9 +433,9 @@ mod tests {
 
     #[test]
     fn sample_ring_scales_with_cpus() {
-        assert_eq!(sample_ring_bytes(1), 8 << 20);
-        assert_eq!(sample_ring_bytes(16), 8 << 20);
-        assert_eq!(sample_ring_bytes(17), 16 << 20);
+        assert_eq!(sample_ring_bytes(1), 1 << 20);
+        assert_eq!(sample_ring_bytes(2), 1 << 20);
+        assert_eq!(sample_ring_bytes(3), 2 << 20);
         assert_eq!(sample_ring_bytes(64), 32 << 20);
         assert_eq!(sample_ring_bytes(100_000), 1 << 30);
     }

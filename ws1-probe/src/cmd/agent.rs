@@ -141,6 +141,10 @@ pub fn run(args: AgentArgs) -> anyhow::Result<()> {
         })
         .await
         .context("loader task failed")??;
+        // Start-up reads large files once (kernel BTF, executables checked for frame
+        // pointers); give the freed heap back instead of keeping it in the allocator's arenas.
+        // SAFETY: malloc_trim only releases free memory; it has no preconditions.
+        unsafe { libc::malloc_trim(0) };
         tracing::info!(
             "observing {}: {} of {} processes targeted",
             settings.targets.describe(),
