@@ -60,6 +60,8 @@ pub struct LoadOptions {
     pub bounds_ns: Vec<u64>,
     /// Profiler threshold and `sched_switch` offsets.
     pub profile: ws1_probe_common::profile::ProfileSettings,
+    /// Stack samples per second per CPU the DWARF ring buffer is sized for.
+    pub sample_rate_hz: u64,
 }
 
 /// Loads the object (maps are created; programs are loaded later, one by one, on attach).
@@ -79,7 +81,10 @@ pub fn load(opts: &LoadOptions) -> Result<Ebpf, LoadError> {
     let mmap_offsets = read_mmap_offsets(Path::new(TRACEFS));
     EbpfLoader::new()
         .map_max_entries("TARGET_FILTER", pid_max())
-        .map_max_entries("PROFILE_SAMPLES", sample_ring_bytes(possible_cpus()))
+        .map_max_entries(
+            "PROFILE_SAMPLES",
+            sample_ring_bytes(possible_cpus(), opts.sample_rate_hz),
+        )
         .override_global("HOST_MODE", &host_mode, true)
         .override_global("TP_OFFSETS", &opts.offsets, true)
         .override_global("SYSCALL_BOUNDS_NS", &bounds, true)
@@ -145,16 +150,19 @@ pub fn possible_cpus() -> u32 {
         .unwrap_or(1)
 }
 
-/// Size of the DWARF sample ring buffer: 512 KiB (about 32 samples of 16 KiB) per CPU, at least
-/// the compiled-in size, rounded to a power of two as ring buffers require. At 99 Hz that holds
-/// about 300 ms of samples per CPU, three times the agent's 100 ms polling interval.
-pub fn sample_ring_bytes(cpus: u32) -> u32 {
-    let min = ws1_probe_common::profile::SAMPLE_RINGBUF_BYTES;
-    cpus.saturating_mul(512 * 1024)
-        .max(min)
-        .checked_next_power_of_two()
-        .unwrap_or(1 << 30)
-        .min(1 << 30)
+/// Largest sample ring buffer: past it, DWARF samples that do not fit are counted as dropped.
+pub const MAX_SAMPLE_RING_BYTES: u32 = 256 << 20;
+
+/// Size of the DWARF sample ring buffer for `rate_hz` samples per second per CPU: 300 ms of
+/// samples of every CPU (three of the 100 ms polling intervals), at least the compiled-in
+/// size, rounded up to a power of two as ring buffers require. The pages are mapped into the
+/// agent, so they count in its RSS: 1 MiB at 19 Hz on a few CPUs, 16 MiB at 997 Hz on two.
+pub fn sample_ring_bytes(cpus: u32, rate_hz: u64) -> u32 {
+    let record = std::mem::size_of::<ws1_probe_common::profile::StackSampleEvent>() as u64 + 8;
+    let want = u64::from(cpus) * rate_hz * 3 / 10 * record;
+    let min = u64::from(ws1_probe_common::profile::SAMPLE_RINGBUF_BYTES);
+    let bytes = want.max(min).next_power_of_two();
+    u32::try_from(bytes.min(u64::from(MAX_SAMPLE_RING_BYTES))).unwrap_or(MAX_SAMPLE_RING_BYTES)
 }
 
 /// Field offsets of the mmap/munmap/brk syscall tracepoints (precise allocation mode), field
@@ -433,11 +441,13 @@ mod tests {
 
     #[test]
     fn sample_ring_scales_with_cpus() {
-        assert_eq!(sample_ring_bytes(1), 1 << 20);
-        assert_eq!(sample_ring_bytes(2), 1 << 20);
-        assert_eq!(sample_ring_bytes(3), 2 << 20);
-        assert_eq!(sample_ring_bytes(64), 32 << 20);
-        assert_eq!(sample_ring_bytes(100_000), 1 << 30);
+        // Agent: 19 Hz on 2 CPUs needs 11 samples (186 KiB): the 1 MiB floor.
+        assert_eq!(sample_ring_bytes(2, 19), 1 << 20);
+        // 997 Hz on 2 CPUs: 598 samples of 16.1 KiB = 9.6 MiB → 16 MiB.
+        assert_eq!(sample_ring_bytes(2, 997), 16 << 20);
+        // 99 Hz on 64 CPUs: 1900 samples = 30 MiB → 32 MiB.
+        assert_eq!(sample_ring_bytes(64, 99), 32 << 20);
+        assert_eq!(sample_ring_bytes(4096, 997), MAX_SAMPLE_RING_BYTES);
     }
 
     use super::*;

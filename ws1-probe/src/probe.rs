@@ -88,6 +88,7 @@ impl Probe {
                 std::path::Path::new(TRACEFS),
                 settings.profile.offcpu_min_ns,
             ),
+            sample_rate_hz: profilecollector::sample_rate_hz(&settings.profile),
         };
         let mut ebpf = ebpf::load(&opts)?;
         let matcher = Matcher::new(settings.targets.clone());

@@ -47,6 +47,7 @@ pub fn run(args: FloorArgs) -> anyhow::Result<()> {
         offsets: ebpf::read_offsets(Path::new(TRACEFS)),
         bounds_ns: DEFAULT_EXPORT_BOUNDS_NS.to_vec(),
         profile: ws1_probe_common::profile::ProfileSettings::FALLBACK,
+        sample_rate_hz: 0,
     };
     let mut object = ebpf::load(&opts)?;
     if let Some(pid) = args.uprobe_pid {

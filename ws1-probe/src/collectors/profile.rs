@@ -78,6 +78,17 @@ impl Default for ProfileOptions {
     }
 }
 
+/// Stack samples per second per CPU the DWARF ring buffer must absorb: the sampling rate, or
+/// for off-CPU profiles one block per millisecond threshold at most (capped at 1000/s).
+pub fn sample_rate_hz(options: &ProfileOptions) -> u64 {
+    let blocks = if options.off_cpu {
+        (1_000_000_000 / options.offcpu_min_ns.max(1)).min(1_000)
+    } else {
+        0
+    };
+    options.frequency_hz.max(blocks)
+}
+
 /// Load-time settings of the kernel part: the threshold and the `sched_switch` field offsets.
 pub fn kernel_settings(tracefs: &Path, offcpu_min_ns: u64) -> ProfileSettings {
     let mut s = ProfileSettings::FALLBACK;
