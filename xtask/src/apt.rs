@@ -21,10 +21,17 @@ pub fn ensure_packages(pkgs: &[(&str, &str)]) -> Result<()> {
             }
         }
     }
-    if missing.is_empty() {
+    install(&missing)
+}
+
+/// Installs `packages` (nothing when empty) with one `apt-get update` and one `apt-get
+/// install`, non-interactively, and says how long it took.
+pub fn install(packages: &[&str]) -> Result<()> {
+    if packages.is_empty() {
         return Ok(());
     }
-    let list = missing.join(" ");
+    let list = packages.join(" ");
+    let started = std::time::Instant::now();
     run_cmd(
         Command::new("apt-get")
             .arg("update")
@@ -36,10 +43,13 @@ pub fn ensure_packages(pkgs: &[(&str, &str)]) -> Result<()> {
     run_cmd(
         Command::new("apt-get")
             .args(["install", "-y", "--no-install-recommends"])
-            .args(&missing)
+            .args(packages)
             .env("DEBIAN_FRONTEND", "noninteractive"),
     )
     .with_context(|| format!("{list}: install with `apt-get install {list}`"))?;
-    eprintln!("apt: {list} ... done");
+    eprintln!(
+        "apt: {list} ... done in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
     Ok(())
 }

@@ -109,31 +109,7 @@ fn ensure_debian_packages(packages: &[&str]) -> Result<()> {
             missing.push(package);
         }
     }
-    if missing.is_empty() {
-        return Ok(());
-    }
-    let list = missing.join(" ");
-    let started = Instant::now();
-    run_cmd(
-        Command::new("apt-get")
-            .arg("update")
-            .env("DEBIAN_FRONTEND", "noninteractive"),
-    )
-    .with_context(|| {
-        format!("{list}: `apt-get update` failed (needs root and a reachable mirror)")
-    })?;
-    run_cmd(
-        Command::new("apt-get")
-            .args(["install", "-y", "--no-install-recommends"])
-            .args(&missing)
-            .env("DEBIAN_FRONTEND", "noninteractive"),
-    )
-    .with_context(|| format!("{list}: install with `apt-get install {list}`"))?;
-    eprintln!(
-        "apt: {list} ... done in {:.1} s",
-        started.elapsed().as_secs_f64()
-    );
-    Ok(())
+    crate::apt::install(&missing)
 }
 
 /// The names among `packages` that dpkg reports as installed. dpkg-query exits non-zero when it
