@@ -150,6 +150,44 @@ pub fn possible_cpus() -> u32 {
         .unwrap_or(1)
 }
 
+/// Loads perf_event program `program` and attaches it to the software event `event` on every
+/// online CPU, sampling by `policy`; `hook` names the event in errors (e.g. "cpu-clock").
+pub fn attach_perf_all_cpus(
+    ebpf: &mut Ebpf,
+    program: &str,
+    event: aya::programs::perf_event::SoftwareEvent,
+    policy: aya::programs::perf_event::SamplePolicy,
+    hook: &str,
+) -> Result<(), LoadError> {
+    use aya::programs::{
+        PerfEvent,
+        perf_event::{PerfEventConfig, PerfEventScope},
+    };
+    let prog: &mut PerfEvent = program_mut(ebpf, program)?
+        .try_into()
+        .map_err(|e| load_error(program, e))?;
+    prog.load().map_err(|e| load_error(program, e))?;
+    let cpus = aya::util::online_cpus().map_err(|(what, err)| LoadError::Attach {
+        program: program.to_owned(),
+        hook: format!("perf software {hook}"),
+        reason: format!("{what}: {err}"),
+    })?;
+    for cpu in cpus {
+        prog.attach(
+            PerfEventConfig::Software(event),
+            PerfEventScope::AllProcessesOneCpu { cpu },
+            policy,
+            false,
+        )
+        .map_err(|e| LoadError::Attach {
+            program: program.to_owned(),
+            hook: format!("perf software {hook} on cpu {cpu}"),
+            reason: attach_reason(&e),
+        })?;
+    }
+    Ok(())
+}
+
 /// Largest sample ring buffer: past it, DWARF samples that do not fit are counted as dropped.
 pub const MAX_SAMPLE_RING_BYTES: u32 = 256 << 20;
 

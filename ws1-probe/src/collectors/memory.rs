@@ -12,16 +12,13 @@ use prometheus::proto::{MetricFamily, MetricType};
 use aya::{
     Ebpf,
     maps::{MapData, StackTraceMap},
-    programs::{
-        PerfEvent,
-        perf_event::{PerfEventConfig, PerfEventScope, SamplePolicy, SoftwareEvent},
-    },
+    programs::perf_event::{SamplePolicy, SoftwareEvent},
 };
 use ws1_probe_common::memory::{FAULT_SAMPLE_PERIOD, FaultKey};
 
 use super::{take_map, typed};
 use crate::{
-    ebpf::{LoadError, attach_reason, load_error},
+    ebpf::LoadError,
     metrics::{counter, family, gauge},
     symbolize::Symbolizer,
 };
@@ -278,33 +275,13 @@ impl MemoryCollector {
 
 /// Opens a sampling page-fault perf event on every online CPU with the `page_fault` program.
 fn attach_faults(ebpf: &mut Ebpf) -> Result<FaultSampler, LoadError> {
-    let program = "page_fault";
-    let prog: &mut PerfEvent = ebpf
-        .program_mut(program)
-        .ok_or_else(|| LoadError::MissingProgram {
-            program: program.to_owned(),
-        })?
-        .try_into()
-        .map_err(|e| load_error(program, e))?;
-    prog.load().map_err(|e| load_error(program, e))?;
-    let cpus = aya::util::online_cpus().map_err(|(what, err)| LoadError::Attach {
-        program: program.to_owned(),
-        hook: "perf software page-faults".to_owned(),
-        reason: format!("{what}: {err}"),
-    })?;
-    for cpu in cpus {
-        prog.attach(
-            PerfEventConfig::Software(SoftwareEvent::PageFaults),
-            PerfEventScope::AllProcessesOneCpu { cpu },
-            SamplePolicy::Period(FAULT_SAMPLE_PERIOD),
-            false,
-        )
-        .map_err(|e| LoadError::Attach {
-            program: program.to_owned(),
-            hook: format!("perf software page-faults on cpu {cpu}"),
-            reason: attach_reason(&e),
-        })?;
-    }
+    crate::ebpf::attach_perf_all_cpus(
+        ebpf,
+        "page_fault",
+        SoftwareEvent::PageFaults,
+        SamplePolicy::Period(FAULT_SAMPLE_PERIOD),
+        "page-faults",
+    )?;
     Ok(FaultSampler {
         faults: typed("PAGE_FAULTS", take_map(ebpf, "PAGE_FAULTS")?)?,
         stacks: typed("FAULT_STACKS", take_map(ebpf, "FAULT_STACKS")?)?,

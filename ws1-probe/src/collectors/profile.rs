@@ -11,10 +11,7 @@ use std::{
 use aya::{
     Ebpf,
     maps::{HashMap as BpfHashMap, IterableMap, MapData, RingBuf, StackTraceMap},
-    programs::{
-        PerfEvent,
-        perf_event::{PerfEventConfig, PerfEventScope, SamplePolicy, SoftwareEvent},
-    },
+    programs::perf_event::{SamplePolicy, SoftwareEvent},
 };
 use ws1_probe_common::profile::{
     OffCpuValue, ProfileKey, ProfileSettings, SAMPLE_OFFCPU, STACK_COPY_BYTES, StackSampleEvent,
@@ -22,7 +19,7 @@ use ws1_probe_common::profile::{
 
 use super::{MapUsage, take_map, typed};
 use crate::{
-    ebpf::{LoadError, attach_raw_tracepoint, attach_reason, attach_tracepoint, load_error},
+    ebpf::{LoadError, attach_raw_tracepoint, attach_tracepoint},
     profile::{
         ProfFrame, Profile, ProfileKind, StackSample,
         fpcheck::FpCache,
@@ -458,34 +455,13 @@ impl ProfileCollector {
 
 /// Opens a sampling cpu-clock perf event on every online CPU with the `profile_cpu` program.
 fn attach_sampler(ebpf: &mut Ebpf, frequency_hz: u64) -> Result<(), LoadError> {
-    let program = "profile_cpu";
-    let prog: &mut PerfEvent = ebpf
-        .program_mut(program)
-        .ok_or_else(|| LoadError::MissingProgram {
-            program: program.to_owned(),
-        })?
-        .try_into()
-        .map_err(|e| load_error(program, e))?;
-    prog.load().map_err(|e| load_error(program, e))?;
-    let cpus = aya::util::online_cpus().map_err(|(what, err)| LoadError::Attach {
-        program: program.to_owned(),
-        hook: "perf software cpu-clock".to_owned(),
-        reason: format!("{what}: {err}"),
-    })?;
-    for cpu in cpus {
-        prog.attach(
-            PerfEventConfig::Software(SoftwareEvent::CpuClock),
-            PerfEventScope::AllProcessesOneCpu { cpu },
-            SamplePolicy::Frequency(frequency_hz),
-            false,
-        )
-        .map_err(|e| LoadError::Attach {
-            program: program.to_owned(),
-            hook: format!("perf software cpu-clock on cpu {cpu}"),
-            reason: attach_reason(&e),
-        })?;
-    }
-    Ok(())
+    crate::ebpf::attach_perf_all_cpus(
+        ebpf,
+        "profile_cpu",
+        SoftwareEvent::CpuClock,
+        SamplePolicy::Frequency(frequency_hz),
+        "cpu-clock",
+    )
 }
 
 /// Functions a complete user stack ends in: the process entry and thread entries of glibc and
