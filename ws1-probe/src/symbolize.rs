@@ -33,7 +33,13 @@ impl Frame {
 /// Cuts a frame-pointer stack at the first frame after the top that no mapped binary contains:
 /// without frame pointers the kernel's walk continues into garbage after the first frame.
 pub fn trim_unknown_tail(frames: &mut Vec<Frame>) {
-    if let Some(cut) = frames.iter().skip(1).position(|f| f.function.is_none()) {
+    cut_at_first_unknown(frames, |f| f.function.is_none());
+}
+
+/// Keeps the frames before the first one below the top that `unknown` says no binary named
+/// (the frame-pointer walk's garbage starts there), for any frame type.
+pub fn cut_at_first_unknown<T>(frames: &mut Vec<T>, unknown: impl Fn(&T) -> bool) {
+    if let Some(cut) = frames.iter().skip(1).position(unknown) {
         frames.truncate(cut + 1);
     }
 }

@@ -3,10 +3,7 @@
 //! streamed DWARF samples, and reads the kernel's counts as raw stacks that
 //! [`symbolize`] turns into a [`Profile`].
 
-use std::{
-    collections::{BTreeMap, HashMap},
-    path::Path,
-};
+use std::{collections::HashMap, path::Path};
 
 use aya::{
     Ebpf,
@@ -18,10 +15,11 @@ use ws1_probe_common::profile::{
 };
 
 use super::{MapUsage, take_map, typed};
+use crate::symbolize::cut_at_first_unknown;
 use crate::{
     ebpf::{LoadError, attach_raw_tracepoint, attach_tracepoint},
     profile::{
-        ProfFrame, Profile, ProfileKind, StackSample,
+        ProfFrame, StackSample,
         fpcheck::FpCache,
         symbols::ProfileSymbolizer,
         unwind::{DwarfUnwinder, Unwound, UserRegs},
@@ -165,8 +163,6 @@ pub struct ProfileCollector {
     dwarf_off: HashMap<DwarfKey, (u64, u64)>,
     /// Samples unwound from copies.
     pub dwarf_samples: u64,
-    /// Kernel map resets (entries dropped because the maps filled up).
-    pub resets: u64,
 }
 
 impl ProfileCollector {
@@ -210,7 +206,6 @@ impl ProfileCollector {
             dwarf_cpu: HashMap::new(),
             dwarf_off: HashMap::new(),
             dwarf_samples: 0,
-            resets: 0,
         })
     }
 
@@ -267,11 +262,6 @@ impl ProfileCollector {
             self.modes.values().filter(|d| **d).count(),
             self.modes.len(),
         )
-    }
-
-    /// Whether a process is unwound from stack copies.
-    pub fn is_dwarf(&self, pid: u32) -> bool {
-        self.modes.get(&pid).copied().unwrap_or(false)
     }
 
     /// Unwinds the streamed samples into the userspace aggregates. Returns how many.
@@ -442,7 +432,6 @@ impl ProfileCollector {
         self.seen_cpu.clear();
         self.seen_off.clear();
         self.stack_cache.clear();
-        self.resets += 1;
     }
 
     pub fn map_usage(&self) -> Vec<MapUsage> {
@@ -481,22 +470,10 @@ const ROOT_FUNCTIONS: &[&str] = &[
 /// Whether a frame-pointer user stack (leaf first) reached an outermost function.
 pub fn reaches_root(frames: &[ProfFrame]) -> bool {
     frames.last().is_some_and(|f| {
-        ROOT_FUNCTIONS
-            .iter()
-            .any(|r| f.function == *r || f.function.starts_with(&format!("{r}@")))
+        // Versioned names (`clone3@GLIBC_2.34`) count as their base name.
+        let base = f.function.split('@').next().unwrap_or_default();
+        ROOT_FUNCTIONS.contains(&base)
     })
-}
-
-/// Cuts a frame-pointer stack at the first frame below the top that no binary could name:
-/// without frame pointers the kernel's walk continues into garbage from there.
-fn trim_garbage(frames: &mut Vec<ProfFrame>) {
-    if let Some(cut) = frames
-        .iter()
-        .skip(1)
-        .position(|f| f.function.starts_with("[unknown]"))
-    {
-        frames.truncate(cut + 1);
-    }
 }
 
 /// Symbolizes raw stacks into profile stacks. `service_name` labels service ids.
@@ -505,13 +482,30 @@ pub fn symbolize<'a>(
     sym: &mut ProfileSymbolizer,
     service_name: impl Fn(u32) -> &'a str,
 ) -> Vec<StackSample> {
+    // One symbolizer call per process: each call reads the process's memory map once.
+    let mut by_pid: HashMap<u32, Vec<usize>> = HashMap::new();
+    for (i, r) in raw.iter().enumerate() {
+        by_pid.entry(r.tgid).or_default().push(i);
+    }
+    let mut user_frames: Vec<Vec<Vec<ProfFrame>>> = vec![Vec::new(); raw.len()];
+    for (pid, stacks) in by_pid {
+        let addrs: Vec<u64> = stacks
+            .iter()
+            .flat_map(|&i| raw[i].user.iter().copied())
+            .collect();
+        let mut frames = sym.user(pid, &addrs).into_iter();
+        for i in stacks {
+            user_frames[i] = frames.by_ref().take(raw[i].user.len()).collect();
+        }
+    }
     let mut out = Vec::with_capacity(raw.len());
-    for r in raw {
-        let mut user: Vec<ProfFrame> = sym.user(r.tgid, &r.user).into_iter().flatten().collect();
+    for (r, user) in raw.iter().zip(user_frames) {
+        let mut user: Vec<ProfFrame> = user.into_iter().flatten().collect();
         let truncated = match r.dwarf_complete {
             Some(complete) => !complete,
             None => {
-                trim_garbage(&mut user);
+                // Unnamed frames outside every mapping are where frame-pointer walks go astray.
+                cut_at_first_unknown(&mut user, |f| f.function.starts_with("[unknown]"));
                 !reaches_root(&user)
             }
         };
@@ -525,36 +519,6 @@ pub fn symbolize<'a>(
             value_ns: r.value_ns,
             truncated,
         });
-    }
-    out
-}
-
-/// A symbolized profile of one window from raw stacks.
-pub fn build_profile<'a>(
-    kind: ProfileKind,
-    frequency_hz: u64,
-    start_unix_ns: u64,
-    duration: std::time::Duration,
-    raw: &[RawStack],
-    sym: &mut ProfileSymbolizer,
-    service_name: impl Fn(u32) -> &'a str,
-) -> Profile {
-    let mut p = Profile::new(kind, frequency_hz, start_unix_ns);
-    p.duration = duration;
-    p.stacks = symbolize(raw, sym, service_name);
-    p.merge();
-    p
-}
-
-/// Samples and truncated samples per service of a symbolized profile.
-pub fn sample_counts(p: &Profile) -> BTreeMap<String, (u64, u64)> {
-    let mut out: BTreeMap<String, (u64, u64)> = BTreeMap::new();
-    for s in &p.stacks {
-        let e = out.entry(s.service.clone()).or_insert((0, 0));
-        e.0 += s.samples;
-        if s.truncated {
-            e.1 += s.samples;
-        }
     }
     out
 }
@@ -582,7 +546,9 @@ mod tests {
         assert!(!reaches_root(&[f("work"), f("main")]));
         assert!(!reaches_root(&[]));
         let mut frames = vec![f("a"), f("[unknown]+0x10"), f("b"), f("[unknown]+0x20")];
-        trim_garbage(&mut frames);
+        cut_at_first_unknown(&mut frames, |f: &ProfFrame| {
+            f.function.starts_with("[unknown]")
+        });
         assert_eq!(frames, vec![f("a")]);
     }
 

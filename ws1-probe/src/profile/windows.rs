@@ -12,7 +12,7 @@ use prometheus::proto::{MetricFamily, MetricType};
 
 use super::{Profile, ProfileKind, symbols::ProfileSymbolizer};
 use crate::{
-    collectors::profile::{RawProfile, RawStack, symbolize},
+    collectors::profile::{RawProfile, symbolize},
     metrics::{counter, family, gauge},
 };
 
@@ -205,13 +205,4 @@ impl Windows {
             ),
         ]
     }
-}
-
-/// Samples in raw stacks per service id (for tests and summaries).
-pub fn raw_samples_by_service(raw: &[RawStack]) -> BTreeMap<u32, u64> {
-    let mut out = BTreeMap::new();
-    for r in raw {
-        *out.entry(r.service).or_insert(0) += r.samples;
-    }
-    out
 }
