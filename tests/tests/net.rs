@@ -371,7 +371,7 @@ fn pooled_and_unpooled_clients_have_their_reuse_ratios() {
     );
     assert_eq!(m.value("ws1_probe_tcp_connections_total", &srv), 11.0);
 
-    // RTT: sampled at the first received segment of each socket, then at most every 100 ms;
+    // RTT: sampled at the first send or receive of each socket, then at most every 100 ms;
     // these connections last a few ms, so one sample per connection, all loopback-small.
     const RTT: &str = "ws1_probe_tcp_rtt_seconds";
     for (service, n) in [("n-pooled", 1.0), ("n-unpooled", 10.0)] {

@@ -67,8 +67,9 @@ pub const IPPROTO_TCP: u16 = 6;
 /// `MSG_PEEK`: a peek does not consume data, so it is not a request boundary.
 pub const MSG_PEEK: i32 = 2;
 
-/// RTT is sampled at most once per socket per this many nanoseconds (tcp_probe fires per
-/// received segment).
+/// RTT is sampled at most once per socket per this many nanoseconds, and a socket's byte counts
+/// reach `NET_STATS` at least this often while it sends or receives (besides at every completed
+/// request and at close).
 pub const RTT_SAMPLE_NS: u64 = 100_000_000;
 
 /// Capacity of `NET_SOCKS` (observed TCP sockets alive at once).
@@ -177,11 +178,19 @@ pub struct SockState {
     pub established_ns: u64,
     /// Time of the last RTT sample.
     pub rtt_ns: u64,
+    /// Time `NET_STATS` last got this socket's byte counts (0: never).
+    pub flushed_ns: u64,
     /// Requests completed on this connection.
     pub requests: u64,
     /// Bytes sent and received on this connection so far.
     pub bytes_sent: u64,
     pub bytes_received: u64,
+    /// The part of `bytes_sent`/`bytes_received` already added to `NET_STATS`: the send and
+    /// receive hooks keep counting in the socket's own entry and add the difference to the
+    /// per-CPU counters only when a request completes, every `RTT_SAMPLE_NS` and at close,
+    /// which saves a map lookup on every other call.
+    pub flushed_sent: u64,
+    pub flushed_received: u64,
 }
 
 /// Key of `NET_STATS` and, with `kind`, of `NET_HIST`.
@@ -297,7 +306,7 @@ mod tests {
     fn shared_types_have_no_implicit_padding() {
         use core::mem::size_of;
         assert_eq!(size_of::<NetKey>(), 4 + 2 + 1 + 1 + 4);
-        assert_eq!(size_of::<SockState>(), 4 + 2 + 1 + 1 + 4 + 4 + 6 * 8);
+        assert_eq!(size_of::<SockState>(), 4 + 2 + 1 + 1 + 4 + 4 + 9 * 8);
         assert_eq!(size_of::<RemoteAddr>(), 16);
         assert_eq!(size_of::<NetOffsets>(), 20 * 4);
     }

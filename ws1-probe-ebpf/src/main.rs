@@ -88,11 +88,6 @@ pub fn tcp_probe(ctx: TracePointContext) -> u32 {
     net::try_tcp_probe(&ctx).unwrap_or(0)
 }
 
-#[raw_tracepoint(tracepoint = "tcp_probe")]
-pub fn tcp_probe_raw(ctx: RawTracePointContext) -> i32 {
-    net::try_tcp_probe_raw(&ctx).map_or(0, |r| r as i32)
-}
-
 #[tracepoint]
 pub fn tcp_retransmit_skb(ctx: TracePointContext) -> u32 {
     net::try_sock_event(&ctx, net::SockEvent::Retransmit).unwrap_or(0)

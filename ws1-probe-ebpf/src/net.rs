@@ -6,13 +6,16 @@
 //! `listen()` caller. A connection accepted on a port a targeted process listens on is the
 //! server side of that service (LISTEN → SYN_RECV clones the child socket). The owner is kept in
 //! `NET_SOCKS` keyed by the socket's address until the socket reaches TCP_CLOSE, where the entry
-//! is deleted, so hooks that fire in softirq context (state changes, tcp_probe, retransmits,
-//! resets) cost one hash lookup for sockets nobody observes. Per event the work is O(1).
+//! is deleted, so hooks that fire in softirq context (state changes, retransmits, resets) cost
+//! one hash lookup for sockets nobody observes. Per event the work is O(1).
 //!
 //! Request latency comes from `sock_send_length`/`sock_recv_length` (process context, after
 //! the call): a client request starts at the first send after the socket was idle and ends at
 //! the first successful receive; a server request starts at the first receive after idle and
-//! ends at the first send back.
+//! ends at the first send back. The same hooks count bytes and, at most every 100 ms per
+//! socket, sample the smoothed RTT from the socket itself (see `sock_length`); `tcp_probe`,
+//! which runs for every received segment of every socket on the host, is only the fallback
+//! where BTF lacks `tcp_sock.srtt_us`.
 //!
 //! Remote addresses: for sockets of services opted in (`NET_REMOTE_SERVICES`), the peer's
 //! address is read from the state change that creates the socket (CLOSE → SYN_SENT for a
@@ -224,9 +227,12 @@ fn track(sk: u64, service: u32, port: u16, side: u8, remote: u32, now: u64) {
         ts_ns: now,
         established_ns: 0,
         rtt_ns: 0,
+        flushed_ns: 0,
         requests: 0,
         bytes_sent: 0,
         bytes_received: 0,
+        flushed_sent: 0,
+        flushed_received: 0,
     };
     if NET_SOCKS.insert(sk, state, 0).is_err() {
         count_drop(DropReason::NetSocksFull);
@@ -337,7 +343,11 @@ pub fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<u32, i64> {
             add_active(&stats_key, u64::MAX);
             if let Some(c) = counters(&stats_key) {
                 // SAFETY: per-CPU value of this CPU.
-                unsafe { (*c).closed += 1 };
+                unsafe {
+                    (*c).closed += 1;
+                    (*c).bytes_sent += s.bytes_sent - s.flushed_sent;
+                    (*c).bytes_received += s.bytes_received - s.flushed_received;
+                }
             }
         } else if old == TCP_SYN_SENT {
             if let Some(c) = counters(&stats_key) {
@@ -388,6 +398,12 @@ pub fn try_sock_length_raw(ctx: &RawTracePointContext, send: bool) -> Result<u32
 }
 
 /// Byte counts and the request state machine of one send or receive.
+///
+/// The common call costs the socket lookup and the clock: bytes are counted in the socket's
+/// own entry and reach the per-CPU counters (one more lookup) only when a request completes,
+/// at most every `RTT_SAMPLE_NS`, and at close. On that timer the smoothed RTT is sampled too,
+/// from `tcp_sock.srtt_us` at its BTF offset, so no hook has to run per received segment
+/// (`tcp_probe` is attached only where BTF lacks the offset).
 #[inline(always)]
 fn sock_length(sk: u64, ret: i32, flags: i32, send: bool) -> Result<u32, i64> {
     // Errors, EOF and peeks move no data and end no request (MSG_PEEK only means that on
@@ -402,13 +418,16 @@ fn sock_length(sk: u64, ret: i32, flags: i32, send: bool) -> Result<u32, i64> {
     // in the common case, and a race costs at most one miscounted request.
     let s = unsafe { *entry };
     let now = now_ns();
+    let (mut sent, mut received) = (s.bytes_sent, s.bytes_received);
+    if send {
+        sent += ret as u64;
+    } else {
+        received += ret as u64;
+    }
     // SAFETY: as above.
     unsafe {
-        if send {
-            (*entry).bytes_sent = s.bytes_sent + ret as u64;
-        } else {
-            (*entry).bytes_received = s.bytes_received + ret as u64;
-        }
+        (*entry).bytes_sent = sent;
+        (*entry).bytes_received = received;
     }
     // Client requests begin with a send, server requests with a receive.
     let starts = send == (s.side == SIDE_CLIENT);
@@ -430,14 +449,24 @@ fn sock_length(sk: u64, ret: i32, flags: i32, send: bool) -> Result<u32, i64> {
         record(&key(&s, KIND_REQUEST), now.saturating_sub(s.ts_ns));
         done = true;
     }
+    let due = s.flushed_ns == 0 || now.saturating_sub(s.flushed_ns) >= RTT_SAMPLE_NS;
+    if !done && !due {
+        return Ok(0);
+    }
+    if due {
+        sample_rtt(sk, &s);
+    }
+    // SAFETY: as above.
+    unsafe {
+        (*entry).flushed_ns = now;
+        (*entry).flushed_sent = sent;
+        (*entry).flushed_received = received;
+    }
     if let Some(c) = counters(&key(&s, 0)) {
         // SAFETY: per-CPU value of this CPU.
         unsafe {
-            if send {
-                (*c).bytes_sent += ret as u64;
-            } else {
-                (*c).bytes_received += ret as u64;
-            }
+            (*c).bytes_sent += sent - s.flushed_sent;
+            (*c).bytes_received += received - s.flushed_received;
             if done {
                 (*c).requests += 1;
                 if s.requests > 0 {
@@ -449,7 +478,27 @@ fn sock_length(sk: u64, ret: i32, flags: i32, send: bool) -> Result<u32, i64> {
     Ok(0)
 }
 
-/// `tcp:tcp_probe` (per received segment, softirq): samples the smoothed RTT.
+/// One smoothed-RTT observation of an observed socket, read from `tcp_sock.srtt_us` (8 ×
+/// microseconds) at the offset the agent found in BTF; nothing without it.
+#[inline(always)]
+fn sample_rtt(sk: u64, s: &SockState) {
+    // SAFETY: a plain read of a loader-set global, volatile as in `offsets`.
+    let off =
+        unsafe { core::ptr::read_volatile(core::ptr::addr_of!(NET_OFFSETS.tcp_sock_srtt_us)) };
+    if off == u32::MAX {
+        return;
+    }
+    let at = sk.wrapping_add(u64::from(off)) as *const u32;
+    // SAFETY: bpf_probe_read_kernel checks the address; `sk` is a live tcp_sock here.
+    if let Ok(srtt8) = unsafe { bpf_probe_read_kernel(at) } {
+        if srtt8 != 0 {
+            record(&key(s, KIND_RTT), u64::from(srtt8 >> 3) * 1_000);
+        }
+    }
+}
+
+/// `tcp:tcp_probe` (per received segment, softirq): samples the smoothed RTT on kernels whose
+/// BTF does not give `tcp_sock.srtt_us` (elsewhere the send/receive hooks sample it).
 pub fn try_tcp_probe(ctx: &TracePointContext) -> Result<u32, i64> {
     let off = offsets();
     // SAFETY: the offset was read from this tracepoint's format file.
@@ -469,32 +518,6 @@ pub fn try_tcp_probe(ctx: &TracePointContext) -> Result<u32, i64> {
     let srtt_us: u32 = unsafe { ctx.read_at(off.probe_srtt as usize)? };
     if srtt_us != 0 {
         record(&key(&s, KIND_RTT), u64::from(srtt_us) * 1_000);
-    }
-    Ok(0)
-}
-
-/// Raw `tcp_probe` (arguments: `struct sock *sk, struct sk_buff *skb`): the same RTT sample
-/// without the tracepoint's record, which the kernel fills with ~20 fields per received
-/// segment; `srtt_us` is read from the socket at its BTF offset.
-pub fn try_tcp_probe_raw(ctx: &RawTracePointContext) -> Result<u32, i64> {
-    let off = offsets();
-    let sk: u64 = ctx.arg(0);
-    let Some(entry) = NET_SOCKS.get_ptr_mut(sk) else {
-        return Ok(0);
-    };
-    let now = now_ns();
-    // SAFETY: pointer from a successful lookup.
-    let s = unsafe { *entry };
-    if s.rtt_ns != 0 && now.saturating_sub(s.rtt_ns) < RTT_SAMPLE_NS {
-        return Ok(0);
-    }
-    // SAFETY: as above.
-    unsafe { (*entry).rtt_ns = now };
-    let at = sk.wrapping_add(u64::from(off.tcp_sock_srtt_us)) as *const u32;
-    // SAFETY: bpf_probe_read_kernel checks the address; `srtt_us` holds 8 × microseconds.
-    let srtt8: u32 = unsafe { bpf_probe_read_kernel(at)? };
-    if srtt8 != 0 {
-        record(&key(&s, KIND_RTT), u64::from(srtt8 >> 3) * 1_000);
     }
     Ok(0)
 }

@@ -1,11 +1,19 @@
-//! `cargo xtask bench net`: requests per second of a loopback request/response load
-//! (`ws1-netload rate`: one connection per CPU, 8-byte requests answered at once) without the
-//! agent, with the agent observing both ends, and with the agent running but observing neither,
-//! plus the microseconds each request round trip gains. Like `bench syscalls`, every
-//! configuration block follows its own baseline block (and one ends the run), so drift on a
-//! shared machine cancels: a block's loss is against the mean of the baselines around it, and a
-//! configuration's figure is the median over rounds. The goal (≤ 3 % throughput loss) prints as
-//! PASS/MISS; only errors fail the run.
+//! `cargo xtask bench net`: requests per second of two loopback request/response loads without
+//! the agent, with the agent observing both ends, and with the agent running but observing
+//! neither, plus the microseconds of CPU each request gains:
+//! - **http**: nginx answering `200 ok` to wrk over keep-alive connections (Debian packages,
+//!   installed when missing), nginx on half of the CPUs and wrk on the other half: a real
+//!   server's request path, and the load this machine can drive.
+//! - **echo**: `ws1-netload rate`, 8-byte requests answered at once with no work at all, one
+//!   connection per CPU with both of its ends pinned to that CPU (no wake-up crosses CPUs): the
+//!   worst case, where the collector's fixed cost per request is the largest share.
+//!
+//! Every configuration block follows its own baseline block (and one ends the run), so drift on
+//! a shared machine cancels: a block's loss is against the mean of the baselines around it, and
+//! a configuration's figure is the median over rounds, printed with every round's loss so the
+//! noise is visible. The goal (≤ 3 % throughput loss) prints as PASS/MISS per load; only errors
+//! fail the run. The agent runs only the network collector (`--collectors net`); kernel time
+//! per request comes from separate `--bpf-stats` blocks.
 
 use std::{
     fs,
@@ -19,22 +27,36 @@ use std::{
 
 use anyhow::{Context as _, Result, bail, ensure};
 
-use crate::{run, util};
+use crate::{apt, run, util};
 
-/// Requests per connection per sample, samples per block, rounds over the configurations.
-const REQUESTS: u64 = 20_000;
-const SAMPLES: usize = 5;
-const ROUNDS: usize = 3;
+/// Samples per block (after one warm-up sample) and rounds over the configurations.
+const SAMPLES: usize = 3;
+const ROUNDS: usize = 15;
+/// Echo: requests per connection per sample.
+const ECHO_REQUESTS: u64 = 20_000;
+/// HTTP: seconds per sample, and wrk connections per client CPU.
+const HTTP_SECONDS: u64 = 1;
+const HTTP_CONNS_PER_CPU: usize = 16;
 /// Largest acceptable throughput loss with the agent observing both ends, in percent.
 const GOAL_LOSS_PCT: f64 = 3.0;
 
 const CONFIGS: [(&str, &str); 2] = [
-    ("b", "agent --collectors net --pid <server> --pid <client>"),
-    (
-        "c",
-        "agent --collectors net --pid <idle sleep> (load not observed)",
-    ),
+    ("b", "agent observing server and client"),
+    ("c", "agent observing an idle process only"),
 ];
+
+/// A request/response load the bench drives.
+trait Load {
+    /// One line saying what the load is.
+    fn describe(&self) -> String;
+    /// One measurement: requests per second and requests made.
+    fn sample(&mut self) -> Result<(f64, u64)>;
+    /// Agent arguments selecting the load's server and client processes.
+    fn select(&self) -> Vec<String>;
+    /// Compares what the agent counted over a block with what the load made: `made` requests,
+    /// `warmup` of them in the block's first sample. Returns a report line.
+    fn sanity(&self, agent: &Agent, made: u64, warmup: u64) -> Result<String>;
+}
 
 /// A `ws1-netload` driven over stdin/stdout.
 struct NetLoad {
@@ -95,7 +117,8 @@ struct Agent {
 }
 
 impl Agent {
-    fn start(probe: &Path, pids: &[u32], extra: &[&str], log: &Path) -> Result<Agent> {
+    /// Starts the agent with `select` (selector arguments such as `--pid 42`) and `extra`.
+    fn start(probe: &Path, select: &[String], extra: &[&str], log: &Path) -> Result<Agent> {
         let port = TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .context("no free loopback port")?
@@ -105,10 +128,7 @@ impl Agent {
         let mut cmd = Command::new(probe);
         cmd.arg("agent")
             .args(["--listen", &format!("127.0.0.1:{port}")]);
-        for pid in pids {
-            cmd.args(["--pid", &pid.to_string()]);
-        }
-        cmd.args(extra);
+        cmd.args(select).args(extra);
         let child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -145,15 +165,16 @@ impl Agent {
         Ok((status.unwrap_or(0), body.to_owned()))
     }
 
-    /// Client-side requests the agent counted.
-    fn client_requests(&self) -> Result<f64> {
+    /// Requests the agent counted on `side` (`client` or `server`).
+    fn requests(&self, side: &str) -> Result<f64> {
         let (status, body) = self.get("/metrics")?;
         ensure!(status == 200, "/metrics answered {status}");
         let prefix = "ws1_probe_request_duration_seconds_count{";
+        let label = format!("side=\"{side}\"");
         let mut total = 0.0;
         for line in body
             .lines()
-            .filter(|l| l.starts_with(prefix) && l.contains("side=\"client\""))
+            .filter(|l| l.starts_with(prefix) && l.contains(&label))
         {
             let value = line.rsplit(' ').next().unwrap_or_default();
             total += value
@@ -190,14 +211,13 @@ impl Agent {
 /// The network collector's programs (the send/receive hooks as raw tracepoints where the kernel
 /// allows, as tracepoints otherwise: whichever is attached reports runs), and the syscall
 /// collector's.
-const NET_PROGRAMS: [&str; 10] = [
+const NET_PROGRAMS: [&str; 9] = [
     "inet_sock_set_state",
     "sock_send_length",
     "sock_recv_length",
     "sock_send_length_raw",
     "sock_recv_length_raw",
     "tcp_probe",
-    "tcp_probe_raw",
     "tcp_retransmit_skb",
     "tcp_send_reset",
     "tcp_receive_reset",
@@ -211,26 +231,270 @@ impl Drop for Agent {
     }
 }
 
-struct Bench {
+/// `ws1-netload` echo load: one pinned connection per CPU.
+struct Echo {
+    server: NetLoad,
     client: NetLoad,
     addr: String,
     conns: u64,
-    /// (configuration key, requests per second of each sample).
-    blocks: Vec<(&'static str, Vec<f64>)>,
 }
 
-impl Bench {
+impl Echo {
+    fn start(netload: &Path) -> Result<Echo> {
+        let mut server = NetLoad::spawn(netload)?;
+        let port = server.cmd("listen 127.0.0.1:0 pin")?;
+        let client = NetLoad::spawn(netload)?;
+        Ok(Echo {
+            server,
+            client,
+            addr: format!("127.0.0.1:{port}"),
+            conns: cpus() as u64,
+        })
+    }
+}
+
+impl Load for Echo {
+    fn describe(&self) -> String {
+        format!(
+            "echo: ws1-netload, {} pinned connections × {ECHO_REQUESTS} 8-byte requests per sample",
+            self.conns
+        )
+    }
+
+    fn sample(&mut self) -> Result<(f64, u64)> {
+        let made = self.conns * ECHO_REQUESTS;
+        let command = format!("rate {} {} {ECHO_REQUESTS} pin", self.addr, self.conns);
+        let ns = self.client.cmd(&command)?;
+        Ok((made as f64 / (ns as f64 / 1e9), made))
+    }
+
+    fn select(&self) -> Vec<String> {
+        let pids = [self.server.child.id(), self.client.child.id()];
+        pids.iter()
+            .flat_map(|p| ["--pid".to_owned(), p.to_string()])
+            .collect()
+    }
+
+    fn sanity(&self, agent: &Agent, made: u64, _warmup: u64) -> Result<String> {
+        // Every request completes before `rate` returns: the count is exact.
+        let counted = agent.requests("client")?;
+        let verdict = match (counted - made as f64).abs() < 0.5 {
+            true => "match",
+            false => "MISMATCH",
+        };
+        Ok(format!(
+            "agent counted {counted} client requests, the load made {made}: {verdict}"
+        ))
+    }
+}
+
+/// nginx serving `200 ok` to wrk, each on its own half of the CPUs.
+struct Http {
+    nginx: Child,
+    dir: PathBuf,
+    port: u16,
+    client_cpus: String,
+    threads: usize,
+    conns: usize,
+}
+
+impl Http {
+    fn start(dir: &Path) -> Result<Http> {
+        apt::ensure_packages(&[("nginx", "nginx"), ("wrk", "wrk")])?;
+        let n = cpus();
+        // Server CPUs [n/2, n), client CPUs [0, n/2); one CPU: both share it.
+        let (servers, first) = if n > 1 { (n - n / 2, n / 2) } else { (1, 0) };
+        let affinity: Vec<String> = (first..first + servers)
+            .map(|cpu| {
+                let mut mask = vec!['0'; n];
+                mask[n - 1 - cpu] = '1';
+                mask.into_iter().collect()
+            })
+            .collect();
+        let threads = (n / 2).max(1);
+        let client_cpus = match n {
+            1 => "0".to_owned(),
+            _ => format!("0-{}", n / 2 - 1),
+        };
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .context("no free loopback port")?
+            .port();
+        fs::create_dir_all(dir.join("logs"))
+            .with_context(|| format!("cannot create {}", dir.display()))?;
+        let d = dir.display();
+        let conf = format!(
+            "worker_processes {servers};\nworker_cpu_affinity {};\ndaemon off;\npid {d}/nginx.pid;\nerror_log stderr warn;\nevents {{ worker_connections 1024; }}\nhttp {{\n  access_log off;\n  client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n  fastcgi_temp_path {d}/fastcgi;\n  uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n  server {{ listen 127.0.0.1:{port}; location / {{ return 200 \"ok\\n\"; }} }}\n}}\n",
+            affinity.join(" ")
+        );
+        let conf_path = dir.join("nginx.conf");
+        fs::write(&conf_path, conf)
+            .with_context(|| format!("cannot write {}", conf_path.display()))?;
+        let log = fs::File::create(dir.join("nginx.log"))
+            .with_context(|| format!("cannot create {}/nginx.log", d))?;
+        let nginx = Command::new("nginx")
+            .arg("-c")
+            .arg(&conf_path)
+            .arg("-p")
+            .arg(dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .context("cannot start nginx")?;
+        let mut http = Http {
+            nginx,
+            dir: dir.to_owned(),
+            port,
+            client_cpus,
+            threads,
+            conns: HTTP_CONNS_PER_CPU * threads,
+        };
+        let started = Instant::now();
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if let Some(status) = http.nginx.try_wait()? {
+                bail!("nginx exited ({status}); see {d}/nginx.log");
+            }
+            ensure!(
+                started.elapsed() < Duration::from_secs(10),
+                "nginx not listening on port {port} after 10 s; see {d}/nginx.log"
+            );
+            thread::sleep(Duration::from_millis(10));
+        }
+        Ok(http)
+    }
+}
+
+/// `(requests per second, requests)` from wrk's report.
+fn parse_wrk(out: &str) -> Option<(f64, u64)> {
+    let rate = out
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("Requests/sec:"))?
+        .trim()
+        .parse()
+        .ok()?;
+    let made = out
+        .lines()
+        .find_map(|l| l.trim().split_once(" requests in "))?
+        .0
+        .trim()
+        .parse()
+        .ok()?;
+    Some((rate, made))
+}
+
+impl Load for Http {
+    fn describe(&self) -> String {
+        format!(
+            "http: nginx `return 200` on the other CPUs, wrk -t{} -c{} on CPUs {}, {HTTP_SECONDS} s per sample",
+            self.threads, self.conns, self.client_cpus
+        )
+    }
+
+    fn sample(&mut self) -> Result<(f64, u64)> {
+        let out = util::capture(
+            Command::new("taskset")
+                .args(["-c", &self.client_cpus, "wrk"])
+                .arg(format!("-t{}", self.threads))
+                .arg(format!("-c{}", self.conns))
+                .arg(format!("-d{HTTP_SECONDS}s"))
+                .arg(format!("http://127.0.0.1:{}/", self.port)),
+        )?;
+        parse_wrk(&out).with_context(|| format!("cannot read wrk's report: {out}"))
+    }
+
+    fn select(&self) -> Vec<String> {
+        vec!["--comm".to_owned(), "^(nginx|wrk)$".to_owned()]
+    }
+
+    fn sanity(&self, agent: &Agent, made: u64, warmup: u64) -> Result<String> {
+        // wrk counts responses it read; requests in flight when a sample ends (at most one per
+        // connection) reached nginx but not wrk's count. The nginx workers are observed from
+        // the agent's start; the first wrk of a block is an exec of a name the agent has not
+        // decided yet, so its connections may open before it is observed (later execs of
+        // `wrk` are decided in the kernel at once).
+        let (server, client) = (agent.requests("server")?, agent.requests("client")?);
+        let slack = (self.conns * (SAMPLES + 1)) as f64;
+        let (made, warmup) = (made as f64, warmup as f64);
+        let server_ok = server >= made && server <= made + slack;
+        let client_ok = client >= made - warmup && client <= made + slack;
+        let verdict = match server_ok && client_ok {
+            true => "match",
+            false => "MISMATCH",
+        };
+        Ok(format!(
+            "agent counted {server} server and {client} client requests; wrk read {made} responses, {warmup} of them in the warm-up, and at most {slack} were in flight: {verdict}"
+        ))
+    }
+}
+
+impl Drop for Http {
+    fn drop(&mut self) {
+        // SIGTERM: the master stops its workers (SIGKILL would leave them running).
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.nginx.id().to_string()])
+            .status();
+        let _ = self.nginx.wait();
+        let _ = fs::remove_file(self.dir.join("nginx.pid"));
+    }
+}
+
+fn cpus() -> usize {
+    thread::available_parallelism().map_or(2, |n| n.get())
+}
+
+/// One load's blocks: (configuration key, requests per second of each sample).
+struct Bench<L: Load> {
+    load: L,
+    blocks: Vec<(&'static str, Vec<f64>)>,
+    /// Requests of the last block's warm-up sample.
+    warmup: u64,
+}
+
+type PerRequest = (f64, f64);
+
+/// A load's figures.
+struct Outcome {
+    describe: String,
+    base_rate: f64,
+    /// Per configuration: (key, label, median rate, median loss %, median added µs, losses).
+    configs: Vec<(&'static str, &'static str, f64, f64, f64, Vec<f64>)>,
+    sanity: Vec<String>,
+    observed: (PerRequest, PerRequest),
+    unobserved: PerRequest,
+}
+
+impl<L: Load> Bench<L> {
     /// A warm-up sample, then `SAMPLES` samples; returns the requests made.
     fn block(&mut self, key: &'static str) -> Result<u64> {
-        let command = format!("rate {} {} {REQUESTS}", self.addr, self.conns);
-        self.client.cmd(&command)?;
+        let (_, mut made) = self.load.sample()?;
+        self.warmup = made;
         let mut rates = Vec::new();
         for _ in 0..SAMPLES {
-            let ns = self.client.cmd(&command)?;
-            rates.push((self.conns * REQUESTS) as f64 / (ns as f64 / 1e9));
+            let (rate, n) = self.load.sample()?;
+            rates.push(rate);
+            made += n;
         }
         self.blocks.push((key, rates));
-        Ok(self.conns * REQUESTS * (SAMPLES as u64 + 1))
+        Ok(made)
+    }
+
+    /// Kernel time per request of the network and the syscall programs, as (ns, program runs),
+    /// over one block with an agent run with `--bpf-stats` selecting `select`.
+    fn kernel_time(
+        &mut self,
+        probe: &Path,
+        select: &[String],
+        log: &Path,
+    ) -> Result<(PerRequest, PerRequest)> {
+        let extra = ["--collectors", "net", "--bpf-stats"];
+        let agent = Agent::start(probe, select, &extra, log)?;
+        let made = self.block("d")? as f64;
+        let per_request = |programs: &[&str]| -> Result<PerRequest> {
+            let (seconds, runs) = agent.program_stats(programs)?;
+            Ok((seconds / made * 1e9, runs / made))
+        };
+        Ok((per_request(&NET_PROGRAMS)?, per_request(&SYSCALL_PROGRAMS)?))
     }
 
     /// Per block of `key`: (its median rate, the mean median of the baselines around it).
@@ -241,6 +505,95 @@ impl Bench {
             .map(|i| (medians[i].1, (medians[i - 1].1 + medians[i + 1].1) / 2.0))
             .collect()
     }
+
+    /// Runs every round and the kernel-time blocks.
+    fn measure(mut self, name: &str, probe: &Path, idle: u32, logs: &Path) -> Result<Outcome> {
+        let idle = vec!["--pid".to_owned(), idle.to_string()];
+        let mut sanity = Vec::new();
+        for round in 1..=ROUNDS {
+            for (key, label) in CONFIGS {
+                eprintln!("bench net {name}: round {round}/{ROUNDS}: no agent, then {label}");
+                self.block("a")?;
+                let select = if key == "b" {
+                    self.load.select()
+                } else {
+                    idle.clone()
+                };
+                let log = logs.join(format!("net-{name}-agent-{key}.log"));
+                // Only the network collector: its cost is what the goal is about (the syscall
+                // collector would add its own per-syscall cost to the same requests).
+                let agent = Agent::start(probe, &select, &["--collectors", "net"], &log)?;
+                let made = self.block(key)?;
+                if key == "b" {
+                    sanity.push(self.load.sanity(&agent, made, self.warmup)?);
+                }
+            }
+        }
+        self.block("a")?;
+        // BPF run-time statistics add about 20 ns per program run themselves, so these blocks
+        // are kept out of the throughput figures.
+        eprintln!("bench net {name}: kernel time per request (--bpf-stats), observed");
+        let select = self.load.select();
+        let log = logs.join(format!("net-{name}-agent-stats.log"));
+        let observed = self.kernel_time(probe, &select, &log)?;
+        eprintln!("bench net {name}: kernel time per request (--bpf-stats), not observed");
+        let log = logs.join(format!("net-{name}-agent-stats-idle.log"));
+        let unobserved = self.kernel_time(probe, &idle, &log)?.0;
+
+        let base: Vec<f64> = self
+            .blocks
+            .iter()
+            .filter(|(k, _)| *k == "a")
+            .map(|(_, r)| median(r))
+            .collect();
+        let base_rate = median(&base);
+        // Every CPU is busy in both loads, so CPUs / rate is the CPU time of one request.
+        let cpus = cpus() as f64;
+        let configs = CONFIGS
+            .iter()
+            .map(|&(key, label)| {
+                let pairs = self.pairs(key);
+                let rate = median(&pairs.iter().map(|p| p.0).collect::<Vec<_>>());
+                let losses: Vec<f64> = pairs.iter().map(|(c, b)| (1.0 - c / b) * 100.0).collect();
+                let added: Vec<f64> = pairs
+                    .iter()
+                    .map(|(c, b)| (cpus / c - cpus / b) * 1e6)
+                    .collect();
+                (key, label, rate, median(&losses), median(&added), losses)
+            })
+            .collect();
+        Ok(Outcome {
+            describe: self.load.describe(),
+            base_rate,
+            configs,
+            sanity,
+            observed,
+            unobserved,
+        })
+    }
+}
+
+/// A distribution-free 95 % confidence interval of the median of `v` (order statistics): the
+/// k-th smallest and k-th largest values, for the largest k with P(Binomial(n, ½) < k) ≤ 2.5 %.
+/// `None` when there are too few values for one (fewer than 6).
+fn median_ci(v: &[f64]) -> Option<(f64, f64)> {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    // cdf = P(X ≤ i) for X ~ Binomial(n, ½), built term by term.
+    let mut term = 0.5f64.powi(n as i32);
+    let mut cdf = term;
+    let mut k = 0;
+    for i in 0..n / 2 {
+        // P(X < i + 1) = P(X ≤ i).
+        if cdf > 0.025 {
+            break;
+        }
+        k = i + 1;
+        term *= (n - i) as f64 / (i + 1) as f64;
+        cdf += term;
+    }
+    (k > 0).then(|| (v[k - 1], v[n - k]))
 }
 
 fn median(v: &[f64]) -> f64 {
@@ -259,130 +612,104 @@ pub fn run() -> Result<()> {
     let (probe, netload) = (release.join("ws1-probe"), release.join("ws1-netload"));
     let logs: PathBuf = util::target_dir().join("bench");
     fs::create_dir_all(&logs).with_context(|| format!("cannot create {}", logs.display()))?;
-    let conns = thread::available_parallelism().map_or(2, |n| n.get() as u64);
-
-    let mut server = NetLoad::spawn(&netload)?;
-    let port = server.cmd("listen 127.0.0.1:0")?;
-    let client = NetLoad::spawn(&netload)?;
     let mut idle = Command::new("sleep")
-        .arg("600")
+        .arg("3600")
         .spawn()
         .context("cannot start sleep")?;
-    let pids = [server.child.id(), client.child.id()];
-    let mut bench = Bench {
-        client,
-        addr: format!("127.0.0.1:{port}"),
-        conns,
-        blocks: Vec::new(),
-    };
-    let mut sanity = Vec::new();
-    for round in 1..=ROUNDS {
-        for (key, label) in CONFIGS {
-            eprintln!("bench net: round {round}/{ROUNDS}: (a) no agent, then ({key}) {label}");
-            bench.block("a")?;
-            let targets: Vec<u32> = if key == "b" {
-                pids.to_vec()
-            } else {
-                vec![idle.id()]
-            };
-            let log = logs.join(format!("net-agent-{key}.log"));
-            // Only the network collector: its cost is what the goal is about (the syscall
-            // collector would add its own per-syscall cost to the same requests).
-            let agent = Agent::start(&probe, &targets, &["--collectors", "net"], &log)?;
-            let made = bench.block(key)?;
-            if key == "b" {
-                sanity.push((agent.client_requests()?, made));
-            }
-        }
-    }
-    bench.block("a")?;
-    // Kernel time of each collector per request, from BPF run-time statistics (which add about
-    // 20 ns per program run themselves, so this run is kept out of the throughput figures).
-    eprintln!("bench net: kernel time per request (agent --bpf-stats, both ends observed)");
-    let log = logs.join("net-agent-stats.log");
-    let agent = Agent::start(&probe, &pids, &["--bpf-stats"], &log)?;
-    let made = bench.block("d")? as f64;
-    // Per request: (ns of kernel time, program runs).
-    let per_request = |programs: &[&str]| -> Result<(f64, f64)> {
-        let (seconds, runs) = agent.program_stats(programs)?;
-        Ok((seconds / made * 1e9, runs / made))
-    };
-    let stats = (per_request(&NET_PROGRAMS)?, per_request(&SYSCALL_PROGRAMS)?);
-    drop(agent);
+    let outcomes = (|| -> Result<Vec<(&str, Outcome)>> {
+        let http = Bench {
+            load: Http::start(&logs.join("nginx"))?,
+            blocks: Vec::new(),
+            warmup: 0,
+        };
+        let http = http.measure("http", &probe, idle.id(), &logs)?;
+        let echo = Bench {
+            load: Echo::start(&netload)?,
+            blocks: Vec::new(),
+            warmup: 0,
+        };
+        let echo = echo.measure("echo", &probe, idle.id(), &logs)?;
+        Ok(vec![("http", http), ("echo", echo)])
+    })();
     let _ = idle.kill();
     let _ = idle.wait();
-    drop(server);
-    report(&bench, &sanity, stats)
-}
-
-type PerRequest = (f64, f64);
-
-fn report(
-    bench: &Bench,
-    sanity: &[(f64, u64)],
-    (net, sys): (PerRequest, PerRequest),
-) -> Result<()> {
-    let base: Vec<f64> = bench
-        .blocks
-        .iter()
-        .filter(|(k, _)| *k == "a")
-        .map(|(_, r)| median(r))
-        .collect();
-    let base_rate = median(&base);
-    let conns = bench.conns as f64;
-    println!(
-        "loopback request/response, {} connections × {REQUESTS} requests per sample, {SAMPLES} samples per block, {ROUNDS} rounds",
-        bench.conns
-    );
-    println!(
-        "(a) {:<46} {base_rate:>9.0} req/s   {:>6.2} µs per request round trip",
-        "no agent",
-        conns / base_rate * 1e6
-    );
-    let mut loss_b = 0.0;
-    for (key, label) in CONFIGS {
-        let pairs = bench.pairs(key);
-        let rate = median(&pairs.iter().map(|p| p.0).collect::<Vec<_>>());
-        let loss = median(
-            &pairs
-                .iter()
-                .map(|(c, b)| (1.0 - c / b) * 100.0)
-                .collect::<Vec<_>>(),
-        );
-        let added = median(
-            &pairs
-                .iter()
-                .map(|(c, b)| (conns / c - conns / b) * 1e6)
-                .collect::<Vec<_>>(),
-        );
-        if key == "b" {
-            loss_b = loss;
-        }
-        println!(
-            "({key}) {label:<46} {rate:>9.0} req/s   {loss:>6.2} % fewer requests   {added:>+6.2} µs per request"
-        );
+    let outcomes = outcomes?;
+    for (_, o) in &outcomes {
+        report(o);
     }
-    let verdict = if loss_b <= GOAL_LOSS_PCT {
-        "PASS"
-    } else {
-        "MISS"
-    };
-    println!(
-        "goal: ≤ {GOAL_LOSS_PCT} % throughput loss with both ends observed: {verdict} ({loss_b:.2} %)"
-    );
-    println!(
-        "kernel time per request (both ends): network programs {:.0} ns in {:.1} runs, syscall programs {:.0} ns in {:.1} runs",
-        net.0, net.1, sys.0, sys.1
-    );
-    for (counted, made) in sanity {
-        let check = if (*counted - *made as f64).abs() < 0.5 {
-            "match"
+    for (name, o) in &outcomes {
+        let loss = o
+            .configs
+            .iter()
+            .find(|c| c.0 == "b")
+            .map_or(f64::NAN, |c| c.3);
+        let verdict = if loss <= GOAL_LOSS_PCT {
+            "PASS"
         } else {
-            "MISMATCH"
+            "MISS"
         };
         println!(
-            "sanity (b): agent counted {counted} client requests, the load made {made}: {check}"
+            "goal: ≤ {GOAL_LOSS_PCT} % throughput loss with both ends observed, {name}: {verdict} ({loss:.2} %)"
         );
     }
     Ok(())
+}
+
+fn report(o: &Outcome) {
+    println!(
+        "{}; {SAMPLES} samples per block, {ROUNDS} rounds",
+        o.describe
+    );
+    let cpus = cpus() as f64;
+    println!(
+        "  (a) {:<40} {:>9.0} req/s   {:>6.2} µs of CPU per request",
+        "no agent",
+        o.base_rate,
+        cpus / o.base_rate * 1e6
+    );
+    for (key, label, rate, loss, added, losses) in &o.configs {
+        let ci = median_ci(losses).map_or(String::new(), |(lo, hi)| {
+            format!(" (95 % interval {lo:.2} to {hi:.2})")
+        });
+        println!(
+            "  ({key}) {label:<40} {rate:>9.0} req/s   {loss:>6.2} % fewer requests{ci}   {added:>+6.2} µs per request"
+        );
+        let each: Vec<String> = losses.iter().map(|l| format!("{l:.2}")).collect();
+        println!("      loss per round, %: {}", each.join(" "));
+    }
+    let ((net, runs), _) = o.observed;
+    println!(
+        "  kernel time per request, both ends observed: network programs {net:.0} ns in {runs:.1} runs"
+    );
+    let (net, runs) = o.unobserved;
+    println!(
+        "  kernel time per request, load not observed (what every other process pays): {net:.0} ns in {runs:.1} runs"
+    );
+    for line in &o.sanity {
+        println!("  sanity (b): {line}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn median_intervals_are_order_statistics() {
+        // n = 15: P(X ≤ 3) = 1.8 % ≤ 2.5 % < P(X ≤ 4) = 5.9 %, so the 4th smallest and the 4th
+        // largest.
+        let v: Vec<f64> = (1..=15).map(f64::from).collect();
+        assert_eq!(median_ci(&v), Some((4.0, 12.0)));
+        // n = 6: P(X ≤ 0) = 1.6 %: the extremes; order of the input does not matter.
+        assert_eq!(median_ci(&[6.0, 1.0, 5.0, 2.0, 4.0, 3.0]), Some((1.0, 6.0)));
+        // n = 5: even the extremes cover the median with only 93.8 %.
+        assert_eq!(median_ci(&[1.0, 2.0, 3.0, 4.0, 5.0]), None);
+    }
+
+    #[test]
+    fn reads_wrk_reports() {
+        let out = "Running 1s test @ http://127.0.0.1:18080/\n  1 threads and 16 connections\n  Thread Stats   Avg      Stdev     Max   +/- Stdev\n    Latency     1.40ms    1.98ms  12.35ms   84.79%\n    Req/Sec    23.28k     3.26k   28.17k    72.73%\n  25446 requests in 1.10s, 3.64MB read\nRequests/sec:  23126.04\nTransfer/sec:      3.31MB\n";
+        assert_eq!(parse_wrk(out), Some((23126.04, 25446)));
+        assert_eq!(parse_wrk("unable to connect to 127.0.0.1:1"), None);
+    }
 }

@@ -5,15 +5,20 @@
 //! A request is 8 bytes: the server's delay in milliseconds (u32, little endian) and a u32 the
 //! server echoes; the server reads a whole request, sleeps the delay, and writes an 8-byte
 //! reply. Commands:
-//! - `listen ADDR`: listen on ADDR (e.g. `127.0.0.1:0`) and serve every connection on its own
-//!   thread; replies `ok <port>`
+//! - `listen ADDR [pin]`: listen on ADDR (e.g. `127.0.0.1:0`) and serve every connection on its
+//!   own thread; replies `ok <port>`. With `pin`, the thread of the k-th accepted connection
+//!   runs only on CPU k mod (number of CPUs)
 //! - `pooled ADDR N MS`: one connection, N requests with delay MS; replies with each request's
 //!   wall time in nanoseconds (write start → reply read)
 //! - `unpooled ADDR N MS`: N connections with one request each; replies like `pooled`
 //! - `connect ADDR N`: N connections that close without a request
 //! - `refused ADDR N`: N connects expected to be refused; replies `ok <refused count>`
-//! - `rate ADDR C N`: C connections in parallel threads, N requests without delay on each;
-//!   replies `ok <elapsed ns>` (the benchmark's load)
+//! - `rate ADDR C N [pin]`: C connections in parallel threads, N requests without delay on
+//!   each; replies `ok <elapsed ns>` (the benchmark's load). With `pin`, connection i's thread
+//!   runs only on CPU i mod (number of CPUs): against a pinned listener and with C a multiple
+//!   of the CPU count, both ends of a connection share one CPU, so every CPU runs one
+//!   request/response loop and no wake-up crosses CPUs
+
 //! - `exit`: exit 0
 
 use std::{
@@ -37,12 +42,37 @@ fn serve(mut stream: TcpStream) {
     }
 }
 
-fn listen(addr: &str) -> Result<String, String> {
+/// Restricts the calling thread to CPU `index` mod the number of CPUs.
+fn pin_to(index: usize) -> Result<(), String> {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    // SAFETY: cpu_set_t is plain data; CPU_ZERO/CPU_SET write inside it, and
+    // sched_setaffinity(0, ..) applies to the calling thread and reads the set it is given.
+    let rc = unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_ZERO(&mut set);
+        libc::CPU_SET(index % cpus, &mut set);
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set)
+    };
+    match rc {
+        0 => Ok(()),
+        _ => Err(format!(
+            "sched_setaffinity: {}",
+            std::io::Error::last_os_error()
+        )),
+    }
+}
+
+fn listen(addr: &str, pin: bool) -> Result<String, String> {
     let listener = TcpListener::bind(addr).map_err(|e| format!("bind {addr}: {e}"))?;
     let port = listener.local_addr().map_err(|e| e.to_string())?.port();
     std::thread::spawn(move || {
-        for stream in listener.incoming().flatten() {
-            std::thread::spawn(move || serve(stream));
+        for (k, stream) in listener.incoming().flatten().enumerate() {
+            std::thread::spawn(move || {
+                if pin && pin_to(k).is_err() {
+                    return;
+                }
+                serve(stream);
+            });
         }
     });
     Ok(format!("ok {port}"))
@@ -86,7 +116,10 @@ fn run(words: &[&str]) -> Result<String, String> {
         w.parse().map_err(|e| format!("bad number {w}: {e}"))
     };
     match words.first().copied() {
-        Some("listen") => listen(words.get(1).ok_or("missing address")?),
+        Some("listen") => listen(
+            words.get(1).ok_or("missing address")?,
+            words.get(2) == Some(&"pin"),
+        ),
         Some("pooled") => {
             let mut stream = connect(addr()?)?;
             let mut reply = "ok".to_owned();
@@ -122,6 +155,7 @@ fn run(words: &[&str]) -> Result<String, String> {
         }
         Some("rate") => {
             let (addr, conns, n) = (addr()?, num(2)?, num(3)?);
+            let pin = words.get(4) == Some(&"pin");
             let mut streams = Vec::new();
             for _ in 0..conns {
                 streams.push(connect(addr)?);
@@ -129,8 +163,12 @@ fn run(words: &[&str]) -> Result<String, String> {
             let started = Instant::now();
             let threads: Vec<_> = streams
                 .into_iter()
-                .map(|mut s| {
+                .enumerate()
+                .map(|(i, mut s)| {
                     std::thread::spawn(move || -> Result<(), String> {
+                        if pin {
+                            pin_to(i)?;
+                        }
                         for seq in 0..n {
                             request(&mut s, 0, seq)?;
                         }

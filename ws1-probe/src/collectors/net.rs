@@ -236,13 +236,10 @@ impl NetCollector {
                 attached.push(format!("raw_tp {name}"));
                 continue;
             }
-            // tcp_probe fires per received segment: its raw tracepoint skips the record the
-            // kernel would fill, and reads srtt_us at its BTF offset (when BTF has it).
-            if name == "tcp_probe"
-                && crate::ebpf::tcp_sock_srtt_offset() != u32::MAX
-                && attach_raw_tracepoint(ebpf, &raw, name).is_ok()
-            {
-                attached.push(format!("raw_tp {name}"));
+            // tcp_probe fires for every received segment of every socket on the host; the
+            // send/receive hooks sample RTT from the socket instead wherever BTF gives the
+            // offset of tcp_sock.srtt_us, so it is only the fallback.
+            if name == "tcp_probe" && crate::ebpf::tcp_sock_srtt_offset() != u32::MAX {
                 continue;
             }
             match attach_tracepoint(ebpf, program, category, name) {
@@ -462,7 +459,7 @@ pub fn families<'a>(
         ),
         (
             "ws1_probe_tcp_rtt_seconds",
-            "Smoothed TCP round-trip time from tcp_probe, sampled at most every 100 ms per socket.",
+            "Smoothed TCP round-trip time (the kernel's srtt), sampled at most every 100 ms per active socket.",
             MetricType::HISTOGRAM,
             vec![],
         ),
