@@ -1,6 +1,12 @@
 //! `ws1-probe check`: learns which hooks this kernel allows by loading and attaching the empty
 //! `check_*` programs of the embedded object (links are dropped right away), and plans which
 //! collector can run. Planning and the verdict are pure, so they unit-test without root.
+//!
+//! A hook-kind row attaches only to what the agent cannot start without (the points essential
+//! collectors require), so the verdict stays right on kernels that lack a point some collector
+//! can do without. Those points are probed one by one (`CheckReport::points`) and decide only
+//! their collector's plan: `unavailable` without a required hook, `degraded` without an
+//! optional one (the metrics it feeds are missing, the rest works).
 
 use std::{collections::BTreeMap, error::Error, io, path::Path};
 
@@ -31,13 +37,34 @@ const REQUIRED: [(&str, &str); 3] = [
     ("ringbuf", "needs linux 5.8+ for BPF ring buffers"),
 ];
 const NO_EVENTS: &str = "kernel built without CONFIG_BPF_EVENTS?";
+/// The hint for an attach point probed by itself (the kind works, or its row says why not).
+const ABSENT: &str = "absent from this kernel?";
 const BTF_PATH: &str = "/sys/kernel/btf/vmlinux";
 const LOCKDOWN: &str = "/sys/kernel/security/lockdown";
 
 /// A collector and the hooks it attaches, each written `<kind> [<attach point>]`.
 pub struct CollectorNeeds {
     pub name: &'static str,
+    /// Hooks the collector cannot run without.
     pub hooks: &'static [&'static str],
+    /// Hooks the collector logs and skips when the kernel lacks them: it runs without the
+    /// metrics they feed.
+    pub optional: &'static [OptionalHook],
+    /// Whether a missing one of `hooks` stops the agent (the profiler's stop `profile` and
+    /// `top`; beside other collectors the agent turns the profiler off). The tracepoint and
+    /// raw_tp attach points of essential collectors make up the hook-kind rows, which decide
+    /// [`CheckReport::can_run`]; those of other collectors, and every optional hook, are
+    /// probed one by one and decide only their collector's plan.
+    pub essential: bool,
+}
+
+/// A hook a collector can do without; the first of `hooks` that attaches is used.
+#[derive(Debug, PartialEq, Eq, Serialize)]
+pub struct OptionalHook {
+    /// Alternatives in order of preference, each `<kind> <attach point>`.
+    pub hooks: &'static [&'static str],
+    /// The metrics lost when none of them attaches.
+    pub feeds: &'static str,
 }
 
 pub const COLLECTORS: &[CollectorNeeds] = &[
@@ -49,14 +76,20 @@ pub const COLLECTORS: &[CollectorNeeds] = &[
             "tracepoint sched:sched_process_exit",
             "ringbuf",
         ],
+        optional: &[],
+        essential: true,
     },
     CollectorNeeds {
         name: "syscalls",
         hooks: &["raw_tp sys_enter", "raw_tp sys_exit"],
+        optional: &[],
+        essential: true,
     },
     CollectorNeeds {
         name: "memory",
         hooks: &["perf_event software page-faults"],
+        optional: &[],
+        essential: true,
     },
     CollectorNeeds {
         name: "profile",
@@ -67,10 +100,54 @@ pub const COLLECTORS: &[CollectorNeeds] = &[
             "raw_tp sys_exit",
             "ringbuf",
         ],
+        optional: &[],
+        essential: true,
     },
     CollectorNeeds {
         name: "alloc",
         hooks: &["uprobe libc malloc family", "uprobe libc free"],
+        optional: &[],
+        essential: true,
+    },
+    // `NetCollector::attach` logs and skips every hook the kernel lacks, so none of these stops
+    // the agent; without inet_sock_set_state no socket is observed and the collector is idle.
+    CollectorNeeds {
+        name: "net",
+        hooks: &["tracepoint sock:inet_sock_set_state"],
+        optional: &[
+            // Requests complete on the opposite direction, so each of the pair feeds them.
+            OptionalHook {
+                hooks: &[
+                    "raw_tp sock_send_length",
+                    "tracepoint sock:sock_send_length",
+                ],
+                feeds: "bytes sent, requests, request latency, connection reuse",
+            },
+            OptionalHook {
+                hooks: &[
+                    "raw_tp sock_recv_length",
+                    "tracepoint sock:sock_recv_length",
+                ],
+                feeds: "bytes received, requests, request latency, connection reuse",
+            },
+            OptionalHook {
+                hooks: &["tracepoint tcp:tcp_probe"],
+                feeds: "rtt",
+            },
+            OptionalHook {
+                hooks: &["tracepoint tcp:tcp_retransmit_skb"],
+                feeds: "retransmits",
+            },
+            OptionalHook {
+                hooks: &["tracepoint tcp:tcp_send_reset"],
+                feeds: "resets sent",
+            },
+            OptionalHook {
+                hooks: &["tracepoint tcp:tcp_receive_reset"],
+                feeds: "resets received",
+            },
+        ],
+        essential: false,
     },
 ];
 
@@ -92,13 +169,42 @@ impl HookStatus {
     }
 }
 
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PlanStatus {
+    /// Every hook works.
+    Ok,
+    /// The required hooks work, some optional ones do not: the collector runs without the
+    /// metrics those feed.
+    Degraded,
+    /// A required hook does not work: the collector cannot run.
+    Unavailable,
+}
+
+/// A hook a collector cannot use here, and what that costs it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct MissingHook {
+    /// The metrics lost, for an optional hook; `None` for a required one (everything is lost).
+    pub feeds: Option<&'static str>,
+    /// Why: the failed hook kind (`tracepoint`), or the failed attach point
+    /// (`tracepoint tcp:tcp_probe`); for an optional hook, every alternative that failed.
+    pub failed: Vec<HookStatus>,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct CollectorPlan {
     pub name: &'static str,
+    /// The required hooks.
     pub hooks: Vec<&'static str>,
+    pub optional: &'static [OptionalHook],
+    /// Whether the collector can run (`ok` or `degraded`).
     pub available: bool,
-    /// `ok`, or `unavailable: <failed hook kinds>`.
+    pub status: PlanStatus,
+    /// `ok`, `degraded: no <metrics> (<failed>)[; ...]` or `unavailable: <failed>`, where a
+    /// failure is a hook kind or an attach point.
     pub detail: String,
+    /// The required hooks that failed when unavailable, else the optional ones that failed.
+    pub missing: Vec<MissingHook>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -111,40 +217,129 @@ pub struct CheckReport {
     /// What is missing to load tracing programs, if anything.
     pub missing_capabilities: Option<String>,
     pub tracefs: HookStatus,
+    /// One per hook kind in [`HOOKS`].
     pub hooks: Vec<HookStatus>,
+    /// The attach points probed one by one (see [`CollectorNeeds::essential`]), each written
+    /// `<kind> <attach point>`.
+    pub points: Vec<HookStatus>,
     pub collectors: Vec<CollectorPlan>,
 }
 
-/// Which collectors can run, given the probed hooks.
-pub fn plan_collectors(hooks: &[HookStatus]) -> Vec<CollectorPlan> {
-    let works = |kind: &str| hooks.iter().any(|s| s.hook == kind && s.available);
-    COLLECTORS
-        .iter()
-        .map(|c| {
-            let mut failed: Vec<&str> = Vec::new();
-            for kind in c.hooks.iter().filter_map(|h| h.split(' ').next()) {
-                if !works(kind) && !failed.contains(&kind) {
-                    failed.push(kind);
-                }
-            }
-            let detail = match failed.is_empty() {
-                true => "ok".to_owned(),
-                false => format!("unavailable: {}", failed.join(", ")),
-            };
-            CollectorPlan {
-                name: c.name,
-                hooks: c.hooks.to_vec(),
-                available: failed.is_empty(),
-                detail,
-            }
-        })
-        .collect()
+/// Which collectors can run, given the probed hook kinds and attach points.
+pub fn plan_collectors(hooks: &[HookStatus], points: &[HookStatus]) -> Vec<CollectorPlan> {
+    COLLECTORS.iter().map(|c| plan(c, hooks, points)).collect()
 }
 
-/// The attach points the collectors use for one hook kind.
-fn collector_points(kind: &str) -> impl Iterator<Item = &'static str> {
-    let hooks = COLLECTORS.iter().flat_map(|c| c.hooks.iter());
-    hooks.filter_map(move |h| h.strip_prefix(kind)?.strip_prefix(' '))
+fn plan(needs: &CollectorNeeds, hooks: &[HookStatus], points: &[HookStatus]) -> CollectorPlan {
+    let mut missing: Vec<MissingHook> = Vec::new();
+    for failed in needs.hooks.iter().filter_map(|h| failure(h, hooks, points)) {
+        let known = missing.iter().flat_map(|m| &m.failed);
+        if !known.into_iter().any(|f| f.hook == failed.hook) {
+            let failed = vec![failed];
+            missing.push(MissingHook {
+                feeds: None,
+                failed,
+            });
+        }
+    }
+    let status = if !missing.is_empty() {
+        PlanStatus::Unavailable
+    } else {
+        for o in needs.optional.iter().filter(|o| !o.hooks.is_empty()) {
+            // Lost only when every alternative fails.
+            let failed: Option<Vec<HookStatus>> =
+                o.hooks.iter().map(|h| failure(h, hooks, points)).collect();
+            if let Some(failed) = failed {
+                missing.push(MissingHook {
+                    feeds: Some(o.feeds),
+                    failed,
+                });
+            }
+        }
+        match missing.is_empty() {
+            true => PlanStatus::Ok,
+            false => PlanStatus::Degraded,
+        }
+    };
+    let names = |m: &MissingHook| {
+        m.failed
+            .iter()
+            .map(|f| f.hook)
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let detail = match status {
+        PlanStatus::Ok => "ok".to_owned(),
+        PlanStatus::Degraded => {
+            let lost = missing.iter().map(|m| {
+                let feeds = m.feeds.unwrap_or_default();
+                format!("no {feeds} ({})", names(m))
+            });
+            format!("degraded: {}", lost.collect::<Vec<_>>().join("; "))
+        }
+        PlanStatus::Unavailable => {
+            let failed = missing.iter().map(names).collect::<Vec<_>>();
+            format!("unavailable: {}", failed.join(", "))
+        }
+    };
+    CollectorPlan {
+        name: needs.name,
+        hooks: needs.hooks.to_vec(),
+        optional: needs.optional,
+        available: status != PlanStatus::Unavailable,
+        status,
+        detail,
+        missing,
+    }
+}
+
+/// Why `hook` cannot be used here: its kind failed (or was not probed), or its attach point,
+/// when probed by itself, failed. `None` when it works.
+fn failure(hook: &'static str, hooks: &[HookStatus], points: &[HookStatus]) -> Option<HookStatus> {
+    let kind = hook.split(' ').next().unwrap_or(hook);
+    match hooks.iter().find(|s| s.hook == kind) {
+        Some(s) if !s.available => Some(s.clone()),
+        Some(_) => points
+            .iter()
+            .find(|p| p.hook == hook && !p.available)
+            .cloned(),
+        None => Some(HookStatus::new(kind, Err("not probed".to_owned()))),
+    }
+}
+
+/// The attach points of one hook kind that its row attaches together: those the essential
+/// collectors require.
+fn collector_points(needs: &[CollectorNeeds], kind: &str) -> Vec<&'static str> {
+    let hooks = needs.iter().filter(|c| c.essential).flat_map(|c| c.hooks);
+    let points = hooks.filter_map(|h| h.strip_prefix(kind)?.strip_prefix(' '));
+    let mut out: Vec<&'static str> = Vec::new();
+    for point in points {
+        if !out.contains(&point) {
+            out.push(point);
+        }
+    }
+    out
+}
+
+/// Hook kinds whose attach points can be probed by name, one by one.
+const BY_POINT: [&str; 2] = ["tracepoint", "raw_tp"];
+
+/// The hooks probed one by one, as `<kind> <attach point>`: every hook of a collector that is
+/// not essential, and every optional hook. Kinds outside [`BY_POINT`] are judged by their row.
+fn single_points(needs: &[CollectorNeeds]) -> Vec<&'static str> {
+    let mut out: Vec<&'static str> = Vec::new();
+    for c in needs {
+        let required = c.hooks.iter().filter(|_| !c.essential);
+        for &hook in required.chain(c.optional.iter().flat_map(|o| o.hooks)) {
+            let by_point = hook
+                .split_once(' ')
+                .is_some_and(|(kind, _)| BY_POINT.contains(&kind));
+            if by_point && !out.contains(&hook) {
+                out.push(hook);
+            }
+        }
+    }
+    out
 }
 
 impl CheckReport {
@@ -166,7 +361,8 @@ impl CheckReport {
         Ok(())
     }
 
-    /// Aligned tables (system, hooks, collectors), then a verdict line.
+    /// Aligned tables (system, hooks, collectors), then a verdict line. A collector's row
+    /// lists its required hooks; lines under it name what failed and its optional hooks.
     pub fn render_text(&self) -> String {
         let yes = |b: bool| if b { "yes" } else { "no" }.to_owned();
         let row = |a: &str, b: String, c: &str| [a.to_owned(), b, c.to_owned()];
@@ -179,8 +375,29 @@ impl CheckReport {
         let mut hooks = vec![row("HOOK", "AVAILABLE".to_owned(), "DETAIL")];
         hooks.extend(self.hooks.iter().map(hook));
         let mut collectors = vec![row("COLLECTOR", "STATUS".to_owned(), "HOOKS")];
-        let plans = self.collectors.iter();
-        collectors.extend(plans.map(|c| row(c.name, c.detail.clone(), &c.hooks.join(", "))));
+        for c in &self.collectors {
+            let status = match c.status {
+                PlanStatus::Ok => "ok",
+                PlanStatus::Degraded => "degraded",
+                PlanStatus::Unavailable => "unavailable",
+            };
+            collectors.push(row(c.name, status.to_owned(), &c.hooks.join(", ")));
+            // Continuation lines, under HOOKS.
+            let more = |text: String| row("", String::new(), &text);
+            let lost = |m: &MissingHook| m.failed.iter().map(failed_text).collect::<Vec<_>>();
+            let required = c.missing.iter().filter(|m| m.feeds.is_none());
+            let required: Vec<String> = required.flat_map(lost).collect();
+            if !required.is_empty() {
+                collectors.push(more(format!("missing: {}", required.join(", "))));
+            }
+            for o in c.optional {
+                let gone = c.missing.iter().find(|m| m.feeds == Some(o.feeds));
+                collectors.push(more(match gone {
+                    None => format!("optional for {}: {}", o.feeds, o.hooks.join(" or ")),
+                    Some(m) => format!("optional for {}, missing: {}", o.feeds, lost(m).join(", ")),
+                }));
+            }
+        }
         let all = [system, hooks, collectors];
         let first = all.iter().flatten().map(|r| r[0].len()).max().unwrap_or(0);
         let mut out = String::new();
@@ -199,6 +416,14 @@ impl CheckReport {
             Err(why) => out.push_str(&format!("cannot run the agent: {why}\n")),
         }
         out
+    }
+}
+
+/// A failed hook kind by name (the hook table says why); a failed attach point with why.
+fn failed_text(failed: &HookStatus) -> String {
+    match failed.hook.contains(' ') {
+        true => format!("{} ({})", failed.hook, failed.detail),
+        false => failed.hook.to_owned(),
     }
 }
 
@@ -226,9 +451,9 @@ pub fn run_checks() -> CheckReport {
         Err(_) if unreadable => Err(format!("{TRACEFS} is mounted but unreadable by this user")),
         Err(e) => Err(e.to_string()),
     };
-    let hooks = match missing_capabilities {
-        Some(_) => not_probed("not probed: missing capabilities"),
-        None => probe_hooks(parsed.as_ref().ok()),
+    let (hooks, points) = match missing_capabilities {
+        Some(_) => not_probed(COLLECTORS, "not probed: missing capabilities"),
+        None => probe_hooks(parsed.as_ref().ok(), COLLECTORS),
     };
     CheckReport {
         kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease")
@@ -238,18 +463,22 @@ pub fn run_checks() -> CheckReport {
         capabilities: names.map(|(name, cap)| (name, caps.has(cap))).collect(),
         missing_capabilities,
         tracefs: HookStatus::new("tracefs", tracefs),
-        collectors: plan_collectors(&hooks),
+        collectors: plan_collectors(&hooks, &points),
         hooks,
+        points,
     }
 }
 
-fn not_probed(why: &str) -> Vec<HookStatus> {
+/// Every hook kind, and every attach point `needs` probes by itself, failed with `why`.
+fn not_probed(needs: &[CollectorNeeds], why: &str) -> (Vec<HookStatus>, Vec<HookStatus>) {
     let status = |hook| HookStatus::new(hook, Err(why.to_owned()));
-    HOOKS.split(' ').map(status).collect()
+    let points = single_points(needs).into_iter().map(status).collect();
+    (HOOKS.split(' ').map(status).collect(), points)
 }
 
-/// Loads the object once and tries each hook kind; every link is dropped with the object.
-fn probe_hooks(btf: Option<&Btf>) -> Vec<HookStatus> {
+/// Loads the object once and tries each hook kind, then each attach point of `needs` that is
+/// probed by itself; every link is dropped with the object.
+fn probe_hooks(btf: Option<&Btf>, needs: &[CollectorNeeds]) -> (Vec<HookStatus>, Vec<HookStatus>) {
     preflight::raise_memlock();
     let ringbuf = match aya::sys::is_map_supported(MapType::RingBuf) {
         Ok(true) => Ok("BPF_MAP_TYPE_RINGBUF supported".to_owned()),
@@ -263,14 +492,21 @@ fn probe_hooks(btf: Option<&Btf>) -> Vec<HookStatus> {
         Ok(ebpf) => ebpf,
         Err(err) => {
             let why = format!("not probed: cannot load the eBPF object: {}", chain(&err));
-            let hooks = not_probed(&why).into_iter().filter(|h| h.hook != "ringbuf");
-            return hooks.chain([HookStatus::new("ringbuf", ringbuf)]).collect();
+            let (hooks, points) = not_probed(needs, &why);
+            let hooks = hooks.into_iter().filter(|h| h.hook != "ringbuf");
+            let hooks = hooks.chain([HookStatus::new("ringbuf", ringbuf)]).collect();
+            return (hooks, points);
         }
     };
     let btf = btf.ok_or_else(|| "not probed: no kernel BTF".to_owned());
+    let (tracepoint, mut points) = probe_tracepoint(&mut ebpf, needs);
+    let (raw_tp, raw_tp_points) = probe_raw_tp(&mut ebpf, needs);
+    points.extend(raw_tp_points);
+    let order = single_points(needs);
+    points.sort_by_key(|p| order.iter().position(|h| *h == p.hook));
     let hooks = vec![
-        HookStatus::new("tracepoint", probe_tracepoint(&mut ebpf)),
-        HookStatus::new("raw_tp", probe_raw_tp(&mut ebpf)),
+        HookStatus::new("tracepoint", tracepoint),
+        HookStatus::new("raw_tp", raw_tp),
         HookStatus::new("tp_btf", btf.clone().and_then(|b| tp_btf(&mut ebpf, b))),
         HookStatus::new("kprobe", probe_kprobe(&mut ebpf)),
         HookStatus::new("fentry", btf.and_then(|b| probe_fentry(&mut ebpf, b))),
@@ -279,7 +515,7 @@ fn probe_hooks(btf: Option<&Btf>) -> Vec<HookStatus> {
         HookStatus::new("ringbuf", ringbuf),
     ];
     drop(ebpf); // detaches every link and unloads the programs
-    hooks
+    (hooks, points)
 }
 
 /// The named program, loaded by `load`.
@@ -322,22 +558,68 @@ fn attach_each(
     Ok(format!("attached to {}", points.join(", ")))
 }
 
-fn probe_tracepoint(ebpf: &mut Ebpf) -> Result<String, String> {
-    let prog = loaded(ebpf, progs::PROBE_TRACEPOINT, TracePoint::load)?;
-    let first = "sched:sched_process_exit";
-    let mut points = vec![first];
-    points.extend(collector_points("tracepoint").filter(|p| *p != first));
-    attach_each(&points, |point| {
+/// A hook kind's row, and the results of its attach points probed one by one.
+type KindProbe = (Result<String, String>, Vec<HookStatus>);
+
+fn probe_tracepoint(ebpf: &mut Ebpf, needs: &[CollectorNeeds]) -> KindProbe {
+    let kind = "tracepoint";
+    let prog = match loaded(ebpf, progs::PROBE_TRACEPOINT, TracePoint::load) {
+        Ok(prog) => prog,
+        Err(why) => return kind_failed(needs, kind, why),
+    };
+    attach_kind(needs, kind, "sched:sched_process_exit", |point| {
         let (category, name) = point.split_once(':').unwrap_or(("", point));
         prog.attach(category, name).map(drop)
     })
 }
 
-fn probe_raw_tp(ebpf: &mut Ebpf) -> Result<String, String> {
-    let prog = loaded(ebpf, progs::PROBE_RAW_TP, RawTracePoint::load)?;
-    let mut points = vec!["sched_process_exit"];
-    points.extend(collector_points("raw_tp"));
-    attach_each(&points, |point| prog.attach(point).map(drop))
+fn probe_raw_tp(ebpf: &mut Ebpf, needs: &[CollectorNeeds]) -> KindProbe {
+    let kind = "raw_tp";
+    let prog = match loaded(ebpf, progs::PROBE_RAW_TP, RawTracePoint::load) {
+        Ok(prog) => prog,
+        Err(why) => return kind_failed(needs, kind, why),
+    };
+    attach_kind(needs, kind, "sched_process_exit", |point| {
+        prog.attach(point).map(drop)
+    })
+}
+
+/// Attaches the row of `kind` (`first`, then the points essential collectors require)
+/// together, then each point of `kind` that is probed by itself, so that a point the kernel
+/// lacks fails only its own result.
+fn attach_kind(
+    needs: &[CollectorNeeds],
+    kind: &str,
+    first: &'static str,
+    mut attach: impl FnMut(&str) -> Result<(), ProgramError>,
+) -> KindProbe {
+    let rest = collector_points(needs, kind).into_iter();
+    let row: Vec<&str> = [first]
+        .into_iter()
+        .chain(rest.filter(|p| *p != first))
+        .collect();
+    let row = attach_each(&row, &mut attach);
+    let singles = kind_points(needs, kind).map(|(hook, point)| {
+        let result = attach(point).map(|()| "attached".to_owned());
+        HookStatus::new(hook, result.map_err(|e| attach_failure(&e, ABSENT)))
+    });
+    (row, singles.collect())
+}
+
+/// The row of `kind` and each of its single points failed with `why`.
+fn kind_failed(needs: &[CollectorNeeds], kind: &str, why: String) -> KindProbe {
+    let points = kind_points(needs, kind).map(|(hook, _)| HookStatus::new(hook, Err(why.clone())));
+    let points = points.collect();
+    (Err(why), points)
+}
+
+/// The hooks of `kind` probed by themselves, with their attach points.
+fn kind_points<'a>(
+    needs: &[CollectorNeeds],
+    kind: &'a str,
+) -> impl Iterator<Item = (&'static str, &'static str)> + 'a {
+    let hooks = single_points(needs).into_iter();
+    hooks.filter_map(move |h| Some((h, h.strip_prefix(kind)?.strip_prefix(' ')?)))
 }
 
 fn tp_btf(ebpf: &mut Ebpf, btf: &Btf) -> Result<String, String> {
@@ -435,8 +717,24 @@ mod tests {
         HOOKS.split(' ').map(status).collect()
     }
 
+    /// Every attach point probed by itself attached, except those in `down`.
+    fn points(down: &[&str]) -> Vec<HookStatus> {
+        let result = |h| {
+            (!down.contains(&h))
+                .then(|| "attached".into())
+                .ok_or("x".into())
+        };
+        let status = |h| HookStatus::new(h, result(h));
+        single_points(COLLECTORS).into_iter().map(status).collect()
+    }
+
     fn report(down: &[&str]) -> CheckReport {
+        report_with(down, &[])
+    }
+
+    fn report_with(down: &[&str], points_down: &[&str]) -> CheckReport {
         let hooks = hooks(down);
+        let points = points(points_down);
         CheckReport {
             kernel: "6.8.0".to_owned(),
             btf: HookStatus::new("btf", Ok(BTF_PATH.to_owned())),
@@ -444,20 +742,31 @@ mod tests {
             capabilities: [("CAP_BPF", true)].into(),
             missing_capabilities: None,
             tracefs: HookStatus::new("tracefs", Ok(TRACEFS.to_owned())),
-            collectors: plan_collectors(&hooks),
+            collectors: plan_collectors(&hooks, &points),
             hooks,
+            points,
         }
+    }
+
+    fn net_plan(r: &CheckReport) -> &CollectorPlan {
+        let net = r.collectors.iter().find(|c| c.name == "net");
+        net.unwrap_or_else(|| panic!("no net plan in {:?}", r.collectors))
     }
 
     #[test]
     fn plans() {
-        let all = plan_collectors(&hooks(&[]));
+        let all = plan_collectors(&hooks(&[]), &points(&[]));
         assert!(all.iter().all(|c| c.available && c.detail == "ok"));
+        assert!(
+            all.iter()
+                .all(|c| c.status == PlanStatus::Ok && c.missing.is_empty())
+        );
         assert_eq!(all[1].hooks, ["raw_tp sys_enter", "raw_tp sys_exit"]);
-        let some = plan_collectors(&hooks(&["ringbuf", "tracepoint", "kprobe"]));
+        let some = plan_collectors(&hooks(&["ringbuf", "tracepoint", "kprobe"]), &points(&[]));
         assert_eq!(some[0].detail, "unavailable: tracepoint, ringbuf");
         assert!(!some[0].available && some[1].available);
-        assert_eq!(plan_collectors(&[])[1].detail, "unavailable: raw_tp");
+        assert_eq!(some[5].detail, "unavailable: tracepoint");
+        assert_eq!(plan_collectors(&[], &[])[1].detail, "unavailable: raw_tp");
     }
 
     #[test]
@@ -468,7 +777,8 @@ mod tests {
         assert!(err(&["raw_tp"]).starts_with("raw_tp unavailable (x): needs linux 4.17+"));
         assert!(err(&["ringbuf"]).contains("ring buffers"));
         let mut r = report(&[]);
-        r.hooks = not_probed("not probed: missing capabilities");
+        (r.hooks, r.points) = not_probed(COLLECTORS, "not probed: missing capabilities");
+        assert_eq!(r.points.len(), single_points(COLLECTORS).len());
         r.missing_capabilities = Capabilities(0).missing_for_tracing();
         assert!(r.can_run().unwrap_err().contains("CAP_BPF and CAP_PERFMON"));
         let text = r.render_text();
@@ -492,9 +802,150 @@ mod tests {
         assert!(lines.contains(&"kprobe      no         x"));
         assert!(lines.contains(&"syscalls    ok      raw_tp sys_enter, raw_tp sys_exit"));
         assert_eq!(lines.last(), Some(&"ok: the agent can run on this kernel"));
+        assert!(lines.contains(&"net         ok      tracepoint sock:inet_sock_set_state"));
+        assert!(lines.contains(&"                    optional for rtt: tracepoint tcp:tcp_probe"));
         let json = serde_json::to_value(report(&[])).unwrap_or_default();
         assert_eq!(json["hooks"][7]["hook"], "ringbuf");
         assert_eq!(json["collectors"][0]["available"], true);
+        assert_eq!(
+            json["points"][0]["hook"],
+            "tracepoint sock:inet_sock_set_state"
+        );
+        assert_eq!(json["collectors"][5]["status"], "ok");
+        assert_eq!(json["collectors"][5]["optional"][2]["feeds"], "rtt");
+        let json = serde_json::to_value(report_with(&[], &["tracepoint tcp:tcp_probe"]));
+        let json = json.unwrap_or_default();
+        assert_eq!(json["collectors"][5]["status"], "degraded");
+        let missing = &json["collectors"][5]["missing"][0];
+        assert_eq!(missing["feeds"], "rtt");
+        assert_eq!(missing["failed"][0]["hook"], "tracepoint tcp:tcp_probe");
+        assert_eq!(missing["failed"][0]["available"], false);
+    }
+
+    #[test]
+    fn missing_optional_net_hook_degrades_net_only() {
+        let r = report_with(&[], &["tracepoint tcp:tcp_probe"]);
+        let net = net_plan(&r);
+        assert_eq!(net.detail, "degraded: no rtt (tracepoint tcp:tcp_probe)");
+        assert!(net.available && net.status == PlanStatus::Degraded);
+        let failed = HookStatus::new("tracepoint tcp:tcp_probe", Err("x".into()));
+        let missing = MissingHook {
+            feeds: Some("rtt"),
+            failed: vec![failed],
+        };
+        assert_eq!(net.missing, [missing]);
+        let others = r.collectors.iter().filter(|c| c.name != "net");
+        assert!(others.into_iter().all(|c| c.status == PlanStatus::Ok));
+        assert_eq!(r.can_run(), Ok(()));
+        let text = r.render_text();
+        let lines: Vec<&str> = text.lines().collect();
+        assert!(lines.contains(&"net         degraded  tracepoint sock:inet_sock_set_state"));
+        let lost = "                      optional for rtt, missing: tracepoint tcp:tcp_probe (x)";
+        assert!(lines.contains(&lost), "{text}");
+        assert_eq!(lines.last(), Some(&"ok: the agent can run on this kernel"));
+
+        // A fallback that attaches makes up for the preferred hook.
+        let r = report_with(&[], &["raw_tp sock_send_length"]);
+        assert_eq!(net_plan(&r).detail, "ok");
+        let r = report_with(
+            &[],
+            &[
+                "tracepoint tcp:tcp_send_reset",
+                "raw_tp sock_send_length",
+                "tracepoint sock:sock_send_length",
+            ],
+        );
+        let detail = "degraded: no bytes sent, requests, request latency, connection reuse \
+            (raw_tp sock_send_length, tracepoint sock:sock_send_length); \
+            no resets sent (tracepoint tcp:tcp_send_reset)";
+        assert_eq!(net_plan(&r).detail, detail);
+        assert_eq!(net_plan(&r).missing[0].failed.len(), 2);
+        assert_eq!(r.can_run(), Ok(()));
+    }
+
+    #[test]
+    fn missing_required_net_hook_leaves_the_agent_running() {
+        let down = [
+            "tracepoint sock:inet_sock_set_state",
+            "tracepoint tcp:tcp_probe",
+        ];
+        let r = report_with(&[], &down);
+        let net = net_plan(&r);
+        assert_eq!(
+            net.detail,
+            "unavailable: tracepoint sock:inet_sock_set_state"
+        );
+        assert!(!net.available && net.status == PlanStatus::Unavailable);
+        // Optional hooks do not matter to a collector that cannot run.
+        assert_eq!(net.missing.len(), 1);
+        assert_eq!(net.missing[0].feeds, None);
+        let others = r.collectors.iter().filter(|c| c.name != "net");
+        assert!(others.into_iter().all(|c| c.status == PlanStatus::Ok));
+        assert_eq!(r.can_run(), Ok(()));
+        let text = r.render_text();
+        let lines: Vec<&str> = text.lines().collect();
+        let row = "net         unavailable  tracepoint sock:inet_sock_set_state";
+        assert!(lines.contains(&row), "{text}");
+        let why = "                         missing: tracepoint sock:inet_sock_set_state (x)";
+        assert!(lines.contains(&why), "{text}");
+        assert_eq!(lines.last(), Some(&"ok: the agent can run on this kernel"));
+        // A failed kind is named by itself: the hook table says why.
+        let r = report_with(&["ringbuf", "tracepoint"], &[]);
+        let text = r.render_text();
+        assert!(text.contains("\n                         missing: tracepoint, ringbuf\n"));
+        assert!(text.contains("\nnet         unavailable  tracepoint sock:inet_sock_set_state\n"));
+        assert!(r.can_run().is_err());
+    }
+
+    #[test]
+    fn kind_rows_hold_only_what_the_agent_needs() {
+        // The points of the net collector never fail a hook-kind row (and so the verdict).
+        let rows = collector_points(COLLECTORS, "tracepoint");
+        let essential = [
+            "task:task_newtask",
+            "sched:sched_process_exec",
+            "sched:sched_process_exit",
+            "sched:sched_switch",
+        ];
+        assert_eq!(rows, essential);
+        let rows = collector_points(COLLECTORS, "raw_tp");
+        assert_eq!(rows, ["sys_enter", "sys_exit", "sched_switch"]);
+        let singles = single_points(COLLECTORS);
+        assert_eq!(singles.len(), 9);
+        assert_eq!(singles[0], "tracepoint sock:inet_sock_set_state");
+        let raw: Vec<_> = kind_points(COLLECTORS, "raw_tp").collect();
+        let send = ("raw_tp sock_send_length", "sock_send_length");
+        assert_eq!(raw, [send, ("raw_tp sock_recv_length", "sock_recv_length")]);
+        assert_eq!(kind_points(COLLECTORS, "tracepoint").count(), 7);
+        // Optional hooks of an essential collector are probed by themselves too; kinds
+        // without a by-name probe are judged by their row.
+        let needs = [CollectorNeeds {
+            name: "t",
+            hooks: &["raw_tp sys_enter"],
+            optional: &[
+                OptionalHook {
+                    hooks: &["tracepoint a:b"],
+                    feeds: "ab",
+                },
+                OptionalHook {
+                    hooks: &["uprobe libc free"],
+                    feeds: "frees",
+                },
+            ],
+            essential: true,
+        }];
+        assert_eq!(single_points(&needs), ["tracepoint a:b"]);
+        assert_eq!(collector_points(&needs, "raw_tp"), ["sys_enter"]);
+        let plan = plan(&needs[0], &hooks(&["uprobe"]), &[]);
+        assert_eq!(plan.detail, "degraded: no frees (uprobe)");
+        // Render matches optional hooks to what is missing by what they feed.
+        for c in COLLECTORS {
+            let feeds: Vec<_> = c.optional.iter().map(|o| o.feeds).collect();
+            let distinct = feeds
+                .iter()
+                .all(|f| feeds.iter().filter(|g| *g == f).count() == 1);
+            assert!(distinct, "{}: {feeds:?}", c.name);
+        }
     }
 
     #[test]
