@@ -132,7 +132,7 @@ pub const COLLECTORS: &[CollectorNeeds] = &[
             },
             OptionalHook {
                 hooks: &["tracepoint tcp:tcp_probe"],
-                feeds: "rtt",
+                feeds: "rtt where BTF lacks tcp_sock.srtt_us",
             },
             OptionalHook {
                 hooks: &["tracepoint tcp:tcp_retransmit_skb"],
@@ -803,7 +803,7 @@ mod tests {
         assert!(lines.contains(&"syscalls    ok      raw_tp sys_enter, raw_tp sys_exit"));
         assert_eq!(lines.last(), Some(&"ok: the agent can run on this kernel"));
         assert!(lines.contains(&"net         ok      tracepoint sock:inet_sock_set_state"));
-        assert!(lines.contains(&"                    optional for rtt: tracepoint tcp:tcp_probe"));
+        assert!(lines.contains(&"                    optional for rtt where BTF lacks tcp_sock.srtt_us: tracepoint tcp:tcp_probe"));
         let json = serde_json::to_value(report(&[])).unwrap_or_default();
         assert_eq!(json["hooks"][7]["hook"], "ringbuf");
         assert_eq!(json["collectors"][0]["available"], true);
@@ -812,12 +812,15 @@ mod tests {
             "tracepoint sock:inet_sock_set_state"
         );
         assert_eq!(json["collectors"][5]["status"], "ok");
-        assert_eq!(json["collectors"][5]["optional"][2]["feeds"], "rtt");
+        assert_eq!(
+            json["collectors"][5]["optional"][2]["feeds"],
+            "rtt where BTF lacks tcp_sock.srtt_us"
+        );
         let json = serde_json::to_value(report_with(&[], &["tracepoint tcp:tcp_probe"]));
         let json = json.unwrap_or_default();
         assert_eq!(json["collectors"][5]["status"], "degraded");
         let missing = &json["collectors"][5]["missing"][0];
-        assert_eq!(missing["feeds"], "rtt");
+        assert_eq!(missing["feeds"], "rtt where BTF lacks tcp_sock.srtt_us");
         assert_eq!(missing["failed"][0]["hook"], "tracepoint tcp:tcp_probe");
         assert_eq!(missing["failed"][0]["available"], false);
     }
@@ -826,11 +829,14 @@ mod tests {
     fn missing_optional_net_hook_degrades_net_only() {
         let r = report_with(&[], &["tracepoint tcp:tcp_probe"]);
         let net = net_plan(&r);
-        assert_eq!(net.detail, "degraded: no rtt (tracepoint tcp:tcp_probe)");
+        assert_eq!(
+            net.detail,
+            "degraded: no rtt where BTF lacks tcp_sock.srtt_us (tracepoint tcp:tcp_probe)"
+        );
         assert!(net.available && net.status == PlanStatus::Degraded);
         let failed = HookStatus::new("tracepoint tcp:tcp_probe", Err("x".into()));
         let missing = MissingHook {
-            feeds: Some("rtt"),
+            feeds: Some("rtt where BTF lacks tcp_sock.srtt_us"),
             failed: vec![failed],
         };
         assert_eq!(net.missing, [missing]);
@@ -840,7 +846,7 @@ mod tests {
         let text = r.render_text();
         let lines: Vec<&str> = text.lines().collect();
         assert!(lines.contains(&"net         degraded  tracepoint sock:inet_sock_set_state"));
-        let lost = "                      optional for rtt, missing: tracepoint tcp:tcp_probe (x)";
+        let lost = "                      optional for rtt where BTF lacks tcp_sock.srtt_us, missing: tracepoint tcp:tcp_probe (x)";
         assert!(lines.contains(&lost), "{text}");
         assert_eq!(lines.last(), Some(&"ok: the agent can run on this kernel"));
 
