@@ -834,3 +834,53 @@ fn remote_addresses_flag_covers_every_selected_process() {
     let cols: Vec<&str> = row.split_whitespace().collect();
     assert_eq!((cols[0], cols[1], cols[8]), ("4", "0", "7"), "{stdout}");
 }
+
+#[test]
+fn check_lists_every_network_hook_as_attached() {
+    if !privileged() {
+        return;
+    }
+    // This kernel has every network tracepoint: each is attached on its own and the network
+    // collector is planned `ok`; the text report names them under the collector.
+    let out = run_probe(&["check", "--json"]);
+    assert!(out.status.success(), "check --json failed: {out:?}");
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("check --json");
+    let points = json["points"].as_array().expect("points");
+    for hook in [
+        "tracepoint sock:inet_sock_set_state",
+        "raw_tp sock_send_length",
+        "raw_tp sock_recv_length",
+        "tracepoint sock:sock_send_length",
+        "tracepoint sock:sock_recv_length",
+        "tracepoint tcp:tcp_probe",
+        "tracepoint tcp:tcp_retransmit_skb",
+        "tracepoint tcp:tcp_send_reset",
+        "tracepoint tcp:tcp_receive_reset",
+    ] {
+        let point = points.iter().find(|p| p["hook"] == hook);
+        let point = point.unwrap_or_else(|| panic!("{hook} not probed: {points:?}"));
+        assert_eq!(point["available"], true, "{hook}: {point}");
+    }
+    let collectors = json["collectors"].as_array().expect("collectors");
+    let net = collectors.iter().find(|c| c["name"] == "net").expect("net");
+    assert_eq!(net["status"], "ok", "{net}");
+    assert_eq!(json["can_run"], true, "{json}");
+    let text = run_probe(&["check"]);
+    let text = String::from_utf8_lossy(&text.stdout);
+    let row = text
+        .lines()
+        .find(|l| l.starts_with("net "))
+        .expect("net row");
+    assert!(
+        row.contains(" ok ") && row.ends_with("tracepoint sock:inet_sock_set_state"),
+        "{text}"
+    );
+    assert!(
+        text.contains("optional for retransmits: tracepoint tcp:tcp_retransmit_skb"),
+        "{text}"
+    );
+    assert!(
+        text.ends_with("ok: the agent can run on this kernel\n"),
+        "{text}"
+    );
+}
