@@ -884,3 +884,46 @@ fn check_lists_every_network_hook_as_attached() {
         "{text}"
     );
 }
+
+#[test]
+fn busy_connection_without_replies_reports_bytes_and_rtt_every_100ms() {
+    if !privileged() {
+        return;
+    }
+    // The client writes 5 requests 150 ms apart and never reads the replies, so none of its
+    // requests completes: its byte count reaches the counters only through the 100 ms timer of
+    // the send hook, which also samples RTT (once per send here). The server answers each one.
+    let mut server = NetLoad::spawn("n-stream-srv");
+    let mut client = NetLoad::spawn("n-stream-cli");
+    let port = server.listen("127.0.0.1:0");
+    let agent = Agent::start(&[
+        "--pid",
+        &server.pid.to_string(),
+        "--pid",
+        &client.pid.to_string(),
+    ]);
+    client.cmd(&format!("stream 127.0.0.1:{port} 5 150"));
+    let p = port.to_string();
+    let cli = series("n-stream-cli", "client", &p);
+    let srv = series("n-stream-srv", "server", &p);
+    fn sent<'a>([a, b, c]: [(&'a str, &'a str); 3]) -> [(&'a str, &'a str); 4] {
+        [a, b, c, ("direction", "sent")]
+    }
+    let m = agent.wait_for("the server answered 5 requests", |m| {
+        m.get(&format!("{REQUEST}_count"), &srv) == Some(5.0)
+    });
+    // The connection is still open: nothing was flushed by a close.
+    assert_eq!(m.value("ws1_probe_tcp_connections_active", &cli), 1.0);
+    assert_eq!(
+        m.value("ws1_probe_tcp_bytes_total", &sent(cli)),
+        40.0,
+        "{}",
+        m.text
+    );
+    // No client request completed (a histogram without observations is not exported).
+    let done = m.get(&format!("{REQUEST}_count"), &cli).unwrap_or(0.0);
+    assert_eq!(done, 0.0, "client requests completed: {done}");
+    assert_eq!(m.value("ws1_probe_tcp_bytes_total", &sent(srv)), 40.0);
+    assert_eq!(m.get("ws1_probe_tcp_rtt_seconds_count", &cli), Some(5.0));
+    client.cmd("close");
+}

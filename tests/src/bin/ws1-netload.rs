@@ -19,6 +19,9 @@
 //!   of the CPU count, both ends of a connection share one CPU, so every CPU runs one
 //!   request/response loop and no wake-up crosses CPUs
 
+//! - `stream ADDR N MS`: one connection, N requests without delay written MS ms apart whose
+//!   replies are never read; the connection stays open until `close`; replies `ok`
+//! - `close`: closes the connections `stream` left open; replies `ok`
 //! - `exit`: exit 0
 
 use std::{
@@ -106,6 +109,9 @@ fn connect(addr: SocketAddr) -> Result<TcpStream, String> {
     Ok(stream)
 }
 
+/// Connections `stream` keeps open until `close`.
+static OPEN: std::sync::Mutex<Vec<TcpStream>> = std::sync::Mutex::new(Vec::new());
+
 fn run(words: &[&str]) -> Result<String, String> {
     let addr = || -> Result<SocketAddr, String> {
         let w = words.get(1).ok_or("missing address")?;
@@ -152,6 +158,24 @@ fn run(words: &[&str]) -> Result<String, String> {
                 }
             }
             Ok(format!("ok {refused}"))
+        }
+        Some("stream") => {
+            let mut stream = connect(addr()?)?;
+            let (n, ms) = (num(2)?, num(3)?);
+            for seq in 0..n {
+                if seq > 0 {
+                    std::thread::sleep(Duration::from_millis(u64::from(ms)));
+                }
+                let mut req = [0u8; REQUEST];
+                req[4..].copy_from_slice(&seq.to_le_bytes());
+                stream.write_all(&req).map_err(|e| format!("write: {e}"))?;
+            }
+            OPEN.lock().map_err(|_| "lock poisoned")?.push(stream);
+            Ok("ok".to_owned())
+        }
+        Some("close") => {
+            OPEN.lock().map_err(|_| "lock poisoned")?.clear();
+            Ok("ok".to_owned())
         }
         Some("rate") => {
             let (addr, conns, n) = (addr()?, num(2)?, num(3)?);
