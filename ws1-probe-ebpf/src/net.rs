@@ -306,15 +306,11 @@ pub fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<u32, i64> {
         let stats_key = key(&s, 0);
         if old == TCP_SYN_SENT {
             record(&key(&s, KIND_CONNECT), now.saturating_sub(s.ts_ns));
-        } else if old == TCP_SYN_RECV && off.tcp_sock_srtt_us != u32::MAX {
-            // The kernel measured the SYN-ACK round trip into srtt_us (8 × µs) just before
-            // this state change (tcp_rcv_state_process, case TCP_SYN_RECV).
-            let at = sk.wrapping_add(u64::from(off.tcp_sock_srtt_us)) as *const u32;
-            // SAFETY: bpf_probe_read_kernel checks the address; `sk` is a live tcp_sock here.
-            if let Ok(srtt8) = unsafe { bpf_probe_read_kernel(at) } {
-                if srtt8 != 0 {
-                    record(&key(&s, KIND_HANDSHAKE), u64::from(srtt8 >> 3) * 1_000);
-                }
+        } else if old == TCP_SYN_RECV {
+            // The kernel measured the SYN-ACK round trip into srtt_us just before this state
+            // change (tcp_rcv_state_process, case TCP_SYN_RECV).
+            if let Some(ns) = srtt_ns(sk, off.tcp_sock_srtt_us) {
+                record(&key(&s, KIND_HANDSHAKE), ns);
             }
         }
         // SAFETY: as above.
@@ -345,8 +341,8 @@ pub fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<u32, i64> {
                 // SAFETY: per-CPU value of this CPU.
                 unsafe {
                     (*c).closed += 1;
-                    (*c).bytes_sent += s.bytes_sent - s.flushed_sent;
-                    (*c).bytes_received += s.bytes_received - s.flushed_received;
+                    (*c).bytes_sent += s.bytes_sent.saturating_sub(s.flushed_sent);
+                    (*c).bytes_received += s.bytes_received.saturating_sub(s.flushed_received);
                 }
             }
         } else if old == TCP_SYN_SENT {
@@ -419,15 +415,17 @@ fn sock_length(sk: u64, ret: i32, flags: i32, send: bool) -> Result<u32, i64> {
     let s = unsafe { *entry };
     let now = now_ns();
     let (mut sent, mut received) = (s.bytes_sent, s.bytes_received);
-    if send {
-        sent += ret as u64;
-    } else {
-        received += ret as u64;
-    }
+    // Only this direction's count is written: a thread sending while another receives on the
+    // same socket (full duplex) then cannot undo the other's count.
     // SAFETY: as above.
     unsafe {
-        (*entry).bytes_sent = sent;
-        (*entry).bytes_received = received;
+        if send {
+            sent += ret as u64;
+            (*entry).bytes_sent = sent;
+        } else {
+            received += ret as u64;
+            (*entry).bytes_received = received;
+        }
     }
     // Client requests begin with a send, server requests with a receive.
     let starts = send == (s.side == SIDE_CLIENT);
@@ -465,8 +463,11 @@ fn sock_length(sk: u64, ret: i32, flags: i32, send: bool) -> Result<u32, i64> {
     if let Some(c) = counters(&key(&s, 0)) {
         // SAFETY: per-CPU value of this CPU.
         unsafe {
-            (*c).bytes_sent += sent - s.flushed_sent;
-            (*c).bytes_received += received - s.flushed_received;
+            // Saturating: with both directions busy on two CPUs, the other call may have
+            // flushed past this call's view of the socket; a few bytes may then be counted
+            // twice or late, but a counter never jumps by a wrapped difference.
+            (*c).bytes_sent += sent.saturating_sub(s.flushed_sent);
+            (*c).bytes_received += received.saturating_sub(s.flushed_received);
             if done {
                 (*c).requests += 1;
                 if s.requests > 0 {
@@ -478,22 +479,28 @@ fn sock_length(sk: u64, ret: i32, flags: i32, send: bool) -> Result<u32, i64> {
     Ok(0)
 }
 
-/// One smoothed-RTT observation of an observed socket, read from `tcp_sock.srtt_us` (8 ×
-/// microseconds) at the offset the agent found in BTF; nothing without it.
+/// The smoothed RTT of a live TCP socket in nanoseconds, from `tcp_sock.srtt_us` (8 ×
+/// microseconds) at `off`, the offset the agent found in BTF (`u32::MAX`: none); `None` when
+/// unknown or not measured yet.
+#[inline(always)]
+fn srtt_ns(sk: u64, off: u32) -> Option<u64> {
+    if off == u32::MAX {
+        return None;
+    }
+    let at = sk.wrapping_add(u64::from(off)) as *const u32;
+    // SAFETY: bpf_probe_read_kernel checks the address; `sk` is a live tcp_sock here.
+    let srtt8 = unsafe { bpf_probe_read_kernel(at) }.ok()?;
+    (srtt8 != 0).then(|| u64::from(srtt8 >> 3) * 1_000)
+}
+
+/// One smoothed-RTT observation of an observed socket (nothing without the BTF offset).
 #[inline(always)]
 fn sample_rtt(sk: u64, s: &SockState) {
     // SAFETY: a plain read of a loader-set global, volatile as in `offsets`.
     let off =
         unsafe { core::ptr::read_volatile(core::ptr::addr_of!(NET_OFFSETS.tcp_sock_srtt_us)) };
-    if off == u32::MAX {
-        return;
-    }
-    let at = sk.wrapping_add(u64::from(off)) as *const u32;
-    // SAFETY: bpf_probe_read_kernel checks the address; `sk` is a live tcp_sock here.
-    if let Ok(srtt8) = unsafe { bpf_probe_read_kernel(at) } {
-        if srtt8 != 0 {
-            record(&key(s, KIND_RTT), u64::from(srtt8 >> 3) * 1_000);
-        }
+    if let Some(ns) = srtt_ns(sk, off) {
+        record(&key(s, KIND_RTT), ns);
     }
 }
 
