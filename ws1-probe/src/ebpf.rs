@@ -100,7 +100,7 @@ pub fn load(opts: &LoadOptions) -> Result<Ebpf, LoadError> {
 /// once per process; `u32::MAX` for each one BTF does not have.
 #[derive(Clone, Copy, Debug)]
 pub struct KernelOffsets {
-    /// `tcp_sock.srtt_us`: accept-side handshakes and the raw `tcp_probe`.
+    /// `tcp_sock.srtt_us`: accept-side handshakes, and RTT sampled by the send/receive hooks.
     pub tcp_sock_srtt_us: u32,
     /// `task_struct.pid`: the raw `sched_switch` of the off-CPU profiler.
     pub task_struct_pid: u32,
