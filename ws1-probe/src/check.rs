@@ -21,10 +21,10 @@ use aya::{
     },
 };
 use serde::Serialize;
-use ws1_probe_common::check as progs;
+use ws1_probe_common::{check as progs, net::NetOffsets};
 
 use crate::{
-    ebpf::{self, TRACEFS},
+    ebpf::{self, NET_TRACEPOINTS, TRACEFS, net_hook_usable},
     preflight::{self, CAP_BPF, CAP_PERFMON, CAP_SYS_ADMIN, Capabilities, PreflightError},
 };
 
@@ -451,10 +451,14 @@ pub fn run_checks() -> CheckReport {
         Err(_) if unreadable => Err(format!("{TRACEFS} is mounted but unreadable by this user")),
         Err(e) => Err(e.to_string()),
     };
-    let (hooks, points) = match missing_capabilities {
+    let (hooks, mut points) = match missing_capabilities {
         Some(_) => not_probed(COLLECTORS, "not probed: missing capabilities"),
         None => probe_hooks(parsed.as_ref().ok(), COLLECTORS),
     };
+    if tracefs.is_ok() {
+        // The same field check the agent makes before it attaches a network hook.
+        mark_missing_fields(&mut points, &ebpf::read_net_offsets(Path::new(TRACEFS)));
+    }
     CheckReport {
         kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease")
             .map_or_else(|e| format!("unknown ({e})"), |s| s.trim().to_owned()),
@@ -466,6 +470,25 @@ pub fn run_checks() -> CheckReport {
         collectors: plan_collectors(&hooks, &points),
         hooks,
         points,
+    }
+}
+
+/// Marks the network attach points whose tracepoint lacks a field the collector reads as
+/// unavailable: the agent skips those hooks (raw tracepoint included) even though they attach.
+fn mark_missing_fields(points: &mut [HookStatus], off: &NetOffsets) {
+    for point in points.iter_mut().filter(|p| p.available) {
+        // `tracepoint sock:sock_send_length` or `raw_tp sock_send_length`.
+        let event = point.hook.rsplit(' ').next().unwrap_or_default();
+        let name = event.rsplit(':').next().unwrap_or_default();
+        let Some((category, name, program)) = NET_TRACEPOINTS.iter().find(|t| t.1 == name) else {
+            continue;
+        };
+        if !net_hook_usable(off, program) {
+            point.available = false;
+            point.detail = format!(
+                "attaches, but {TRACEFS}/events/{category}/{name}/format lacks a field the network collector reads"
+            );
+        }
     }
 }
 
@@ -952,6 +975,35 @@ mod tests {
                 .all(|f| feeds.iter().filter(|g| *g == f).count() == 1);
             assert!(distinct, "{}: {feeds:?}", c.name);
         }
+    }
+
+    #[test]
+    fn points_whose_tracepoint_lacks_fields_are_unavailable() {
+        let ok = |hook| HookStatus::new(hook, Ok("attached".to_owned()));
+        let mut points = vec![
+            ok("tracepoint tcp:tcp_retransmit_skb"),
+            ok("raw_tp sock_send_length"),
+            ok("tracepoint sock:sock_send_length"),
+            ok("raw_tp sys_enter"),
+        ];
+        let mut off = NetOffsets::FALLBACK;
+        mark_missing_fields(&mut points, &off);
+        assert!(points.iter().all(|p| p.available), "{points:?}");
+        off.retransmit_skaddr = u32::MAX;
+        off.send_sk = u32::MAX;
+        mark_missing_fields(&mut points, &off);
+        let available: Vec<bool> = points.iter().map(|p| p.available).collect();
+        assert_eq!(available, [false, false, false, true]);
+        assert_eq!(
+            points[0].detail,
+            "attaches, but /sys/kernel/tracing/events/tcp/tcp_retransmit_skb/format lacks a field the network collector reads"
+        );
+        // The plan then names what is lost, and the agent can still run.
+        let plans = plan_collectors(&hooks(&[]), &points);
+        let net = plans.iter().find(|c| c.name == "net").expect("net");
+        assert_eq!(net.status, PlanStatus::Degraded);
+        assert!(net.detail.contains("no retransmits"), "{}", net.detail);
+        assert!(net.detail.contains("no bytes sent"), "{}", net.detail);
     }
 
     #[test]
