@@ -317,8 +317,8 @@ impl<L: Load> Bench<L> {
     }
 
     /// Samples the load's CPU time with `ws1-probe profile` while the agent observes both ends,
-    /// and counts the samples inside BPF tracepoint dispatch (`bpf_trace_run*`: the hooks and
-    /// everything they call). Unlike the throughput comparison this does not depend on how
+    /// and counts the samples inside the tracepoints' BPF hooks (`HOOK_FRAMES`: the call site,
+    /// the dispatch, the programs and everything they call). Unlike the throughput comparison this does not depend on how
     /// much CPU the host lends the VM from one block to the next: at saturation the share is
     /// the throughput the hooks cost. Returns (samples in the hooks, all samples).
     fn hook_share(&mut self, probe: &Path, logs: &Path, name: &str) -> Result<(u64, u64)> {
@@ -359,7 +359,17 @@ impl<L: Load> Bench<L> {
     }
 }
 
-/// (samples with a `bpf_trace_run*` frame, all samples) of folded stacks.
+/// Kernel functions that run only because a program is attached to a tracepoint: the
+/// out-of-line call site (`call_trace_sock_*` in net/socket.c), the iterator or static-call
+/// target, and the BPF run wrapper (which calls the program and its helpers).
+const HOOK_FRAMES: [&str; 4] = [
+    "call_trace_",
+    "__traceiter_",
+    "__bpf_trace_",
+    "bpf_trace_run",
+];
+
+/// (samples inside a tracepoint's BPF hook, all samples) of folded stacks.
 fn hook_samples(folded: &str) -> (u64, u64) {
     let mut counts = (0, 0);
     for line in folded.lines() {
@@ -369,7 +379,10 @@ fn hook_samples(folded: &str) -> (u64, u64) {
         let Ok(n) = n.parse::<u64>() else {
             continue;
         };
-        if stack.split(';').any(|f| f.starts_with("bpf_trace_run")) {
+        if stack
+            .split(';')
+            .any(|f| HOOK_FRAMES.iter().any(|h| f.starts_with(h)))
+        {
             counts.0 += n;
         }
         counts.1 += n;
@@ -538,7 +551,7 @@ mod tests {
 
     #[test]
     fn counts_samples_under_the_hooks() {
-        let folded = "a;b_[k] 5\nwrk;__send;bpf_trace_run3_[k];bpf_prog_x_[k] 3\nx;bpf_trace_run2_[k] 2\nbroken line\n";
-        assert_eq!(hook_samples(folded), (5, 10));
+        let folded = "a;b_[k] 5\nwrk;__send;bpf_trace_run3_[k];bpf_prog_x_[k] 3\nx;bpf_trace_run2_[k] 2\nx;__sys_sendto_[k];call_trace_sock_send_length.constprop.0_[k] 4\nbroken line\n";
+        assert_eq!(hook_samples(folded), (9, 14));
     }
 }
