@@ -8,20 +8,16 @@
 //! their collector's plan: `unavailable` without a required hook, `degraded` without an
 //! optional one (the metrics it feeds are missing, the rest works).
 
-use std::{collections::BTreeMap, error::Error, io, path::Path};
+use std::{collections::BTreeMap, path::Path};
 
-use aya::{
-    Btf, Ebpf, EbpfLoader,
-    maps::MapType,
-    programs::{
-        BtfTracePoint, FEntry, KProbe, PerfEvent, Program, ProgramError, RawTracePoint, TracePoint,
-        UProbe,
-        perf_event::{PerfEventConfig, PerfEventScope, SamplePolicy, SoftwareEvent},
-        uprobe::UProbeScope,
-    },
-};
+use aya::Btf;
 use serde::Serialize;
-use ws1_probe_common::{check as progs, net::NetOffsets};
+use ws1_probe_common::net::NetOffsets;
+
+mod probe;
+
+pub use probe::attach_failure;
+use probe::{chain, probe_hooks};
 
 use crate::{
     ebpf::{self, NET_TRACEPOINTS, TRACEFS, net_hook_usable},
@@ -499,226 +495,6 @@ fn not_probed(needs: &[CollectorNeeds], why: &str) -> (Vec<HookStatus>, Vec<Hook
     (HOOKS.split(' ').map(status).collect(), points)
 }
 
-/// Loads the object once and tries each hook kind, then each attach point of `needs` that is
-/// probed by itself; every link is dropped with the object.
-fn probe_hooks(btf: Option<&Btf>, needs: &[CollectorNeeds]) -> (Vec<HookStatus>, Vec<HookStatus>) {
-    preflight::raise_memlock();
-    let ringbuf = match aya::sys::is_map_supported(MapType::RingBuf) {
-        Ok(true) => Ok("BPF_MAP_TYPE_RINGBUF supported".to_owned()),
-        Ok(false) => Err("BPF_MAP_TYPE_RINGBUF not supported by this kernel".to_owned()),
-        Err(err) => Err(format!("probe failed: {}", chain(&err))),
-    };
-    // aya 0.14's `EbpfLoader::new` parses BTF itself; ours replaces it for the relocations.
-    // Unsupported maps are tolerated so that the program probes still run.
-    let mut loader = EbpfLoader::new();
-    let mut ebpf = match loader.btf(btf).allow_unsupported_maps().load(ebpf::OBJECT) {
-        Ok(ebpf) => ebpf,
-        Err(err) => {
-            let why = format!("not probed: cannot load the eBPF object: {}", chain(&err));
-            let (hooks, points) = not_probed(needs, &why);
-            let hooks = hooks.into_iter().filter(|h| h.hook != "ringbuf");
-            let hooks = hooks.chain([HookStatus::new("ringbuf", ringbuf)]).collect();
-            return (hooks, points);
-        }
-    };
-    let btf = btf.ok_or_else(|| "not probed: no kernel BTF".to_owned());
-    let (tracepoint, mut points) = probe_tracepoint(&mut ebpf, needs);
-    let (raw_tp, raw_tp_points) = probe_raw_tp(&mut ebpf, needs);
-    points.extend(raw_tp_points);
-    let order = single_points(needs);
-    points.sort_by_key(|p| order.iter().position(|h| *h == p.hook));
-    let hooks = vec![
-        HookStatus::new("tracepoint", tracepoint),
-        HookStatus::new("raw_tp", raw_tp),
-        HookStatus::new("tp_btf", btf.clone().and_then(|b| tp_btf(&mut ebpf, b))),
-        HookStatus::new("kprobe", probe_kprobe(&mut ebpf)),
-        HookStatus::new("fentry", btf.and_then(|b| probe_fentry(&mut ebpf, b))),
-        HookStatus::new("uprobe", probe_uprobe(&mut ebpf)),
-        HookStatus::new("perf_event", probe_perf_event(&mut ebpf)),
-        HookStatus::new("ringbuf", ringbuf),
-    ];
-    drop(ebpf); // detaches every link and unloads the programs
-    (hooks, points)
-}
-
-/// The named program, loaded by `load`.
-fn loaded<'a, T>(
-    ebpf: &'a mut Ebpf,
-    name: &str,
-    load: impl FnOnce(&mut T) -> Result<(), ProgramError>,
-) -> Result<&'a mut T, String>
-where
-    &'a mut T: TryFrom<&'a mut Program, Error = ProgramError>,
-{
-    let prog = ebpf.program_mut(name).ok_or_else(|| {
-        format!("program {name} is missing from the eBPF object (rebuild with `cargo xtask build`)")
-    })?;
-    let prog: Result<&mut T, _> = prog.try_into();
-    let prog = prog.map_err(|e| format!("program {name}: {}", chain(&e)))?;
-    match load(prog) {
-        Ok(()) => Ok(prog),
-        Err(ProgramError::LoadError {
-            io_error,
-            verifier_log,
-        }) => {
-            let log = ebpf::log_tail(&verifier_log.to_string(), 2);
-            let log = (!log.starts_with("(empty")).then(|| format!(" (verifier: {log})"));
-            let log = log.unwrap_or_default();
-            Err(format!("load refused: {}{log}", os_text(&io_error)))
-        }
-        Err(err) => Err(format!("load failed: {}", chain(&err))),
-    }
-}
-
-/// Attaches to each point in turn; the first failure names its point.
-fn attach_each(
-    points: &[&str],
-    mut attach: impl FnMut(&str) -> Result<(), ProgramError>,
-) -> Result<String, String> {
-    for point in points {
-        attach(point).map_err(|e| format!("{point}: {}", attach_failure(&e, NO_EVENTS)))?;
-    }
-    Ok(format!("attached to {}", points.join(", ")))
-}
-
-/// A hook kind's row, and the results of its attach points probed one by one.
-type KindProbe = (Result<String, String>, Vec<HookStatus>);
-
-fn probe_tracepoint(ebpf: &mut Ebpf, needs: &[CollectorNeeds]) -> KindProbe {
-    let kind = "tracepoint";
-    let prog = match loaded(ebpf, progs::PROBE_TRACEPOINT, TracePoint::load) {
-        Ok(prog) => prog,
-        Err(why) => return kind_failed(needs, kind, why),
-    };
-    attach_kind(needs, kind, "sched:sched_process_exit", |point| {
-        let (category, name) = point.split_once(':').unwrap_or(("", point));
-        prog.attach(category, name).map(drop)
-    })
-}
-
-fn probe_raw_tp(ebpf: &mut Ebpf, needs: &[CollectorNeeds]) -> KindProbe {
-    let kind = "raw_tp";
-    let prog = match loaded(ebpf, progs::PROBE_RAW_TP, RawTracePoint::load) {
-        Ok(prog) => prog,
-        Err(why) => return kind_failed(needs, kind, why),
-    };
-    attach_kind(needs, kind, "sched_process_exit", |point| {
-        prog.attach(point).map(drop)
-    })
-}
-
-/// Attaches the row of `kind` (`first`, then the points essential collectors require)
-/// together, then each point of `kind` that is probed by itself, so that a point the kernel
-/// lacks fails only its own result.
-fn attach_kind(
-    needs: &[CollectorNeeds],
-    kind: &str,
-    first: &'static str,
-    mut attach: impl FnMut(&str) -> Result<(), ProgramError>,
-) -> KindProbe {
-    let rest = collector_points(needs, kind).into_iter();
-    let row: Vec<&str> = [first]
-        .into_iter()
-        .chain(rest.filter(|p| *p != first))
-        .collect();
-    let row = attach_each(&row, &mut attach);
-    let singles = kind_points(needs, kind).map(|(hook, point)| {
-        let result = attach(point).map(|()| "attached".to_owned());
-        HookStatus::new(hook, result.map_err(|e| attach_failure(&e, ABSENT)))
-    });
-    (row, singles.collect())
-}
-
-/// The row of `kind` and each of its single points failed with `why`.
-fn kind_failed(needs: &[CollectorNeeds], kind: &str, why: String) -> KindProbe {
-    let points = kind_points(needs, kind).map(|(hook, _)| HookStatus::new(hook, Err(why.clone())));
-    let points = points.collect();
-    (Err(why), points)
-}
-
-/// The hooks of `kind` probed by themselves, with their attach points.
-fn kind_points<'a>(
-    needs: &[CollectorNeeds],
-    kind: &'a str,
-) -> impl Iterator<Item = (&'static str, &'static str)> + 'a {
-    let hooks = single_points(needs).into_iter();
-    hooks.filter_map(move |h| Some((h, h.strip_prefix(kind)?.strip_prefix(' ')?)))
-}
-
-fn tp_btf(ebpf: &mut Ebpf, btf: &Btf) -> Result<String, String> {
-    let load = |p: &mut BtfTracePoint| p.load("sched_process_exit", btf);
-    let link = loaded(ebpf, progs::PROBE_TP_BTF, load)?.attach();
-    let hint = "kernel built without CONFIG_DEBUG_INFO_BTF?";
-    attached(link, hint, "sched_process_exit")
-}
-
-fn probe_kprobe(ebpf: &mut Ebpf) -> Result<String, String> {
-    let link = loaded(ebpf, progs::PROBE_KPROBE, KProbe::load)?.attach("do_exit", 0);
-    attached(link, "kernel built without CONFIG_KPROBES?", "do_exit")
-}
-
-fn probe_fentry(ebpf: &mut Ebpf, btf: &Btf) -> Result<String, String> {
-    let load = |p: &mut FEntry| p.load("do_exit", btf);
-    let link = loaded(ebpf, progs::PROBE_FENTRY, load)?.attach();
-    let hint = "kernel built without CONFIG_DYNAMIC_FTRACE_WITH_DIRECT_CALLS?";
-    attached(link, hint, "do_exit")
-}
-
-fn probe_uprobe(ebpf: &mut Ebpf) -> Result<String, String> {
-    let prog = loaded(ebpf, progs::PROBE_UPROBE, UProbe::load)?;
-    let link = prog.attach("getpid", "libc", UProbeScope::CallingProcess);
-    let hint = "kernel built without CONFIG_UPROBE_EVENTS?";
-    attached(link, hint, "libc getpid (this process only)")
-}
-
-fn probe_perf_event(ebpf: &mut Ebpf) -> Result<String, String> {
-    let prog = loaded(ebpf, progs::PROBE_PERF_EVENT, PerfEvent::load)?;
-    let config = PerfEventConfig::Software(SoftwareEvent::CpuClock);
-    let scope = PerfEventScope::AllProcessesOneCpu { cpu: 0 };
-    let link = prog.attach(config, scope, SamplePolicy::Frequency(1), false);
-    let hint = "check /proc/sys/kernel/perf_event_paranoid";
-    attached(link, hint, "software cpu-clock on cpu 0 at 1 Hz")
-}
-
-fn attached<L>(link: Result<L, ProgramError>, hint: &str, what: &str) -> Result<String, String> {
-    link.map(|_| format!("attached to {what}"))
-        .map_err(|e| attach_failure(&e, hint))
-}
-
-/// One line for a failed attach: a refusal (EPERM/EACCES) by itself, anything else with `hint`.
-pub fn attach_failure(err: &(dyn Error + 'static), hint: &str) -> String {
-    let io = sources(err).find_map(|e| e.downcast_ref::<io::Error>());
-    match io {
-        Some(io) if matches!(io.raw_os_error(), Some(libc::EPERM | libc::EACCES)) => {
-            format!("attach refused: {}", os_text(io))
-        }
-        _ => format!("attach failed: {} ({hint})", chain(err)),
-    }
-}
-
-fn sources<'a>(err: &'a (dyn Error + 'static)) -> impl Iterator<Item = &'a (dyn Error + 'static)> {
-    std::iter::successors(Some(err), |&e| e.source())
-}
-
-/// `Operation not permitted` rather than `Operation not permitted (os error 1)`.
-fn os_text(err: &io::Error) -> String {
-    let text = err.to_string();
-    text.split(" (os error").next().unwrap_or(&text).to_owned()
-}
-
-/// An error and its sources on one line, without the repeats `#[error(transparent)]` makes.
-fn chain(err: &(dyn Error + 'static)) -> String {
-    let mut parts: Vec<String> = Vec::new();
-    for e in sources(err) {
-        let io = e.downcast_ref::<io::Error>();
-        let text = io.map_or_else(|| e.to_string(), os_text);
-        if parts.last() != Some(&text) && !text.is_empty() {
-            parts.push(text);
-        }
-    }
-    parts.join(": ")
-}
-
 /// The lockdown mode, or why it is unknown.
 fn lockdown() -> String {
     preflight::lockdown_mode().unwrap_or_else(|| match Path::new(LOCKDOWN).exists() {
@@ -729,9 +505,11 @@ fn lockdown() -> String {
 
 #[cfg(test)]
 mod tests {
-    use aya::sys::SyscallError;
+    use std::io;
 
-    use super::*;
+    use aya::{programs::ProgramError, sys::SyscallError};
+
+    use super::{probe::kind_points, *};
 
     /// Every hook available except those in `down`.
     fn hooks(down: &[&str]) -> Vec<HookStatus> {
