@@ -68,7 +68,7 @@ pub const IPPROTO_TCP: u16 = 6;
 pub const MSG_PEEK: i32 = 2;
 
 /// RTT is sampled at most once per socket per this many nanoseconds, and a socket's byte counts
-/// reach `NET_STATS` at least this often while it sends or receives (besides at every completed
+/// reach `NET_COUNTERS` at least this often while it sends or receives (besides at every completed
 /// request and at close).
 pub const RTT_SAMPLE_NS: u64 = 100_000_000;
 
@@ -76,10 +76,16 @@ pub const RTT_SAMPLE_NS: u64 = 100_000_000;
 pub const SOCK_ENTRIES: u32 = 65_536;
 /// Capacity of `NET_LISTEN` (listening ports of targeted processes).
 pub const LISTEN_ENTRIES: u32 = 4_096;
-/// Capacity of `NET_STATS` (service × side × port).
-pub const STATS_ENTRIES: u32 = 4_096;
-/// Capacity of `NET_HIST` (service × side × port × kind); preallocated and shared by all CPUs,
-/// so this is 2,048 × 4.6 KB = 9.4 MB of kernel memory whatever the number of CPUs.
+/// Endpoints (service × side × port × remote) with a slot of their own: the capacity of
+/// `NET_SLOTS` and the length of the arrays indexed by slot, `NET_COUNTERS` (per CPU, 88 bytes
+/// per slot) and `NET_REQUEST_HIST` (shared, 4.6 KB per slot: 4.7 MB). A socket's slot is found
+/// once, when the socket is created, so the per-request work indexes arrays instead of hashing
+/// keys. Slots are never given back, so every exported series stays monotonic; when they run
+/// out, new endpoints are not observed and `net_stats_map_full` counts them.
+pub const SLOT_ENTRIES: u32 = 1_024;
+/// Capacity of `NET_HIST` (service × side × port × kind, every kind but requests, which have
+/// their own array); preallocated and shared by all CPUs, so this is 2,048 × 4.6 KB = 9.4 MB of
+/// kernel memory whatever the number of CPUs.
 pub const NET_HIST_ENTRIES: u32 = 2_048;
 
 /// `remote` of sockets whose service does not export remote addresses.
@@ -171,21 +177,22 @@ pub struct SockState {
     /// Id of the peer's address in `NET_REMOTES`, `REMOTE_OTHER`, or `REMOTE_NONE` when the
     /// service does not export remote addresses.
     pub remote: u32,
-    pub _pad: u32,
+    /// The endpoint's index in `NET_COUNTERS` and `NET_REQUEST_HIST` (see `SLOT_ENTRIES`).
+    pub slot: u32,
     /// Client: SYN_SENT time until established; then the start of the pending request.
     pub ts_ns: u64,
     /// ESTABLISHED time (0 until then).
     pub established_ns: u64,
     /// Time of the last RTT sample.
     pub rtt_ns: u64,
-    /// Time `NET_STATS` last got this socket's byte counts (0: never).
+    /// Time `NET_COUNTERS` last got this socket's byte counts (0: never).
     pub flushed_ns: u64,
     /// Requests completed on this connection.
     pub requests: u64,
     /// Bytes sent and received on this connection so far.
     pub bytes_sent: u64,
     pub bytes_received: u64,
-    /// The part of `bytes_sent`/`bytes_received` already added to `NET_STATS`: the send and
+    /// The part of `bytes_sent`/`bytes_received` already added to `NET_COUNTERS`: the send and
     /// receive hooks keep counting in the socket's own entry and add the difference to the
     /// per-CPU counters only when a request completes, every `RTT_SAMPLE_NS` and at close,
     /// which saves a map lookup on every other call.
@@ -193,20 +200,20 @@ pub struct SockState {
     pub flushed_received: u64,
 }
 
-/// Key of `NET_STATS` and, with `kind`, of `NET_HIST`.
+/// Key of `NET_SLOTS` (an endpoint) and, with `kind`, of `NET_HIST`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct NetKey {
     pub service: u32,
     pub port: u16,
     pub side: u8,
-    /// `KIND_*` in `NET_HIST`; 0 in `NET_STATS`.
+    /// `KIND_*` in `NET_HIST`; 0 in `NET_SLOTS`.
     pub kind: u8,
     /// `SockState::remote` of the socket the event belongs to.
     pub remote: u32,
 }
 
-/// Per-CPU counters of one (service, side, port).
+/// Per-CPU counters of one endpoint (service, side, port, remote), at its slot.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct NetCounters {
@@ -225,6 +232,9 @@ pub struct NetCounters {
     pub requests: u64,
     /// Completed requests that were not the first on their connection.
     pub reused_requests: u64,
+    /// Connections open: +1 at ESTABLISHED, -1 (wrapping) at CLOSE, on whichever CPU, so only
+    /// the sum over CPUs is meaningful (two's complement).
+    pub active: u64,
 }
 
 /// Tracepoint field offsets of the network hooks, read from tracefs at start-up. `u32::MAX`

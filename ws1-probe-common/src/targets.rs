@@ -75,7 +75,7 @@ pub enum DropReason {
     SyscallErrorsFull = 4,
     /// `NET_SOCKS` was full: a new TCP connection is not observed.
     NetSocksFull = 5,
-    /// `NET_STATS` or `NET_HIST` was full.
+    /// `NET_SLOTS` (no slot left for a new endpoint) or `NET_HIST` was full.
     NetStatsFull = 6,
     /// `NET_LISTEN` was full: a listening port is not observed.
     NetListenFull = 7,

@@ -9,6 +9,10 @@
 //! is deleted, so hooks that fire in softirq context (state changes, retransmits, resets) cost
 //! one hash lookup for sockets nobody observes. Per event the work is O(1).
 //!
+//! Each socket also carries its endpoint's slot (`NET_SLOTS`, found once when the socket is
+//! created): the counters and the request histogram are arrays indexed by it, so the per-request
+//! path hashes nothing but the socket's address.
+//!
 //! Request latency comes from `sock_send_length`/`sock_recv_length` (process context, after
 //! the call): a client request starts at the first send after the socket was idle and ends at
 //! the first successful receive; a server request starts at the first receive after idle and
@@ -27,17 +31,17 @@ use aya_ebpf::{
     bindings::BPF_NOEXIST,
     helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel},
     macros::map,
-    maps::{Array, HashMap, PerCpuHashMap},
+    maps::{Array, HashMap, PerCpuArray, Queue},
     programs::{RawTracePointContext, TracePointContext},
 };
 use ws1_probe_common::{
     hist::{DEFAULT_EXPORT_BOUNDS_NS, EXPORT_BOUND_SLOTS, LatencyHist, pad_bounds},
     net::{
         BYTES_BOUNDS, IPPROTO_TCP, KIND_BYTES_RECEIVED, KIND_BYTES_SENT, KIND_CONNECT,
-        KIND_HANDSHAKE, KIND_LIFETIME, KIND_REQUEST, KIND_RTT, LISTEN_ENTRIES, MSG_PEEK,
+        KIND_HANDSHAKE, KIND_LIFETIME, KIND_RTT, LISTEN_ENTRIES, MSG_PEEK,
         NET_HIST_ENTRIES, NetCounters, NetKey, NetOffsets, PHASE_IDLE, PHASE_PENDING,
         REMOTE_ENTRIES, REMOTE_NONE, REMOTE_OTHER, REMOTE_SERVICE_SLOTS, RTT_SAMPLE_NS, RemoteAddr,
-        SIDE_CLIENT, SIDE_SERVER, SOCK_ENTRIES, STATS_ENTRIES, SockState, TCP_CLOSE,
+        SIDE_CLIENT, SIDE_SERVER, SLOT_ENTRIES, SOCK_ENTRIES, SockState, TCP_CLOSE,
         TCP_ESTABLISHED, TCP_LISTEN, TCP_SYN_RECV, TCP_SYN_SENT,
     },
     targets::DropReason,
@@ -67,12 +71,29 @@ static NET_REMOTE_SERVICES: Array<u32> = Array::with_max_entries(REMOTE_SERVICE_
 #[map]
 static NET_REMOTES: HashMap<u32, RemoteAddr> = HashMap::with_max_entries(REMOTE_ENTRIES, 0);
 
-/// (service, side, port, remote) → counters, per CPU.
+/// Endpoint (service, side, port, remote; kind 0) → its slot in `NET_COUNTERS` and
+/// `NET_REQUEST_HIST`. Looked up once per socket, when it is created; entries are never removed.
 #[map]
-static NET_STATS: PerCpuHashMap<NetKey, NetCounters> =
-    PerCpuHashMap::with_max_entries(STATS_ENTRIES, 0);
+static NET_SLOTS: HashMap<NetKey, u32> = HashMap::with_max_entries(SLOT_ENTRIES, 0);
 
-/// (service, side, port, kind) → histogram, shared by all CPUs (see hist.rs).
+/// Slots not handed out yet; the agent fills it with `0..SLOT_ENTRIES` before it attaches the
+/// hooks. A pop is atomic, so two CPUs creating one endpoint at once never share a slot by
+/// mistake: the one whose insert loses gives its slot back.
+#[map]
+static NET_FREE_SLOTS: Queue<u32> = Queue::with_max_entries(SLOT_ENTRIES, 0);
+
+/// Slot → counters of the endpoint, per CPU: the verifier inlines array lookups, so a completed
+/// request costs no hashing.
+#[map]
+static NET_COUNTERS: PerCpuArray<NetCounters> = PerCpuArray::with_max_entries(SLOT_ENTRIES, 0);
+
+/// Slot → request-latency histogram of the endpoint, shared by all CPUs (see hist.rs; per CPU
+/// it would cost 4.7 MB per CPU).
+#[map]
+static NET_REQUEST_HIST: Array<LatencyHist> = Array::with_max_entries(SLOT_ENTRIES, 0);
+
+/// (service, side, port, remote, kind) → histogram of the rarer kinds (connect, handshake, RTT
+/// samples, lifetime, bytes per connection), shared by all CPUs (see hist.rs).
 ///
 /// Not per CPU, and preallocated, on purpose: a per-CPU map of 4.6 KB values cannot be
 /// preallocated (entries × 4.6 KB × CPUs), and a map that is not preallocated takes new elements
@@ -82,11 +103,6 @@ static NET_STATS: PerCpuHashMap<NetKey, NetCounters> =
 /// line costs little.
 #[map]
 static NET_HIST: HashMap<NetKey, LatencyHist> = HashMap::with_max_entries(NET_HIST_ENTRIES, 0);
-
-/// Active connections per (service, side, port), per CPU: +1 at ESTABLISHED, -1 at CLOSE (on
-/// whichever CPU), so only the sum over CPUs is meaningful (two's complement).
-#[map]
-static NET_ACTIVE: PerCpuHashMap<NetKey, u64> = PerCpuHashMap::with_max_entries(STATS_ENTRIES, 0);
 
 /// Prometheus `le` bounds in nanoseconds, padded with `u64::MAX`; the agent may override them.
 #[unsafe(no_mangle)]
@@ -128,36 +144,31 @@ fn key(s: &SockState, kind: u8) -> NetKey {
     }
 }
 
-/// The counters of `key` on this CPU, created on first use.
+/// The slot of an endpoint (`key.kind` 0), handed out on first use; `None` when every slot is
+/// taken (counted as a drop).
 #[inline(always)]
-fn counters(key: &NetKey) -> Option<*mut NetCounters> {
-    if let Some(c) = NET_STATS.get_ptr_mut(key) {
-        return Some(c);
+fn slot_of(key: &NetKey) -> Option<u32> {
+    if let Some(slot) = NET_SLOTS.get_ptr(key) {
+        // SAFETY: pointer from a successful lookup; entries are never removed.
+        return Some(unsafe { *slot });
     }
-    // BPF_NOEXIST: another CPU may have created it meanwhile; the lookup below finds it.
-    let _ = NET_STATS.insert(key, NetCounters::default(), BPF_NOEXIST as u64);
-    let c = NET_STATS.get_ptr_mut(key);
-    if c.is_none() {
+    let Ok(Some(slot)) = NET_FREE_SLOTS.pop() else {
         count_drop(DropReason::NetStatsFull);
+        return None;
+    };
+    if NET_SLOTS.insert(key, slot, BPF_NOEXIST as u64).is_ok() {
+        return Some(slot);
     }
-    c
+    // Another CPU gave this endpoint a slot meanwhile: use that one, give this one back.
+    let _ = NET_FREE_SLOTS.push(slot, 0);
+    // SAFETY: as above.
+    NET_SLOTS.get_ptr(key).map(|slot| unsafe { *slot })
 }
 
-/// Adds `delta` (two's complement) to the active-connection count of `key` on this CPU.
+/// The counters of the socket's endpoint on this CPU: an array element, so no hashing.
 #[inline(always)]
-fn add_active(key: &NetKey, delta: u64) {
-    if let Some(n) = NET_ACTIVE.get_ptr_mut(key) {
-        // SAFETY: per-CPU value of this CPU.
-        unsafe { *n = (*n).wrapping_add(delta) };
-        return;
-    }
-    if NET_ACTIVE.insert(key, delta, BPF_NOEXIST as u64).is_err() {
-        match NET_ACTIVE.get_ptr_mut(key) {
-            // SAFETY: per-CPU value of this CPU.
-            Some(n) => unsafe { *n = (*n).wrapping_add(delta) },
-            None => count_drop(DropReason::NetStatsFull),
-        }
-    }
+fn counters(s: &SockState) -> Option<*mut NetCounters> {
+    NET_COUNTERS.get_ptr_mut(s.slot)
 }
 
 #[inline(always)]
@@ -216,14 +227,25 @@ fn remote_of(ctx: &TracePointContext, off: &NetOffsets, service: u32) -> u32 {
     }
 }
 
+#[inline(always)]
 fn track(sk: u64, service: u32, port: u16, side: u8, remote: u32, now: u64) {
+    let endpoint = NetKey {
+        service,
+        port,
+        side,
+        kind: 0,
+        remote,
+    };
+    let Some(slot) = slot_of(&endpoint) else {
+        return;
+    };
     let state = SockState {
         service,
         port,
         side,
         phase: PHASE_IDLE,
         remote,
-        _pad: 0,
+        slot,
         ts_ns: now,
         established_ns: 0,
         rtt_ns: 0,
@@ -303,7 +325,6 @@ pub fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<u32, i64> {
     // changes.
     let s = unsafe { *entry };
     if new == TCP_ESTABLISHED {
-        let stats_key = key(&s, 0);
         if old == TCP_SYN_SENT {
             record(&key(&s, KIND_CONNECT), now.saturating_sub(s.ts_ns));
         } else if old == TCP_SYN_RECV {
@@ -318,13 +339,14 @@ pub fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<u32, i64> {
             (*entry).established_ns = now;
             (*entry).ts_ns = 0;
         }
-        if let Some(c) = counters(&stats_key) {
+        if let Some(c) = counters(&s) {
             // SAFETY: per-CPU value of this CPU.
-            unsafe { (*c).connections += 1 };
+            unsafe {
+                (*c).connections += 1;
+                (*c).active = (*c).active.wrapping_add(1);
+            }
         }
-        add_active(&stats_key, 1);
     } else if new == TCP_CLOSE {
-        let stats_key = key(&s, 0);
         if s.established_ns != 0 {
             record(
                 &key(&s, KIND_LIFETIME),
@@ -336,17 +358,17 @@ pub fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<u32, i64> {
                 &NET_BYTES_BOUNDS,
                 s.bytes_received,
             );
-            add_active(&stats_key, u64::MAX);
-            if let Some(c) = counters(&stats_key) {
+            if let Some(c) = counters(&s) {
                 // SAFETY: per-CPU value of this CPU.
                 unsafe {
+                    (*c).active = (*c).active.wrapping_sub(1);
                     (*c).closed += 1;
                     (*c).bytes_sent += s.bytes_sent.saturating_sub(s.flushed_sent);
                     (*c).bytes_received += s.bytes_received.saturating_sub(s.flushed_received);
                 }
             }
         } else if old == TCP_SYN_SENT {
-            if let Some(c) = counters(&stats_key) {
+            if let Some(c) = counters(&s) {
                 // SAFETY: per-CPU value of this CPU.
                 unsafe { (*c).connect_failures += 1 };
             }
@@ -396,8 +418,8 @@ pub fn try_sock_length_raw(ctx: &RawTracePointContext, send: bool) -> Result<u32
 /// Byte counts and the request state machine of one send or receive.
 ///
 /// The common call costs the socket lookup and the clock: bytes are counted in the socket's
-/// own entry and reach the per-CPU counters (one more lookup) only when a request completes,
-/// at most every `RTT_SAMPLE_NS`, and at close. On that timer the smoothed RTT is sampled too,
+/// own entry and reach the per-CPU counters (an array element at the socket's slot) only when
+/// a request completes, at most every `RTT_SAMPLE_NS`, and at close. On that timer the smoothed RTT is sampled too,
 /// from `tcp_sock.srtt_us` at its BTF offset, so no hook has to run per received segment
 /// (`tcp_probe` is attached only where BTF lacks the offset).
 #[inline(always)]
@@ -444,7 +466,11 @@ fn sock_length(sk: u64, ret: i32, flags: i32, send: bool) -> Result<u32, i64> {
             (*entry).phase = PHASE_IDLE;
             (*entry).requests = s.requests + 1;
         }
-        record(&key(&s, KIND_REQUEST), now.saturating_sub(s.ts_ns));
+        if let Some(hist) = NET_REQUEST_HIST.get_ptr_mut(s.slot) {
+            // SAFETY: a global the loader may have rewritten.
+            let bounds = unsafe { &*core::ptr::addr_of!(NET_BOUNDS_NS) };
+            hist::observe(hist, bounds, now.saturating_sub(s.ts_ns));
+        }
         done = true;
     }
     let due = s.flushed_ns == 0 || now.saturating_sub(s.flushed_ns) >= RTT_SAMPLE_NS;
@@ -460,7 +486,7 @@ fn sock_length(sk: u64, ret: i32, flags: i32, send: bool) -> Result<u32, i64> {
         (*entry).flushed_sent = sent;
         (*entry).flushed_received = received;
     }
-    if let Some(c) = counters(&key(&s, 0)) {
+    if let Some(c) = counters(&s) {
         // SAFETY: per-CPU value of this CPU.
         unsafe {
             // Saturating: with both directions busy on two CPUs, the other call may have
@@ -564,7 +590,7 @@ pub fn try_sock_event(ctx: &TracePointContext, event: SockEvent) -> Result<u32, 
     };
     // SAFETY: pointer from a successful lookup.
     let s = unsafe { *entry };
-    if let Some(c) = counters(&key(&s, 0)) {
+    if let Some(c) = counters(&s) {
         // SAFETY: per-CPU value of this CPU.
         unsafe {
             match event {

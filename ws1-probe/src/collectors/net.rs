@@ -11,15 +11,15 @@ use std::{
 
 use aya::{
     Ebpf,
-    maps::{Array, HashMap, IterableMap, MapData, PerCpuHashMap},
+    maps::{Array, HashMap, IterableMap, MapData, PerCpuArray, Queue},
 };
 use prometheus::proto::{Metric, MetricFamily, MetricType};
 use ws1_probe_common::{
     hist::LatencyHist,
     net::{
         BYTES_BOUNDS, KIND_BYTES_RECEIVED, KIND_BYTES_SENT, KIND_CONNECT, KIND_HANDSHAKE,
-        KIND_LIFETIME, KIND_REQUEST, KIND_RTT, NetCounters, NetKey, REMOTE_NONE, REMOTE_OTHER,
-        REMOTE_SERVICE_SLOTS, RemoteAddr, SockState,
+        KIND_LIFETIME, KIND_RTT, NetCounters, NetKey, REMOTE_NONE, REMOTE_OTHER,
+        REMOTE_SERVICE_SLOTS, RemoteAddr, SLOT_ENTRIES, SockState,
     },
 };
 
@@ -165,18 +165,22 @@ fn add_counters(a: &mut NetCounters, b: &NetCounters) {
     a.retransmits += b.retransmits;
     a.requests += b.requests;
     a.reused_requests += b.reused_requests;
+    a.active = a.active.wrapping_add(b.active);
 }
 
 pub struct NetCollector {
     socks: HashMap<MapData, u64, SockState>,
     listen: HashMap<MapData, u32, u32>,
-    stats: PerCpuHashMap<MapData, NetKey, NetCounters>,
-    active: PerCpuHashMap<MapData, NetKey, u64>,
+    slots: HashMap<MapData, NetKey, u32>,
+    counters: PerCpuArray<MapData, NetCounters>,
+    request_hist: Array<MapData, LatencyHist>,
     hist: HashMap<MapData, NetKey, LatencyHist>,
     remotes: HashMap<MapData, u32, RemoteAddr>,
     /// Service id → opted in to remote addresses; filled once in `attach`, kept open like the
     /// other maps for as long as the programs that read it may still be loaded.
     _remote_services: Array<MapData, u32>,
+    /// Slots the kernel has not handed out yet; filled once in `attach`.
+    _free_slots: Queue<MapData, u32>,
     /// Hooks attached, as `category:name`.
     pub attached: Vec<String>,
     /// Hooks skipped, with the reason.
@@ -213,6 +217,17 @@ impl NetCollector {
                         source,
                     })?;
                 }
+            }
+        }
+        let mut free_slots: Queue<MapData, u32> =
+            typed("NET_FREE_SLOTS", take_map(ebpf, "NET_FREE_SLOTS")?)?;
+        if enabled {
+            // Before the hooks attach: a socket gets its endpoint's slot when it is created.
+            for slot in 0..SLOT_ENTRIES {
+                free_slots.push(slot, 0).map_err(|source| LoadError::Map {
+                    map: "NET_FREE_SLOTS".to_owned(),
+                    source,
+                })?;
             }
         }
         let mut attached = Vec::new();
@@ -255,11 +270,13 @@ impl NetCollector {
         Ok(Self {
             socks: typed("NET_SOCKS", take_map(ebpf, "NET_SOCKS")?)?,
             listen: typed("NET_LISTEN", take_map(ebpf, "NET_LISTEN")?)?,
-            stats: typed("NET_STATS", take_map(ebpf, "NET_STATS")?)?,
-            active: typed("NET_ACTIVE", take_map(ebpf, "NET_ACTIVE")?)?,
+            slots: typed("NET_SLOTS", take_map(ebpf, "NET_SLOTS")?)?,
+            counters: typed("NET_COUNTERS", take_map(ebpf, "NET_COUNTERS")?)?,
+            request_hist: typed("NET_REQUEST_HIST", take_map(ebpf, "NET_REQUEST_HIST")?)?,
             hist: typed("NET_HIST", take_map(ebpf, "NET_HIST")?)?,
             remotes: typed("NET_REMOTES", take_map(ebpf, "NET_REMOTES")?)?,
             _remote_services: remote_on,
+            _free_slots: free_slots,
             attached,
             skipped,
         })
@@ -292,22 +309,29 @@ impl NetCollector {
             let remote = self.remote(k.remote, &mut known);
             (k.service, Side::from_raw(k.side), k.port, remote)
         };
-        for (key, per_cpu) in self.stats.iter().flatten() {
+        // Endpoints keep their slot for the agent's lifetime: the counters and the request
+        // histogram at a slot belong to the endpoint that holds it.
+        for (key, slot) in self.slots.iter().flatten() {
             let e = snap.endpoints.entry(endpoint(&key)).or_default();
-            for cpu in per_cpu.iter() {
-                add_counters(&mut e.counters, cpu);
+            if let Ok(per_cpu) = self.counters.get(&slot, 0) {
+                let mut sum = NetCounters::default();
+                for cpu in per_cpu.iter() {
+                    add_counters(&mut sum, cpu);
+                }
+                // Only the sum over CPUs means anything (two's complement).
+                e.active += sum.active as i64;
+                sum.active = 0;
+                add_counters(&mut e.counters, &sum);
             }
-        }
-        for (key, per_cpu) in self.active.iter().flatten() {
-            let sum = per_cpu.iter().fold(0u64, |a, b| a.wrapping_add(*b));
-            snap.endpoints.entry(endpoint(&key)).or_default().active += sum as i64;
+            if let Ok(hist) = self.request_hist.get(&slot, 0) {
+                e.request.add_kernel(&hist);
+            }
         }
         for (key, value) in self.hist.iter().flatten() {
             let e = snap.endpoints.entry(endpoint(&key)).or_default();
             let h = match key.kind {
                 KIND_CONNECT => &mut e.connect,
                 KIND_RTT => &mut e.rtt,
-                KIND_REQUEST => &mut e.request,
                 KIND_LIFETIME => &mut e.lifetime,
                 KIND_BYTES_SENT => &mut e.bytes_sent,
                 KIND_BYTES_RECEIVED => &mut e.bytes_received,
@@ -358,7 +382,7 @@ impl NetCollector {
         vec![
             MapUsage::of("NET_SOCKS", self.socks.keys().count(), self.socks.map()),
             MapUsage::of("NET_LISTEN", self.listen.keys().count(), self.listen.map()),
-            MapUsage::of("NET_STATS", self.stats.keys().count(), self.stats.map()),
+            MapUsage::of("NET_SLOTS", self.slots.keys().count(), self.slots.map()),
             MapUsage::of("NET_HIST", self.hist.keys().count(), self.hist.map()),
             MapUsage::of(
                 "NET_REMOTES",
