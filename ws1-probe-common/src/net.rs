@@ -66,6 +66,18 @@ pub const TCP_LISTEN: i32 = 10;
 pub const IPPROTO_TCP: u16 = 6;
 /// `MSG_PEEK`: a peek does not consume data, so it is not a request boundary.
 pub const MSG_PEEK: i32 = 2;
+/// `AF_INET6`.
+pub const AF_INET6: u16 = 10;
+
+/// Offsets in `struct sock_common`, the start of every `struct sock`, that the `tp_btf` state
+/// change reads (the classic tracepoint prints them as fields). They sit in anonymous unions
+/// that BTF member lookup by name does not reach, and have not moved since Linux 2.6:
+/// `skc_daddr` (IPv4 peer, network order), `skc_dport` (network order), `skc_num` (local port,
+/// host order), `skc_family`.
+pub const SKC_DADDR: u32 = 0;
+pub const SKC_DPORT: u32 = 12;
+pub const SKC_NUM: u32 = 14;
+pub const SKC_FAMILY: u32 = 16;
 
 /// RTT is sampled at most once per socket per this many nanoseconds, and a socket's byte counts
 /// reach `NET_COUNTERS` at least this often while it sends or receives (besides at every completed
@@ -277,6 +289,14 @@ pub struct NetOffsets {
     /// carries it at the SYN_RECV → ESTABLISHED change); `u32::MAX` when unknown, and then
     /// accept-side handshakes are not measured.
     pub tcp_sock_srtt_us: u32,
+    /// Byte offset of `sk_protocol` (u16) in `struct sock`, from BTF: the `tp_btf` state change
+    /// tells TCP from other protocols with it; `u32::MAX` when unknown, and then the agent
+    /// does not use the `tp_btf` programs.
+    pub sock_protocol: u32,
+    /// Byte offset of `skc_v6_daddr` in `struct sock_common`, from BTF (the IPv6 peer for the
+    /// `tp_btf` state change); `u32::MAX` when unknown, and then IPv6 peers of services that
+    /// export remote addresses count as `remote="other"` on that path.
+    pub sock_v6_daddr: u32,
 }
 
 impl NetOffsets {
@@ -302,6 +322,8 @@ impl NetOffsets {
         send_reset_skaddr: 16,
         receive_reset_skaddr: 8,
         tcp_sock_srtt_us: u32::MAX,
+        sock_protocol: u32::MAX,
+        sock_v6_daddr: u32::MAX,
     };
 }
 
@@ -318,7 +340,7 @@ mod tests {
         assert_eq!(size_of::<NetKey>(), 4 + 2 + 1 + 1 + 4);
         assert_eq!(size_of::<SockState>(), 4 + 2 + 1 + 1 + 4 + 4 + 9 * 8);
         assert_eq!(size_of::<RemoteAddr>(), 16);
-        assert_eq!(size_of::<NetOffsets>(), 20 * 4);
+        assert_eq!(size_of::<NetOffsets>(), 22 * 4);
     }
 
     #[test]

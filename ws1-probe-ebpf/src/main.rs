@@ -68,6 +68,36 @@ pub fn sock_send_length(ctx: TracePointContext) -> u32 {
     net::try_sock_length(&ctx, true).unwrap_or(0)
 }
 
+#[btf_tracepoint(function = "inet_sock_set_state")]
+pub fn inet_sock_set_state_btf(ctx: BtfTracePointContext) -> i32 {
+    net::try_inet_sock_set_state_btf(&ctx).map_or(0, |r| r as i32)
+}
+
+#[btf_tracepoint(function = "sock_send_length")]
+pub fn sock_send_length_btf(ctx: BtfTracePointContext) -> i32 {
+    net::try_sock_length_btf(&ctx, true).map_or(0, |r| r as i32)
+}
+
+#[btf_tracepoint(function = "sock_recv_length")]
+pub fn sock_recv_length_btf(ctx: BtfTracePointContext) -> i32 {
+    net::try_sock_length_btf(&ctx, false).map_or(0, |r| r as i32)
+}
+
+#[btf_tracepoint(function = "tcp_retransmit_skb")]
+pub fn tcp_retransmit_skb_btf(ctx: BtfTracePointContext) -> i32 {
+    net::try_sock_event_btf(&ctx, net::SockEvent::Retransmit).map_or(0, |r| r as i32)
+}
+
+#[btf_tracepoint(function = "tcp_send_reset")]
+pub fn tcp_send_reset_btf(ctx: BtfTracePointContext) -> i32 {
+    net::try_sock_event_btf(&ctx, net::SockEvent::ResetSent).map_or(0, |r| r as i32)
+}
+
+#[btf_tracepoint(function = "tcp_receive_reset")]
+pub fn tcp_receive_reset_btf(ctx: BtfTracePointContext) -> i32 {
+    net::try_sock_event_btf(&ctx, net::SockEvent::ResetReceived).map_or(0, |r| r as i32)
+}
+
 #[raw_tracepoint(tracepoint = "sock_send_length")]
 pub fn sock_send_length_raw(ctx: RawTracePointContext) -> i32 {
     net::try_sock_length_raw(&ctx, true).map_or(0, |r| r as i32)

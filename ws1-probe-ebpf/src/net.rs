@@ -27,21 +27,28 @@
 //! interned in `NET_REMOTES` as a 4-byte id that joins the socket's state and every key. The
 //! later hooks do exactly the same work whether a socket has an address or not.
 
+use core::{ffi::c_void, ptr::null_mut};
+
 use aya_ebpf::{
-    bindings::BPF_NOEXIST,
-    helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel},
-    macros::map,
+    bindings::{BPF_NOEXIST, BPF_SK_STORAGE_GET_F_CREATE},
+    btf_maps::SkStorage,
+    helpers::{
+        bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel,
+        generated::{bpf_sk_storage_delete, bpf_sk_storage_get},
+    },
+    macros::{btf_map, map},
     maps::{Array, HashMap, PerCpuArray, Queue},
-    programs::{RawTracePointContext, TracePointContext},
+    programs::{BtfTracePointContext, RawTracePointContext, TracePointContext},
 };
 use ws1_probe_common::{
     hist::{DEFAULT_EXPORT_BOUNDS_NS, EXPORT_BOUND_SLOTS, LatencyHist, pad_bounds},
     net::{
-        BYTES_BOUNDS, IPPROTO_TCP, KIND_BYTES_RECEIVED, KIND_BYTES_SENT, KIND_CONNECT,
+        AF_INET6, BYTES_BOUNDS, IPPROTO_TCP, KIND_BYTES_RECEIVED, KIND_BYTES_SENT, KIND_CONNECT,
         KIND_HANDSHAKE, KIND_LIFETIME, KIND_RTT, LISTEN_ENTRIES, MSG_PEEK,
         NET_HIST_ENTRIES, NetCounters, NetKey, NetOffsets, PHASE_IDLE, PHASE_PENDING,
         REMOTE_ENTRIES, REMOTE_NONE, REMOTE_OTHER, REMOTE_SERVICE_SLOTS, RTT_SAMPLE_NS, RemoteAddr,
-        SIDE_CLIENT, SIDE_SERVER, SLOT_ENTRIES, SOCK_ENTRIES, SockState, TCP_CLOSE,
+        SIDE_CLIENT, SIDE_SERVER, SKC_DADDR, SKC_DPORT, SKC_FAMILY, SKC_NUM, SLOT_ENTRIES,
+        SOCK_ENTRIES, SockState, TCP_CLOSE,
         TCP_ESTABLISHED, TCP_LISTEN, TCP_SYN_RECV, TCP_SYN_SENT,
     },
     targets::DropReason,
@@ -55,6 +62,12 @@ use crate::{
 /// `struct sock` address → owner and request state of an observed TCP socket.
 #[map]
 static NET_SOCKS: HashMap<u64, SockState> = HashMap::with_max_entries(SOCK_ENTRIES, 0);
+
+/// Owner and request state of an observed TCP socket, in the socket's own local storage: the
+/// `tp_btf` programs' counterpart of `NET_SOCKS` (see `Store`). The kernel frees an entry with
+/// its socket, and the CLOSE transition deletes it before that.
+#[btf_map]
+static NET_SK: SkStorage<SockState> = SkStorage::new();
 
 /// Local port → service of a targeted process listening on it.
 #[map]
@@ -187,20 +200,118 @@ fn record_in(key: &NetKey, bounds: &[u64; EXPORT_BOUND_SLOTS], value: u64) {
     hist::observe(hist, bounds, value);
 }
 
-/// The remote address id of a socket being created by this state change, for a service that
-/// exports remote addresses; `REMOTE_NONE` for the others, which pay one array lookup here
-/// and nothing later.
+/// Where an observed socket's state lives.
+///
+/// Classic and raw tracepoints see the socket only as a number, so their programs keep the
+/// state in `NET_SOCKS`, keyed by that address. `tp_btf` programs get a pointer the verifier
+/// knows is a socket, so theirs keep it in the socket's own local storage (`NET_SK`): a lookup
+/// there is two loads, where the hash costs a jhash and a bucket walk, and the kernel frees it
+/// with the socket. The agent attaches one family or the other, never both, so a socket's state
+/// is in exactly one place.
+trait Store {
+    /// The socket's state, when the socket is observed.
+    fn get(&self) -> Option<*mut SockState>;
+    /// Starts observing the socket with `state`.
+    fn create(&self, state: &SockState);
+    /// Stops observing the socket.
+    fn remove(&self);
+    /// The socket's address, for `bpf_probe_read_kernel`.
+    fn addr(&self) -> u64;
+}
+
+/// A socket known by its address, state in `NET_SOCKS`.
+struct Hashed(u64);
+
+impl Store for Hashed {
+    #[inline(always)]
+    fn get(&self) -> Option<*mut SockState> {
+        NET_SOCKS.get_ptr_mut(self.0)
+    }
+
+    #[inline(always)]
+    fn create(&self, state: &SockState) {
+        if NET_SOCKS.insert(self.0, state, 0).is_err() {
+            count_drop(DropReason::NetSocksFull);
+        }
+    }
+
+    #[inline(always)]
+    fn remove(&self) {
+        let _ = NET_SOCKS.remove(self.0);
+    }
+
+    #[inline(always)]
+    fn addr(&self) -> u64 {
+        self.0
+    }
+}
+
+/// A `struct sock *` argument of a `tp_btf` program, state in its local storage (`NET_SK`).
+struct Local(*mut c_void);
+
 #[inline(always)]
-fn remote_of(ctx: &TracePointContext, off: &NetOffsets, service: u32) -> u32 {
+fn sk_map() -> *mut c_void {
+    core::ptr::addr_of!(NET_SK).cast_mut().cast()
+}
+
+impl Store for Local {
+    #[inline(always)]
+    fn get(&self) -> Option<*mut SockState> {
+        // SAFETY: the pointer is the hook's argument, which the verifier typed as a socket; the
+        // helper returns NULL for NULL, for sockets that are not full sockets, and for sockets
+        // without an entry.
+        let p = unsafe { bpf_sk_storage_get(sk_map(), self.0, null_mut(), 0) };
+        (!p.is_null()).then_some(p.cast())
+    }
+
+    #[inline(always)]
+    fn create(&self, state: &SockState) {
+        let mut init = *state;
+        let flags = u64::from(BPF_SK_STORAGE_GET_F_CREATE);
+        // SAFETY: as in `get`; `init` is a SockState on the stack, the map's value type.
+        let p: *mut SockState = unsafe {
+            bpf_sk_storage_get(sk_map(), self.0, core::ptr::addr_of_mut!(init).cast(), flags)
+        }
+        .cast();
+        if p.is_null() {
+            count_drop(DropReason::NetSocksFull);
+            return;
+        }
+        // An entry left from an earlier connection of this socket (a connect() after CLOSE
+        // reuses it) is returned as it was: start it afresh.
+        // SAFETY: pointer to this socket's storage, returned by the helper.
+        unsafe { *p = *state };
+    }
+
+    #[inline(always)]
+    fn remove(&self) {
+        // SAFETY: as in `get`.
+        let _ = unsafe { bpf_sk_storage_delete(sk_map(), self.0) };
+    }
+
+    #[inline(always)]
+    fn addr(&self) -> u64 {
+        self.0 as u64
+    }
+}
+
+/// Reads a `T` at `off` bytes into the kernel object at `base`.
+#[inline(always)]
+fn read_kernel<T>(base: u64, off: u32) -> Option<T> {
+    // SAFETY: bpf_probe_read_kernel checks the address.
+    unsafe { bpf_probe_read_kernel(base.wrapping_add(u64::from(off)) as *const T) }.ok()
+}
+
+/// The remote address id of a socket being created by a state change, for a service that
+/// exports remote addresses (`read` gives the peer's address); `REMOTE_NONE` for the others,
+/// which pay one array lookup here and nothing later.
+#[inline(always)]
+fn remote_of(service: u32, read: impl FnOnce() -> Option<RemoteAddr>) -> u32 {
     match NET_REMOTE_SERVICES.get(service) {
         Some(&on) if on != 0 => {}
         _ => return REMOTE_NONE,
     }
-    if off.state_daddr_v6 == u32::MAX {
-        return REMOTE_NONE;
-    }
-    // SAFETY: the offset was read from this tracepoint's format file (16 bytes: `daddr_v6`).
-    let Ok(addr) = (unsafe { ctx.read_at::<RemoteAddr>(off.state_daddr_v6 as usize) }) else {
+    let Some(addr) = read() else {
         return REMOTE_OTHER;
     };
     let id = addr.id();
@@ -228,21 +339,20 @@ fn remote_of(ctx: &TracePointContext, off: &NetOffsets, service: u32) -> u32 {
 }
 
 #[inline(always)]
-fn track(sk: u64, service: u32, port: u16, side: u8, remote: u32, now: u64) {
-    let endpoint = NetKey {
-        service,
-        port,
-        side,
-        kind: 0,
-        remote,
-    };
+fn track(
+    store: &impl Store,
+    endpoint: NetKey,
+    remote: u32,
+    now: u64,
+) {
+    let endpoint = NetKey { remote, ..endpoint };
     let Some(slot) = slot_of(&endpoint) else {
         return;
     };
-    let state = SockState {
-        service,
-        port,
-        side,
+    store.create(&SockState {
+        service: endpoint.service,
+        port: endpoint.port,
+        side: endpoint.side,
         phase: PHASE_IDLE,
         remote,
         slot,
@@ -255,12 +365,11 @@ fn track(sk: u64, service: u32, port: u16, side: u8, remote: u32, now: u64) {
         bytes_received: 0,
         flushed_sent: 0,
         flushed_received: 0,
-    };
-    if NET_SOCKS.insert(sk, state, 0).is_err() {
-        count_drop(DropReason::NetSocksFull);
-    }
+    });
 }
 
+/// `sock:inet_sock_set_state` as a classic tracepoint: fields read through tracefs offsets,
+/// state in `NET_SOCKS`.
 pub fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<u32, i64> {
     let off = offsets();
     // SAFETY: the offsets were read from this tracepoint's format file.
@@ -275,50 +384,117 @@ pub fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<u32, i64> {
     if protocol != IPPROTO_TCP {
         return Ok(0);
     }
+    // SAFETY: as above.
+    let (sport, dport) = unsafe {
+        (
+            ctx.read_at::<u16>(off.state_sport as usize)?,
+            ctx.read_at::<u16>(off.state_dport as usize)?,
+        )
+    };
+    let daddr = || {
+        if off.state_daddr_v6 == u32::MAX {
+            return None;
+        }
+        // SAFETY: the offset was read from this tracepoint's format file (16 bytes:
+        // `daddr_v6`, the peer, IPv4 as IPv4-mapped).
+        unsafe { ctx.read_at::<RemoteAddr>(off.state_daddr_v6 as usize) }.ok()
+    };
+    state_change(&Hashed(sk), old, new, sport, dport, daddr);
+    Ok(0)
+}
+
+/// The same tracepoint as `tp_btf` (arguments `(const struct sock *sk, int oldstate, int
+/// newstate)`): the fields the classic tracepoint prints are read from the socket, and the
+/// state lives in the socket's local storage.
+pub fn try_inet_sock_set_state_btf(ctx: &BtfTracePointContext) -> Result<u32, i64> {
+    let sk: *mut c_void = ctx.arg(0);
+    let old: i32 = ctx.arg(1);
+    let new: i32 = ctx.arg(2);
+    let at = sk as u64;
+    let off = offsets();
+    if read_kernel::<u16>(at, off.sock_protocol) != Some(IPPROTO_TCP) {
+        return Ok(0);
+    }
+    let sport = read_kernel::<u16>(at, SKC_NUM).ok_or(1i64)?;
+    let dport = u16::from_be(read_kernel::<u16>(at, SKC_DPORT).ok_or(1i64)?);
+    let daddr = || {
+        // The tracepoint's `daddr_v6`: the IPv6 peer, or the IPv4 one as IPv4-mapped.
+        if read_kernel::<u16>(at, SKC_FAMILY)? == AF_INET6 {
+            if off.sock_v6_daddr == u32::MAX {
+                return None;
+            }
+            return read_kernel::<RemoteAddr>(at, off.sock_v6_daddr);
+        }
+        let v4 = read_kernel::<u32>(at, SKC_DADDR)?.to_ne_bytes();
+        Some(RemoteAddr::from_octets([
+            0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, v4[0], v4[1], v4[2], v4[3],
+        ]))
+    };
+    state_change(&Local(sk), old, new, sport, dport, daddr);
+    Ok(0)
+}
+
+/// Connection tracking of one TCP state change, whichever program read it: `sport`/`dport`
+/// are the local and remote ports in host order.
+#[inline(always)]
+fn state_change(
+    store: &impl Store,
+    old: i32,
+    new: i32,
+    sport: u16,
+    dport: u16,
+    daddr: impl FnOnce() -> Option<RemoteAddr>,
+) {
     let now = now_ns();
     if new == TCP_SYN_SENT {
         // connect(): runs in the caller, so the current process owns the socket.
         let Some(service) = current_service() else {
-            return Ok(0);
+            return;
         };
-        // SAFETY: as above.
-        let dport: u16 = unsafe { ctx.read_at(off.state_dport as usize)? };
-        let remote = remote_of(ctx, &off, service);
-        track(sk, service, dport, SIDE_CLIENT, remote, now);
-        return Ok(0);
+        let endpoint = NetKey {
+            service,
+            port: dport,
+            side: SIDE_CLIENT,
+            kind: 0,
+            remote: REMOTE_NONE,
+        };
+        track(store, endpoint, remote_of(service, daddr), now);
+        return;
     }
     if new == TCP_LISTEN {
         // listen(): runs in the caller.
         let Some(service) = current_service() else {
-            return Ok(0);
+            return;
         };
-        // SAFETY: as above.
-        let sport: u16 = unsafe { ctx.read_at(off.state_sport as usize)? };
         if NET_LISTEN.insert(u32::from(sport), service, 0).is_err() {
             count_drop(DropReason::NetListenFull);
         }
-        return Ok(0);
+        return;
     }
     if old == TCP_LISTEN {
-        // SAFETY: as above.
-        let sport: u16 = unsafe { ctx.read_at(off.state_sport as usize)? };
         if new == TCP_SYN_RECV {
             // A child socket cloned from a listener (softirq): owned by the listener's service.
             if let Some(service) = NET_LISTEN.get_ptr(u32::from(sport)) {
                 // SAFETY: pointer from a successful lookup.
                 let service = unsafe { *service };
+                let endpoint = NetKey {
+                    service,
+                    port: sport,
+                    side: SIDE_SERVER,
+                    kind: 0,
+                    remote: REMOTE_NONE,
+                };
                 // The child's peer is the connecting client.
-                let remote = remote_of(ctx, &off, service);
-                track(sk, service, sport, SIDE_SERVER, remote, now);
+                track(store, endpoint, remote_of(service, daddr), now);
             }
         } else if new == TCP_CLOSE {
             // The listener itself closed (no other state follows LISTEN for it).
             let _ = NET_LISTEN.remove(u32::from(sport));
         }
-        return Ok(0);
+        return;
     }
-    let Some(entry) = NET_SOCKS.get_ptr_mut(sk) else {
-        return Ok(0);
+    let Some(entry) = store.get() else {
+        return;
     };
     // SAFETY: pointer from a successful lookup; the entry is only removed below, by this
     // socket's own CLOSE transition, which the socket lock serialises with its other state
@@ -330,7 +506,7 @@ pub fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<u32, i64> {
         } else if old == TCP_SYN_RECV {
             // The kernel measured the SYN-ACK round trip into srtt_us just before this state
             // change (tcp_rcv_state_process, case TCP_SYN_RECV).
-            if let Some(ns) = srtt_ns(sk, off.tcp_sock_srtt_us) {
+            if let Some(ns) = srtt_ns(store.addr(), offsets().tcp_sock_srtt_us) {
                 record(&key(&s, KIND_HANDSHAKE), ns);
             }
         }
@@ -373,9 +549,15 @@ pub fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<u32, i64> {
                 unsafe { (*c).connect_failures += 1 };
             }
         }
-        let _ = NET_SOCKS.remove(sk);
+        store.remove();
     }
-    Ok(0)
+}
+
+/// Whether a send or receive that returned `ret` moved data: errors, EOF and peeks move none
+/// and end no request (MSG_PEEK only means that on receive).
+#[inline(always)]
+fn moves_data(ret: i32, flags: i32, send: bool) -> bool {
+    ret > 0 && (send || flags & MSG_PEEK == 0)
 }
 
 /// `sock:sock_send_length` (`send = true`) and `sock:sock_recv_length` as classic tracepoints:
@@ -399,20 +581,48 @@ pub fn try_sock_length(ctx: &TracePointContext, send: bool) -> Result<u32, i64> 
             ctx.read_at::<i32>(flags_off as usize)?,
         )
     };
-    sock_length(sk, ret, flags, send)
+    if !moves_data(ret, flags, send) {
+        return Ok(0);
+    }
+    match NET_SOCKS.get_ptr_mut(sk) {
+        Some(entry) => sock_length(entry, sk, ret, send),
+        None => Ok(0),
+    }
 }
 
-/// The same hooks as raw tracepoints, the faster path: the arguments
-/// `(struct sock *sk, int ret, int flags)` of the `sock_msg_length` event class are read
-/// straight from the context, where the classic tracepoint needs three helper calls.
+/// The same hooks as raw tracepoints: the arguments `(struct sock *sk, int ret, int flags)` of
+/// the `sock_msg_length` event class are read straight from the context, where the classic
+/// tracepoint needs three helper calls.
 pub fn try_sock_length_raw(ctx: &RawTracePointContext, send: bool) -> Result<u32, i64> {
     if current_service().is_none() {
         return Ok(0);
     }
     let sk: u64 = ctx.arg(0);
-    let ret: i64 = ctx.arg(1);
-    let flags: i64 = ctx.arg(2);
-    sock_length(sk, ret as i32, flags as i32, send)
+    let ret = ctx.arg::<i64>(1) as i32;
+    let flags = ctx.arg::<i64>(2) as i32;
+    if !moves_data(ret, flags, send) {
+        return Ok(0);
+    }
+    match NET_SOCKS.get_ptr_mut(sk) {
+        Some(entry) => sock_length(entry, sk, ret, send),
+        None => Ok(0),
+    }
+}
+
+/// The same hooks as `tp_btf`, the fastest path: the socket's own storage says whether it is
+/// observed, so neither the process filter nor a hash lookup runs (ownership was decided when
+/// the socket was created).
+pub fn try_sock_length_btf(ctx: &BtfTracePointContext, send: bool) -> Result<u32, i64> {
+    let sk: *mut c_void = ctx.arg(0);
+    let ret: i32 = ctx.arg(1);
+    let flags: i32 = ctx.arg(2);
+    if !moves_data(ret, flags, send) {
+        return Ok(0);
+    }
+    match Local(sk).get() {
+        Some(entry) => sock_length(entry, sk as u64, ret, send),
+        None => Ok(0),
+    }
 }
 
 /// Byte counts and the request state machine of one send or receive.
@@ -423,16 +633,8 @@ pub fn try_sock_length_raw(ctx: &RawTracePointContext, send: bool) -> Result<u32
 /// from `tcp_sock.srtt_us` at its BTF offset, so no hook has to run per received segment
 /// (`tcp_probe` is attached only where BTF lacks the offset).
 #[inline(always)]
-fn sock_length(sk: u64, ret: i32, flags: i32, send: bool) -> Result<u32, i64> {
-    // Errors, EOF and peeks move no data and end no request (MSG_PEEK only means that on
-    // receive).
-    if ret <= 0 || (!send && flags & MSG_PEEK != 0) {
-        return Ok(0);
-    }
-    let Some(entry) = NET_SOCKS.get_ptr_mut(sk) else {
-        return Ok(0);
-    };
-    // SAFETY: pointer from a successful lookup; calls on one socket are serialised by its lock
+fn sock_length(entry: *mut SockState, sk: u64, ret: i32, send: bool) -> Result<u32, i64> {
+    // SAFETY: pointer from a successful lookup (hash or socket storage); calls on one socket are serialised by its lock
     // in the common case, and a race costs at most one miscounted request.
     let s = unsafe { *entry };
     let now = now_ns();
@@ -585,9 +787,30 @@ pub fn try_sock_event(ctx: &TracePointContext, event: SockEvent) -> Result<u32, 
             return Ok(0);
         }
     }
-    let Some(entry) = NET_SOCKS.get_ptr(sk) else {
+    if let Some(entry) = NET_SOCKS.get_ptr(sk) {
+        sock_event(entry, event);
+    }
+    Ok(0)
+}
+
+/// `tcp:tcp_retransmit_skb` (`(sk, skb, err)`), `tcp:tcp_send_reset` (`(sk, skb, reason)`,
+/// `sk` may be NULL) and `tcp:tcp_receive_reset` (`(sk)`) as `tp_btf`, for sockets whose state is
+/// in their local storage.
+pub fn try_sock_event_btf(ctx: &BtfTracePointContext, event: SockEvent) -> Result<u32, i64> {
+    let sk: *mut c_void = ctx.arg(0);
+    if matches!(event, SockEvent::Retransmit) && ctx.arg::<i32>(2) != 0 {
+        // Nothing was sent, as in `try_sock_event`.
         return Ok(0);
-    };
+    }
+    if let Some(entry) = Local(sk).get() {
+        sock_event(entry, event);
+    }
+    Ok(0)
+}
+
+/// Counts `event` for the observed socket whose state is at `entry`.
+#[inline(always)]
+fn sock_event(entry: *const SockState, event: SockEvent) {
     // SAFETY: pointer from a successful lookup.
     let s = unsafe { *entry };
     if let Some(c) = counters(&s) {
@@ -600,5 +823,4 @@ pub fn try_sock_event(ctx: &TracePointContext, event: SockEvent) -> Result<u32, 
             }
         }
     }
-    Ok(0)
 }

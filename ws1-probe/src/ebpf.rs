@@ -5,7 +5,7 @@ use std::path::Path;
 
 use aya::{
     Ebpf, EbpfLoader,
-    programs::{Program, ProgramError, RawTracePoint, TracePoint},
+    programs::{BtfTracePoint, Program, ProgramError, RawTracePoint, TracePoint},
 };
 use ws1_probe_common::{
     hist::{EXPORT_BOUND_SLOTS, MAX_EXPORT_BOUNDS},
@@ -77,7 +77,10 @@ pub fn load(opts: &LoadOptions) -> Result<Ebpf, LoadError> {
     // Read here rather than passed in: every load needs them, and the net collector reads the
     // same files again to learn which hooks exist.
     let mut net_offsets = read_net_offsets(Path::new(TRACEFS));
-    net_offsets.tcp_sock_srtt_us = tcp_sock_srtt_offset();
+    let kernel = kernel_offsets();
+    net_offsets.tcp_sock_srtt_us = kernel.tcp_sock_srtt_us;
+    net_offsets.sock_protocol = kernel.sock_protocol;
+    net_offsets.sock_v6_daddr = kernel.sock_v6_daddr;
     let mmap_offsets = read_mmap_offsets(Path::new(TRACEFS));
     EbpfLoader::new()
         .map_max_entries("TARGET_FILTER", pid_max())
@@ -104,18 +107,28 @@ pub struct KernelOffsets {
     pub tcp_sock_srtt_us: u32,
     /// `task_struct.pid`: the raw `sched_switch` of the off-CPU profiler.
     pub task_struct_pid: u32,
+    /// `sock.sk_protocol` and `sock_common.skc_v6_daddr`: the `tp_btf` network state change.
+    pub sock_protocol: u32,
+    pub sock_v6_daddr: u32,
 }
 
 pub fn kernel_offsets() -> KernelOffsets {
     static OFFSETS: std::sync::OnceLock<KernelOffsets> = std::sync::OnceLock::new();
     *OFFSETS.get_or_init(|| {
-        let wanted = [("tcp_sock", "srtt_us"), ("task_struct", "pid")];
+        let wanted = [
+            ("tcp_sock", "srtt_us"),
+            ("task_struct", "pid"),
+            ("sock", "sk_protocol"),
+            ("sock_common", "skc_v6_daddr"),
+        ];
         match crate::btf::kernel_member_offsets(&wanted) {
             Ok(found) => {
                 let get = |i: usize| found.get(i).copied().flatten().unwrap_or(u32::MAX);
                 let offsets = KernelOffsets {
                     tcp_sock_srtt_us: get(0),
                     task_struct_pid: get(1),
+                    sock_protocol: get(2),
+                    sock_v6_daddr: get(3),
                 };
                 if offsets.tcp_sock_srtt_us == u32::MAX {
                     tracing::warn!(
@@ -131,6 +144,8 @@ pub fn kernel_offsets() -> KernelOffsets {
                 KernelOffsets {
                     tcp_sock_srtt_us: u32::MAX,
                     task_struct_pid: u32::MAX,
+                    sock_protocol: u32::MAX,
+                    sock_v6_daddr: u32::MAX,
                 }
             }
         }
@@ -317,6 +332,46 @@ pub fn attach_tracepoint(
     Ok(())
 }
 
+/// Loads every `tp_btf` program of `programs` (name, tracepoint) against the kernel's BTF and
+/// attaches them: all or none. On the first failure the programs loaded so far are unloaded
+/// again (which detaches them) and the reason is returned, naming the tracepoint.
+pub fn attach_btf_tracepoints(ebpf: &mut Ebpf, programs: &[(&str, &str)]) -> Result<(), String> {
+    // Parsed once here (about 170k allocations); `check` parses its own.
+    let btf = aya::Btf::from_sys_fs().map_err(|e| format!("cannot read kernel BTF: {e}"))?;
+    let mut loaded = Vec::new();
+    let mut result = Ok(());
+    for &(program, tp) in programs {
+        let step = (|| -> Result<(), String> {
+            let prog: &mut BtfTracePoint = ebpf
+                .program_mut(program)
+                .ok_or_else(|| format!("program {program} is missing from the object"))?
+                .try_into()
+                .map_err(|e| format!("{program}: {e}"))?;
+            prog.load(tp, &btf)
+                .map_err(|e| format!("tp_btf {tp}: {}", load_error(program, e)))?;
+            loaded.push(program);
+            prog.attach()
+                .map_err(|e| format!("tp_btf {tp}: {}", attach_reason(&e)))?;
+            Ok(())
+        })();
+        if let Err(reason) = step {
+            result = Err(reason);
+            break;
+        }
+    }
+    if result.is_err() {
+        for program in loaded {
+            if let Some(Ok(prog)) = ebpf
+                .program_mut(program)
+                .map(<&mut BtfTracePoint>::try_from)
+            {
+                let _ = prog.unload();
+            }
+        }
+    }
+    result
+}
+
 /// Loads and attaches a raw tracepoint program.
 pub fn attach_raw_tracepoint(ebpf: &mut Ebpf, program: &str, tp: &str) -> Result<(), LoadError> {
     let prog: &mut RawTracePoint = program_mut(ebpf, program)?
@@ -391,6 +446,18 @@ pub const NET_TRACEPOINTS: [(&str, &str, &str); 7] = [
     ("tcp", "tcp_retransmit_skb", "tcp_retransmit_skb"),
     ("tcp", "tcp_send_reset", "tcp_send_reset"),
     ("tcp", "tcp_receive_reset", "tcp_receive_reset"),
+];
+
+/// The network collector's `tp_btf` programs: (program, tracepoint). Where they load, the agent
+/// attaches these instead of every hook in [`NET_TRACEPOINTS`] (the socket state then lives in
+/// socket-local storage; see the kernel's `net.rs`).
+pub const NET_BTF_PROGRAMS: [(&str, &str); 6] = [
+    ("inet_sock_set_state_btf", "inet_sock_set_state"),
+    ("sock_send_length_btf", "sock_send_length"),
+    ("sock_recv_length_btf", "sock_recv_length"),
+    ("tcp_retransmit_skb_btf", "tcp_retransmit_skb"),
+    ("tcp_send_reset_btf", "tcp_send_reset"),
+    ("tcp_receive_reset_btf", "tcp_receive_reset"),
 ];
 
 /// Offsets of the network tracepoints' fields from their format texts (`format(event)` returns

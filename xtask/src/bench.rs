@@ -26,7 +26,7 @@ pub fn run(what: &str, args: &[String]) -> Result<()> {
     match what {
         "syscalls" if args.is_empty() => syscalls(),
         "syscalls" => bail!("bench syscalls takes no arguments (got {args:?})"),
-        "net" if args.is_empty() => crate::bench_net::run(),
+        "net" => crate::bench_net::run(args),
         "alloc" => crate::bench_alloc::run(args),
         "profile" => crate::bench_profile::run(args),
         _ => bail!("unknown benchmark {what}: available: syscalls, net, alloc, profile"),

@@ -26,8 +26,8 @@ use ws1_probe_common::{
 use super::{MapUsage, take_map, typed};
 use crate::{
     ebpf::{
-        LoadError, NET_TRACEPOINTS, TRACEFS, attach_raw_tracepoint, attach_tracepoint,
-        net_hook_usable, read_net_offsets,
+        LoadError, NET_BTF_PROGRAMS, NET_TRACEPOINTS, TRACEFS, attach_btf_tracepoints,
+        attach_raw_tracepoint, attach_tracepoint, net_hook_usable, read_net_offsets,
     },
     histogram::Histogram,
     metrics::{counter, family, gauge, histogram, scaled_histogram},
@@ -232,7 +232,21 @@ impl NetCollector {
         }
         let mut attached = Vec::new();
         let mut skipped = Vec::new();
-        let hooks: &[(&str, &str, &str)] = if enabled { &NET_TRACEPOINTS } else { &[] };
+        let mut hooks: &[(&str, &str, &str)] = if enabled { &NET_TRACEPOINTS } else { &[] };
+        // The fast path first: `tp_btf` programs keep each socket's state in its local storage,
+        // so the per-call work needs no hash lookup and no process filter. All six or none; the
+        // tracepoints below are the fallback.
+        if enabled {
+            match attach_net_btf(ebpf) {
+                Ok(()) => {
+                    attached.extend(NET_BTF_PROGRAMS.iter().map(|(_, tp)| format!("tp_btf {tp}")));
+                    hooks = &[];
+                }
+                Err(reason) => tracing::info!(
+                    "network: tp_btf programs with socket storage unavailable ({reason}); using the tracepoints"
+                ),
+            }
+        }
         for &(category, name, program) in hooks {
             let hook = format!("{category}:{name}");
             if !net_hook_usable(&offsets, program) {
@@ -391,6 +405,20 @@ impl NetCollector {
             ),
         ]
     }
+}
+
+/// Attaches the `tp_btf` network programs, where the kernel's BTF gives the socket fields they
+/// read; the reason otherwise.
+fn attach_net_btf(ebpf: &mut Ebpf) -> Result<(), String> {
+    let kernel = crate::ebpf::kernel_offsets();
+    if kernel.sock_protocol == u32::MAX {
+        return Err("kernel BTF has no sock.sk_protocol".to_owned());
+    }
+    if kernel.tcp_sock_srtt_us == u32::MAX {
+        // RTT would then need tcp_probe, which reads the tracepoints' socket table.
+        return Err("kernel BTF has no tcp_sock.srtt_us".to_owned());
+    }
+    attach_btf_tracepoints(ebpf, &NET_BTF_PROGRAMS)
 }
 
 /// Socket inodes a process holds (`/proc/PID/fd/* -> socket:[INODE]`).

@@ -14,6 +14,9 @@
 //! noise is visible. The goal (≤ 3 % throughput loss) prints as PASS/MISS per load; only errors
 //! fail the run. The agent runs only the network collector (`--collectors net`); kernel time
 //! per request comes from separate `--bpf-stats` blocks.
+//!
+//! `cargo xtask bench net -- [--load http|echo] [--rounds N]` measures one load, or fewer rounds,
+//! for a quick look while working on the hot path (the goal's verdict wants the 15 rounds).
 
 use std::{
     fs,
@@ -35,7 +38,7 @@ use loads::{Echo, Http, Load, cpus};
 
 /// Samples per block (after one warm-up sample) and rounds over the configurations.
 const SAMPLES: usize = 3;
-const ROUNDS: usize = 15;
+const DEFAULT_ROUNDS: usize = 15;
 /// Largest acceptable throughput loss with the agent observing both ends, in percent.
 const GOAL_LOSS_PCT: f64 = 3.0;
 
@@ -171,6 +174,7 @@ struct Bench<L: Load> {
     blocks: Vec<(&'static str, Vec<f64>)>,
     /// Requests of the last block's warm-up sample.
     warmup: u64,
+    rounds: usize,
 }
 
 type PerRequest = (f64, f64);
@@ -189,6 +193,7 @@ struct Figures {
 /// A load's figures.
 struct Outcome {
     describe: String,
+    rounds: usize,
     base_rate: f64,
     configs: Vec<Figures>,
     sanity: Vec<String>,
@@ -244,9 +249,10 @@ impl<L: Load> Bench<L> {
     fn measure(mut self, name: &str, probe: &Path, idle: u32, logs: &Path) -> Result<Outcome> {
         let idle = vec!["--pid".to_owned(), idle.to_string()];
         let mut sanity = Vec::new();
-        for round in 1..=ROUNDS {
+        for round in 1..=self.rounds {
             for (key, label) in CONFIGS {
-                eprintln!("bench net {name}: round {round}/{ROUNDS}: no agent, then {label}");
+                let rounds = self.rounds;
+                eprintln!("bench net {name}: round {round}/{rounds}: no agent, then {label}");
                 self.block("a")?;
                 let select = if key == "b" {
                     self.load.select()
@@ -307,6 +313,7 @@ impl<L: Load> Bench<L> {
             .collect();
         Ok(Outcome {
             describe: self.load.describe(),
+            rounds: self.rounds,
             base_rate,
             configs,
             sanity,
@@ -423,7 +430,29 @@ fn median(v: &[f64]) -> f64 {
     }
 }
 
-pub fn run() -> Result<()> {
+/// Which loads to measure, and how many rounds, from `cargo xtask bench net -- ARGS`.
+fn options(args: &[String]) -> Result<(Vec<&'static str>, usize)> {
+    let (mut loads, mut rounds) = (vec!["http", "echo"], DEFAULT_ROUNDS);
+    let mut it = args.iter();
+    while let Some(arg) = it.next() {
+        let value = it.next();
+        match (arg.as_str(), value.map(String::as_str)) {
+            ("--load", Some("http")) => loads = vec!["http"],
+            ("--load", Some("echo")) => loads = vec!["echo"],
+            ("--rounds", Some(n)) => match n.parse::<usize>() {
+                Ok(n) if n >= 1 => rounds = n,
+                _ => bail!("bench net: --rounds wants a whole number ≥ 1, got {n:?}"),
+            },
+            _ => bail!(
+                "bench net: unknown argument {arg:?}; usage: cargo xtask bench net -- [--load http|echo] [--rounds N]"
+            ),
+        }
+    }
+    Ok((loads, rounds))
+}
+
+pub fn run(args: &[String]) -> Result<()> {
+    let (loads, rounds) = options(args)?;
     run::cargo_build_release(&["ws1-probe", "ws1-probe-tests"])?;
     let release = util::target_dir().join("release");
     let (probe, netload) = (release.join("ws1-probe"), release.join("ws1-netload"));
@@ -434,19 +463,26 @@ pub fn run() -> Result<()> {
         .spawn()
         .context("cannot start sleep")?;
     let outcomes = (|| -> Result<Vec<(&str, Outcome)>> {
-        let http = Bench {
-            load: Http::start(&logs.join("nginx"))?,
-            blocks: Vec::new(),
-            warmup: 0,
-        };
-        let http = http.measure("http", &probe, idle.id(), &logs)?;
-        let echo = Bench {
-            load: Echo::start(&netload)?,
-            blocks: Vec::new(),
-            warmup: 0,
-        };
-        let echo = echo.measure("echo", &probe, idle.id(), &logs)?;
-        Ok(vec![("http", http), ("echo", echo)])
+        let mut out = Vec::new();
+        if loads.contains(&"http") {
+            let http = Bench {
+                load: Http::start(&logs.join("nginx"))?,
+                blocks: Vec::new(),
+                warmup: 0,
+                rounds,
+            };
+            out.push(("http", http.measure("http", &probe, idle.id(), &logs)?));
+        }
+        if loads.contains(&"echo") {
+            let echo = Bench {
+                load: Echo::start(&netload)?,
+                blocks: Vec::new(),
+                warmup: 0,
+                rounds,
+            };
+            out.push(("echo", echo.measure("echo", &probe, idle.id(), &logs)?));
+        }
+        Ok(out)
     })();
     let _ = idle.kill();
     let _ = idle.wait();
@@ -476,8 +512,8 @@ pub fn run() -> Result<()> {
 
 fn report(o: &Outcome) {
     println!(
-        "{}; {SAMPLES} samples per block, {ROUNDS} rounds",
-        o.describe
+        "{}; {SAMPLES} samples per block, {} rounds",
+        o.describe, o.rounds
     );
     let cpus = cpus() as f64;
     println!(
