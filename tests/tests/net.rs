@@ -621,6 +621,65 @@ fn server_listening_before_the_agent_started_is_observed() {
     assert_eq!(m.get("ws1_probe_connection_reuse_ratio", &srv), Some(0.0));
 }
 
+/// Which programs the agent loaded: the `tp_btf` family by default on this kernel, the
+/// tracepoints (raw for send/receive) when `WS1_PROBE_NET_HOOKS=tracepoint`, never both. `xtask
+/// test` runs this file both ways, so every test here covers both paths.
+#[test]
+fn network_hooks_are_tp_btf_by_default_and_tracepoints_on_request() {
+    if !privileged() {
+        return;
+    }
+    let mut server = NetLoad::spawn("n-hooks");
+    let agent = Agent::start(&["--pid", &server.pid.to_string()]);
+    let port = server.listen("127.0.0.1:0");
+    server.cmd(&format!("pooled 127.0.0.1:{port} 3 0"));
+    let m = agent.metrics();
+    let loaded = |program: &str| {
+        m.samples.iter().any(|s| {
+            s.0 == "ws1_probe_bpf_program_runs_total"
+                && s.1.iter().any(|(k, v)| k == "program" && v == program)
+        })
+    };
+    let btf = [
+        "inet_sock_set_state_btf",
+        "sock_send_length_btf",
+        "sock_recv_length_btf",
+        "tcp_retransmit_skb_btf",
+        "tcp_send_reset_btf",
+        "tcp_receive_reset_btf",
+    ];
+    let classic = [
+        "inet_sock_set_state",
+        "sock_send_length_raw",
+        "sock_recv_length_raw",
+        "tcp_retransmit_skb",
+        "tcp_send_reset",
+        "tcp_receive_reset",
+    ];
+    let fallback = std::env::var("WS1_PROBE_NET_HOOKS").as_deref() == Ok("tracepoint");
+    let (want, not) = if fallback {
+        (classic, btf)
+    } else {
+        (btf, classic)
+    };
+    for p in want {
+        assert!(loaded(p), "program {p} not loaded (fallback: {fallback})\n{}", m.text);
+    }
+    for p in not {
+        assert!(!loaded(p), "program {p} loaded as well (fallback: {fallback})");
+    }
+    // The process talked to itself: both ends are its own, 3 requests each way.
+    let p = port.to_string();
+    assert_eq!(
+        m.get(&format!("{REQUEST}_count"), &series("n-hooks", "server", &p)),
+        Some(3.0)
+    );
+    assert_eq!(
+        m.get(&format!("{REQUEST}_count"), &series("n-hooks", "client", &p)),
+        Some(3.0)
+    );
+}
+
 #[test]
 fn ipv6_connections_are_observed() {
     if !privileged() {

@@ -30,6 +30,12 @@ pub enum LoadError {
     MissingProgram { program: String },
     #[error("map {map} is missing from the eBPF object (rebuild with `cargo xtask build`)")]
     MissingMap { map: String },
+    #[error("{name}={value:?} is not a known setting: use {expected}")]
+    Setting {
+        name: &'static str,
+        value: String,
+        expected: &'static str,
+    },
     #[error("the kernel verifier rejected program {program}: {tail}")]
     Verifier { program: String, tail: String },
     #[error("cannot load program {program}: {source}")]

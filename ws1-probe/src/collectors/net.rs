@@ -236,7 +236,7 @@ impl NetCollector {
         // The fast path first: `tp_btf` programs keep each socket's state in its local storage,
         // so the per-call work needs no hash lookup and no process filter. All six or none; the
         // tracepoints below are the fallback.
-        if enabled {
+        if enabled && net_hooks_setting()? == NetHooks::Auto {
             match attach_net_btf(ebpf) {
                 Ok(()) => {
                     attached.extend(NET_BTF_PROGRAMS.iter().map(|(_, tp)| format!("tp_btf {tp}")));
@@ -404,6 +404,35 @@ impl NetCollector {
                 self.remotes.map(),
             ),
         ]
+    }
+}
+
+/// Which hooks the network collector uses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum NetHooks {
+    /// `tp_btf` with socket-local storage where the kernel allows, the tracepoints otherwise.
+    Auto,
+    /// Only the tracepoints (raw where possible): the fallback path, for comparison, or to rule
+    /// out the `tp_btf` programs when something looks wrong.
+    Tracepoint,
+}
+
+/// Environment variable that chooses [`NetHooks`]: `auto` (the default) or `tracepoint`.
+pub const NET_HOOKS_ENV: &str = "WS1_PROBE_NET_HOOKS";
+
+fn net_hooks_setting() -> Result<NetHooks, LoadError> {
+    parse_net_hooks(std::env::var(NET_HOOKS_ENV).ok().as_deref())
+}
+
+fn parse_net_hooks(value: Option<&str>) -> Result<NetHooks, LoadError> {
+    match value {
+        None | Some("") | Some("auto") => Ok(NetHooks::Auto),
+        Some("tracepoint") => Ok(NetHooks::Tracepoint),
+        Some(other) => Err(LoadError::Setting {
+            name: NET_HOOKS_ENV,
+            value: other.to_owned(),
+            expected: "auto (tp_btf where the kernel allows) or tracepoint",
+        }),
     }
 }
 
@@ -649,6 +678,23 @@ mod tests {
     use super::*;
     use crate::metrics::encode;
     use ws1_probe_common::hist::DEFAULT_EXPORT_BOUNDS_NS;
+
+    #[test]
+    fn net_hooks_setting_is_auto_by_default_and_rejects_unknown_values() {
+        assert_eq!(parse_net_hooks(None).ok(), Some(NetHooks::Auto));
+        assert_eq!(parse_net_hooks(Some("auto")).ok(), Some(NetHooks::Auto));
+        assert_eq!(
+            parse_net_hooks(Some("tracepoint")).ok(),
+            Some(NetHooks::Tracepoint)
+        );
+        let err = parse_net_hooks(Some("kprobe")).err().map(|e| e.to_string());
+        assert_eq!(
+            err.as_deref(),
+            Some(
+                "WS1_PROBE_NET_HOOKS=\"kprobe\" is not a known setting: use auto (tp_btf where the kernel allows) or tracepoint"
+            )
+        );
+    }
 
     #[test]
     fn listeners_from_proc_net_tcp() {

@@ -145,10 +145,16 @@ impl Agent {
     }
 }
 
-/// The network collector's programs (the send/receive hooks as raw tracepoints where the kernel
-/// allows, as tracepoints otherwise: whichever is attached reports runs), and the syscall
-/// collector's.
-const NET_PROGRAMS: [&str; 9] = [
+/// The network collector's programs (`tp_btf` where the kernel allows, else the send/receive
+/// hooks as raw tracepoints and the rest as tracepoints: whichever is attached reports runs),
+/// and the syscall collector's.
+const NET_PROGRAMS: [&str; 15] = [
+    "inet_sock_set_state_btf",
+    "sock_send_length_btf",
+    "sock_recv_length_btf",
+    "tcp_retransmit_skb_btf",
+    "tcp_send_reset_btf",
+    "tcp_receive_reset_btf",
     "inet_sock_set_state",
     "sock_send_length",
     "sock_recv_length",
