@@ -929,6 +929,8 @@ fn check_lists_every_network_hook_as_attached() {
         "tracepoint tcp:tcp_retransmit_skb",
         "tracepoint tcp:tcp_send_reset",
         "tracepoint tcp:tcp_receive_reset",
+        // The six tp_btf programs with socket storage, loaded and attached as the agent does.
+        "tp_btf network programs with socket storage",
     ] {
         let point = points.iter().find(|p| p["hook"] == hook);
         let point = point.unwrap_or_else(|| panic!("{hook} not probed: {points:?}"));

@@ -82,11 +82,7 @@ pub fn load(opts: &LoadOptions) -> Result<Ebpf, LoadError> {
     }
     // Read here rather than passed in: every load needs them, and the net collector reads the
     // same files again to learn which hooks exist.
-    let mut net_offsets = read_net_offsets(Path::new(TRACEFS));
-    let kernel = kernel_offsets();
-    net_offsets.tcp_sock_srtt_us = kernel.tcp_sock_srtt_us;
-    net_offsets.sock_protocol = kernel.sock_protocol;
-    net_offsets.sock_v6_daddr = kernel.sock_v6_daddr;
+    let net_offsets = net_offsets();
     let mmap_offsets = read_mmap_offsets(Path::new(TRACEFS));
     EbpfLoader::new()
         .map_max_entries("TARGET_FILTER", pid_max())
@@ -103,6 +99,16 @@ pub fn load(opts: &LoadOptions) -> Result<Ebpf, LoadError> {
         .override_global("PROFILE_SETTINGS", &opts.profile, true)
         .load(OBJECT)
         .map_err(|source| LoadError::Object { source })
+}
+
+/// The network programs' offsets: tracepoint fields from tracefs, socket fields from BTF.
+pub fn net_offsets() -> NetOffsets {
+    let mut off = read_net_offsets(Path::new(TRACEFS));
+    let kernel = kernel_offsets();
+    off.tcp_sock_srtt_us = kernel.tcp_sock_srtt_us;
+    off.sock_protocol = kernel.sock_protocol;
+    off.sock_v6_daddr = kernel.sock_v6_daddr;
+    off
 }
 
 /// The kernel struct member offsets some programs read, from the kernel's BTF in one pass,
@@ -341,9 +347,11 @@ pub fn attach_tracepoint(
 /// Loads every `tp_btf` program of `programs` (name, tracepoint) against the kernel's BTF and
 /// attaches them: all or none. On the first failure the programs loaded so far are unloaded
 /// again (which detaches them) and the reason is returned, naming the tracepoint.
-pub fn attach_btf_tracepoints(ebpf: &mut Ebpf, programs: &[(&str, &str)]) -> Result<(), String> {
-    // Parsed once here (about 170k allocations); `check` parses its own.
-    let btf = aya::Btf::from_sys_fs().map_err(|e| format!("cannot read kernel BTF: {e}"))?;
+pub fn attach_btf_tracepoints(
+    ebpf: &mut Ebpf,
+    programs: &[(&str, &str)],
+    btf: &aya::Btf,
+) -> Result<(), String> {
     let mut loaded = Vec::new();
     let mut result = Ok(());
     for &(program, tp) in programs {
@@ -353,7 +361,7 @@ pub fn attach_btf_tracepoints(ebpf: &mut Ebpf, programs: &[(&str, &str)]) -> Res
                 .ok_or_else(|| format!("program {program} is missing from the object"))?
                 .try_into()
                 .map_err(|e| format!("{program}: {e}"))?;
-            prog.load(tp, &btf)
+            prog.load(tp, btf)
                 .map_err(|e| format!("tp_btf {tp}: {}", load_error(program, e)))?;
             loaded.push(program);
             prog.attach()

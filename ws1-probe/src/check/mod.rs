@@ -111,6 +111,12 @@ pub const COLLECTORS: &[CollectorNeeds] = &[
         name: "net",
         hooks: &["tracepoint sock:inet_sock_set_state"],
         optional: &[
+            // All six `tp_btf` programs at once (`ebpf::NET_BTF_PROGRAMS`), as the agent
+            // attaches them; without them the tracepoints below do the same work.
+            OptionalHook {
+                hooks: &[NET_BTF_HOOK],
+                feeds: "speed only (the tracepoints do the same work, with a process filter and a hash lookup more per send and receive)",
+            },
             // Requests complete on the opposite direction, so each of the pair feeds them.
             OptionalHook {
                 hooks: &[
@@ -318,7 +324,11 @@ fn collector_points(needs: &[CollectorNeeds], kind: &str) -> Vec<&'static str> {
 }
 
 /// Hook kinds whose attach points can be probed by name, one by one.
-const BY_POINT: [&str; 2] = ["tracepoint", "raw_tp"];
+const BY_POINT: [&str; 3] = ["tracepoint", "raw_tp", "tp_btf"];
+
+/// The network collector's fast path as one optional hook: its `tp_btf` programs with
+/// socket-local storage, loaded and attached together as the agent does.
+pub const NET_BTF_HOOK: &str = "tp_btf network programs with socket storage";
 
 /// The hooks probed one by one, as `<kind> <attach point>`: every hook of a collector that is
 /// not essential, and every optional hook. Kinds outside [`BY_POINT`] are judged by their row.
@@ -614,7 +624,7 @@ mod tests {
         );
         assert_eq!(json["collectors"][5]["status"], "ok");
         assert_eq!(
-            json["collectors"][5]["optional"][2]["feeds"],
+            json["collectors"][5]["optional"][3]["feeds"],
             "rtt where BTF lacks tcp_sock.srtt_us"
         );
         let json = serde_json::to_value(report_with(&[], &["tracepoint tcp:tcp_probe"]));
@@ -718,8 +728,13 @@ mod tests {
         let rows = collector_points(COLLECTORS, "raw_tp");
         assert_eq!(rows, ["sys_enter", "sys_exit", "sched_switch"]);
         let singles = single_points(COLLECTORS);
-        assert_eq!(singles.len(), 9);
+        assert_eq!(singles.len(), 10);
         assert_eq!(singles[0], "tracepoint sock:inet_sock_set_state");
+        assert_eq!(singles[1], NET_BTF_HOOK);
+        assert_eq!(
+            kind_points(COLLECTORS, "tp_btf").collect::<Vec<_>>(),
+            [(NET_BTF_HOOK, "network programs with socket storage")]
+        );
         let raw: Vec<_> = kind_points(COLLECTORS, "raw_tp").collect();
         let send = ("raw_tp sock_send_length", "sock_send_length");
         assert_eq!(raw, [send, ("raw_tp sock_recv_length", "sock_recv_length")]);

@@ -16,7 +16,8 @@ use aya::{
 use ws1_probe_common::check as progs;
 
 use super::{
-    ABSENT, CollectorNeeds, HookStatus, NO_EVENTS, collector_points, not_probed, single_points,
+    ABSENT, CollectorNeeds, HookStatus, NET_BTF_HOOK, NO_EVENTS, collector_points, not_probed,
+    single_points,
 };
 use crate::{ebpf, preflight};
 
@@ -34,7 +35,11 @@ pub(super) fn probe_hooks(
     };
     // aya 0.14's `EbpfLoader::new` parses BTF itself; ours replaces it for the relocations.
     // Unsupported maps are tolerated so that the program probes still run.
+    // The network offsets as the agent sets them: the `tp_btf` programs' socket reads only
+    // verify with real offsets.
+    let net_offsets = ebpf::net_offsets();
     let mut loader = EbpfLoader::new();
+    loader.override_global("NET_OFFSETS", &net_offsets, true);
     let mut ebpf = match loader.btf(btf).allow_unsupported_maps().load(ebpf::OBJECT) {
         Ok(ebpf) => ebpf,
         Err(err) => {
@@ -49,6 +54,7 @@ pub(super) fn probe_hooks(
     let (tracepoint, mut points) = probe_tracepoint(&mut ebpf, needs);
     let (raw_tp, raw_tp_points) = probe_raw_tp(&mut ebpf, needs);
     points.extend(raw_tp_points);
+    points.extend(probe_tp_btf_points(&mut ebpf, needs, btf.as_ref().ok().copied()));
     let order = single_points(needs);
     points.sort_by_key(|p| order.iter().position(|h| *h == p.hook));
     let hooks = vec![
@@ -167,6 +173,28 @@ pub(super) fn kind_points<'a>(
 ) -> impl Iterator<Item = (&'static str, &'static str)> + 'a {
     let hooks = single_points(needs).into_iter();
     hooks.filter_map(move |h| Some((h, h.strip_prefix(kind)?.strip_prefix(' ')?)))
+}
+
+/// The `tp_btf` hooks probed by themselves: the network collector's programs, loaded and
+/// attached all together as the agent does.
+fn probe_tp_btf_points(
+    ebpf: &mut Ebpf,
+    needs: &[CollectorNeeds],
+    btf: Option<&Btf>,
+) -> Vec<HookStatus> {
+    let points: Vec<_> = kind_points(needs, "tp_btf").collect();
+    points
+        .into_iter()
+        .map(|(hook, _)| {
+            let result = match btf {
+                None => Err("not probed: no kernel BTF".to_owned()),
+                Some(_) if hook != NET_BTF_HOOK => Err(format!("no probe for {hook}")),
+                Some(btf) => ebpf::attach_btf_tracepoints(ebpf, &ebpf::NET_BTF_PROGRAMS, btf)
+                    .map(|()| format!("attached ({} programs)", ebpf::NET_BTF_PROGRAMS.len())),
+            };
+            HookStatus::new(hook, result)
+        })
+        .collect()
 }
 
 fn tp_btf(ebpf: &mut Ebpf, btf: &Btf) -> Result<String, String> {

@@ -447,7 +447,9 @@ fn attach_net_btf(ebpf: &mut Ebpf) -> Result<(), String> {
         // RTT would then need tcp_probe, which reads the tracepoints' socket table.
         return Err("kernel BTF has no tcp_sock.srtt_us".to_owned());
     }
-    attach_btf_tracepoints(ebpf, &NET_BTF_PROGRAMS)
+    // Parsed here, once per agent (about 170k allocations).
+    let btf = aya::Btf::from_sys_fs().map_err(|e| format!("cannot read kernel BTF: {e}"))?;
+    attach_btf_tracepoints(ebpf, &NET_BTF_PROGRAMS, &btf)
 }
 
 /// Socket inodes a process holds (`/proc/PID/fd/* -> socket:[INODE]`).
