@@ -1,11 +1,12 @@
 //! Shared types of the network probe (TCP connections, RTT, retransmits, resets, request
-//! latency and connection reuse), all built on tracepoints.
+//! latency and connection reuse), built on tracepoints (`tp_btf` where the kernel allows).
 //!
 //! Sockets are owned by the service of the process that created them in process context: a
 //! `connect()` caller (client side, keyed by remote port) or a targeted process listening on
 //! the local port (server side, keyed by local port). The kernel remembers that owner per socket
-//! in `NET_SOCKS` (keyed by the `struct sock` address) from the connect/accept until the socket
-//! reaches TCP_CLOSE, so hooks that fire in softirq context can attribute their events.
+//! from the connect/accept until the socket reaches TCP_CLOSE, in the socket's local storage
+//! (`NET_SK`, the `tp_btf` programs) or in `NET_SOCKS` (keyed by the `struct sock` address, the
+//! tracepoint fallback), so hooks that fire in softirq context can attribute their events.
 //!
 //! Services opted in to remote addresses (`remote_addresses = true`, `--remote-addresses`) also
 //! split their series by the peer's address. The address is read once per socket, when it is
@@ -297,6 +298,11 @@ pub struct NetOffsets {
     /// `tp_btf` state change); `u32::MAX` when unknown, and then IPv6 peers of services that
     /// export remote addresses count as `remote="other"` on that path.
     pub sock_v6_daddr: u32,
+    /// Byte offset of `sk_bpf_storage` in `struct sock`, from BTF: the `tp_btf` send/receive
+    /// hooks read it directly and return at once when it is NULL (the socket has no local
+    /// storage at all, so it is not observed), which spares the sockets of every other process
+    /// the `bpf_sk_storage_get` call; `u32::MAX` when unknown (then the helper always runs).
+    pub sock_bpf_storage: u32,
 }
 
 impl NetOffsets {
@@ -324,6 +330,7 @@ impl NetOffsets {
         tcp_sock_srtt_us: u32::MAX,
         sock_protocol: u32::MAX,
         sock_v6_daddr: u32::MAX,
+        sock_bpf_storage: u32::MAX,
     };
 }
 
@@ -340,7 +347,7 @@ mod tests {
         assert_eq!(size_of::<NetKey>(), 4 + 2 + 1 + 1 + 4);
         assert_eq!(size_of::<SockState>(), 4 + 2 + 1 + 1 + 4 + 4 + 9 * 8);
         assert_eq!(size_of::<RemoteAddr>(), 16);
-        assert_eq!(size_of::<NetOffsets>(), 22 * 4);
+        assert_eq!(size_of::<NetOffsets>(), 23 * 4);
     }
 
     #[test]

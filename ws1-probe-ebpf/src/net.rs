@@ -1,17 +1,20 @@
 //! TCP connections, RTT, retransmits, resets and request latency, on tracepoints only (this
-//! kernel has no kprobes and refuses fentry).
+//! kernel has no kprobes and refuses fentry): `tp_btf` programs with the state in socket-local
+//! storage where the kernel allows, classic and raw tracepoints with a socket hash otherwise
+//! (see `Store`).
 //!
 //! Ownership is decided in process context, where the current task is the socket's user:
 //! `inet_sock_set_state` CLOSE → SYN_SENT runs in the `connect()` caller, CLOSE → LISTEN in the
 //! `listen()` caller. A connection accepted on a port a targeted process listens on is the
 //! server side of that service (LISTEN → SYN_RECV clones the child socket). The owner is kept in
-//! `NET_SOCKS` keyed by the socket's address until the socket reaches TCP_CLOSE, where the entry
-//! is deleted, so hooks that fire in softirq context (state changes, retransmits, resets) cost
-//! one hash lookup for sockets nobody observes. Per event the work is O(1).
+//! the socket's local storage (`NET_SK`) or in `NET_SOCKS` keyed by the socket's address until
+//! the socket reaches TCP_CLOSE, where the entry is deleted, so hooks that fire in softirq
+//! context (state changes, retransmits, resets) cost one lookup for sockets nobody observes.
+//! Per event the work is O(1).
 //!
 //! Each socket also carries its endpoint's slot (`NET_SLOTS`, found once when the socket is
 //! created): the counters and the request histogram are arrays indexed by it, so the per-request
-//! path hashes nothing but the socket's address.
+//! path hashes nothing (on the `tp_btf` path not even the socket's address).
 //!
 //! Request latency comes from `sock_send_length`/`sock_recv_length` (process context, after
 //! the call): a client request starts at the first send after the socket was idle and ends at
@@ -23,7 +26,8 @@
 //!
 //! Remote addresses: for sockets of services opted in (`NET_REMOTE_SERVICES`), the peer's
 //! address is read from the state change that creates the socket (CLOSE → SYN_SENT for a
-//! client, LISTEN → SYN_RECV for an accepted child; `daddr_v6` is the peer in both) and
+//! client, LISTEN → SYN_RECV for an accepted child; the peer in both: the tracepoint's
+//! `daddr_v6`, or the same address read from the socket on the `tp_btf` path) and
 //! interned in `NET_REMOTES` as a 4-byte id that joins the socket's state and every key. The
 //! later hooks do exactly the same work whether a socket has an address or not.
 
@@ -338,14 +342,9 @@ fn remote_of(service: u32, read: impl FnOnce() -> Option<RemoteAddr>) -> u32 {
     }
 }
 
+/// Starts observing a socket of `endpoint` (`kind` 0), created at `now`.
 #[inline(always)]
-fn track(
-    store: &impl Store,
-    endpoint: NetKey,
-    remote: u32,
-    now: u64,
-) {
-    let endpoint = NetKey { remote, ..endpoint };
+fn track(store: &impl Store, endpoint: NetKey, now: u64) {
     let Some(slot) = slot_of(&endpoint) else {
         return;
     };
@@ -354,7 +353,7 @@ fn track(
         port: endpoint.port,
         side: endpoint.side,
         phase: PHASE_IDLE,
-        remote,
+        remote: endpoint.remote,
         slot,
         ts_ns: now,
         established_ns: 0,
@@ -456,9 +455,9 @@ fn state_change(
             port: dport,
             side: SIDE_CLIENT,
             kind: 0,
-            remote: REMOTE_NONE,
+            remote: remote_of(service, daddr),
         };
-        track(store, endpoint, remote_of(service, daddr), now);
+        track(store, endpoint, now);
         return;
     }
     if new == TCP_LISTEN {
@@ -482,10 +481,10 @@ fn state_change(
                     port: sport,
                     side: SIDE_SERVER,
                     kind: 0,
-                    remote: REMOTE_NONE,
+                    // The child's peer is the connecting client.
+                    remote: remote_of(service, daddr),
                 };
-                // The child's peer is the connecting client.
-                track(store, endpoint, remote_of(service, daddr), now);
+                track(store, endpoint, now);
             }
         } else if new == TCP_CLOSE {
             // The listener itself closed (no other state follows LISTEN for it).
@@ -618,13 +617,32 @@ pub fn try_sock_length_btf(ctx: &BtfTracePointContext, send: bool) -> Result<u32
     let sk: *mut c_void = ctx.arg(0);
     let ret: i32 = ctx.arg(1);
     let flags: i32 = ctx.arg(2);
-    if !moves_data(ret, flags, send) {
+    if !moves_data(ret, flags, send) || !may_have_storage(sk) {
         return Ok(0);
     }
     match Local(sk).get() {
         Some(entry) => sock_length(entry, sk as u64, ret, send),
         None => Ok(0),
     }
+}
+
+/// Whether the socket has any local storage at all: one plain load of `sk->sk_bpf_storage` (at
+/// its BTF offset), so that the sockets of every process nobody observes return here without
+/// a helper call. `true` when the offset is unknown.
+#[inline(always)]
+fn may_have_storage(sk: *mut c_void) -> bool {
+    // SAFETY: a plain read of a loader-set global, volatile as in `offsets`.
+    let off =
+        unsafe { core::ptr::read_volatile(core::ptr::addr_of!(NET_OFFSETS.sock_bpf_storage)) };
+    if off == u32::MAX {
+        return true;
+    }
+    // SAFETY: `sk` is the `tp_btf` argument, a socket; the offset comes from the kernel's BTF
+    // and the verifier checks the load against `struct sock` (a faulting load reads 0). The
+    // pointer is only compared with NULL, never followed: a racing first insert by another CPU
+    // at worst skips one call of a socket being set up there.
+    let storage = unsafe { *sk.cast::<u8>().add(off as usize).cast::<u64>() };
+    storage != 0
 }
 
 /// Byte counts and the request state machine of one send or receive.

@@ -108,6 +108,7 @@ pub fn net_offsets() -> NetOffsets {
     off.tcp_sock_srtt_us = kernel.tcp_sock_srtt_us;
     off.sock_protocol = kernel.sock_protocol;
     off.sock_v6_daddr = kernel.sock_v6_daddr;
+    off.sock_bpf_storage = kernel.sock_bpf_storage;
     off
 }
 
@@ -122,6 +123,9 @@ pub struct KernelOffsets {
     /// `sock.sk_protocol` and `sock_common.skc_v6_daddr`: the `tp_btf` network state change.
     pub sock_protocol: u32,
     pub sock_v6_daddr: u32,
+    /// `sock.sk_bpf_storage`: lets the `tp_btf` send/receive hooks skip sockets without
+    /// local storage before the helper call.
+    pub sock_bpf_storage: u32,
 }
 
 pub fn kernel_offsets() -> KernelOffsets {
@@ -132,6 +136,7 @@ pub fn kernel_offsets() -> KernelOffsets {
             ("task_struct", "pid"),
             ("sock", "sk_protocol"),
             ("sock_common", "skc_v6_daddr"),
+            ("sock", "sk_bpf_storage"),
         ];
         match crate::btf::kernel_member_offsets(&wanted) {
             Ok(found) => {
@@ -141,6 +146,7 @@ pub fn kernel_offsets() -> KernelOffsets {
                     task_struct_pid: get(1),
                     sock_protocol: get(2),
                     sock_v6_daddr: get(3),
+                    sock_bpf_storage: get(4),
                 };
                 if offsets.tcp_sock_srtt_us == u32::MAX {
                     tracing::warn!(
@@ -158,6 +164,7 @@ pub fn kernel_offsets() -> KernelOffsets {
                     task_struct_pid: u32::MAX,
                     sock_protocol: u32::MAX,
                     sock_v6_daddr: u32::MAX,
+                    sock_bpf_storage: u32::MAX,
                 }
             }
         }
