@@ -663,19 +663,32 @@ fn network_hooks_are_tp_btf_by_default_and_tracepoints_on_request() {
         (btf, classic)
     };
     for p in want {
-        assert!(loaded(p), "program {p} not loaded (fallback: {fallback})\n{}", m.text);
+        assert!(
+            loaded(p),
+            "program {p} not loaded (fallback: {fallback})\n{}",
+            m.text
+        );
     }
     for p in not {
-        assert!(!loaded(p), "program {p} loaded as well (fallback: {fallback})");
+        assert!(
+            !loaded(p),
+            "program {p} loaded as well (fallback: {fallback})"
+        );
     }
     // The process talked to itself: both ends are its own, 3 requests each way.
     let p = port.to_string();
     assert_eq!(
-        m.get(&format!("{REQUEST}_count"), &series("n-hooks", "server", &p)),
+        m.get(
+            &format!("{REQUEST}_count"),
+            &series("n-hooks", "server", &p)
+        ),
         Some(3.0)
     );
     assert_eq!(
-        m.get(&format!("{REQUEST}_count"), &series("n-hooks", "client", &p)),
+        m.get(
+            &format!("{REQUEST}_count"),
+            &series("n-hooks", "client", &p)
+        ),
         Some(3.0)
     );
 }

@@ -48,12 +48,11 @@ use ws1_probe_common::{
     hist::{DEFAULT_EXPORT_BOUNDS_NS, EXPORT_BOUND_SLOTS, LatencyHist, pad_bounds},
     net::{
         AF_INET6, BYTES_BOUNDS, IPPROTO_TCP, KIND_BYTES_RECEIVED, KIND_BYTES_SENT, KIND_CONNECT,
-        KIND_HANDSHAKE, KIND_LIFETIME, KIND_RTT, LISTEN_ENTRIES, MSG_PEEK,
-        NET_HIST_ENTRIES, NetCounters, NetKey, NetOffsets, PHASE_IDLE, PHASE_PENDING,
-        REMOTE_ENTRIES, REMOTE_NONE, REMOTE_OTHER, REMOTE_SERVICE_SLOTS, RTT_SAMPLE_NS, RemoteAddr,
-        SIDE_CLIENT, SIDE_SERVER, SKC_DADDR, SKC_DPORT, SKC_FAMILY, SKC_NUM, SLOT_ENTRIES,
-        SOCK_ENTRIES, SockState, TCP_CLOSE,
-        TCP_ESTABLISHED, TCP_LISTEN, TCP_SYN_RECV, TCP_SYN_SENT,
+        KIND_HANDSHAKE, KIND_LIFETIME, KIND_RTT, LISTEN_ENTRIES, MSG_PEEK, NET_HIST_ENTRIES,
+        NetCounters, NetKey, NetOffsets, PHASE_IDLE, PHASE_PENDING, REMOTE_ENTRIES, REMOTE_NONE,
+        REMOTE_OTHER, REMOTE_SERVICE_SLOTS, RTT_SAMPLE_NS, RemoteAddr, SIDE_CLIENT, SIDE_SERVER,
+        SKC_DADDR, SKC_DPORT, SKC_FAMILY, SKC_NUM, SLOT_ENTRIES, SOCK_ENTRIES, SockState,
+        TCP_CLOSE, TCP_ESTABLISHED, TCP_LISTEN, TCP_SYN_RECV, TCP_SYN_SENT,
     },
     targets::DropReason,
 };
@@ -274,7 +273,12 @@ impl Store for Local {
         let flags = u64::from(BPF_SK_STORAGE_GET_F_CREATE);
         // SAFETY: as in `get`; `init` is a SockState on the stack, the map's value type.
         let p: *mut SockState = unsafe {
-            bpf_sk_storage_get(sk_map(), self.0, core::ptr::addr_of_mut!(init).cast(), flags)
+            bpf_sk_storage_get(
+                sk_map(),
+                self.0,
+                core::ptr::addr_of_mut!(init).cast(),
+                flags,
+            )
         }
         .cast();
         if p.is_null() {
@@ -654,10 +658,13 @@ fn may_have_storage(sk: *mut c_void) -> bool {
 /// (`tcp_probe` is attached only where BTF lacks the offset).
 #[inline(always)]
 fn sock_length(entry: *mut SockState, sk: u64, ret: i32, send: bool) -> Result<u32, i64> {
-    // SAFETY: pointer from a successful lookup (hash or socket storage); calls on one socket are serialised by its lock
-    // in the common case, and a race costs at most one miscounted request.
-    let s = unsafe { *entry };
+    // The clock first: the helper call clobbers registers, so reading the state after it
+    // saves spilling every field to the stack around the call.
     let now = now_ns();
+    // SAFETY: pointer from a successful lookup (hash or socket storage); calls on one socket are
+    // serialised by its lock in the common case, and a race costs at most one miscounted
+    // request.
+    let s = unsafe { *entry };
     let (mut sent, mut received) = (s.bytes_sent, s.bytes_received);
     // Only this direction's count is written: a thread sending while another receives on the
     // same socket (full duplex) then cannot undo the other's count.

@@ -161,12 +161,20 @@ fn privileged_tests(args: &[String]) -> Result<(u64, u64)> {
         // hash), which this kernel would otherwise never run.
         eprintln!("xtask test: the network tests again with WS1_PROBE_NET_HOOKS=tracepoint");
         let mut net = cargo();
-        net.args(["test", "--release", "-p", "ws1-probe-tests", "--test", "net", "--"])
-            .arg("--test-threads=1")
-            .env("WS1_PROBE_NET_HOOKS", "tracepoint")
-            .env("WS1_PROBE_BIN", release.join("ws1-probe"))
-            .env("WS1_WORKLOAD_BIN", release.join("ws1-workload"))
-            .env("WS1_PPROF_BIN", pprof);
+        net.args([
+            "test",
+            "--release",
+            "-p",
+            "ws1-probe-tests",
+            "--test",
+            "net",
+            "--",
+        ])
+        .arg("--test-threads=1")
+        .env("WS1_PROBE_NET_HOOKS", "tracepoint")
+        .env("WS1_PROBE_BIN", release.join("ws1-probe"))
+        .env("WS1_WORKLOAD_BIN", release.join("ws1-workload"))
+        .env("WS1_PPROF_BIN", pprof);
         let (passed, failed) =
             run_tests(&mut net).context("xtask test: network tests on the tracepoints failed")?;
         counts = (counts.0 + passed, counts.1 + failed);

@@ -54,7 +54,11 @@ pub(super) fn probe_hooks(
     let (tracepoint, mut points) = probe_tracepoint(&mut ebpf, needs);
     let (raw_tp, raw_tp_points) = probe_raw_tp(&mut ebpf, needs);
     points.extend(raw_tp_points);
-    points.extend(probe_tp_btf_points(&mut ebpf, needs, btf.as_ref().ok().copied()));
+    points.extend(probe_tp_btf_points(
+        &mut ebpf,
+        needs,
+        btf.as_ref().ok().copied(),
+    ));
     let order = single_points(needs);
     points.sort_by_key(|p| order.iter().position(|h| *h == p.hook));
     let hooks = vec![

@@ -239,7 +239,11 @@ impl NetCollector {
         if enabled && net_hooks_setting()? == NetHooks::Auto {
             match attach_net_btf(ebpf) {
                 Ok(()) => {
-                    attached.extend(NET_BTF_PROGRAMS.iter().map(|(_, tp)| format!("tp_btf {tp}")));
+                    attached.extend(
+                        NET_BTF_PROGRAMS
+                            .iter()
+                            .map(|(_, tp)| format!("tp_btf {tp}")),
+                    );
                     hooks = &[];
                 }
                 Err(reason) => tracing::info!(

@@ -29,6 +29,9 @@ pub trait Load {
     fn sample(&mut self) -> Result<(f64, u64)>;
     /// Agent arguments selecting the load's server and client processes.
     fn select(&self) -> Vec<String>;
+    /// Agent arguments selecting the load's server processes only: the service, with the load
+    /// generator unobserved, as the agent runs in production.
+    fn select_server(&self) -> Vec<String>;
     /// Compares what the agent counted over a block with what the load made: `made` requests,
     /// `warmup` of them in the block's first sample. Returns a report line.
     fn sanity(&self, agent: &Agent, made: u64, warmup: u64) -> Result<String>;
@@ -128,6 +131,10 @@ impl Load for Echo {
         pids.iter()
             .flat_map(|p| ["--pid".to_owned(), p.to_string()])
             .collect()
+    }
+
+    fn select_server(&self) -> Vec<String> {
+        vec!["--pid".to_owned(), self.server.child.id().to_string()]
     }
 
     fn sanity(&self, agent: &Agent, made: u64, _warmup: u64) -> Result<String> {
@@ -260,6 +267,10 @@ impl Load for Http {
 
     fn select(&self) -> Vec<String> {
         vec!["--comm".to_owned(), "^(nginx|wrk)$".to_owned()]
+    }
+
+    fn select_server(&self) -> Vec<String> {
+        vec!["--comm".to_owned(), "^nginx$".to_owned()]
     }
 
     fn sanity(&self, agent: &Agent, made: u64, warmup: u64) -> Result<String> {
