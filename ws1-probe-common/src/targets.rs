@@ -73,7 +73,8 @@ pub enum DropReason {
     SyscallHistFull = 3,
     /// `SYSCALL_ERRORS` was full.
     SyscallErrorsFull = 4,
-    /// `NET_SOCKS` was full: a new TCP connection is not observed.
+    /// `NET_SOCKS` was full, or the kernel could not allocate a socket's local storage
+    /// (`NET_SK`): a new TCP connection is not observed.
     NetSocksFull = 5,
     /// `NET_SLOTS` (no slot left for a new endpoint) or `NET_HIST` was full.
     NetStatsFull = 6,
