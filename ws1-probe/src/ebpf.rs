@@ -471,7 +471,7 @@ pub const NET_TRACEPOINTS: [(&str, &str, &str); 7] = [
 
 /// The network collector's `tp_btf` programs: (program, tracepoint). Where they load, the agent
 /// attaches these instead of every hook in [`NET_TRACEPOINTS`] (the socket state then lives in
-/// socket-local storage; see the kernel's `net.rs`).
+/// socket-local storage; see the kernel's `net/store.rs`).
 pub const NET_BTF_PROGRAMS: [(&str, &str); 6] = [
     ("inet_sock_set_state_btf", "inet_sock_set_state"),
     ("sock_send_length_btf", "sock_send_length"),

@@ -31,16 +31,14 @@
 //! interned in `NET_REMOTES` as a 4-byte id that joins the socket's state and every key. The
 //! later hooks do exactly the same work whether a socket has an address or not.
 
-use core::{ffi::c_void, ptr::null_mut};
+mod store;
+
+use core::ffi::c_void;
 
 use aya_ebpf::{
-    bindings::{BPF_NOEXIST, BPF_SK_STORAGE_GET_F_CREATE},
-    btf_maps::SkStorage,
-    helpers::{
-        bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel,
-        generated::{bpf_sk_storage_delete, bpf_sk_storage_get},
-    },
-    macros::{btf_map, map},
+    bindings::BPF_NOEXIST,
+    helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel},
+    macros::map,
     maps::{Array, HashMap, PerCpuArray, Queue},
     programs::{BtfTracePointContext, RawTracePointContext, TracePointContext},
 };
@@ -51,26 +49,17 @@ use ws1_probe_common::{
         KIND_HANDSHAKE, KIND_LIFETIME, KIND_RTT, LISTEN_ENTRIES, MSG_PEEK, NET_HIST_ENTRIES,
         NetCounters, NetKey, NetOffsets, PHASE_IDLE, PHASE_PENDING, REMOTE_ENTRIES, REMOTE_NONE,
         REMOTE_OTHER, REMOTE_SERVICE_SLOTS, RTT_SAMPLE_NS, RemoteAddr, SIDE_CLIENT, SIDE_SERVER,
-        SKC_DADDR, SKC_DPORT, SKC_FAMILY, SKC_NUM, SLOT_ENTRIES, SOCK_ENTRIES, SockState,
-        TCP_CLOSE, TCP_ESTABLISHED, TCP_LISTEN, TCP_SYN_RECV, TCP_SYN_SENT,
+        SKC_DADDR, SKC_DPORT, SKC_FAMILY, SKC_NUM, SLOT_ENTRIES, SockState, TCP_CLOSE,
+        TCP_ESTABLISHED, TCP_LISTEN, TCP_SYN_RECV, TCP_SYN_SENT,
     },
     targets::DropReason,
 };
 
+use self::store::{Hashed, Local, Store, may_have_storage};
 use crate::{
     hist,
     targets::{count_drop, service_of},
 };
-
-/// `struct sock` address → owner and request state of an observed TCP socket.
-#[map]
-static NET_SOCKS: HashMap<u64, SockState> = HashMap::with_max_entries(SOCK_ENTRIES, 0);
-
-/// Owner and request state of an observed TCP socket, in the socket's own local storage: the
-/// `tp_btf` programs' counterpart of `NET_SOCKS` (see `Store`). The kernel frees an entry with
-/// its socket, and the CLOSE transition deletes it before that.
-#[btf_map]
-static NET_SK: SkStorage<SockState> = SkStorage::new();
 
 /// Local port → service of a targeted process listening on it.
 #[map]
@@ -201,106 +190,6 @@ fn record_in(key: &NetKey, bounds: &[u64; EXPORT_BOUND_SLOTS], value: u64) {
         return;
     };
     hist::observe(hist, bounds, value);
-}
-
-/// Where an observed socket's state lives.
-///
-/// Classic and raw tracepoints see the socket only as a number, so their programs keep the
-/// state in `NET_SOCKS`, keyed by that address. `tp_btf` programs get a pointer the verifier
-/// knows is a socket, so theirs keep it in the socket's own local storage (`NET_SK`): a lookup
-/// there is two loads, where the hash costs a jhash and a bucket walk, and the kernel frees it
-/// with the socket. The agent attaches one family or the other, never both, so a socket's state
-/// is in exactly one place.
-trait Store {
-    /// The socket's state, when the socket is observed.
-    fn get(&self) -> Option<*mut SockState>;
-    /// Starts observing the socket with `state`.
-    fn create(&self, state: &SockState);
-    /// Stops observing the socket.
-    fn remove(&self);
-    /// The socket's address, for `bpf_probe_read_kernel`.
-    fn addr(&self) -> u64;
-}
-
-/// A socket known by its address, state in `NET_SOCKS`.
-struct Hashed(u64);
-
-impl Store for Hashed {
-    #[inline(always)]
-    fn get(&self) -> Option<*mut SockState> {
-        NET_SOCKS.get_ptr_mut(self.0)
-    }
-
-    #[inline(always)]
-    fn create(&self, state: &SockState) {
-        if NET_SOCKS.insert(self.0, state, 0).is_err() {
-            count_drop(DropReason::NetSocksFull);
-        }
-    }
-
-    #[inline(always)]
-    fn remove(&self) {
-        let _ = NET_SOCKS.remove(self.0);
-    }
-
-    #[inline(always)]
-    fn addr(&self) -> u64 {
-        self.0
-    }
-}
-
-/// A `struct sock *` argument of a `tp_btf` program, state in its local storage (`NET_SK`).
-struct Local(*mut c_void);
-
-#[inline(always)]
-fn sk_map() -> *mut c_void {
-    core::ptr::addr_of!(NET_SK).cast_mut().cast()
-}
-
-impl Store for Local {
-    #[inline(always)]
-    fn get(&self) -> Option<*mut SockState> {
-        // SAFETY: the pointer is the hook's argument, which the verifier typed as a socket; the
-        // helper returns NULL for NULL, for sockets that are not full sockets, and for sockets
-        // without an entry.
-        let p = unsafe { bpf_sk_storage_get(sk_map(), self.0, null_mut(), 0) };
-        (!p.is_null()).then_some(p.cast())
-    }
-
-    #[inline(always)]
-    fn create(&self, state: &SockState) {
-        let mut init = *state;
-        let flags = u64::from(BPF_SK_STORAGE_GET_F_CREATE);
-        // SAFETY: as in `get`; `init` is a SockState on the stack, the map's value type.
-        let p: *mut SockState = unsafe {
-            bpf_sk_storage_get(
-                sk_map(),
-                self.0,
-                core::ptr::addr_of_mut!(init).cast(),
-                flags,
-            )
-        }
-        .cast();
-        if p.is_null() {
-            count_drop(DropReason::NetSocksFull);
-            return;
-        }
-        // An entry left from an earlier connection of this socket (a connect() after CLOSE
-        // reuses it) is returned as it was: start it afresh.
-        // SAFETY: pointer to this socket's storage, returned by the helper.
-        unsafe { *p = *state };
-    }
-
-    #[inline(always)]
-    fn remove(&self) {
-        // SAFETY: as in `get`.
-        let _ = unsafe { bpf_sk_storage_delete(sk_map(), self.0) };
-    }
-
-    #[inline(always)]
-    fn addr(&self) -> u64 {
-        self.0 as u64
-    }
 }
 
 /// Reads a `T` at `off` bytes into the kernel object at `base`.
@@ -587,7 +476,7 @@ pub fn try_sock_length(ctx: &TracePointContext, send: bool) -> Result<u32, i64> 
     if !moves_data(ret, flags, send) {
         return Ok(0);
     }
-    match NET_SOCKS.get_ptr_mut(sk) {
+    match Hashed(sk).get() {
         Some(entry) => sock_length(entry, sk, ret, send),
         None => Ok(0),
     }
@@ -606,7 +495,7 @@ pub fn try_sock_length_raw(ctx: &RawTracePointContext, send: bool) -> Result<u32
     if !moves_data(ret, flags, send) {
         return Ok(0);
     }
-    match NET_SOCKS.get_ptr_mut(sk) {
+    match Hashed(sk).get() {
         Some(entry) => sock_length(entry, sk, ret, send),
         None => Ok(0),
     }
@@ -621,32 +510,16 @@ pub fn try_sock_length_btf(ctx: &BtfTracePointContext, send: bool) -> Result<u32
     let sk: *mut c_void = ctx.arg(0);
     let ret: i32 = ctx.arg(1);
     let flags: i32 = ctx.arg(2);
-    if !moves_data(ret, flags, send) || !may_have_storage(sk) {
+    // SAFETY: a plain read of a loader-set global, volatile as in `offsets`.
+    let storage_off =
+        unsafe { core::ptr::read_volatile(core::ptr::addr_of!(NET_OFFSETS.sock_bpf_storage)) };
+    if !moves_data(ret, flags, send) || !may_have_storage(sk, storage_off) {
         return Ok(0);
     }
     match Local(sk).get() {
         Some(entry) => sock_length(entry, sk as u64, ret, send),
         None => Ok(0),
     }
-}
-
-/// Whether the socket has any local storage at all: one plain load of `sk->sk_bpf_storage` (at
-/// its BTF offset), so that the sockets of every process nobody observes return here without
-/// a helper call. `true` when the offset is unknown.
-#[inline(always)]
-fn may_have_storage(sk: *mut c_void) -> bool {
-    // SAFETY: a plain read of a loader-set global, volatile as in `offsets`.
-    let off =
-        unsafe { core::ptr::read_volatile(core::ptr::addr_of!(NET_OFFSETS.sock_bpf_storage)) };
-    if off == u32::MAX {
-        return true;
-    }
-    // SAFETY: `sk` is the `tp_btf` argument, a socket; the offset comes from the kernel's BTF
-    // and the verifier checks the load against `struct sock` (a faulting load reads 0). The
-    // pointer is only compared with NULL, never followed: a racing first insert by another CPU
-    // at worst skips one call of a socket being set up there.
-    let storage = unsafe { *sk.cast::<u8>().add(off as usize).cast::<u64>() };
-    storage != 0
 }
 
 /// Byte counts and the request state machine of one send or receive.
@@ -765,7 +638,7 @@ pub fn try_tcp_probe(ctx: &TracePointContext) -> Result<u32, i64> {
     let off = offsets();
     // SAFETY: the offset was read from this tracepoint's format file.
     let sk: u64 = unsafe { ctx.read_at(off.probe_skaddr as usize)? };
-    let Some(entry) = NET_SOCKS.get_ptr_mut(sk) else {
+    let Some(entry) = Hashed(sk).get() else {
         return Ok(0);
     };
     let now = now_ns();
@@ -814,7 +687,7 @@ pub fn try_sock_event(ctx: &TracePointContext, event: SockEvent) -> Result<u32, 
             return Ok(0);
         }
     }
-    if let Some(entry) = NET_SOCKS.get_ptr(sk) {
+    if let Some(entry) = Hashed(sk).get() {
         sock_event(entry, event);
     }
     Ok(0)
