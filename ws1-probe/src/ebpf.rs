@@ -360,37 +360,41 @@ pub fn attach_btf_tracepoints(
     btf: &aya::Btf,
 ) -> Result<(), String> {
     let mut loaded = Vec::new();
-    let mut result = Ok(());
     for &(program, tp) in programs {
-        let step = (|| -> Result<(), String> {
-            let prog: &mut BtfTracePoint = ebpf
-                .program_mut(program)
-                .ok_or_else(|| format!("program {program} is missing from the object"))?
-                .try_into()
-                .map_err(|e| format!("{program}: {e}"))?;
-            prog.load(tp, btf)
-                .map_err(|e| format!("tp_btf {tp}: {}", load_error(program, e)))?;
-            loaded.push(program);
-            prog.attach()
-                .map_err(|e| format!("tp_btf {tp}: {}", attach_reason(&e)))?;
-            Ok(())
-        })();
-        if let Err(reason) = step {
-            result = Err(reason);
-            break;
-        }
-    }
-    if result.is_err() {
-        for program in loaded {
-            if let Some(Ok(prog)) = ebpf
-                .program_mut(program)
-                .map(<&mut BtfTracePoint>::try_from)
-            {
-                let _ = prog.unload();
+        if let Err(reason) = load_attach_btf(ebpf, program, tp, btf, &mut loaded) {
+            for program in loaded {
+                let prog = ebpf
+                    .program_mut(program)
+                    .map(<&mut BtfTracePoint>::try_from);
+                if let Some(Ok(prog)) = prog {
+                    let _ = prog.unload();
+                }
             }
+            return Err(reason);
         }
     }
-    result
+    Ok(())
+}
+
+/// One step of [`attach_btf_tracepoints`]: `program` is pushed to `loaded` once it is loaded.
+fn load_attach_btf<'a>(
+    ebpf: &mut Ebpf,
+    program: &'a str,
+    tp: &str,
+    btf: &aya::Btf,
+    loaded: &mut Vec<&'a str>,
+) -> Result<(), String> {
+    let prog: &mut BtfTracePoint = ebpf
+        .program_mut(program)
+        .ok_or_else(|| format!("program {program} is missing from the object"))?
+        .try_into()
+        .map_err(|e| format!("{program}: {e}"))?;
+    prog.load(tp, btf)
+        .map_err(|e| format!("tp_btf {tp}: {}", load_error(program, e)))?;
+    loaded.push(program);
+    prog.attach()
+        .map_err(|e| format!("tp_btf {tp}: {}", attach_reason(&e)))?;
+    Ok(())
 }
 
 /// Loads and attaches a raw tracepoint program.

@@ -140,41 +140,26 @@ fn privileged_tests(args: &[String]) -> Result<(u64, u64)> {
     run_cmd(&mut build).context("xtask test: building binaries for privileged tests failed")?;
 
     let release = util::target_dir().join("release");
-    let mut test = cargo();
-    test.args([
-        "test",
-        "--release",
-        "-p",
-        "ws1-probe-tests",
-        "--tests",
-        "--",
-    ])
     // One at a time: the tests attach kernel programs and share tracefs/perf state.
-    .arg("--test-threads=1")
-    .args(args)
-    .env("WS1_PROBE_BIN", release.join("ws1-probe"))
-    .env("WS1_WORKLOAD_BIN", release.join("ws1-workload"))
-    .env("WS1_PPROF_BIN", &pprof);
-    let mut counts = run_tests(&mut test).context("xtask test: privileged tests failed")?;
+    let tests = |which: &[&str], extra: &[String]| {
+        let mut cmd = cargo();
+        cmd.args(["test", "--release", "-p", "ws1-probe-tests"])
+            .args(which)
+            .args(["--", "--test-threads=1"])
+            .args(extra)
+            .env("WS1_PROBE_BIN", release.join("ws1-probe"))
+            .env("WS1_WORKLOAD_BIN", release.join("ws1-workload"))
+            .env("WS1_PPROF_BIN", &pprof);
+        cmd
+    };
+    let mut counts =
+        run_tests(&mut tests(&["--tests"], args)).context("xtask test: privileged tests failed")?;
     if args.is_empty() {
         // The network tests once more on the fallback hooks (the tracepoints and the socket
         // hash), which this kernel would otherwise never run.
         eprintln!("xtask test: the network tests again with WS1_PROBE_NET_HOOKS=tracepoint");
-        let mut net = cargo();
-        net.args([
-            "test",
-            "--release",
-            "-p",
-            "ws1-probe-tests",
-            "--test",
-            "net",
-            "--",
-        ])
-        .arg("--test-threads=1")
-        .env("WS1_PROBE_NET_HOOKS", "tracepoint")
-        .env("WS1_PROBE_BIN", release.join("ws1-probe"))
-        .env("WS1_WORKLOAD_BIN", release.join("ws1-workload"))
-        .env("WS1_PPROF_BIN", pprof);
+        let mut net = tests(&["--test", "net"], &[]);
+        net.env("WS1_PROBE_NET_HOOKS", "tracepoint");
         let (passed, failed) =
             run_tests(&mut net).context("xtask test: network tests on the tracepoints failed")?;
         counts = (counts.0 + passed, counts.1 + failed);
