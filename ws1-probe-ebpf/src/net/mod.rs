@@ -473,13 +473,7 @@ pub fn try_sock_length(ctx: &TracePointContext, send: bool) -> Result<u32, i64> 
             ctx.read_at::<i32>(flags_off as usize)?,
         )
     };
-    if !moves_data(ret, flags, send) {
-        return Ok(0);
-    }
-    match Hashed(sk).get() {
-        Some(entry) => sock_length(entry, sk, ret, send),
-        None => Ok(0),
-    }
+    hashed_length(sk, ret, flags, send)
 }
 
 /// The same hooks as raw tracepoints: the arguments `(struct sock *sk, int ret, int flags)` of
@@ -492,6 +486,12 @@ pub fn try_sock_length_raw(ctx: &RawTracePointContext, send: bool) -> Result<u32
     let sk: u64 = ctx.arg(0);
     let ret = ctx.arg::<i64>(1) as i32;
     let flags = ctx.arg::<i64>(2) as i32;
+    hashed_length(sk, ret, flags, send)
+}
+
+/// A send or receive of the tracepoint programs, whose state is in `NET_SOCKS`.
+#[inline(always)]
+fn hashed_length(sk: u64, ret: i32, flags: i32, send: bool) -> Result<u32, i64> {
     if !moves_data(ret, flags, send) {
         return Ok(0);
     }
