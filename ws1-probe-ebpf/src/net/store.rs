@@ -5,7 +5,7 @@
 use core::{ffi::c_void, ptr::null_mut};
 
 use aya_ebpf::{
-    bindings::BPF_SK_STORAGE_GET_F_CREATE,
+    bindings::{BPF_F_NO_PREALLOC, BPF_SK_STORAGE_GET_F_CREATE},
     btf_maps::SkStorage,
     helpers::generated::{bpf_sk_storage_delete, bpf_sk_storage_get},
     macros::{btf_map, map},
@@ -18,9 +18,12 @@ use ws1_probe_common::{
 
 use crate::targets::count_drop;
 
-/// `struct sock` address → owner and request state of an observed TCP socket.
+/// `struct sock` address → owner and request state of an observed TCP socket. Not
+/// preallocated: entries are ~100 bytes, one per observed connection, and on the `tp_btf` path
+/// the map stays empty, so it holds memory only for what the fallback observes.
 #[map]
-static NET_SOCKS: HashMap<u64, SockState> = HashMap::with_max_entries(SOCK_ENTRIES, 0);
+static NET_SOCKS: HashMap<u64, SockState> =
+    HashMap::with_max_entries(SOCK_ENTRIES, BPF_F_NO_PREALLOC);
 
 /// Owner and request state of an observed TCP socket, in the socket's own local storage: the
 /// `tp_btf` programs' counterpart of `NET_SOCKS` (see `Store`). The kernel frees an entry with
