@@ -642,6 +642,7 @@ fn network_hooks_are_tp_btf_by_default_and_tracepoints_on_request() {
     };
     let btf = [
         "inet_sock_set_state_btf",
+        "inet_sock_set_state_btf_nested",
         "sock_send_length_btf",
         "sock_recv_length_btf",
         "tcp_retransmit_skb_btf",
@@ -657,10 +658,10 @@ fn network_hooks_are_tp_btf_by_default_and_tracepoints_on_request() {
         "tcp_receive_reset",
     ];
     let fallback = std::env::var("WS1_PROBE_NET_HOOKS").as_deref() == Ok("tracepoint");
-    let (want, not) = if fallback {
-        (classic, btf)
+    let (want, not): (&[&str], &[&str]) = if fallback {
+        (&classic, &btf)
     } else {
-        (btf, classic)
+        (&btf, &classic)
     };
     for p in want {
         assert!(
@@ -942,7 +943,7 @@ fn check_lists_every_network_hook_as_attached() {
         "tracepoint tcp:tcp_retransmit_skb",
         "tracepoint tcp:tcp_send_reset",
         "tracepoint tcp:tcp_receive_reset",
-        // The six tp_btf programs with socket storage, loaded and attached as the agent does.
+        // The seven tp_btf programs with socket storage, loaded and attached as the agent does.
         "tp_btf network programs with socket storage",
     ] {
         let point = points.iter().find(|p| p["hook"] == hook);

@@ -70,7 +70,12 @@ pub fn sock_send_length(ctx: TracePointContext) -> u32 {
 
 #[btf_tracepoint(function = "inet_sock_set_state")]
 pub fn inet_sock_set_state_btf(ctx: BtfTracePointContext) -> i32 {
-    net::try_inet_sock_set_state_btf(&ctx).map_or(0, |r| r as i32)
+    net::try_inet_sock_set_state_btf(&ctx, net::StateRun::First).map_or(0, |r| r as i32)
+}
+
+#[btf_tracepoint(function = "inet_sock_set_state")]
+pub fn inet_sock_set_state_btf_nested(ctx: BtfTracePointContext) -> i32 {
+    net::try_inet_sock_set_state_btf(&ctx, net::StateRun::Nested).map_or(0, |r| r as i32)
 }
 
 #[btf_tracepoint(function = "sock_send_length")]

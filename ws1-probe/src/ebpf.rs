@@ -475,9 +475,12 @@ pub const NET_TRACEPOINTS: [(&str, &str, &str); 7] = [
 
 /// The network collector's `tp_btf` programs: (program, tracepoint). Where they load, the agent
 /// attaches these instead of every hook in [`NET_TRACEPOINTS`] (the socket state then lives in
-/// socket-local storage; see the kernel's `net/store.rs`).
-pub const NET_BTF_PROGRAMS: [(&str, &str); 6] = [
+/// socket-local storage; see the kernel's `net/store.rs`). `inet_sock_set_state` has two: the
+/// second takes the state changes that interrupt the first on its CPU (see the kernel's
+/// `NET_STATE_LAST`).
+pub const NET_BTF_PROGRAMS: [(&str, &str); 7] = [
     ("inet_sock_set_state_btf", "inet_sock_set_state"),
+    ("inet_sock_set_state_btf_nested", "inet_sock_set_state"),
     ("sock_send_length_btf", "sock_send_length"),
     ("sock_recv_length_btf", "sock_recv_length"),
     ("tcp_retransmit_skb_btf", "tcp_retransmit_skb"),

@@ -37,7 +37,7 @@ mod store;
 
 pub use self::{
     request::{try_sock_length, try_sock_length_btf, try_sock_length_raw, try_tcp_probe},
-    state::{try_inet_sock_set_state, try_inet_sock_set_state_btf},
+    state::{StateRun, try_inet_sock_set_state, try_inet_sock_set_state_btf},
 };
 
 use core::ffi::c_void;

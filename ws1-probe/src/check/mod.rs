@@ -111,7 +111,7 @@ pub const COLLECTORS: &[CollectorNeeds] = &[
         name: "net",
         hooks: &["tracepoint sock:inet_sock_set_state"],
         optional: &[
-            // All six `tp_btf` programs at once (`ebpf::NET_BTF_PROGRAMS`), as the agent
+            // All seven `tp_btf` programs at once (`ebpf::NET_BTF_PROGRAMS`), as the agent
             // attaches them; without them the tracepoints below do the same work.
             OptionalHook {
                 hooks: &[NET_BTF_HOOK],

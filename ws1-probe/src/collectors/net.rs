@@ -234,7 +234,7 @@ impl NetCollector {
         let mut skipped = Vec::new();
         let mut hooks: &[(&str, &str, &str)] = if enabled { &NET_TRACEPOINTS } else { &[] };
         // The fast path first: `tp_btf` programs keep each socket's state in its local storage,
-        // so the per-call work needs no hash lookup and no process filter. All six or none; the
+        // so the per-call work needs no hash lookup and no process filter. All seven or none; the
         // tracepoints below are the fallback.
         if enabled && net_hooks_setting()? == NetHooks::Auto {
             match attach_net_btf(ebpf) {

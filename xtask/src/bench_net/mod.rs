@@ -166,8 +166,9 @@ impl Agent {
 /// The network collector's programs (`tp_btf` where the kernel allows, else the send/receive
 /// hooks as raw tracepoints and the rest as tracepoints: whichever is attached reports runs),
 /// and the syscall collector's.
-const NET_PROGRAMS: [&str; 15] = [
+const NET_PROGRAMS: [&str; 16] = [
     "inet_sock_set_state_btf",
+    "inet_sock_set_state_btf_nested",
     "sock_send_length_btf",
     "sock_recv_length_btf",
     "tcp_retransmit_skb_btf",
