@@ -477,7 +477,8 @@ pub const NET_TRACEPOINTS: [(&str, &str, &str); 7] = [
 /// attaches these instead of every hook in [`NET_TRACEPOINTS`] (the socket state then lives in
 /// socket-local storage; see the kernel's `net/store.rs`). `inet_sock_set_state` has two: the
 /// second takes the state changes that interrupt the first on its CPU (see the kernel's
-/// `NET_STATE_LAST`).
+/// `NET_STATE_LAST`). They are attached in this order, and the order matters: a tracepoint runs
+/// its programs in the order they were attached, and the second must run after the first.
 pub const NET_BTF_PROGRAMS: [(&str, &str); 7] = [
     ("inet_sock_set_state_btf", "inet_sock_set_state"),
     ("inet_sock_set_state_btf_nested", "inet_sock_set_state"),
