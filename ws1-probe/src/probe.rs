@@ -19,9 +19,8 @@ use crate::{
         targets::{ScanSummary, Targets},
     },
     ebpf::{self, LoadError, LoadOptions, TRACEFS},
-    metrics::{self, HOST_LABEL_LIMIT, LabelCap},
+    metrics::{self, HOST_LABEL_LIMIT, LabelCap, agent::AgentStats},
     preflight::{self, PreflightError},
-    selfmetrics,
     targeting::{
         Matcher,
         config::{PreciseAlloc, Settings},
@@ -355,21 +354,51 @@ impl Probe {
                 "other"
             }
         };
-        let mut families = metrics::syscall_families(&snap, label, &self.bounds_ns);
-        families.extend(netcollector::families(&net, label, &self.bounds_ns));
-        families.extend(self.memory.families(label));
+        let mut families = metrics::syscalls::families(&snap, label, &self.bounds_ns);
+        families.extend(metrics::net::families(&net, label, &self.bounds_ns));
+        families.extend(metrics::memory::families(&self.memory.snapshot(), label));
         if self.profile.is_some() {
-            families.extend(self.profiles.families(label));
+            families.extend(metrics::profile::families(
+                &self.profiles.totals,
+                self.profiles.sym.errors(),
+                label,
+            ));
         }
         if let Some(alloc) = &self.alloc {
-            families.extend(alloccollector::families(
+            families.extend(metrics::alloc::families(
                 &alloc.stats(),
                 &self.suspects,
                 label,
             ));
         }
-        families.extend(selfmetrics::families(self, &targeted, &label));
+        families.extend(metrics::agent::families(
+            &self.agent_stats(),
+            &targeted,
+            &label,
+        ));
         (families, snap)
+    }
+
+    /// What the agent exports about itself: program cost, map fill, drops.
+    pub fn agent_stats(&self) -> AgentStats {
+        AgentStats {
+            bpf_stats_enabled: self.bpf_stats_enabled(),
+            programs: self.program_stats(),
+            maps: self
+                .targets
+                .usage()
+                .into_iter()
+                .chain(self.syscalls.usage())
+                .chain(self.net.usage())
+                .chain(self.profile.iter().flat_map(|p| p.map_usage()))
+                .collect(),
+            drops: self
+                .targets
+                .drops()
+                .iter()
+                .map(|(reason, n)| (reason.label(), *n))
+                .collect(),
+        }
     }
 
     /// The `/metrics` body.

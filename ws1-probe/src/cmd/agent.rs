@@ -12,9 +12,9 @@ use anyhow::Context as _;
 use tokio::{io::unix::AsyncFd, net::TcpListener};
 use ws1_probe::{
     collectors::profile::{AGENT_FREQUENCY_HZ, UnwindMode},
+    metrics::agent::own_usage,
     probe::Probe,
     profile::pprof,
-    selfmetrics::own_usage,
     server::{ProfileFn, Response},
     targeting::config::Collectors,
 };
