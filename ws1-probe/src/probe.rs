@@ -41,6 +41,25 @@ pub enum ProbeError {
     Stats(#[source] aya::sys::SyscallError),
 }
 
+/// Why a configuration reload was refused (the running configuration stays).
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    #[error(
+        "switching between host mode and selected services needs a restart (the kernel programs are loaded for one or the other)"
+    )]
+    ModeChange,
+    #[error("cannot scan /proc: {0}")]
+    Scan(#[source] std::io::Error),
+}
+
+/// What a reload did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Reloaded {
+    pub scan: ScanSummary,
+    /// Settings that differ from the running ones but apply only at the next start.
+    pub needs_restart: Vec<&'static str>,
+}
+
 pub struct Probe {
     ebpf: Ebpf,
     pub targets: Targets,
@@ -150,6 +169,51 @@ impl Probe {
             label_cap: LabelCap::new(HOST_LABEL_LIMIT, pinned),
             stats_fd,
             started,
+        })
+    }
+
+    /// Applies a reloaded configuration without detaching or losing counts: new selectors and
+    /// services take effect at once (every running process is re-decided; a name keeps its
+    /// service id), as do per-service allocators. Settings that shape what is loaded into the
+    /// kernel (listen address, collectors, buckets, profiler, opt-ins) are reported in
+    /// [`Reloaded::needs_restart`] and keep their running values.
+    pub fn reload(&mut self, new: &Settings) -> Result<Reloaded, ReloadError> {
+        let old = &self.settings;
+        if new.targets.is_host() != old.targets.is_host() {
+            return Err(ReloadError::ModeChange);
+        }
+        let mut needs_restart = Vec::new();
+        let mut differs = |changed: bool, name: &'static str| {
+            if changed {
+                needs_restart.push(name);
+            }
+        };
+        differs(new.listen != old.listen, "listen");
+        differs(new.bpf_stats != old.bpf_stats, "bpf_stats");
+        differs(new.bounds_ns != old.bounds_ns, "histogram buckets");
+        differs(new.collectors != old.collectors, "collectors");
+        differs(new.profile != old.profile, "profile");
+        differs(new.precise_alloc != old.precise_alloc, "precise_alloc");
+        differs(
+            new.remote_addresses != old.remote_addresses,
+            "remote_addresses",
+        );
+        let scan = self
+            .targets
+            .reload(new.targets.clone())
+            .map_err(ReloadError::Scan)?;
+        for id in self.targets.matcher().configured_ids() {
+            self.label_cap.pin(id);
+        }
+        self.settings.targets = new.targets.clone();
+        self.settings.allocators = new.allocators.clone();
+        self.settings.config_path = new.config_path.clone();
+        if let Some(p) = self.profile.as_mut() {
+            let _ = p.update_targets(&self.targets.targeted_pairs());
+        }
+        Ok(Reloaded {
+            scan,
+            needs_restart,
         })
     }
 

@@ -61,6 +61,13 @@ impl LabelCap {
         }
     }
 
+    /// Gives an undecided `id` its own label for good (a service configured by a reload); it
+    /// uses no slot. An id already exported as `other` stays there: moving its past counts out
+    /// would make `other` go backwards.
+    pub fn pin(&mut self, id: u32) {
+        self.decided.entry(id).or_insert(true);
+    }
+
     /// Whether `id` is exported under its own name.
     pub fn keeps(&self, id: u32) -> bool {
         self.decided.get(&id).copied().unwrap_or(false)
