@@ -124,6 +124,17 @@ pub struct Agent {
 
 impl Agent {
     pub fn start(args: &[&str]) -> Agent {
+        Self::start_with_stderr(args, Stdio::inherit())
+    }
+
+    /// Like [`Agent::start`], with the agent's log (stderr) written to `log`.
+    pub fn start_logged(args: &[&str], log: &std::path::Path) -> Agent {
+        let file = std::fs::File::create(log)
+            .unwrap_or_else(|e| panic!("cannot create {}: {e}", log.display()));
+        Self::start_with_stderr(args, Stdio::from(file))
+    }
+
+    fn start_with_stderr(args: &[&str], stderr: Stdio) -> Agent {
         let port = free_port();
         let listen = format!("127.0.0.1:{port}");
         let child = Command::new(probe_bin())
@@ -132,7 +143,7 @@ impl Agent {
             .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
+            .stderr(stderr)
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {}: {e}", probe_bin().display()));
         let mut agent = Agent {
@@ -178,6 +189,12 @@ impl Agent {
             );
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// Sends `signal` to the agent.
+    pub fn signal(&self, signal: libc::c_int) {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.child.id() as libc::pid_t, signal) };
     }
 
     /// Sends SIGTERM and waits (at most 5 s) for the exit status and how long it took.

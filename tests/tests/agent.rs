@@ -133,3 +133,247 @@ fn missing_capabilities_are_named() {
     );
     assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
 }
+
+/// A raw GET with extra request headers; returns the response head and body bytes.
+fn get_with(port: u16, path: &str, headers: &str) -> (String, Vec<u8>) {
+    use std::io::{Read as _, Write as _};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect to the agent");
+    s.set_read_timeout(Some(std::time::Duration::from_secs(30)))
+        .expect("read timeout");
+    write!(s, "GET {path} HTTP/1.1\r\nHost: localhost\r\n{headers}\r\n").expect("send request");
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).expect("read response");
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map_or(raw.len(), |p| p + 4);
+    (
+        String::from_utf8_lossy(&raw[..split]).into_owned(),
+        raw[split..].to_vec(),
+    )
+}
+
+#[test]
+fn gzip_and_concurrent_scrapes_hold_exact_counts_and_healthz_answers() {
+    if !privileged() {
+        return;
+    }
+    const SERVICE: &str = "w-scrapes";
+    let mut target = ws1_probe_tests::Workload::spawn(SERVICE);
+    let agent = Agent::start(&["--pid", &target.pid.to_string()]);
+    target.cmd("getppid 4321");
+    let exact = format!(
+        "ws1_probe_syscall_duration_seconds_count{{service=\"{SERVICE}\",syscall=\"getppid\"}} 4321"
+    );
+
+    let (head, plain) = get_with(agent.port, "/metrics", "");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(!head.contains("Content-Encoding"), "{head}");
+    let plain = String::from_utf8(plain).expect("utf-8 exposition");
+    assert!(
+        plain.lines().any(|l| l == exact),
+        "{exact} missing in\n{plain}"
+    );
+
+    let (head, zipped) = get_with(agent.port, "/metrics", "Accept-Encoding: gzip\r\n");
+    assert!(head.contains("Content-Encoding: gzip\r\n"), "{head}");
+    let mut text = String::new();
+    std::io::Read::read_to_string(&mut flate2::read::GzDecoder::new(&zipped[..]), &mut text)
+        .expect("a gzip body");
+    assert!(
+        text.lines().any(|l| l == exact),
+        "{exact} missing in\n{text}"
+    );
+    assert!(
+        zipped.len() * 3 < text.len(),
+        "gzip {} of {}",
+        zipped.len(),
+        text.len()
+    );
+    for name in [
+        "ws1_probe_build_info{",
+        "process_resident_memory_bytes ",
+        "process_open_fds ",
+    ] {
+        assert!(
+            text.lines().any(|l| l.starts_with(name)),
+            "no {name} in\n{text}"
+        );
+    }
+
+    // Ten scrapers at once, gzip and plain, while /healthz is asked in between.
+    let port = agent.port;
+    let scrapers: Vec<_> = (0..10)
+        .map(|i| {
+            let exact = exact.clone();
+            std::thread::spawn(move || {
+                for _ in 0..5 {
+                    let gzip = if i % 2 == 0 {
+                        "Accept-Encoding: gzip\r\n"
+                    } else {
+                        ""
+                    };
+                    let (head, body) = get_with(port, "/metrics", gzip);
+                    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+                    let text = if gzip.is_empty() {
+                        String::from_utf8(body).expect("utf-8")
+                    } else {
+                        let mut t = String::new();
+                        std::io::Read::read_to_string(
+                            &mut flate2::read::GzDecoder::new(&body[..]),
+                            &mut t,
+                        )
+                        .expect("gzip");
+                        t
+                    };
+                    assert!(text.lines().any(|l| l == exact), "{exact} missing");
+                }
+            })
+        })
+        .collect();
+    for _ in 0..20 {
+        let (status, body) = http_get(port, "/healthz").expect("/healthz answers");
+        assert_eq!((status, body.as_str()), (200, "ok\n"));
+    }
+    for s in scrapers {
+        s.join().expect("scraper thread");
+    }
+}
+
+#[test]
+fn sighup_reloads_services_keeping_exact_counts_and_rejects_a_bad_file() {
+    if !privileged() {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("ws1-reload-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let config = dir.join("ws1.toml");
+    let log = dir.join("agent.log");
+    let service = |name: &str, comm: &str| {
+        format!("[[service]]\nname = \"{name}\"\nmatch = {{ comm = \"^{comm}$\" }}\n")
+    };
+    std::fs::write(&config, service("svc-a", "w-reload-a")).expect("write config");
+    let mut a = ws1_probe_tests::Workload::spawn("w-reload-a");
+    let mut b = ws1_probe_tests::Workload::spawn("w-reload-b");
+    let mut agent = Agent::start_logged(&["--config", &config.to_string_lossy()], &log);
+    let count = |m: &ws1_probe_tests::Metrics, svc: &str| {
+        m.get(
+            "ws1_probe_syscall_duration_seconds_count",
+            &[("service", svc), ("syscall", "getppid")],
+        )
+    };
+    a.cmd("getppid 100");
+    b.cmd("getppid 70");
+    let m = agent.metrics();
+    assert_eq!(count(&m, "svc-a"), Some(100.0));
+    assert_eq!(count(&m, "svc-b"), None);
+
+    // A second service appears; the first keeps its counts.
+    let both = format!(
+        "{}{}",
+        service("svc-a", "w-reload-a"),
+        service("svc-b", "w-reload-b")
+    );
+    std::fs::write(&config, both).expect("write config");
+    agent.signal(libc::SIGHUP);
+    agent.wait_for("svc-b targeted after SIGHUP", |m| {
+        m.get("ws1_probe_targeted_processes", &[("service", "svc-b")]) == Some(1.0)
+    });
+    a.cmd("getppid 25");
+    b.cmd("getppid 50");
+    let m = agent.metrics();
+    assert_eq!(count(&m, "svc-a"), Some(125.0));
+    assert_eq!(count(&m, "svc-b"), Some(50.0));
+
+    // A broken file keeps the running configuration and says so in one line.
+    std::fs::write(
+        &config,
+        "[[service]]\nname = \"svc-a\"\nmatch = { comn = \"x\" }\n",
+    )
+    .expect("write config");
+    agent.signal(libc::SIGHUP);
+    let started = std::time::Instant::now();
+    let line = loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        if let Some(l) = text.lines().find(|l| l.contains("reload failed")) {
+            break l.to_owned();
+        }
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(10),
+            "no reload failure logged:\n{text}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    assert!(
+        line.contains("keeping the running configuration") && line.contains("unknown field `comn`"),
+        "{line}"
+    );
+    a.cmd("getppid 5");
+    b.cmd("getppid 5");
+    let m = agent.metrics();
+    assert_eq!(count(&m, "svc-a"), Some(130.0));
+    assert_eq!(count(&m, "svc-b"), Some(55.0));
+    let (status, _) = agent.terminate();
+    assert!(status.success(), "{status}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// BPF program types (`prog_type` in fdinfo) of the programs process `pid` holds open.
+fn program_types(pid: u32) -> Vec<u32> {
+    let dir = format!("/proc/{pid}/fdinfo");
+    std::fs::read_dir(&dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| std::fs::read_to_string(e.path()).ok())
+        .filter_map(|info| {
+            info.lines()
+                .find_map(|l| l.strip_prefix("prog_type:"))
+                .and_then(|v| v.trim().parse().ok())
+        })
+        .collect()
+}
+
+#[test]
+fn one_shot_syscalls_attaches_no_network_memory_or_profile_program() {
+    if !privileged() {
+        return;
+    }
+    use std::io::BufRead as _;
+    const BPF_PROG_TYPE_TRACEPOINT: u32 = 5;
+    const BPF_PROG_TYPE_RAW_TRACEPOINT: u32 = 17;
+    let mut child = std::process::Command::new(ws1_probe_tests::probe_bin())
+        .args(["syscalls", "--comm", "^w-oneshot$", "--duration", "20s"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start ws1-probe syscalls");
+    let stderr = child.stderr.take().expect("stderr pipe");
+    let mut lines = std::io::BufReader::new(stderr).lines();
+    // Not a terminal: one start line once everything is attached (after any warning).
+    let first = lines
+        .by_ref()
+        .take(5)
+        .map_while(Result::ok)
+        .find(|l| l.starts_with("collecting"))
+        .unwrap_or_default();
+    let types = program_types(child.id());
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(first.starts_with("collecting"), "{first}");
+    let mut sorted = types.clone();
+    sorted.sort_unstable();
+    // Targeting (fork, exec, exit tracepoints) and sys_enter/sys_exit only: no perf events
+    // (profile, page faults), no tp_btf or extra raw tracepoints (network).
+    assert_eq!(
+        sorted,
+        vec![
+            BPF_PROG_TYPE_TRACEPOINT,
+            BPF_PROG_TYPE_TRACEPOINT,
+            BPF_PROG_TYPE_TRACEPOINT,
+            BPF_PROG_TYPE_RAW_TRACEPOINT,
+            BPF_PROG_TYPE_RAW_TRACEPOINT,
+        ],
+        "program types held by `ws1-probe syscalls`"
+    );
+}

@@ -19,7 +19,7 @@ use crate::{
         targets::{ScanSummary, Targets},
     },
     ebpf::{self, LoadError, LoadOptions, TRACEFS},
-    metrics::{self, HOST_LABEL_LIMIT, LabelCap, agent::AgentStats},
+    metrics::{self, HOST_LABEL_LIMIT, LabelCap, agent::AgentStats, syscalls::SyscallBudget},
     preflight::{self, PreflightError},
     targeting::{
         Matcher,
@@ -82,6 +82,7 @@ pub struct Probe {
     pub bounds_ns: Vec<u64>,
     pub scan: ScanSummary,
     label_cap: LabelCap,
+    syscall_budget: SyscallBudget,
     stats_fd: Option<OwnedFd>,
     pub started: Instant,
 }
@@ -167,6 +168,7 @@ impl Probe {
             bounds_ns: settings.bounds_ns.clone(),
             scan,
             label_cap: LabelCap::new(HOST_LABEL_LIMIT, pinned),
+            syscall_budget: SyscallBudget::new(settings.syscalls_per_service),
             stats_fd,
             started,
         })
@@ -192,6 +194,10 @@ impl Probe {
         differs(new.bpf_stats != old.bpf_stats, "bpf_stats");
         differs(new.bounds_ns != old.bounds_ns, "histogram buckets");
         differs(new.collectors != old.collectors, "collectors");
+        differs(
+            new.syscalls_per_service != old.syscalls_per_service,
+            "syscalls_per_service",
+        );
         differs(new.profile != old.profile, "profile");
         differs(new.precise_alloc != old.precise_alloc, "precise_alloc");
         differs(
@@ -418,7 +424,8 @@ impl Probe {
                 "other"
             }
         };
-        let mut families = metrics::syscalls::families(&snap, label, &self.bounds_ns);
+        let mut families =
+            metrics::syscalls::families(&snap, label, &self.bounds_ns, &mut self.syscall_budget);
         families.extend(metrics::net::families(&net, label, &self.bounds_ns));
         families.extend(metrics::memory::families(&self.memory.snapshot(), label));
         if self.profile.is_some() {

@@ -1,6 +1,6 @@
 //! Syscall families: latency histograms and errors per service and syscall.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use prometheus::proto::{MetricFamily, MetricType};
 
@@ -11,25 +11,89 @@ use crate::{
     names::{errno_label, syscall_label},
 };
 
-/// Syscall families. `label` maps a service id to its exported label.
+/// The series budget of the syscall families: per service label, the first `per_service`
+/// syscalls seen (the most called first, at the scrape that first sees them) get their own
+/// `syscall` label; the rest are summed into `syscall="other"`. Decisions are kept, so every
+/// exported counter stays monotonic (a syscall never moves between its own series and
+/// `other`). With 21 service labels and the defaults this is at most 189 histograms.
+#[derive(Clone, Debug)]
+pub struct SyscallBudget {
+    /// 0: every syscall gets its own series.
+    per_service: usize,
+    decided: HashMap<(String, u32), bool>,
+    promoted: HashMap<String, usize>,
+}
+
+impl SyscallBudget {
+    pub fn new(per_service: usize) -> Self {
+        Self {
+            per_service,
+            decided: HashMap::new(),
+            promoted: HashMap::new(),
+        }
+    }
+
+    /// Decides the pairs not seen before, most called first.
+    pub fn update(&mut self, calls: &BTreeMap<(&str, u32), u64>) {
+        if self.per_service == 0 {
+            return;
+        }
+        let mut newcomers: Vec<(&str, u32, u64)> = calls
+            .iter()
+            .filter(|((l, nr), _)| !self.decided.contains_key(&((*l).to_owned(), *nr)))
+            .map(|((l, nr), n)| (*l, *nr, *n))
+            .collect();
+        newcomers.sort_by(|a, b| b.2.cmp(&a.2).then(a.1.cmp(&b.1)));
+        for (label, nr, _) in newcomers {
+            let promoted = self.promoted.entry(label.to_owned()).or_insert(0);
+            let keep = *promoted < self.per_service;
+            *promoted += usize::from(keep);
+            self.decided.insert((label.to_owned(), nr), keep);
+        }
+    }
+
+    /// Whether `nr` has its own series under `label`.
+    pub fn keeps(&self, label: &str, nr: u32) -> bool {
+        self.per_service == 0
+            || self
+                .decided
+                .get(&(label.to_owned(), nr))
+                .copied()
+                .unwrap_or(false)
+    }
+}
+
+/// Syscall families. `label` maps a service id to its exported label; `budget` folds the
+/// syscalls beyond each label's budget into `syscall="other"`.
 pub fn families<'a>(
     snap: &SyscallSnapshot,
     label: impl Fn(u32) -> &'a str,
     bounds_ns: &[u64],
+    budget: &mut SyscallBudget,
 ) -> Vec<MetricFamily> {
-    let mut hists: BTreeMap<(&str, u32), Histogram> = BTreeMap::new();
+    let mut calls: BTreeMap<(&str, u32), u64> = BTreeMap::new();
     for ((service, nr), h) in &snap.hists {
-        hists.entry((label(*service), *nr)).or_default().add(h);
+        *calls.entry((label(*service), *nr)).or_insert(0) += h.count;
     }
-    let mut errors: BTreeMap<(&str, u32, u32), u64> = BTreeMap::new();
+    budget.update(&calls);
+    // `None`: the label's `other` syscalls.
+    let name = |service: &str, nr: u32| budget.keeps(service, nr).then_some(nr);
+    let mut hists: BTreeMap<(&str, Option<u32>), Histogram> = BTreeMap::new();
+    for ((service, nr), h) in &snap.hists {
+        let l = label(*service);
+        hists.entry((l, name(l, *nr))).or_default().add(h);
+    }
+    let mut errors: BTreeMap<(&str, Option<u32>, u32), u64> = BTreeMap::new();
     for ((service, nr, errno), n) in &snap.errors {
-        *errors.entry((label(*service), *nr, *errno)).or_insert(0) += n;
+        let l = label(*service);
+        *errors.entry((l, name(l, *nr), *errno)).or_insert(0) += n;
     }
+    let syscall = |nr: &Option<u32>| nr.map_or_else(|| "other".into(), syscall_label);
     let durations = hists
         .iter()
         .map(|((service, nr), h)| {
             histogram(
-                &[("service", service), ("syscall", &syscall_label(*nr))],
+                &[("service", service), ("syscall", &syscall(nr))],
                 h,
                 bounds_ns,
             )
@@ -41,7 +105,7 @@ pub fn families<'a>(
             counter(
                 &[
                     ("service", service),
-                    ("syscall", &syscall_label(*nr)),
+                    ("syscall", &syscall(nr)),
                     ("errno", &errno_label(*errno)),
                 ],
                 *n as f64,
@@ -51,7 +115,7 @@ pub fn families<'a>(
     vec![
         family(
             "ws1_probe_syscall_duration_seconds",
-            "Syscall latency from sys_enter to sys_exit, per service and syscall.",
+            "Syscall latency from sys_enter to sys_exit, per service and syscall (syscalls beyond the series budget as syscall=\"other\").",
             MetricType::HISTOGRAM,
             durations,
         ),
@@ -110,9 +174,15 @@ mod tests {
             &SyscallSnapshot::default(),
             |_| "other",
             &DEFAULT_EXPORT_BOUNDS_NS,
+            &mut SyscallBudget::new(0),
         ));
         assert_eq!(text, "");
-        let mut families = families(&SyscallSnapshot::default(), |_| "x", &[1]);
+        let mut families = families(
+            &SyscallSnapshot::default(),
+            |_| "x",
+            &[1],
+            &mut SyscallBudget::new(0),
+        );
         families.push(family("up", "h", MetricType::GAUGE, vec![gauge(&[], 1.0)]));
         assert_eq!(encode(&families), "# HELP up h\n# TYPE up gauge\nup 1\n");
     }
@@ -130,5 +200,61 @@ mod tests {
         assert!(text.contains(
             "ws1_probe_syscall_duration_seconds_count{service=\"other\",syscall=\"read\"} 2"
         ));
+    }
+
+    #[test]
+    fn syscalls_beyond_the_budget_sum_into_other_and_decisions_stick() {
+        let bounds = &DEFAULT_EXPORT_BOUNDS_NS;
+        let snap_of = |calls: &[(u32, u64)]| {
+            let mut snap = SyscallSnapshot::default();
+            for (nr, n) in calls {
+                let mut h = Histogram::default();
+                for _ in 0..*n {
+                    h.observe(bounds, 500);
+                }
+                snap.hists.insert((1, *nr), h);
+            }
+            snap.errors.insert((1, 2, 2), 4);
+            snap
+        };
+        let mut budget = SyscallBudget::new(2);
+        // read (0) 30, write (1) 20, open (2) 10: open is beyond the budget of 2.
+        let text = encode(&families(
+            &snap_of(&[(0, 30), (1, 20), (2, 10)]),
+            |_| "api",
+            bounds,
+            &mut budget,
+        ));
+        let count = |text: &str, syscall: &str| {
+            let prefix = format!(
+                "ws1_probe_syscall_duration_seconds_count{{service=\"api\",syscall=\"{syscall}\"}} "
+            );
+            text.lines()
+                .find_map(|l| l.strip_prefix(&prefix)?.parse::<u64>().ok())
+        };
+        assert_eq!(count(&text, "read"), Some(30));
+        assert_eq!(count(&text, "write"), Some(20));
+        assert_eq!(count(&text, "other"), Some(10));
+        assert_eq!(count(&text, "open"), None);
+        assert!(text.contains(
+            "ws1_probe_syscall_errors_total{service=\"api\",syscall=\"other\",errno=\"ENOENT\"} 4"
+        ));
+        // open becomes the busiest: it stays in `other`, which only grows.
+        let text = encode(&families(
+            &snap_of(&[(0, 31), (1, 21), (2, 500)]),
+            |_| "api",
+            bounds,
+            &mut budget,
+        ));
+        assert_eq!(count(&text, "other"), Some(500));
+        assert_eq!(count(&text, "read"), Some(31));
+        // Unlimited: every syscall has its own series.
+        let text = encode(&families(
+            &snap_of(&[(0, 1), (2, 1)]),
+            |_| "api",
+            bounds,
+            &mut SyscallBudget::new(0),
+        ));
+        assert_eq!(count(&text, "open"), Some(1));
     }
 }

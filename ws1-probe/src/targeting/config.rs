@@ -28,6 +28,8 @@ use super::{
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:9479";
 /// Environment variable naming the config file.
 pub const ENV_CONFIG: &str = "WS1_PROBE_CONFIG";
+/// Default of the syscall series budget (`[agent] syscalls_per_service`).
+pub const DEFAULT_SYSCALLS_PER_SERVICE: usize = 8;
 /// Environment variable overriding the listen address.
 pub const ENV_LISTEN: &str = "WS1_PROBE_LISTEN";
 
@@ -47,6 +49,8 @@ pub struct FileConfig {
 pub struct AgentSection {
     pub listen: Option<Spanned<String>>,
     pub bpf_stats: Option<bool>,
+    /// Syscalls with their own series per service (0: all); the rest are `syscall="other"`.
+    pub syscalls_per_service: Option<usize>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -174,6 +178,8 @@ pub struct Settings {
     pub allocators: Vec<(String, AllocatorConfig)>,
     /// Which collectors run (the agent runs all; one-shot commands only their own).
     pub collectors: Collectors,
+    /// Series budget: syscalls with their own series per service label (0: every syscall).
+    pub syscalls_per_service: usize,
     /// On-CPU sampling frequency, off-CPU, unwinding.
     pub profile: ProfileOptions,
 }
@@ -467,6 +473,10 @@ pub fn resolve(
 
     Ok(Settings {
         collectors: Collectors::ALL,
+        syscalls_per_service: file
+            .agent
+            .syscalls_per_service
+            .unwrap_or(DEFAULT_SYSCALLS_PER_SERVICE),
         profile: ProfileOptions::default(),
         listen: listen_addr,
         bpf_stats: flags.bpf_stats || file.agent.bpf_stats.unwrap_or(false),
