@@ -13,6 +13,12 @@ fn main() -> anyhow::Result<()> {
     let root = root
         .to_str()
         .ok_or_else(|| anyhow!("non-utf8 path {}", root.display()))?;
+    // aya-build forwards the inner cargo's stderr as `cargo:warning` lines, which cargo replays
+    // on every later build: a quiet inner cargo leaves only real diagnostics (compiler
+    // messages still arrive through its JSON output, errors on stderr).
+    // SAFETY: the build script is single-threaded here; nothing reads the environment
+    // concurrently.
+    unsafe { std::env::set_var("CARGO_TERM_QUIET", "true") };
     aya_build::build_ebpf(
         [Package {
             name: "ws1-probe-ebpf",

@@ -27,6 +27,7 @@ pub struct AgentArgs {
     #[command(flatten)]
     pub common: CommonArgs,
     /// Address to serve /metrics, /healthz and /readyz on (also: WS1_PROBE_LISTEN)
+    /// [default: 127.0.0.1:9479]
     #[arg(long, value_name = "ADDR")]
     pub listen: Option<String>,
     /// Turn on kernel BPF run-time statistics (kernel.bpf_stats_enabled) while the agent runs,

@@ -57,6 +57,15 @@ pub fn settings_with(common: &CommonArgs, flags: FlagOverrides) -> anyhow::Resul
     config::resolve(&flags, rules, |k| std::env::var(k).ok()).context("invalid configuration")
 }
 
+/// "1 process now", "3 processes now".
+pub fn processes(n: usize) -> String {
+    if n == 1 {
+        "1 process now".to_owned()
+    } else {
+        format!("{n} processes now")
+    }
+}
+
 /// How a collection window ended.
 pub struct Collected {
     pub interrupted: bool,
@@ -76,6 +85,12 @@ pub fn collect(
         time::{Duration, Instant},
     };
     let tty = std::io::stderr().is_terminal();
+    if probe.scan.targeted == 0 {
+        eprintln!(
+            "note: no running process matches yet; processes that start in the next {:.0}s are observed (check the selector with `ps -eo pid,comm`)",
+            duration.as_secs_f64()
+        );
+    }
     if !tty {
         eprintln!("{start_line}");
     }

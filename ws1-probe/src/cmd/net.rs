@@ -6,7 +6,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use ws1_probe::{probe::Probe, report, targeting::config::Collectors, units};
 
-use super::{Collected, CommonArgs, collect};
+use super::{Collected, CommonArgs, collect, processes};
 
 /// Collect TCP connection, RTT, request latency and connection reuse per endpoint
 #[derive(clap::Args, Debug)]
@@ -43,9 +43,9 @@ pub fn run(args: NetArgs) -> anyhow::Result<()> {
     let mut probe = Probe::start(&settings).context("cannot start the network collector")?;
     let what = settings.targets.describe();
     let start_line = format!(
-        "collecting TCP activity of {what} for {}s ({} processes now)",
+        "collecting TCP activity of {what} for {}s ({})",
         args.duration.as_secs_f64(),
-        probe.scan.targeted
+        processes(probe.scan.targeted)
     );
     let Collected {
         interrupted,

@@ -5,7 +5,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use ws1_probe::{probe::Probe, report, targeting::config::Collectors, units};
 
-use super::{Collected, CommonArgs, collect};
+use super::{Collected, CommonArgs, collect, processes};
 
 /// Collect syscall latency
 #[derive(clap::Args, Debug)]
@@ -33,9 +33,9 @@ pub fn run(args: SyscallsArgs) -> anyhow::Result<()> {
     let mut probe = Probe::start(&settings).context("cannot start the syscall collector")?;
     let what = settings.targets.describe();
     let start_line = format!(
-        "collecting syscalls of {what} for {}s ({} processes now)",
+        "collecting syscalls of {what} for {}s ({})",
         args.duration.as_secs_f64(),
-        probe.scan.targeted
+        processes(probe.scan.targeted)
     );
     let Collected {
         interrupted,

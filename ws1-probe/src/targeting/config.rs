@@ -97,11 +97,11 @@ pub struct MatchSection {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read config file {path}: {source}")]
+    /// The io error is the message's end, not a `#[source]`, so a printed chain says it once.
+    #[error("cannot read config file {}: {}; check the path given with --config or WS1_PROBE_CONFIG", path.display(), os_text(error))]
     Read {
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("{path}:{line}:{column}: {message}")]
     Parse {
@@ -123,6 +123,12 @@ pub enum ConfigError {
         field: &'static str,
         reason: String,
     },
+}
+
+/// `No such file or directory` rather than `No such file or directory (os error 2)`.
+fn os_text(err: &std::io::Error) -> String {
+    let text = err.to_string();
+    text.split(" (os error").next().unwrap_or(&text).to_owned()
 }
 
 /// Settings given on the command line; `None` means "not given".
@@ -364,9 +370,9 @@ pub fn resolve(
         .or_else(|| env(ENV_CONFIG).filter(|s| !s.is_empty()).map(PathBuf::from));
     let (file, text) = match &config_path {
         Some(path) => {
-            let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read {
                 path: path.clone(),
-                source,
+                error,
             })?;
             (parse(path, &text)?, text)
         }
