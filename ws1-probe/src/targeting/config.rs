@@ -176,6 +176,10 @@ pub struct Settings {
     pub collectors: Collectors,
     /// On-CPU sampling frequency, off-CPU, unwinding.
     pub profile: crate::collectors::profile::ProfileOptions,
+    /// Host mode's label policy (`--label-idle-retire`).
+    pub labels: crate::hostlabels::LabelOptions,
+    /// Map capacities set with `--map-entries`.
+    pub map_entries: Vec<(String, u32)>,
 }
 
 /// Which collectors attach their programs. A collector that is off costs nothing in the
@@ -468,6 +472,8 @@ pub fn resolve(
     Ok(Settings {
         collectors: Collectors::ALL,
         profile: crate::collectors::profile::ProfileOptions::default(),
+        labels: crate::hostlabels::LabelOptions::default(),
+        map_entries: Vec::new(),
         listen: listen_addr,
         bpf_stats: flags.bpf_stats || file.agent.bpf_stats.unwrap_or(false),
         bounds_ns,

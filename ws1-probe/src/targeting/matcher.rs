@@ -4,6 +4,8 @@ use std::collections::HashMap;
 
 use ws1_probe_common::targets::{COMM_ENTRIES, SERVICE_OTHER};
 
+use crate::hostlabels::KERNEL_LABEL;
+
 use super::{
     ProcessInfo, Rule, TargetSpec,
     process::{Needs, cgroup_contains},
@@ -68,9 +70,15 @@ pub struct Matcher {
 impl Matcher {
     pub fn new(spec: TargetSpec) -> Self {
         let mut services = ServiceTable::new(COMM_ENTRIES as usize);
-        if let TargetSpec::Rules(rules) = &spec {
-            for name in rules.iter().filter_map(|r| r.service.as_deref()) {
-                services.intern(name);
+        match &spec {
+            TargetSpec::Rules(rules) => {
+                for name in rules.iter().filter_map(|r| r.service.as_deref()) {
+                    services.intern(name);
+                }
+            }
+            // Every kernel thread shares one service in host mode.
+            TargetSpec::Host => {
+                services.intern(KERNEL_LABEL);
             }
         }
         Self { spec, services }
@@ -83,7 +91,10 @@ impl Matcher {
     /// Ids of the configured (named) services, which always keep their own label.
     pub fn configured_ids(&self) -> Vec<u32> {
         match &self.spec {
-            TargetSpec::Host => Vec::new(),
+            TargetSpec::Host => {
+                let mut table = self.services.clone();
+                vec![table.intern(KERNEL_LABEL)]
+            }
             TargetSpec::Rules(rules) => {
                 let mut table = self.services.clone();
                 rules
@@ -102,10 +113,14 @@ impl Matcher {
     /// What must be read from /proc to decide.
     pub fn needs(&self) -> Needs {
         match &self.spec {
-            TargetSpec::Host => Needs::default(),
+            TargetSpec::Host => Needs {
+                kthread: true,
+                ..Needs::default()
+            },
             TargetSpec::Rules(rules) => Needs {
                 exe: rules.iter().any(|r| r.exe.is_some()),
                 cgroup: rules.iter().any(|r| r.cgroup.is_some()),
+                kthread: false,
             },
         }
     }
@@ -122,6 +137,7 @@ impl Matcher {
     /// Service id for the process, or `None` if it is not observed.
     pub fn decide(&mut self, p: &ProcessInfo) -> Option<u32> {
         let rule = match &self.spec {
+            TargetSpec::Host if p.kthread => return Some(self.services.intern(KERNEL_LABEL)),
             TargetSpec::Host => return Some(self.services.intern(&p.comm)),
             TargetSpec::Rules(rules) => rules.iter().find(|r| rule_matches(r, p))?,
         };
@@ -165,6 +181,7 @@ mod tests {
             comm: comm.into(),
             exe: Some(exe.into()),
             cgroup: Some(cgroup.into()),
+            kthread: false,
         }
     }
 
@@ -177,6 +194,18 @@ mod tests {
         assert_eq!(m.decide(&proc(3, "bash", "/bin/bash", "/")), Some(a));
         assert_eq!(m.services().name(a), "bash");
         assert!(m.comm_only());
+        let kworker = ProcessInfo {
+            kthread: true,
+            ..proc(4, "kworker/0:1", "", "/")
+        };
+        let ksoftirqd = ProcessInfo {
+            kthread: true,
+            ..proc(5, "ksoftirqd/0", "", "/")
+        };
+        let k = m.decide(&kworker).unwrap();
+        assert_eq!(m.decide(&ksoftirqd), Some(k), "kernel threads are grouped");
+        assert_eq!(m.services().name(k), "kernel");
+        assert_eq!(m.configured_ids(), vec![k], "and keep their label");
     }
 
     #[test]
