@@ -377,9 +377,11 @@ impl Probe {
         // Sample totals are counted as windows are symbolized; a scrape sees them at most a
         // second old.
         self.profile_drain_if_older(std::time::Duration::from_secs(1));
+        // Live processes first: a service seen without any has exited before its counts were
+        // read, so host mode may reclaim its kernel entries after reading them.
+        let targeted = self.targets.targeted_by_service();
         let snap = self.syscalls.snapshot();
         let net: NetSnapshot = self.net.snapshot();
-        let targeted = self.targets.targeted_by_service();
         // Rank by calls; a service with live processes but no calls yet is ranked too (with 0),
         // so its processes are not reported as `other` while it is idle.
         let mut activity = snap.calls_by_service();
