@@ -598,10 +598,13 @@ impl Accumulator {
 
     /// Exports `label` again, with its totals from before it retired.
     pub fn restore(&mut self, label: &str) {
-        if let Some(i) = self.retired.iter().position(|(l, _)| l == label) {
-            if let Some((l, series)) = self.retired.remove(i) {
-                self.totals.insert(l, series);
-            }
+        if let Some((l, series)) = self
+            .retired
+            .iter()
+            .position(|(l, _)| l == label)
+            .and_then(|i| self.retired.remove(i))
+        {
+            self.totals.insert(l, series);
         }
     }
 
