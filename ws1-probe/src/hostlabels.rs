@@ -38,6 +38,22 @@ pub const KERNEL_LABEL: &str = "kernel";
 pub const OTHER_LABEL: &str = "other";
 /// Retired labels whose totals are kept, so they continue if the name comes back.
 pub const RETIRED_KEPT: usize = 64;
+/// Gauges that are ratios of two exported series with the same labels: (ratio, numerator,
+/// denominator; a histogram counts its observations). Summing ratios of the ids a label
+/// covers would be wrong, so they are computed again from the label's totals.
+const RATIOS: &[(&str, &str, &str)] = &[
+    (
+        "ws1_probe_connection_reuse_ratio",
+        "ws1_probe_connection_requests_reused_total",
+        "ws1_probe_request_duration_seconds",
+    ),
+    (
+        "ws1_probe_profile_truncated_stack_ratio",
+        "ws1_probe_profile_truncated_samples_total",
+        "ws1_probe_profile_samples_total",
+    ),
+];
+
 /// A newcomer takes a holder's slot only when its window activity is this many times larger.
 const DISPLACE_FACTOR: u64 = 2;
 
@@ -392,6 +408,14 @@ impl Value {
         }
     }
 
+    /// A counter's value, a histogram's observation count.
+    fn observations(&self) -> f64 {
+        match self {
+            Self::Counter(v) => *v,
+            Self::Histogram { count, .. } => *count as f64,
+        }
+    }
+
     fn add(&mut self, other: &Value) {
         match (self, other) {
             (Self::Counter(a), Self::Counter(b)) => *a += b,
@@ -548,6 +572,28 @@ impl Accumulator {
         }
         // Raw series that vanished (their kernel entries were deleted) start again from zero.
         self.prev = seen;
+        for (ratio, num, den) in RATIOS {
+            let Some(g) = gauges.get_mut(*ratio) else {
+                continue;
+            };
+            g.clear();
+            for series in self.totals.values() {
+                for ((family, labels), v) in series {
+                    if family != num {
+                        continue;
+                    }
+                    let key = ((*den).to_owned(), labels.clone());
+                    let (Value::Counter(n), Some(d)) =
+                        (v, series.get(&key).map(Value::observations))
+                    else {
+                        continue;
+                    };
+                    if d > 0.0 {
+                        g.insert(labels.clone(), n / d);
+                    }
+                }
+            }
+        }
 
         let mut accumulated: BTreeMap<&str, Vec<Metric>> = BTreeMap::new();
         for series in self.totals.values() {
@@ -769,6 +815,42 @@ mod tests {
         let f = acc.apply(vec![one("c_total", "5", 4.0)], names(true));
         assert_eq!(value(&f, "five"), Some(9.0));
         assert_eq!(value(&f, "other"), Some(13.0));
+    }
+
+    #[test]
+    fn ratios_are_computed_from_the_labels_totals() {
+        let mut acc = Accumulator::default();
+        let fams = |id: &str, samples: f64, truncated: f64| {
+            vec![
+                family(
+                    "ws1_probe_profile_samples_total",
+                    "h",
+                    MetricType::COUNTER,
+                    vec![counter(&[("service", id)], samples)],
+                ),
+                family(
+                    "ws1_probe_profile_truncated_samples_total",
+                    "h",
+                    MetricType::COUNTER,
+                    vec![counter(&[("service", id)], truncated)],
+                ),
+                family(
+                    "ws1_probe_profile_truncated_stack_ratio",
+                    "h",
+                    MetricType::GAUGE,
+                    vec![gauge(&[("service", id)], truncated / samples)],
+                ),
+            ]
+        };
+        let mut all = fams("1", 10.0, 10.0);
+        for (i, f) in fams("2", 30.0, 0.0).into_iter().enumerate() {
+            all[i].mut_metric().extend(f.get_metric().iter().cloned());
+        }
+        let text = encode(&acc.apply(all, |_| "other".to_owned()));
+        assert!(
+            text.contains("ws1_probe_profile_truncated_stack_ratio{service=\"other\"} 0.25"),
+            "{text}"
+        );
     }
 
     #[test]
