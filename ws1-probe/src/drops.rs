@@ -129,6 +129,8 @@ pub struct DropWatch {
     last_total: [u64; DropReason::COUNT as usize],
     pending: [u64; DropReason::COUNT as usize],
     warned: [Option<Instant>; DropReason::COUNT as usize],
+    /// Service ids refused so far, and when that was last said.
+    names: (u64, u64, Option<Instant>),
 }
 
 impl DropWatch {
@@ -139,7 +141,29 @@ impl DropWatch {
             last_total: [0; DropReason::COUNT as usize],
             pending: [0; DropReason::COUNT as usize],
             warned: [None; DropReason::COUNT as usize],
+            names: (0, 0, None),
         }
+    }
+
+    /// The warning due, if any, for command names that got no service id of their own
+    /// (`refused` so far, out of `capacity` ids).
+    pub fn check_names(&mut self, now: Instant, refused: u64, capacity: usize) -> Option<String> {
+        let (last, pending, warned) = &mut self.names;
+        *pending += refused.saturating_sub(*last);
+        *last = refused;
+        if *pending == 0 || warned.is_some_and(|at| now.saturating_duration_since(at) < self.every)
+        {
+            return None;
+        }
+        let since = warned.unwrap_or(self.started);
+        let line = format!(
+            "all {capacity} service ids are taken: {} processes with a command name that has no id were counted as service=\"other\" in the last {} s; such names cannot get a label of their own until the agent restarts",
+            *pending,
+            now.saturating_duration_since(since).as_secs().max(1)
+        );
+        *pending = 0;
+        *warned = Some(now);
+        Some(line)
     }
 
     /// Folds in the counters (`totals` per reason, as read now) and returns the warnings due.
@@ -251,5 +275,21 @@ mod tests {
         );
         assert_eq!(other.len(), 2, "{other:?}");
         assert!(other[1].contains("--map-entries TARGETS=N"), "{other:?}");
+    }
+
+    #[test]
+    fn names_without_an_id_are_said_once_per_interval() {
+        let t0 = Instant::now();
+        let mut w = DropWatch::new(t0, Duration::from_secs(60));
+        let at = |s| t0 + Duration::from_secs(s);
+        assert_eq!(w.check_names(at(1), 0, 4096), None);
+        let line = w.check_names(at(2), 3, 4096).unwrap_or_default();
+        assert!(
+            line.starts_with("all 4096 service ids are taken: 3 processes"),
+            "{line}"
+        );
+        assert_eq!(w.check_names(at(30), 9, 4096), None);
+        let line = w.check_names(at(62), 9, 4096).unwrap_or_default();
+        assert!(line.contains(": 6 processes"), "{line}");
     }
 }

@@ -303,6 +303,13 @@ impl Probe {
         {
             tracing::warn!("{line}");
         }
+        let services = self.targets.matcher().services();
+        if let Some(line) =
+            self.drop_watch
+                .check_names(Instant::now(), services.refused(), services.capacity())
+        {
+            tracing::warn!("{line}");
+        }
     }
 
     /// Samples resident memory per service (at most every few seconds) and logs services whose
@@ -433,6 +440,7 @@ impl Probe {
             });
             // Their counts were read above; the kernel entries of gone, idle ids are deleted
             // so the maps hold what runs now (see ARCHITECTURE.md, Map sizes).
+            self.memory.reclaim(&gone);
             if self.syscalls.reclaim(&gone) > 0 {
                 for id in &gone {
                     h.policy

@@ -19,6 +19,8 @@ pub struct ServiceTable {
     names: Vec<String>,
     by_name: HashMap<String, u32>,
     cap: usize,
+    /// Names that got `SERVICE_OTHER` because the table was full.
+    refused: u64,
 }
 
 impl ServiceTable {
@@ -27,6 +29,7 @@ impl ServiceTable {
             names: Vec::new(),
             by_name: HashMap::new(),
             cap: cap.max(1),
+            refused: 0,
         };
         table.intern("other");
         table
@@ -38,6 +41,7 @@ impl ServiceTable {
             return *id;
         }
         if self.names.len() >= self.cap {
+            self.refused += 1;
             return SERVICE_OTHER;
         }
         let id = self.names.len() as u32;
@@ -53,6 +57,16 @@ impl ServiceTable {
 
     pub fn len(&self) -> usize {
         self.names.len()
+    }
+
+    /// Capacity of the table (service ids it hands out, `other` included).
+    pub fn capacity(&self) -> usize {
+        self.cap
+    }
+
+    /// How many times a new name got `other` because every id was taken.
+    pub fn refused(&self) -> u64 {
+        self.refused
     }
 
     pub fn is_empty(&self) -> bool {
@@ -251,6 +265,7 @@ mod tests {
         assert_eq!(t.intern("b"), 2);
         assert_eq!(t.intern("c"), SERVICE_OTHER);
         assert_eq!(t.intern("a"), 1);
+        assert_eq!(t.refused(), 1);
         assert_eq!(t.name(SERVICE_OTHER), "other");
         assert_eq!(t.name(99), "other");
     }
