@@ -208,3 +208,42 @@ fn kernel_threads_share_one_label() {
         }
     }
 }
+
+#[test]
+fn an_idle_label_retires_and_continues_where_it_stopped() {
+    if !privileged() {
+        return;
+    }
+    const S: &str = "hm-idle";
+    let mut w = Workload::spawn(S);
+    let agent = Agent::start(&["--label-idle-retire", "2s"]);
+    w.cmd("getppid 4000");
+    let m = agent.wait_for("hm-idle to get a label", |m| getppid(m, S).is_some());
+    let before = getppid(&m, S).unwrap_or_default();
+    // Alive but idle (blocked reading its stdin): after 2 s its series are no longer exported.
+    let started = Instant::now();
+    let mut prev = m;
+    loop {
+        let m = agent.metrics();
+        assert_monotonic(&prev, &m);
+        prev = m;
+        if getppid(&prev, S).is_none() {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "hm-idle still labelled after 20 s idle"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        started.elapsed() >= Duration::from_millis(1500),
+        "retired too early"
+    );
+    // Busy again: there are free slots, so it is labelled at once, and its series continue
+    // where they stopped rather than starting again at 0.
+    w.cmd("getppid 500");
+    let m = agent.metrics();
+    assert_monotonic(&prev, &m);
+    assert_eq!(getppid(&m, S), Some(before + 500.0));
+}

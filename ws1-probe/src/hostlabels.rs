@@ -205,11 +205,14 @@ impl SlotPolicy {
         let mut candidates: Vec<(u32, u64)> = self
             .activity
             .iter()
-            .filter(|(id, _)| {
+            .filter(|(id, a)| {
                 **id != 0
                     && !self.pinned.contains(id)
                     && !self.holders.contains_key(id)
+                    && !changes.retired.contains(id)
                     && live.contains(id)
+                    // An idle name is no candidate, even with activity left in the window.
+                    && now.saturating_duration_since(a.last_active) < self.opts.idle_retire
             })
             .map(|(id, a)| (*id, a.in_window()))
             .filter(|(_, n)| *n > 0)
@@ -723,6 +726,26 @@ mod tests {
         // Busy again: back at once (there is a free slot).
         let c = p.update(t0 + Duration::from_secs(301), &[(3, 11)].into(), &ids(&[3]));
         assert_eq!(c.promoted, vec![3]);
+    }
+
+    #[test]
+    fn an_idle_name_is_not_promoted_again_by_its_old_activity() {
+        let t0 = Instant::now();
+        let mut p = SlotPolicy::new(
+            LabelOptions {
+                idle_retire: Duration::from_secs(2),
+                ..opts(5)
+            },
+            [],
+        );
+        p.update(t0, &[(3, 10)].into(), &ids(&[3]));
+        let c = p.update(t0 + Duration::from_secs(2), &[(3, 10)].into(), &ids(&[3]));
+        assert_eq!(c.retired, vec![3]);
+        assert!(c.promoted.is_empty() && !p.keeps(3));
+        p.update(t0 + Duration::from_secs(3), &[(3, 10)].into(), &ids(&[3]));
+        assert!(!p.keeps(3), "still idle");
+        let c = p.update(t0 + Duration::from_secs(4), &[(3, 11)].into(), &ids(&[3]));
+        assert_eq!(c.promoted, vec![3], "busy again");
     }
 
     #[test]
