@@ -74,9 +74,10 @@ pub fn describe(reason: DropReason) -> Option<(&'static str, &'static str, bool)
             true,
         ),
         DropReason::NetSocksFull => ("NET_SOCKS", "new TCP connections were not observed", true),
+        // Or all of NET_SLOTS' endpoints are taken, which is fixed; the message says so.
         DropReason::NetStatsFull => (
             "NET_HIST",
-            "network events of new endpoints were not counted",
+            "network events of new endpoints were not counted (or all 1024 NET_SLOTS endpoints are taken, a fixed limit)",
             true,
         ),
         DropReason::NetListenFull => ("NET_LISTEN", "listening ports were not observed", true),
