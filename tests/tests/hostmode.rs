@@ -8,6 +8,10 @@ use ws1_probe_tests::{Agent, Metrics, Workload, privileged};
 
 const COUNT: &str = "ws1_probe_syscall_duration_seconds_count";
 
+/// What these tests look at is the syscall collector's: the profiler (which reads kallsyms and
+/// symbolizes every new process) and the memory sampler only add work to each scrape.
+const SYSCALLS_ONLY: &[&str] = &["--collectors", "syscalls"];
+
 fn getppid(m: &Metrics, service: &str) -> Option<f64> {
     m.get(COUNT, &[("service", service), ("syscall", "getppid")])
 }
@@ -58,7 +62,7 @@ fn a_busy_process_gets_its_own_label_after_150_short_lived_commands() {
     if !privileged() {
         return;
     }
-    let agent = Agent::start_logged(&[]);
+    let agent = Agent::start_logged(SYSCALLS_ONLY);
     let first = agent.metrics();
     assert_eq!(
         first.get("ws1_probe_bpf_map_capacity", &[("map", "SYSCALL_HIST")]),
@@ -192,7 +196,7 @@ fn kernel_threads_share_one_label() {
     if !privileged() {
         return;
     }
-    let agent = Agent::start(&[]);
+    let agent = Agent::start(SYSCALLS_ONLY);
     let m = agent.metrics();
     let kernel = m.value("ws1_probe_targeted_processes", &[("service", "kernel")]);
     assert!(
@@ -216,7 +220,7 @@ fn an_idle_label_retires_and_continues_where_it_stopped() {
     }
     const S: &str = "hm-idle";
     let mut w = Workload::spawn(S);
-    let agent = Agent::start(&["--label-idle-retire", "2s"]);
+    let agent = Agent::start(&["--collectors", "syscalls", "--label-idle-retire", "2s"]);
     w.cmd("getppid 4000");
     let m = agent.wait_for("hm-idle to get a label", |m| getppid(m, S).is_some());
     let before = getppid(&m, S).unwrap_or_default();

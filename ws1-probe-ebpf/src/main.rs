@@ -16,6 +16,7 @@ mod syscalls;
 mod targets;
 
 use aya_ebpf::{
+    helpers::bpf_get_current_pid_tgid,
     macros::{
         btf_tracepoint, fentry, kprobe, perf_event, raw_tracepoint, tracepoint, uprobe, uretprobe,
     },
@@ -39,6 +40,8 @@ pub fn sched_process_exec(ctx: TracePointContext) -> u32 {
 
 #[tracepoint]
 pub fn sched_process_exit(ctx: TracePointContext) -> u32 {
+    // Every exiting thread's in-flight syscall entry goes: exit never returns to sys_exit.
+    syscalls::forget_thread(bpf_get_current_pid_tgid() as u32);
     targets::try_sched_process_exit(&ctx).unwrap_or(0)
 }
 

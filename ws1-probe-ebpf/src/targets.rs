@@ -162,7 +162,6 @@ pub fn try_sched_process_exit(ctx: &TracePointContext) -> Result<u32, i32> {
     let pid_tgid = bpf_get_current_pid_tgid();
     let tid = pid_tgid as u32;
     let tgid = (pid_tgid >> 32) as u32;
-    crate::syscalls::forget_thread(tid);
     let off = offsets();
     let group_dead = if off.exit_group_dead == u32::MAX {
         tid == tgid

@@ -306,21 +306,42 @@ pub fn log_tail(log: &str, n: usize) -> String {
     }
 }
 
+/// What kind of failure an attach was, from the errno in its source chain (not its text).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AttachFailure {
+    /// EPERM/EACCES: missing capabilities (or a lockdown/LSM refusal).
+    PermissionDenied,
+    /// ENOENT: the kernel has no such hook.
+    MissingHook,
+    Other,
+}
+
+impl AttachFailure {
+    /// Classifies `err` by the first `io::Error` among it and its sources.
+    pub fn of(err: &(dyn std::error::Error + 'static)) -> Self {
+        let io = std::iter::successors(Some(err), |e| e.source())
+            .find_map(|e| e.downcast_ref::<std::io::Error>());
+        match io.and_then(std::io::Error::raw_os_error) {
+            Some(libc::EPERM | libc::EACCES) => Self::PermissionDenied,
+            Some(libc::ENOENT) => Self::MissingHook,
+            _ => Self::Other,
+        }
+    }
+}
+
 /// Why an attach failed, with the fix where one is known.
 pub fn attach_reason(err: &ProgramError) -> String {
     let text = format!("{err}");
     let source = std::error::Error::source(err)
         .map(|s| s.to_string())
         .unwrap_or_default();
-    let both = format!("{text}: {source}");
-    if both.contains("os error 1)") || both.contains("Operation not permitted") {
-        format!("{text} (permission denied: run as root or with CAP_BPF and CAP_PERFMON)")
-    } else if both.contains("No such file or directory") {
-        format!("{text} (this kernel lacks the hook)")
-    } else if source.is_empty() {
-        text
-    } else {
-        both
+    match AttachFailure::of(err) {
+        AttachFailure::PermissionDenied => {
+            format!("{text} (permission denied: run as root or with CAP_BPF and CAP_PERFMON)")
+        }
+        AttachFailure::MissingHook => format!("{text} (this kernel lacks the hook)"),
+        AttachFailure::Other if source.is_empty() => text,
+        AttachFailure::Other => format!("{text}: {source}"),
     }
 }
 
@@ -690,6 +711,31 @@ format:
             "the kernel verifier rejected program sys_enter: 0: R1=ctx() R10=fp0 | 0: (79) r0 = *(u64 *)(r1 +8) | invalid bpf_context access off=8 size=8"
         );
         assert!(!line.contains('\n'));
+    }
+
+    #[test]
+    fn attach_failures_are_classified_by_errno() {
+        let sys = |errno| {
+            ProgramError::SyscallError(aya::sys::SyscallError {
+                call: "perf_event_open",
+                io_error: std::io::Error::from_raw_os_error(errno),
+            })
+        };
+        assert_eq!(
+            AttachFailure::of(&sys(libc::EPERM)),
+            AttachFailure::PermissionDenied
+        );
+        assert_eq!(
+            AttachFailure::of(&sys(libc::EACCES)),
+            AttachFailure::PermissionDenied
+        );
+        assert_eq!(
+            AttachFailure::of(&sys(libc::ENOENT)),
+            AttachFailure::MissingHook
+        );
+        assert_eq!(AttachFailure::of(&sys(libc::EINVAL)), AttachFailure::Other);
+        assert!(attach_reason(&sys(libc::ENOENT)).ends_with("(this kernel lacks the hook)"));
+        assert!(attach_reason(&sys(libc::EPERM)).contains("run as root or with CAP_BPF"));
     }
 
     #[test]

@@ -121,6 +121,12 @@ impl SlotPolicy {
         }
     }
 
+    /// New settings (a configuration reload); slots are kept and judged by them from the next
+    /// update on.
+    pub fn set_options(&mut self, opts: LabelOptions) {
+        self.opts = opts;
+    }
+
     /// Whether `id` is exported under its own name.
     pub fn keeps(&self, id: u32) -> bool {
         self.pinned.contains(&id) || self.holders.contains_key(&id)

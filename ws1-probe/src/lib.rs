@@ -13,7 +13,6 @@ pub mod preflight;
 pub mod probe;
 pub mod profile;
 pub mod report;
-pub mod selfmetrics;
 pub mod server;
 pub mod symbolize;
 pub mod targeting;

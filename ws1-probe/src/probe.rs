@@ -21,9 +21,8 @@ use crate::{
     drops::{self, DropWatch},
     ebpf::{self, LoadError, LoadOptions, TRACEFS},
     hostlabels::HostLabels,
-    metrics::{self, HOST_LABEL_LIMIT, LabelCap},
+    metrics::{self, HOST_LABEL_LIMIT, LabelCap, agent::AgentStats},
     preflight::{self, PreflightError},
-    selfmetrics,
     targeting::{
         Matcher,
         config::{PreciseAlloc, Settings},
@@ -45,6 +44,25 @@ pub enum ProbeError {
         "cannot enable BPF run-time statistics: {0} (needs Linux 5.8+ and CAP_SYS_ADMIN; drop --bpf-stats)"
     )]
     Stats(#[source] aya::sys::SyscallError),
+}
+
+/// Why a configuration reload was refused (the running configuration stays).
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    #[error(
+        "switching between host mode and selected services needs a restart (the kernel programs are loaded for one or the other)"
+    )]
+    ModeChange,
+    #[error("cannot scan /proc: {0}")]
+    Scan(#[source] std::io::Error),
+}
+
+/// What a reload did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Reloaded {
+    pub scan: ScanSummary,
+    /// Settings that differ from the running ones but apply only at the next start.
+    pub needs_restart: Vec<&'static str>,
 }
 
 pub struct Probe {
@@ -165,6 +183,56 @@ impl Probe {
             drop_watch: DropWatch::new(started, drops::WARN_EVERY),
             stats_fd,
             started,
+        })
+    }
+
+    /// Applies a reloaded configuration without detaching or losing counts: new selectors and
+    /// services take effect at once (every running process is re-decided; a name keeps its
+    /// service id), as do per-service allocators. Settings that shape what is loaded into the
+    /// kernel (listen address, collectors, buckets, profiler, opt-ins) are reported in
+    /// [`Reloaded::needs_restart`] and keep their running values.
+    pub fn reload(&mut self, new: &Settings) -> Result<Reloaded, ReloadError> {
+        let old = &self.settings;
+        if new.targets.is_host() != old.targets.is_host() {
+            return Err(ReloadError::ModeChange);
+        }
+        let mut needs_restart = Vec::new();
+        let mut differs = |changed: bool, name: &'static str| {
+            if changed {
+                needs_restart.push(name);
+            }
+        };
+        differs(new.listen != old.listen, "listen");
+        differs(new.bpf_stats != old.bpf_stats, "bpf_stats");
+        differs(new.bounds_ns != old.bounds_ns, "histogram buckets");
+        differs(new.collectors != old.collectors, "collectors");
+        differs(new.profile != old.profile, "profile");
+        differs(new.precise_alloc != old.precise_alloc, "precise_alloc");
+        differs(
+            new.remote_addresses != old.remote_addresses,
+            "remote_addresses",
+        );
+        differs(new.map_entries != old.map_entries, "map_entries");
+        let scan = self
+            .targets
+            .reload(new.targets.clone())
+            .map_err(ReloadError::Scan)?;
+        for id in self.targets.matcher().configured_ids() {
+            self.label_cap.pin(id);
+        }
+        self.settings.targets = new.targets.clone();
+        self.settings.allocators = new.allocators.clone();
+        self.settings.config_path = new.config_path.clone();
+        self.settings.labels = new.labels;
+        if let Some(h) = self.host.as_mut() {
+            h.policy.set_options(new.labels);
+        }
+        if let Some(p) = self.profile.as_mut() {
+            let _ = p.update_targets(&self.targets.targeted_pairs());
+        }
+        Ok(Reloaded {
+            scan,
+            needs_restart,
         })
     }
 
@@ -417,20 +485,28 @@ impl Probe {
                 "other"
             }
         };
-        let mut families = metrics::syscall_families(&snap, label, &self.bounds_ns);
-        families.extend(netcollector::families(&net, label, &self.bounds_ns));
-        families.extend(self.memory.families(label));
+        let mut families = metrics::syscalls::families(&snap, label, &self.bounds_ns);
+        families.extend(metrics::net::families(&net, label, &self.bounds_ns));
+        families.extend(metrics::memory::families(&self.memory.snapshot(), label));
         if self.profile.is_some() {
-            families.extend(self.profiles.families(label));
+            families.extend(metrics::profile::families(
+                &self.profiles.totals,
+                self.profiles.sym.errors(),
+                label,
+            ));
         }
         if let Some(alloc) = &self.alloc {
-            families.extend(alloccollector::families(
+            families.extend(metrics::alloc::families(
                 &alloc.stats(),
                 &self.suspects,
                 label,
             ));
         }
-        families.extend(selfmetrics::families(self, &targeted, &label));
+        families.extend(metrics::agent::families(
+            &self.agent_stats(),
+            &targeted,
+            &label,
+        ));
         if let Some(h) = self.host.as_mut() {
             let live = targeted.keys().copied().collect();
             let services = self.targets.matcher().services();
@@ -449,6 +525,28 @@ impl Probe {
             }
         }
         (families, snap)
+    }
+
+    /// What the agent exports about itself: program cost, map fill, drops.
+    pub fn agent_stats(&self) -> AgentStats {
+        AgentStats {
+            bpf_stats_enabled: self.bpf_stats_enabled(),
+            programs: self.program_stats(),
+            maps: self
+                .targets
+                .usage()
+                .into_iter()
+                .chain(self.syscalls.usage())
+                .chain(self.net.usage())
+                .chain(self.profile.iter().flat_map(|p| p.map_usage()))
+                .collect(),
+            drops: self
+                .targets
+                .drops()
+                .iter()
+                .map(|(reason, n)| (reason.label(), *n))
+                .collect(),
+        }
     }
 
     /// The `/metrics` body.

@@ -4,15 +4,21 @@
 //!
 //! A deliberately small HTTP/1.1 responder (GET/HEAD, `Connection: close`): scrapers and probes
 //! need nothing more, and it keeps the agent's dependency tree and memory small.
+//!
+//! Scrapes are cheap for the rest of the agent: `/metrics` is rendered on the blocking pool,
+//! never on the runtime's workers, so `/healthz` answers while a render runs; scrapers that
+//! arrive while a render is running wait for it and share its result ([`Scrapes`]); the body is
+//! gzipped when the client asks (`Accept-Encoding: gzip`), as Prometheus does.
 
 use std::{
     future::Future,
+    io::Write as _,
     pin::Pin,
     sync::{
-        Arc,
+        Arc, OnceLock,
         atomic::{AtomicBool, Ordering},
     },
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use tokio::{
@@ -31,6 +37,8 @@ const READ_TIMEOUT: Duration = Duration::from_secs(5);
 pub struct Response {
     pub status: u16,
     pub content_type: &'static str,
+    /// `Content-Encoding` of the body, if any (`gzip`).
+    pub encoding: Option<&'static str>,
     pub body: Vec<u8>,
 }
 
@@ -39,9 +47,112 @@ impl Response {
         Self {
             status,
             content_type: "text/plain; charset=utf-8",
+            encoding: None,
             body: body.as_bytes().to_vec(),
         }
     }
+}
+
+/// One `/metrics` render, shared by the scrapes that waited for it.
+#[derive(Debug)]
+pub struct Rendered {
+    /// When the render finished.
+    pub at: Instant,
+    pub body: Vec<u8>,
+    gzip: OnceLock<Vec<u8>>,
+}
+
+impl Rendered {
+    pub fn new(body: Vec<u8>) -> Self {
+        Self {
+            at: Instant::now(),
+            body,
+            gzip: OnceLock::new(),
+        }
+    }
+
+    /// The body gzipped (compressed once, at the first scrape that asks).
+    pub fn gzipped(&self) -> &[u8] {
+        self.gzip.get_or_init(|| gzip(&self.body))
+    }
+}
+
+/// Gzip at a fast level: a scrape body compresses 7–16× at level 1 already.
+pub fn gzip(body: &[u8]) -> Vec<u8> {
+    let mut enc = flate2::write::GzEncoder::new(
+        Vec::with_capacity(body.len() / 8),
+        flate2::Compression::fast(),
+    );
+    // Writing to a Vec cannot fail.
+    let _ = enc.write_all(body);
+    enc.finish().unwrap_or_default()
+}
+
+/// Single-flight `/metrics` renders: a scrape that arrives while a render runs waits for it and
+/// is answered with its result; one that arrives later starts a new render. At most one render
+/// runs at a time, on the blocking pool.
+pub struct Scrapes {
+    render: Arc<dyn Fn() -> String + Send + Sync>,
+    last: tokio::sync::Mutex<Option<Arc<Rendered>>>,
+}
+
+impl Scrapes {
+    pub fn new(render: impl Fn() -> String + Send + Sync + 'static) -> Self {
+        Self {
+            render: Arc::new(render),
+            last: tokio::sync::Mutex::new(None),
+        }
+    }
+
+    /// A render that finished after `arrived` (a scrape never gets data older than itself),
+    /// gzipped too if `gzip`.
+    pub async fn get(&self, arrived: Instant, gzip: bool) -> Arc<Rendered> {
+        let mut last = self.last.lock().await;
+        let current = match last.as_ref() {
+            Some(r) if r.at >= arrived => Arc::clone(r),
+            _ => {
+                let render = Arc::clone(&self.render);
+                let body = tokio::task::spawn_blocking(move || render().into_bytes())
+                    .await
+                    .unwrap_or_default();
+                let r = Arc::new(Rendered::new(body));
+                *last = Some(Arc::clone(&r));
+                r
+            }
+        };
+        if gzip && current.gzip.get().is_none() {
+            let r = Arc::clone(&current);
+            // Compress on the blocking pool too; the result lands in the shared render.
+            let _ = tokio::task::spawn_blocking(move || {
+                r.gzipped();
+            })
+            .await;
+        }
+        current
+    }
+}
+
+/// Whether a request head's `Accept-Encoding` accepts gzip (`gzip` or `*`, not with `q=0`).
+pub fn accepts_gzip(head: &[u8]) -> bool {
+    let Ok(head) = std::str::from_utf8(head) else {
+        return false;
+    };
+    head.lines()
+        .skip(1)
+        .filter_map(|l| l.split_once(':'))
+        .filter(|(name, _)| name.trim().eq_ignore_ascii_case("accept-encoding"))
+        .flat_map(|(_, value)| value.split(','))
+        .any(|coding| {
+            let mut parts = coding.split(';');
+            let name = parts.next().unwrap_or("").trim();
+            let refused = parts.any(|p| {
+                p.trim()
+                    .strip_prefix("q=")
+                    .and_then(|q| q.trim().parse::<f64>().ok())
+                    .is_some_and(|q| q <= 0.0)
+            });
+            (name.eq_ignore_ascii_case("gzip") || name == "*") && !refused
+        })
 }
 
 /// Default and largest `seconds` of a profile request (Go's net/http/pprof defaults to 30).
@@ -90,17 +201,12 @@ pub fn parse_request_line(head: &[u8]) -> Option<(&str, &str)> {
     Some((method, path))
 }
 
-/// Routes a request. `render` is called only for `/metrics`.
-pub fn route(method: &str, path: &str, ready: bool, render: impl FnOnce() -> String) -> Response {
+/// Routes a request other than `/metrics` (which [`Scrapes`] answers).
+pub fn route(method: &str, path: &str, ready: bool) -> Response {
     if method != "GET" && method != "HEAD" {
         return Response::text(405, "method not allowed\n");
     }
     match path {
-        "/metrics" => Response {
-            status: 200,
-            content_type: CONTENT_TYPE,
-            body: render().into_bytes(),
-        },
         "/healthz" => Response::text(200, "ok\n"),
         "/readyz" if ready => Response::text(200, "ready\n"),
         "/readyz" => Response::text(503, "not ready: programs are still loading\n"),
@@ -118,12 +224,14 @@ fn reason(status: u16) -> &'static str {
         400 => "Bad Request",
         404 => "Not Found",
         405 => "Method Not Allowed",
+        500 => "Internal Server Error",
         503 => "Service Unavailable",
         _ => "Error",
     }
 }
 
-/// Accepts connections until `shutdown` completes. `render` produces the `/metrics` body.
+/// Accepts connections until `shutdown` completes. `render` produces the `/metrics` body; it
+/// runs on the blocking pool, one render at a time, shared by concurrent scrapes.
 pub async fn serve<R>(
     listener: TcpListener,
     ready: Arc<AtomicBool>,
@@ -133,18 +241,18 @@ pub async fn serve<R>(
 ) where
     R: Fn() -> String + Send + Sync + 'static,
 {
-    let render = Arc::new(render);
+    let scrapes = Arc::new(Scrapes::new(render));
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
             () = &mut shutdown => return,
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => {
-                    let render = Arc::clone(&render);
+                    let scrapes = Arc::clone(&scrapes);
                     let ready = Arc::clone(&ready);
                     let profile = profile.clone();
                     tokio::spawn(async move {
-                        if let Err(err) = handle(stream, &ready, &*render, profile.as_deref()).await {
+                        if let Err(err) = handle(stream, &ready, &scrapes, profile.as_deref()).await {
                             tracing::debug!("http connection: {err}");
                         }
                     });
@@ -161,7 +269,7 @@ pub async fn serve<R>(
 async fn handle(
     mut stream: TcpStream,
     ready: &AtomicBool,
-    render: &(dyn Fn() -> String + Send + Sync),
+    scrapes: &Scrapes,
     profile: Option<&ProfileFn>,
 ) -> std::io::Result<()> {
     let mut head = Vec::with_capacity(1024);
@@ -183,43 +291,66 @@ async fn handle(
     })
     .await
     .unwrap_or(Ok(false))?;
-    let response = match parse_request_line(&head).filter(|_| complete) {
+    let arrived = Instant::now();
+    let (response, head_only) = match parse_request_line(&head).filter(|_| complete) {
         Some(("GET", "/debug/pprof/profile")) => {
-            match (profile, profile_seconds(request_query(&head))) {
+            let r = match (profile, profile_seconds(request_query(&head))) {
                 (None, _) => Response::text(
                     404,
                     "profiling is off: start the agent with --collectors including profile and --profile-frequency above 0\n",
                 ),
                 (Some(_), Err(msg)) => Response::text(400, &msg),
                 (Some(profile), Ok(seconds)) => profile(seconds).await,
-            }
+            };
+            (r, false)
         }
-        Some((method, path)) => {
-            let head_only = method == "HEAD";
-            let mut r = route(method, path, ready.load(Ordering::Acquire), render);
-            if head_only {
-                // Content-Length still describes the body a GET would get.
-                let len = r.body.len();
-                r.body.clear();
-                return write_response(&mut stream, &r, len).await;
-            }
-            r
+        Some((method @ ("GET" | "HEAD"), "/metrics")) => {
+            let gzip = accepts_gzip(&head);
+            let rendered = scrapes.get(arrived, gzip).await;
+            let body = if gzip {
+                rendered.gzipped().to_vec()
+            } else {
+                rendered.body.clone()
+            };
+            let r = Response {
+                status: 200,
+                content_type: CONTENT_TYPE,
+                encoding: gzip.then_some("gzip"),
+                body,
+            };
+            (r, method == "HEAD")
         }
-        None => Response::text(400, "bad request\n"),
+        Some((method, path)) => (
+            route(method, path, ready.load(Ordering::Acquire)),
+            method == "HEAD",
+        ),
+        None => (Response::text(400, "bad request\n"), false),
     };
+    // A HEAD's Content-Length still describes the body a GET would get.
     let len = response.body.len();
-    write_response(&mut stream, &response, len).await
+    write_response(&mut stream, &response, len, head_only).await
 }
 
-async fn write_response(stream: &mut TcpStream, r: &Response, len: usize) -> std::io::Result<()> {
+async fn write_response(
+    stream: &mut TcpStream,
+    r: &Response,
+    len: usize,
+    head_only: bool,
+) -> std::io::Result<()> {
+    let encoding = r
+        .encoding
+        .map(|e| format!("Content-Encoding: {e}\r\nVary: Accept-Encoding\r\n"))
+        .unwrap_or_default();
     let head = format!(
-        "HTTP/1.1 {} {}\r\nContent-Type: {}\r\nContent-Length: {len}\r\nConnection: close\r\n\r\n",
+        "HTTP/1.1 {} {}\r\nContent-Type: {}\r\n{encoding}Content-Length: {len}\r\nConnection: close\r\n\r\n",
         r.status,
         reason(r.status),
         r.content_type
     );
     stream.write_all(head.as_bytes()).await?;
-    stream.write_all(&r.body).await?;
+    if !head_only {
+        stream.write_all(&r.body).await?;
+    }
     stream.shutdown().await
 }
 
@@ -257,17 +388,59 @@ mod tests {
 
     #[test]
     fn routes() {
-        let never = || panic!("render must not run");
-        assert_eq!(route("GET", "/healthz", false, never).status, 200);
-        assert_eq!(route("GET", "/readyz", false, never).status, 503);
-        assert_eq!(route("GET", "/readyz", true, never).status, 200);
-        assert_eq!(route("POST", "/metrics", true, never).status, 405);
-        assert_eq!(route("GET", "/nope", true, never).status, 404);
-        let r = route("GET", "/metrics", true, || "m 1\n".to_owned());
-        assert_eq!(
-            (r.status, r.content_type, r.body.as_slice()),
-            (200, CONTENT_TYPE, b"m 1\n".as_slice())
-        );
+        assert_eq!(route("GET", "/healthz", false).status, 200);
+        assert_eq!(route("GET", "/readyz", false).status, 503);
+        assert_eq!(route("GET", "/readyz", true).status, 200);
+        assert_eq!(route("POST", "/metrics", true).status, 405);
+        assert_eq!(route("GET", "/nope", true).status, 404);
+    }
+
+    #[test]
+    fn gzip_is_accepted_as_clients_send_it() {
+        let head = |v: &str| format!("GET /metrics HTTP/1.1\r\nAccept-Encoding: {v}\r\n\r\n");
+        assert!(accepts_gzip(head("gzip").as_bytes()));
+        assert!(accepts_gzip(head("deflate, gzip;q=0.5").as_bytes()));
+        assert!(accepts_gzip(head("*").as_bytes()));
+        assert!(!accepts_gzip(head("gzip;q=0").as_bytes()));
+        assert!(!accepts_gzip(head("identity").as_bytes()));
+        assert!(accepts_gzip(
+            b"GET / HTTP/1.1\r\naccept-encoding:GZIP\r\n\r\n"
+        ));
+        assert!(!accepts_gzip(b"GET /metrics HTTP/1.1\r\n\r\n"));
+        let body = b"m 1\n".repeat(1000);
+        let mut out = Vec::new();
+        std::io::Read::read_to_end(
+            &mut flate2::read::GzDecoder::new(&gzip(&body)[..]),
+            &mut out,
+        )
+        .unwrap();
+        assert_eq!(out, body);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_scrapes_share_one_render() {
+        let renders = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let counted = Arc::clone(&renders);
+        let scrapes = Arc::new(Scrapes::new(move || {
+            let n = counted.fetch_add(1, Ordering::SeqCst) + 1;
+            std::thread::sleep(Duration::from_millis(200));
+            format!("renders {n}\n")
+        }));
+        let arrived = Instant::now();
+        let tasks: Vec<_> = (0..8)
+            .map(|_| {
+                let s = Arc::clone(&scrapes);
+                tokio::spawn(async move { s.get(arrived, false).await.body.clone() })
+            })
+            .collect();
+        for t in tasks {
+            assert_eq!(t.await.unwrap(), b"renders 1\n");
+        }
+        assert_eq!(renders.load(Ordering::SeqCst), 1);
+        // A scrape arriving after that render finished gets a new one.
+        let later = scrapes.get(Instant::now(), true).await;
+        assert_eq!(later.body, b"renders 2\n");
+        assert_eq!(renders.load(Ordering::SeqCst), 2);
     }
 
     #[tokio::test]

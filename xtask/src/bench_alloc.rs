@@ -5,7 +5,7 @@
 //! (a) no probe, (b) the trap floor (`ws1-probe bench-floor --uprobe-pid`: empty uprobe and
 //! uretprobe on malloc, empty uprobe on free, that process only), (c) `ws1-probe leaks --pid`
 //! and (d) the always-on agent (`ws1-probe agent --pid`: no allocation hooks, so its goal is
-//! "within noise"). Rounds interleave baseline blocks as in `bench syscalls` (`bench::added`).
+//! "within noise"). Rounds interleave baseline blocks as in `bench syscalls` (`bench_util::added`).
 //!
 //! Leak report: the workload of the `leaks_are_reported_exactly_at_their_call_sites` test, run
 //! once under `ws1-probe leaks` and once under valgrind memcheck, compared per leaking function.
@@ -24,7 +24,7 @@ use serde_json::Value;
 
 use crate::{
     apt,
-    bench::{Agent, Block, Proc, added, median, other_tracers},
+    bench_util::{Agent, Block, Proc, added, median, other_tracers},
     run, util,
 };
 

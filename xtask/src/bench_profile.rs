@@ -39,7 +39,7 @@ use serde_json::Value;
 
 use crate::{
     apt,
-    bench::{Proc, median, other_tracers},
+    bench_util::{Proc, median, other_tracers},
     run, util,
 };
 

@@ -12,11 +12,11 @@ use anyhow::Context as _;
 use tokio::{io::unix::AsyncFd, net::TcpListener};
 use ws1_probe::{
     collectors::profile::{AGENT_FREQUENCY_HZ, UnwindMode},
+    metrics::agent::own_usage,
     probe::Probe,
     profile::pprof,
-    selfmetrics::own_usage,
     server::{ProfileFn, Response},
-    targeting::config::Collectors,
+    targeting::config::{Collectors, Settings},
 };
 
 use super::CommonArgs;
@@ -71,14 +71,8 @@ pub struct AgentArgs {
 
 type Shared = Arc<Mutex<Option<Probe>>>;
 
-pub fn run(args: AgentArgs) -> anyhow::Result<()> {
-    let started = Instant::now();
-    if args.profile_frequency > 10_000 {
-        anyhow::bail!(
-            "invalid --profile-frequency {}: use 0 (off) to 10000; 19 is cheap enough to leave on",
-            args.profile_frequency
-        );
-    }
+/// Flags, environment and config file resolved into settings; at start and at each SIGHUP.
+fn resolve(args: &AgentArgs) -> anyhow::Result<Settings> {
     let mut settings = super::settings_with(
         &args.common,
         ws1_probe::targeting::config::FlagOverrides {
@@ -98,13 +92,67 @@ pub fn run(args: AgentArgs) -> anyhow::Result<()> {
     settings.profile.unwind = args.unwind;
     settings.profile.debug_info = !args.profile_symbols_only;
     settings.labels.idle_retire = args.label_idle_retire;
-    settings.map_entries = args.map_entries;
+    settings.map_entries = args.map_entries.clone();
+    Ok(settings)
+}
+
+/// SIGHUP: reads the configuration again and applies it; an invalid one keeps the running
+/// configuration and says why in one line.
+async fn reload(args: &AgentArgs, shared: &Shared) {
+    let settings = match resolve(args) {
+        Ok(s) => s,
+        Err(err) => {
+            tracing::error!("reload failed, keeping the running configuration: {err:#}");
+            return;
+        }
+    };
+    let state = Arc::clone(shared);
+    let applied = tokio::task::spawn_blocking(move || {
+        lock(&state).as_mut().map(|probe| probe.reload(&settings))
+    })
+    .await;
+    match applied {
+        Ok(Some(Ok(r))) => {
+            tracing::info!(
+                "reloaded the configuration: {} of {} processes targeted",
+                r.scan.targeted,
+                r.scan.seen
+            );
+            if !r.needs_restart.is_empty() {
+                tracing::warn!(
+                    "changed but not applied until the agent restarts: {}",
+                    r.needs_restart.join(", ")
+                );
+            }
+        }
+        Ok(Some(Err(err))) => {
+            tracing::error!("reload failed, keeping the running configuration: {err}");
+        }
+        Ok(None) => tracing::warn!("reload ignored: the collectors are still starting"),
+        Err(err) => tracing::error!("reload failed: {err}"),
+    }
+}
+
+pub fn run(args: AgentArgs) -> anyhow::Result<()> {
+    let started = Instant::now();
+    if args.profile_frequency > 10_000 {
+        anyhow::bail!(
+            "invalid --profile-frequency {}: use 0 (off) to 10000; 19 is cheap enough to leave on",
+            args.profile_frequency
+        );
+    }
+    let settings = resolve(&args)?;
     let profiling = settings.collectors.profile && args.profile_frequency > 0;
-    let rt = tokio::runtime::Builder::new_current_thread()
+    // Two workers, so `/healthz` is answered while the other waits for the probe's lock; map
+    // reads and renders run on the (small) blocking pool.
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .max_blocking_threads(4)
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
     rt.block_on(async move {
+        let mut signals = Signals::register()?;
         // Bind first: a port in use fails fast, before anything is loaded into the kernel.
         let listener = TcpListener::bind(settings.listen).await.map_err(|err| {
             if err.kind() == std::io::ErrorKind::AddrInUse {
@@ -197,11 +245,15 @@ pub fn run(args: AgentArgs) -> anyhow::Result<()> {
             let mut tick = tokio::time::interval(ws1_probe::collectors::memory::SAMPLE_EVERY);
             loop {
                 tokio::select! {
-                    _ = sample_stop.wait_for(|stop| *stop) => return,
+                    () = stopped(&mut sample_stop) => return,
                     _ = tick.tick() => {
-                        if let Some(probe) = lock(&sample_state).as_mut() {
-                            probe.tick();
-                        }
+                        let state = Arc::clone(&sample_state);
+                        let _ = tokio::task::spawn_blocking(move || {
+                            if let Some(probe) = lock(&state).as_mut() {
+                                probe.tick();
+                            }
+                        })
+                        .await;
                     }
                 }
             }
@@ -214,11 +266,15 @@ pub fn run(args: AgentArgs) -> anyhow::Result<()> {
                 let mut tick = tokio::time::interval(std::time::Duration::from_millis(100));
                 loop {
                     tokio::select! {
-                        _ = poll_stop.wait_for(|stop| *stop) => return,
+                        () = stopped(&mut poll_stop) => return,
                         _ = tick.tick() => {
-                            if let Some(probe) = lock(&poll_state).as_mut() {
-                                probe.poll_streams();
-                            }
+                            let state = Arc::clone(&poll_state);
+                            let _ = tokio::task::spawn_blocking(move || {
+                                if let Some(probe) = lock(&state).as_mut() {
+                                    probe.poll_streams();
+                                }
+                            })
+                            .await;
                         }
                     }
                 }
@@ -233,7 +289,7 @@ pub fn run(args: AgentArgs) -> anyhow::Result<()> {
             rss as f64 / (1 << 20) as f64
         );
 
-        wait_for_signal().await?;
+        signals.wait(|| reload(&args, &shared)).await;
         tracing::info!("stopping: detaching programs");
         let _ = stop_tx.send(true);
         let _ = server.await;
@@ -242,6 +298,11 @@ pub fn run(args: AgentArgs) -> anyhow::Result<()> {
         tracing::info!("stopped");
         Ok(())
     })
+}
+
+/// Resolves once the agent is stopping (the guard `wait_for` returns is not `Send`).
+async fn stopped(stop: &mut tokio::sync::watch::Receiver<bool>) {
+    let _ = stop.wait_for(|stop| *stop).await;
 }
 
 fn lock(shared: &Shared) -> std::sync::MutexGuard<'_, Option<Probe>> {
@@ -272,6 +333,7 @@ async fn profile_window(state: Shared, seconds: u64) -> Response {
         Ok(body) => Response {
             status: 200,
             content_type: "application/octet-stream",
+            encoding: None,
             body,
         },
         Err(err) => Response::text(500, &format!("cannot encode the profile: {err}\n")),
@@ -285,13 +347,45 @@ fn render(shared: &Shared) -> String {
     }
 }
 
-async fn wait_for_signal() -> anyhow::Result<()> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
-    let mut int = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
-    tokio::select! {
-        _ = term.recv() => tracing::info!("received SIGTERM"),
-        _ = int.recv() => tracing::info!("received SIGINT"),
+/// The signals the agent handles, registered at start so a SIGHUP during loading is queued
+/// rather than fatal.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn register() -> anyhow::Result<Self> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Self {
+            term: signal(SignalKind::terminate()).context("cannot handle SIGTERM")?,
+            int: signal(SignalKind::interrupt()).context("cannot handle SIGINT")?,
+            hup: signal(SignalKind::hangup()).context("cannot handle SIGHUP")?,
+        })
     }
-    Ok(())
+
+    /// Waits for SIGTERM or SIGINT; each SIGHUP runs `on_hup` (a reload) meanwhile.
+    async fn wait<F, Fut>(&mut self, mut on_hup: F)
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = ()>,
+    {
+        loop {
+            tokio::select! {
+                _ = self.term.recv() => {
+                    tracing::info!("received SIGTERM");
+                    return;
+                }
+                _ = self.int.recv() => {
+                    tracing::info!("received SIGINT");
+                    return;
+                }
+                _ = self.hup.recv() => {
+                    tracing::info!("received SIGHUP: reloading the configuration");
+                    on_hup().await;
+                }
+            }
+        }
+    }
 }

@@ -9,7 +9,7 @@ use ws1_probe::{
     collectors::alloc::AllocCollector,
     probe::Probe,
     report::leaks::{self, format_bytes},
-    targeting::config::{AllocatorConfig, FlagOverrides, PreciseAlloc},
+    targeting::config::{AllocatorConfig, Collectors, FlagOverrides, PreciseAlloc},
     units,
 };
 use ws1_probe_common::alloc::AllocStats;
@@ -98,6 +98,8 @@ pub(super) fn trace(
         );
     }
     settings.precise_alloc = PreciseAlloc::All;
+    // The allocation uprobes attach after start; no other collector runs.
+    settings.collectors = Collectors::NONE;
     let mut probe = Probe::start(&settings).context("cannot start the collectors")?;
     if probe.targets.targeted_pids().is_empty() {
         bail!("no running process matches {}", settings.targets.describe());

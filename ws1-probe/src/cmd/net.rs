@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use anyhow::Context as _;
-use ws1_probe::{probe::Probe, report, units};
+use ws1_probe::{probe::Probe, report, targeting::config::Collectors, units};
 
 use super::{Collected, CommonArgs, collect};
 
@@ -29,13 +29,17 @@ pub struct NetArgs {
 }
 
 pub fn run(args: NetArgs) -> anyhow::Result<()> {
-    let settings = super::settings_with(
+    let mut settings = super::settings_with(
         &args.common,
         ws1_probe::targeting::config::FlagOverrides {
             remote_addresses: args.remote_addresses,
             ..Default::default()
         },
     )?;
+    settings.collectors = Collectors {
+        net: true,
+        ..Collectors::NONE
+    };
     let mut probe = Probe::start(&settings).context("cannot start the network collector")?;
     let what = settings.targets.describe();
     let start_line = format!(

@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use anyhow::Context as _;
-use ws1_probe::{probe::Probe, report, units};
+use ws1_probe::{probe::Probe, report, targeting::config::Collectors, units};
 
 use super::{Collected, CommonArgs, collect};
 
@@ -24,7 +24,12 @@ pub struct SyscallsArgs {
 }
 
 pub fn run(args: SyscallsArgs) -> anyhow::Result<()> {
-    let settings = super::settings(&args.common, None, false)?;
+    let mut settings = super::settings(&args.common, None, false)?;
+    // Only the syscall programs: no network, memory or profile hooks for a one-shot report.
+    settings.collectors = Collectors {
+        syscalls: true,
+        ..Collectors::NONE
+    };
     let mut probe = Probe::start(&settings).context("cannot start the syscall collector")?;
     let what = settings.targets.describe();
     let start_line = format!(

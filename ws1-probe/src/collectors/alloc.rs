@@ -356,11 +356,7 @@ impl AllocCollector {
     pub fn suspects(&mut self, previous: &[Suspect], elapsed: f64) -> Vec<Suspect> {
         self.sweep_exited();
         let now = crate::units::monotonic_ns();
-        let groups = crate::report::leaks::group(
-            &self.outstanding(),
-            now,
-            SUSPECT_MIN_AGE.as_nanos() as u64,
-        );
+        let groups = group(&self.outstanding(), now, SUSPECT_MIN_AGE.as_nanos() as u64);
         let ranked = rank_suspects(&groups, previous, elapsed);
         let symbolizer = crate::symbolize::Symbolizer::new();
         ranked
@@ -390,11 +386,11 @@ impl AllocCollector {
 /// Groups with their growth in bytes per second since `previous`, growing ones first, then by
 /// size.
 pub fn rank_suspects<'g>(
-    groups: &'g [crate::report::leaks::LeakGroup],
+    groups: &'g [LeakGroup],
     previous: &[Suspect],
     elapsed: f64,
-) -> Vec<(f64, &'g crate::report::leaks::LeakGroup)> {
-    let growth = |g: &crate::report::leaks::LeakGroup| {
+) -> Vec<(f64, &'g LeakGroup)> {
+    let growth = |g: &LeakGroup| {
         previous
             .iter()
             .find(|p| p.service == g.service && p.stack_id == g.stack_id)
@@ -402,137 +398,49 @@ pub fn rank_suspects<'g>(
                 (g.bytes as f64 - p.bytes as f64) / elapsed.max(1.0)
             })
     };
-    let mut ranked: Vec<(f64, &crate::report::leaks::LeakGroup)> =
-        groups.iter().map(|g| (growth(g), g)).collect();
+    let mut ranked: Vec<(f64, &LeakGroup)> = groups.iter().map(|g| (growth(g), g)).collect();
     ranked.sort_by(|(ga, a), (gb, b)| (*gb > 0.0).cmp(&(*ga > 0.0)).then(b.bytes.cmp(&a.bytes)));
     ranked
 }
 
-/// Allocation metric families (precise mode).
-pub fn families<'a>(
-    stats: &BTreeMap<u32, AllocStats>,
-    suspects: &[Suspect],
-    label: impl Fn(u32) -> &'a str,
-) -> Vec<prometheus::proto::MetricFamily> {
-    use prometheus::proto::MetricType;
-    use ws1_probe_common::alloc::SIZE_BOUNDS;
+/// Outstanding allocations sharing a service and an allocation stack.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct LeakGroup {
+    pub service: u32,
+    pub stack_id: i32,
+    pub bytes: u64,
+    pub count: u64,
+    pub oldest_age_ns: u64,
+    /// A process holding these blocks (for symbolization).
+    pub pid: u32,
+}
 
-    use crate::metrics::{counter, family, gauge};
-    let mut by_label: BTreeMap<&str, AllocStats> = BTreeMap::new();
-    for (service, s) in stats {
-        by_label
-            .entry(label(*service))
-            .or_insert(AllocStats::ZERO)
-            .add(s);
+/// Groups allocations at least `min_age_ns` old (at `now_ns`, same clock as the kernel's
+/// `bpf_ktime_get_ns`), largest total first.
+pub fn group(allocs: &[(AllocKey, AllocInfo)], now_ns: u64, min_age_ns: u64) -> Vec<LeakGroup> {
+    let mut groups: BTreeMap<(u32, i32), LeakGroup> = BTreeMap::new();
+    for (key, info) in allocs {
+        let age = now_ns.saturating_sub(info.ts_ns);
+        if age < min_age_ns {
+            continue;
+        }
+        let g = groups
+            .entry((info.service, info.stack_id))
+            .or_insert(LeakGroup {
+                service: info.service,
+                stack_id: info.stack_id,
+                bytes: 0,
+                count: 0,
+                oldest_age_ns: 0,
+                pid: key.tgid,
+            });
+        g.bytes += info.size;
+        g.count += 1;
+        g.oldest_age_ns = g.oldest_age_ns.max(age);
     }
-    let per = |f: &dyn Fn(&AllocStats) -> f64, gauge_kind: bool| {
-        by_label
-            .iter()
-            .map(|(service, s)| {
-                if gauge_kind {
-                    gauge(&[("service", service)], f(s))
-                } else {
-                    counter(&[("service", service)], f(s))
-                }
-            })
-            .collect()
-    };
-    let sizes = by_label
-        .iter()
-        .map(|(service, s)| {
-            let mut h = prometheus::proto::Histogram::default();
-            h.set_sample_count(s.allocs);
-            h.set_sample_sum(s.alloc_bytes as f64);
-            let mut acc = 0;
-            let buckets = SIZE_BOUNDS
-                .iter()
-                .zip(s.size_buckets.iter())
-                .map(|(bound, n)| {
-                    acc += n;
-                    let mut b = prometheus::proto::Bucket::default();
-                    b.set_upper_bound(*bound as f64);
-                    b.set_cumulative_count(acc);
-                    b
-                })
-                .collect();
-            h.set_bucket(buckets);
-            let mut m = prometheus::proto::Metric::default();
-            m.set_label(vec![crate::metrics::label_pair("service", service)]);
-            m.set_histogram(h);
-            m
-        })
-        .collect();
-    let suspect = |value: &dyn Fn(&Suspect) -> f64| {
-        suspects
-            .iter()
-            .map(|s| {
-                gauge(
-                    &[
-                        ("service", label(s.service)),
-                        ("stack_id", &s.stack_id.to_string()),
-                        ("function", &s.function),
-                    ],
-                    value(s),
-                )
-            })
-            .collect()
-    };
-    vec![
-        family(
-            "ws1_probe_alloc_bytes_total",
-            "Bytes allocated through the malloc family (precise mode).",
-            MetricType::COUNTER,
-            per(&|s| s.alloc_bytes as f64, false),
-        ),
-        family(
-            "ws1_probe_free_bytes_total",
-            "Bytes freed of allocations seen by precise mode.",
-            MetricType::COUNTER,
-            per(&|s| s.free_bytes as f64, false),
-        ),
-        family(
-            "ws1_probe_alloc_outstanding_bytes",
-            "Bytes allocated since precise mode attached and not freed yet.",
-            MetricType::GAUGE,
-            per(&|s| s.outstanding_bytes() as f64, true),
-        ),
-        family(
-            "ws1_probe_mmap_bytes_total",
-            "Anonymous memory mapped with mmap outside the allocator (precise mode).",
-            MetricType::COUNTER,
-            per(&|s| s.mmap_bytes as f64, false),
-        ),
-        family(
-            "ws1_probe_munmap_bytes_total",
-            "Bytes of those mappings unmapped again (precise mode).",
-            MetricType::COUNTER,
-            per(&|s| s.munmap_bytes as f64, false),
-        ),
-        family(
-            "ws1_probe_brk_bytes_total",
-            "Growth of the program break by brk outside the allocator (precise mode).",
-            MetricType::COUNTER,
-            per(&|s| s.brk_bytes as f64, false),
-        ),
-        family(
-            "ws1_probe_alloc_size_bytes",
-            "Sizes of allocations (precise mode).",
-            MetricType::HISTOGRAM,
-            sizes,
-        ),
-        family(
-            "ws1_probe_leak_suspect_bytes",
-            "Bytes outstanding for 30 s or more, by allocation stack (top 10 stacks, growing first).",
-            MetricType::GAUGE,
-            suspect(&|s| s.bytes as f64),
-        ),
-        family(
-            "ws1_probe_leak_suspect_growth_bytes_per_second",
-            "Growth of a leak suspect's outstanding bytes since the previous 30 s refresh.",
-            MetricType::GAUGE,
-            suspect(&|s| s.growth_bytes_per_second),
-        ),
-    ]
+    let mut out: Vec<LeakGroup> = groups.into_values().collect();
+    out.sort_by(|a, b| b.bytes.cmp(&a.bytes).then(a.stack_id.cmp(&b.stack_id)));
+    out
 }
 
 #[cfg(test)]
@@ -557,7 +465,7 @@ mod tests {
 
     #[test]
     fn growing_stacks_rank_first() {
-        use crate::report::leaks::LeakGroup;
+        use LeakGroup;
         let group = |stack_id, bytes| LeakGroup {
             service: 1,
             stack_id,

@@ -7,8 +7,6 @@ use std::{
     time::{Duration, Instant},
 };
 
-use prometheus::proto::{MetricFamily, MetricType};
-
 use aya::{
     Ebpf,
     maps::{MapData, StackTraceMap},
@@ -17,11 +15,7 @@ use aya::{
 use ws1_probe_common::memory::{FAULT_SAMPLE_PERIOD, FaultKey};
 
 use super::{take_map, typed};
-use crate::{
-    ebpf::LoadError,
-    metrics::{counter, family, gauge},
-    symbolize::Symbolizer,
-};
+use crate::{ebpf::LoadError, symbolize::Symbolizer};
 
 /// How far back the growth slope looks.
 pub const WINDOW: Duration = Duration::from_secs(300);
@@ -244,50 +238,29 @@ impl MemoryCollector {
     }
 }
 
+/// What the memory signal knows at a scrape, per service id.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct MemorySnapshot {
+    /// Resident bytes at the last sample.
+    pub resident: BTreeMap<u32, u64>,
+    /// Growth slope in bytes per second, where there are enough samples.
+    pub growth: BTreeMap<u32, f64>,
+    /// Page faults (sampled, scaled by the sample period).
+    pub faults: BTreeMap<u32, u64>,
+}
+
 impl MemoryCollector {
-    /// `ws1_probe_resident_memory_bytes` and `ws1_probe_memory_growth_bytes_per_second`.
-    pub fn families<'a>(&self, label: impl Fn(u32) -> &'a str) -> Vec<MetricFamily> {
-        let mut resident: BTreeMap<&str, f64> = BTreeMap::new();
-        let mut growth: BTreeMap<&str, f64> = BTreeMap::new();
-        for (service, bytes) in &self.resident {
-            *resident.entry(label(*service)).or_insert(0.0) += *bytes as f64;
-            if let Some(slope) = self.growth.slope(*service) {
-                // Slopes of services folded into one label add up like their memory does.
-                *growth.entry(label(*service)).or_insert(0.0) += slope;
-            }
+    /// The resident memory, growth slopes and page faults for the metrics.
+    pub fn snapshot(&self) -> MemorySnapshot {
+        MemorySnapshot {
+            resident: self.resident.clone(),
+            growth: self
+                .resident
+                .keys()
+                .filter_map(|s| Some((*s, self.growth.slope(*s)?)))
+                .collect(),
+            faults: self.faults_by_service(),
         }
-        let mut faults: BTreeMap<&str, f64> = BTreeMap::new();
-        for (service, n) in self.faults_by_service() {
-            *faults.entry(label(service)).or_insert(0.0) += n as f64;
-        }
-        let gauges = |m: BTreeMap<&str, f64>| {
-            m.into_iter()
-                .map(|(service, v)| gauge(&[("service", service)], v))
-                .collect()
-        };
-        vec![
-            family(
-                "ws1_probe_resident_memory_bytes",
-                "Resident memory of the observed processes, per service (from /proc/PID/statm).",
-                MetricType::GAUGE,
-                gauges(resident),
-            ),
-            family(
-                "ws1_probe_memory_growth_bytes_per_second",
-                "Least-squares slope of resident memory over the last 5 minutes, per service.",
-                MetricType::GAUGE,
-                gauges(growth),
-            ),
-            family(
-                "ws1_probe_page_faults_total",
-                "Page faults of the observed processes, per service (sampled one in 64, scaled).",
-                MetricType::COUNTER,
-                faults
-                    .into_iter()
-                    .map(|(service, n)| counter(&[("service", service)], n))
-                    .collect(),
-            ),
-        ]
     }
 }
 

@@ -26,52 +26,9 @@ use crate::{
     },
 };
 
-/// Agent default: continuous, cheap enough to leave on.
-pub const AGENT_FREQUENCY_HZ: u64 = 19;
-/// CLI default: the usual profiler rate, off the timer tick so it does not alias with it.
-pub const CLI_FREQUENCY_HZ: u64 = 99;
-/// Default off-CPU threshold.
-pub const DEFAULT_OFFCPU_MIN_NS: u64 = 1_000_000;
-
-/// How user stacks are walked.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
-pub enum UnwindMode {
-    /// Frame pointers where the main binary keeps them, DWARF (`.eh_frame`) otherwise.
-    #[default]
-    Auto,
-    /// Frame pointers only (cheapest; broken stacks for binaries built without them).
-    Fp,
-    /// Copy the stack and unwind from `.eh_frame` for every process.
-    Dwarf,
-}
-
-/// What to profile.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ProfileOptions {
-    /// Samples per second per CPU; 0 turns on-CPU sampling off.
-    pub frequency_hz: u64,
-    /// Also measure blocked time by stack.
-    pub off_cpu: bool,
-    /// Blocks shorter than this are not counted.
-    pub offcpu_min_ns: u64,
-    pub unwind: UnwindMode,
-    /// Symbolize with DWARF (file:line, inline frames); off, ELF symbol tables only, which
-    /// keeps a long-running agent's memory small.
-    pub debug_info: bool,
-}
-
-impl Default for ProfileOptions {
-    /// The agent's defaults: 19 Hz on-CPU, DWARF symbolization.
-    fn default() -> Self {
-        Self {
-            frequency_hz: AGENT_FREQUENCY_HZ,
-            off_cpu: false,
-            offcpu_min_ns: DEFAULT_OFFCPU_MIN_NS,
-            unwind: UnwindMode::Auto,
-            debug_info: true,
-        }
-    }
-}
+pub use crate::targeting::config::{
+    AGENT_FREQUENCY_HZ, CLI_FREQUENCY_HZ, DEFAULT_OFFCPU_MIN_NS, ProfileOptions, UnwindMode,
+};
 
 /// Stack samples per second per CPU the DWARF ring buffer must absorb: the sampling rate, or
 /// for off-CPU profiles one block per millisecond threshold at most (capped at 1000/s).

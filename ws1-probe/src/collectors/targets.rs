@@ -12,7 +12,7 @@ use ws1_probe_common::targets::{Comm, DropReason, ExecEvent, SERVICE_NONE};
 use super::{MapUsage, take_map, typed};
 use crate::{
     ebpf::{LoadError, attach_tracepoint},
-    targeting::{Matcher, ProcessInfo, process::list_pids},
+    targeting::{Matcher, ProcessInfo, TargetSpec, process::list_pids},
 };
 
 /// Result of the start-up scan.
@@ -75,6 +75,31 @@ impl Targets {
             if let Some(service) = self.matcher.decide(&info) {
                 summary.targeted += 1;
                 self.set(pid, Some(service));
+            }
+        }
+        Ok(summary)
+    }
+
+    /// Applies new rules (a configuration reload) without detaching anything: forgets the
+    /// kernel's per-command-name decisions and re-decides every running process. Service ids
+    /// are kept (see [`Matcher::respec`]), so no count moves to another label.
+    pub fn reload(&mut self, spec: TargetSpec) -> std::io::Result<ScanSummary> {
+        self.matcher.respec(spec);
+        let cached: Vec<Comm> = self.comm_services.keys().flatten().collect();
+        for comm in cached {
+            let _ = self.comm_services.remove(&comm);
+        }
+        let needs = self.matcher.needs();
+        let mut summary = ScanSummary::default();
+        for pid in list_pids(&self.proc_root)? {
+            let Ok(info) = ProcessInfo::read(&self.proc_root, pid, needs) else {
+                continue;
+            };
+            summary.seen += 1;
+            let decision = self.matcher.decide(&info);
+            summary.targeted += usize::from(decision.is_some());
+            if decision != self.targets.get(&pid, 0).ok() {
+                self.set(pid, decision);
             }
         }
         Ok(summary)

@@ -8,13 +8,8 @@ use std::{
     time::{Duration, Instant, SystemTime},
 };
 
-use prometheus::proto::{MetricFamily, MetricType};
-
 use super::{Profile, ProfileKind, symbols::ProfileSymbolizer};
-use crate::{
-    collectors::profile::{RawProfile, symbolize},
-    metrics::{counter, family, gauge},
-};
+use crate::collectors::profile::{RawProfile, symbolize};
 
 /// How long windows are kept.
 pub const HISTORY: Duration = Duration::from_secs(600);
@@ -158,51 +153,5 @@ impl Windows {
         cpu.merge();
         off_cpu.merge();
         (cpu, off_cpu)
-    }
-
-    /// `ws1_probe_profile_*` families.
-    pub fn families<'a>(&self, label: impl Fn(u32) -> &'a str) -> Vec<MetricFamily> {
-        let mut by_label: BTreeMap<&str, Totals> = BTreeMap::new();
-        for (service, t) in &self.totals {
-            let e = by_label.entry(label(*service)).or_default();
-            e.samples += t.samples;
-            e.truncated += t.truncated;
-        }
-        let counters = |f: fn(&Totals) -> u64| {
-            by_label
-                .iter()
-                .map(|(s, t)| counter(&[("service", s)], f(t) as f64))
-                .collect()
-        };
-        vec![
-            family(
-                "ws1_probe_profile_samples_total",
-                "On-CPU profile samples of the observed processes, per service.",
-                MetricType::COUNTER,
-                counters(|t| t.samples),
-            ),
-            family(
-                "ws1_probe_profile_truncated_samples_total",
-                "Profile samples whose user stack did not reach the process or thread entry (unwinding stopped early), per service.",
-                MetricType::COUNTER,
-                counters(|t| t.truncated),
-            ),
-            family(
-                "ws1_probe_profile_truncated_stack_ratio",
-                "Share of profile samples with truncated user stacks since start, per service.",
-                MetricType::GAUGE,
-                by_label
-                    .iter()
-                    .filter(|(_, t)| t.samples > 0)
-                    .map(|(s, t)| gauge(&[("service", s)], t.truncated as f64 / t.samples as f64))
-                    .collect(),
-            ),
-            family(
-                "ws1_probe_profile_symbolization_errors_total",
-                "Addresses of profile stacks that no symbol, perf map or kernel symbol could name (kept as build id + offset).",
-                MetricType::COUNTER,
-                vec![counter(&[], self.sym.errors() as f64)],
-            ),
-        ]
     }
 }

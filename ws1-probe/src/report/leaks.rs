@@ -1,55 +1,14 @@
 //! The `ws1-probe leaks` report: outstanding allocations older than a threshold, grouped by
 //! allocation stack, largest first.
 
-use std::collections::BTreeMap;
-
 use serde::Serialize;
-use ws1_probe_common::alloc::{AllocInfo, AllocKey};
 
 use crate::{
     symbolize::{Frame, Symbolizer, same_stack, trim_unknown_tail},
     units::format_ns,
 };
 
-/// Outstanding allocations sharing a service and an allocation stack.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-pub struct LeakGroup {
-    pub service: u32,
-    pub stack_id: i32,
-    pub bytes: u64,
-    pub count: u64,
-    pub oldest_age_ns: u64,
-    /// A process holding these blocks (for symbolization).
-    pub pid: u32,
-}
-
-/// Groups allocations at least `min_age_ns` old (at `now_ns`, same clock as the kernel's
-/// `bpf_ktime_get_ns`), largest total first.
-pub fn group(allocs: &[(AllocKey, AllocInfo)], now_ns: u64, min_age_ns: u64) -> Vec<LeakGroup> {
-    let mut groups: BTreeMap<(u32, i32), LeakGroup> = BTreeMap::new();
-    for (key, info) in allocs {
-        let age = now_ns.saturating_sub(info.ts_ns);
-        if age < min_age_ns {
-            continue;
-        }
-        let g = groups
-            .entry((info.service, info.stack_id))
-            .or_insert(LeakGroup {
-                service: info.service,
-                stack_id: info.stack_id,
-                bytes: 0,
-                count: 0,
-                oldest_age_ns: 0,
-                pid: key.tgid,
-            });
-        g.bytes += info.size;
-        g.count += 1;
-        g.oldest_age_ns = g.oldest_age_ns.max(age);
-    }
-    let mut out: Vec<LeakGroup> = groups.into_values().collect();
-    out.sort_by(|a, b| b.bytes.cmp(&a.bytes).then(a.stack_id.cmp(&b.stack_id)));
-    out
-}
+pub use crate::collectors::alloc::{LeakGroup, group};
 
 /// A group with its symbolized stack and service name, as printed.
 #[derive(Clone, Debug, Serialize)]
@@ -153,6 +112,8 @@ pub fn render(
 
 #[cfg(test)]
 mod tests {
+    use ws1_probe_common::alloc::{AllocInfo, AllocKey};
+
     use super::*;
 
     fn alloc(tgid: u32, addr: u64, size: u64, ts_ns: u64, stack_id: i32) -> (AllocKey, AllocInfo) {

@@ -175,7 +175,7 @@ pub struct Settings {
     /// Which collectors run (the agent runs all; one-shot commands only their own).
     pub collectors: Collectors,
     /// On-CPU sampling frequency, off-CPU, unwinding.
-    pub profile: crate::collectors::profile::ProfileOptions,
+    pub profile: ProfileOptions,
     /// Host mode's label policy (`--label-idle-retire`).
     pub labels: crate::hostlabels::LabelOptions,
     /// Map capacities set with `--map-entries`.
@@ -471,7 +471,7 @@ pub fn resolve(
 
     Ok(Settings {
         collectors: Collectors::ALL,
-        profile: crate::collectors::profile::ProfileOptions::default(),
+        profile: ProfileOptions::default(),
         labels: crate::hostlabels::LabelOptions::default(),
         map_entries: Vec::new(),
         listen: listen_addr,
@@ -483,6 +483,53 @@ pub fn resolve(
         remote_addresses,
         allocators,
     })
+}
+
+/// Agent default: continuous, cheap enough to leave on.
+pub const AGENT_FREQUENCY_HZ: u64 = 19;
+/// CLI default: the usual profiler rate, off the timer tick so it does not alias with it.
+pub const CLI_FREQUENCY_HZ: u64 = 99;
+/// Default off-CPU threshold.
+pub const DEFAULT_OFFCPU_MIN_NS: u64 = 1_000_000;
+
+/// How user stacks are walked.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum UnwindMode {
+    /// Frame pointers where the main binary keeps them, DWARF (`.eh_frame`) otherwise.
+    #[default]
+    Auto,
+    /// Frame pointers only (cheapest; broken stacks for binaries built without them).
+    Fp,
+    /// Copy the stack and unwind from `.eh_frame` for every process.
+    Dwarf,
+}
+
+/// What to profile.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProfileOptions {
+    /// Samples per second per CPU; 0 turns on-CPU sampling off.
+    pub frequency_hz: u64,
+    /// Also measure blocked time by stack.
+    pub off_cpu: bool,
+    /// Blocks shorter than this are not counted.
+    pub offcpu_min_ns: u64,
+    pub unwind: UnwindMode,
+    /// Symbolize with DWARF (file:line, inline frames); off, ELF symbol tables only, which
+    /// keeps a long-running agent's memory small.
+    pub debug_info: bool,
+}
+
+impl Default for ProfileOptions {
+    /// The agent's defaults: 19 Hz on-CPU, DWARF symbolization.
+    fn default() -> Self {
+        Self {
+            frequency_hz: AGENT_FREQUENCY_HZ,
+            off_cpu: false,
+            offcpu_min_ns: DEFAULT_OFFCPU_MIN_NS,
+            unwind: UnwindMode::Auto,
+            debug_info: true,
+        }
+    }
 }
 
 #[cfg(test)]

@@ -98,6 +98,17 @@ impl Matcher {
         Self { spec, services }
     }
 
+    /// Replaces the rules (a configuration reload), keeping every id handed out so far: a
+    /// service or command name keeps its id, and with it the counts the kernel holds for it.
+    pub fn respec(&mut self, spec: TargetSpec) {
+        if let TargetSpec::Rules(rules) = &spec {
+            for name in rules.iter().filter_map(|r| r.service.as_deref()) {
+                self.services.intern(name);
+            }
+        }
+        self.spec = spec;
+    }
+
     pub fn spec(&self) -> &TargetSpec {
         &self.spec
     }

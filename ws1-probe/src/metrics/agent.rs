@@ -1,13 +1,26 @@
-//! The agent's own metrics: CPU, memory, BPF program cost, map fill, drops, targets.
+//! The agent's own metrics: CPU, memory, BPF program cost, map fill, drops, targets, build
+//! information and the standard `process_*` metrics.
 
-use std::collections::BTreeMap;
+use std::{collections::BTreeMap, time::Duration};
 
-use prometheus::proto::{MetricFamily, MetricType};
-
-use crate::{
-    metrics::{counter, family, gauge},
-    probe::Probe,
+use prometheus::{
+    core::Collector,
+    proto::{MetricFamily, MetricType},
 };
+
+use super::{counter, family, gauge};
+use crate::collectors::MapUsage;
+
+/// What the probe knows about itself at a scrape; built by [`crate::probe::Probe`].
+#[derive(Clone, Debug, Default)]
+pub struct AgentStats {
+    pub bpf_stats_enabled: bool,
+    /// Name, run time and run count of each attached program.
+    pub programs: Vec<(String, Duration, u64)>,
+    pub maps: Vec<MapUsage>,
+    /// Drop counters by reason label.
+    pub drops: Vec<(&'static str, u64)>,
+}
 
 /// CPU seconds (user + system) and resident bytes of this process, from /proc/self/stat.
 pub fn own_usage() -> Option<(f64, u64)> {
@@ -27,7 +40,7 @@ pub fn own_usage() -> Option<(f64, u64)> {
 
 /// `targeted` is the number of observed processes per service id.
 pub fn families<'a>(
-    probe: &'a Probe,
+    stats: &AgentStats,
     targeted: &BTreeMap<u32, u64>,
     label: &dyn Fn(u32) -> &'a str,
 ) -> Vec<MetricFamily> {
@@ -46,18 +59,34 @@ pub fn families<'a>(
             vec![gauge(&[], rss as f64)],
         ));
     }
-    let stats = probe.program_stats();
+    out.push(family(
+        "ws1_probe_build_info",
+        "Version and build of the running agent; always 1.",
+        MetricType::GAUGE,
+        vec![gauge(
+            &[
+                ("version", env!("CARGO_PKG_VERSION")),
+                (
+                    "commit",
+                    option_env!("WS1_PROBE_COMMIT").unwrap_or("unknown"),
+                ),
+            ],
+            1.0,
+        )],
+    ));
+    out.extend(process_families());
     out.push(family(
         "ws1_probe_bpf_stats_enabled",
         "1 when kernel BPF run-time statistics are on (agent --bpf-stats); program run metrics are 0 otherwise.",
         MetricType::GAUGE,
-        vec![gauge(&[], f64::from(u8::from(probe.bpf_stats_enabled())))],
+        vec![gauge(&[], f64::from(u8::from(stats.bpf_stats_enabled)))],
     ));
     out.push(family(
         "ws1_probe_bpf_program_run_seconds_total",
         "Time the kernel spent running each BPF program.",
         MetricType::COUNTER,
         stats
+            .programs
             .iter()
             .map(|(name, time, _)| counter(&[("program", name)], time.as_secs_f64()))
             .collect(),
@@ -67,18 +96,12 @@ pub fn families<'a>(
         "Times each BPF program ran.",
         MetricType::COUNTER,
         stats
+            .programs
             .iter()
             .map(|(name, _, runs)| counter(&[("program", name)], *runs as f64))
             .collect(),
     ));
-    let usage: Vec<_> = probe
-        .targets
-        .usage()
-        .into_iter()
-        .chain(probe.syscalls.usage())
-        .chain(probe.net.usage())
-        .chain(probe.profile.iter().flat_map(|p| p.map_usage()))
-        .collect();
+    let usage = &stats.maps;
     out.push(family(
         "ws1_probe_bpf_map_entries",
         "Entries in use in each BPF map.",
@@ -101,11 +124,10 @@ pub fn families<'a>(
         "ws1_probe_events_dropped_total",
         "Events the kernel programs could not record, by reason.",
         MetricType::COUNTER,
-        probe
-            .targets
-            .drops()
+        stats
+            .drops
             .iter()
-            .map(|(reason, n)| counter(&[("reason", reason.label())], *n as f64))
+            .map(|(reason, n)| counter(&[("reason", reason)], *n as f64))
             .collect(),
     ));
     let mut by_label: BTreeMap<&str, u64> = BTreeMap::new();
@@ -124,13 +146,43 @@ pub fn families<'a>(
     out
 }
 
+/// The standard `process_*` metrics of this process (CPU, memory, file descriptors, start
+/// time), from the `prometheus` crate's process collector, which reads procfs.
+pub fn process_families() -> Vec<MetricFamily> {
+    prometheus::process_collector::ProcessCollector::for_self().collect()
+}
+
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeMap;
+
     #[test]
     fn own_usage_reads_this_process() {
         let (cpu, rss) = super::own_usage().unwrap();
         assert!(cpu >= 0.0);
         // A test binary is resident for at least a megabyte.
         assert!(rss > 1 << 20, "rss {rss}");
+    }
+
+    #[test]
+    fn process_metrics_and_build_info_are_exported() {
+        let text = crate::metrics::encode(&super::families(
+            &super::AgentStats::default(),
+            &BTreeMap::new(),
+            &|_| "x",
+        ));
+        for name in [
+            "process_cpu_seconds_total ",
+            "process_resident_memory_bytes ",
+            "process_open_fds ",
+            "process_max_fds ",
+            "process_start_time_seconds ",
+            "ws1_probe_build_info{version=\"",
+        ] {
+            assert!(
+                text.lines().any(|l| l.starts_with(name)),
+                "no {name} in\n{text}"
+            );
+        }
     }
 }
