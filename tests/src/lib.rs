@@ -120,36 +120,54 @@ pub struct Agent {
     pub child: Child,
     pub port: u16,
     pub ready_after: Duration,
+    /// The agent's log lines, when started with [`Agent::start_logged`].
+    log: Option<std::sync::Arc<std::sync::Mutex<Vec<String>>>>,
 }
 
 impl Agent {
     pub fn start(args: &[&str]) -> Agent {
-        Self::start_with_stderr(args, Stdio::inherit())
+        Self::start_with(args, false)
     }
 
-    /// Like [`Agent::start`], with the agent's log (stderr) written to `log`.
-    pub fn start_logged(args: &[&str], log: &std::path::Path) -> Agent {
-        let file = std::fs::File::create(log)
-            .unwrap_or_else(|e| panic!("cannot create {}: {e}", log.display()));
-        Self::start_with_stderr(args, Stdio::from(file))
+    /// Like [`Agent::start`], keeping the agent's log (stderr) for [`Agent::log_lines`]; each
+    /// line is echoed to this process's stderr too.
+    pub fn start_logged(args: &[&str]) -> Agent {
+        Self::start_with(args, true)
     }
 
-    fn start_with_stderr(args: &[&str], stderr: Stdio) -> Agent {
+    fn start_with(args: &[&str], logged: bool) -> Agent {
         let port = free_port();
         let listen = format!("127.0.0.1:{port}");
-        let child = Command::new(probe_bin())
+        let mut child = Command::new(probe_bin())
             .arg("agent")
             .args(["--listen", &listen])
             .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(stderr)
+            .stderr(if logged {
+                Stdio::piped()
+            } else {
+                Stdio::inherit()
+            })
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {}: {e}", probe_bin().display()));
+        let log = child.stderr.take().map(|stderr| {
+            let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+            let sink = std::sync::Arc::clone(&lines);
+            std::thread::spawn(move || {
+                for line in BufReader::new(stderr).lines() {
+                    let Ok(line) = line else { break };
+                    eprintln!("{line}");
+                    sink.lock().unwrap_or_else(|e| e.into_inner()).push(line);
+                }
+            });
+            lines
+        });
         let mut agent = Agent {
             child,
             port,
             ready_after: Duration::ZERO,
+            log,
         };
         let started = Instant::now();
         loop {
@@ -195,6 +213,34 @@ impl Agent {
     pub fn signal(&self, signal: libc::c_int) {
         // SAFETY: signalling our own child.
         unsafe { libc::kill(self.child.id() as libc::pid_t, signal) };
+    }
+
+    /// Log lines so far that contain `needle` (the agent must have been started with
+    /// [`Agent::start_logged`]).
+    pub fn log_lines(&self, needle: &str) -> Vec<String> {
+        let log = self.log.as_ref().expect("agent started with start_logged");
+        let lines = log.lock().unwrap_or_else(|e| e.into_inner());
+        lines
+            .iter()
+            .filter(|l| l.contains(needle))
+            .cloned()
+            .collect()
+    }
+
+    /// Polls the log until a line contains `needle`, failing after `timeout`.
+    pub fn wait_for_log(&self, needle: &str, timeout: Duration) -> Vec<String> {
+        let started = Instant::now();
+        loop {
+            let found = self.log_lines(needle);
+            if !found.is_empty() {
+                return found;
+            }
+            assert!(
+                started.elapsed() < timeout,
+                "timed out after {timeout:?} waiting for a log line with {needle:?}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     /// Sends SIGTERM and waits (at most 5 s) for the exit status and how long it took.

@@ -248,14 +248,13 @@ fn sighup_reloads_services_keeping_exact_counts_and_rejects_a_bad_file() {
     let dir = std::env::temp_dir().join(format!("ws1-reload-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("temp dir");
     let config = dir.join("ws1.toml");
-    let log = dir.join("agent.log");
     let service = |name: &str, comm: &str| {
         format!("[[service]]\nname = \"{name}\"\nmatch = {{ comm = \"^{comm}$\" }}\n")
     };
     std::fs::write(&config, service("svc-a", "w-reload-a")).expect("write config");
     let mut a = ws1_probe_tests::Workload::spawn("w-reload-a");
     let mut b = ws1_probe_tests::Workload::spawn("w-reload-b");
-    let mut agent = Agent::start_logged(&["--config", &config.to_string_lossy()], &log);
+    let mut agent = Agent::start_logged(&["--config", &config.to_string_lossy()]);
     let count = |m: &ws1_probe_tests::Metrics, svc: &str| {
         m.get(
             "ws1_probe_syscall_duration_seconds_count",
@@ -294,13 +293,12 @@ fn sighup_reloads_services_keeping_exact_counts_and_rejects_a_bad_file() {
     agent.signal(libc::SIGHUP);
     let started = std::time::Instant::now();
     let line = loop {
-        let text = std::fs::read_to_string(&log).unwrap_or_default();
-        if let Some(l) = text.lines().find(|l| l.contains("reload failed")) {
-            break l.to_owned();
+        if let Some(l) = agent.log_lines("reload failed").into_iter().next() {
+            break l;
         }
         assert!(
             started.elapsed() < std::time::Duration::from_secs(10),
-            "no reload failure logged:\n{text}"
+            "no reload failure logged"
         );
         std::thread::sleep(std::time::Duration::from_millis(50));
     };

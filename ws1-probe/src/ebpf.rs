@@ -68,6 +68,8 @@ pub struct LoadOptions {
     pub profile: ws1_probe_common::profile::ProfileSettings,
     /// Stack samples per second per CPU the DWARF ring buffer is sized for.
     pub sample_rate_hz: u64,
+    /// Capacities set with `--map-entries` (names from [`crate::drops::RESIZABLE`]).
+    pub map_entries: Vec<(String, u32)>,
 }
 
 /// Loads the object (maps are created; programs are loaded later, one by one, on attach).
@@ -84,7 +86,11 @@ pub fn load(opts: &LoadOptions) -> Result<Ebpf, LoadError> {
     // same files again to learn which hooks exist.
     let net_offsets = net_offsets();
     let mmap_offsets = read_mmap_offsets(Path::new(TRACEFS));
-    EbpfLoader::new()
+    let mut loader = EbpfLoader::new();
+    for (map, entries) in &opts.map_entries {
+        loader.map_max_entries(map, *entries);
+    }
+    loader
         .map_max_entries("TARGET_FILTER", pid_max())
         .map_max_entries(
             "PROFILE_SAMPLES",

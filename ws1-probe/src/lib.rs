@@ -3,8 +3,10 @@
 pub mod btf;
 pub mod check;
 pub mod collectors;
+pub mod drops;
 pub mod ebpf;
 pub mod histogram;
+pub mod hostlabels;
 pub mod metrics;
 pub mod names;
 pub mod preflight;

@@ -18,7 +18,9 @@ use crate::{
         syscalls::{SyscallCollector, SyscallSnapshot},
         targets::{ScanSummary, Targets},
     },
+    drops::{self, DropWatch},
     ebpf::{self, LoadError, LoadOptions, TRACEFS},
+    hostlabels::HostLabels,
     metrics::{self, HOST_LABEL_LIMIT, LabelCap, agent::AgentStats, syscalls::SyscallBudget},
     preflight::{self, PreflightError},
     targeting::{
@@ -26,6 +28,9 @@ use crate::{
         config::{PreciseAlloc, Settings},
     },
 };
+
+/// How often host mode updates its labels and reclaims map entries when nobody scrapes.
+pub const HOST_UPDATE_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProbeError {
@@ -83,6 +88,9 @@ pub struct Probe {
     pub scan: ScanSummary,
     label_cap: LabelCap,
     syscall_budget: SyscallBudget,
+    /// Host mode's label policy and exported totals (see [`crate::hostlabels`]).
+    host: Option<HostLabels>,
+    drop_watch: DropWatch,
     stats_fd: Option<OwnedFd>,
     pub started: Instant,
 }
@@ -108,6 +116,7 @@ impl Probe {
                 settings.profile.offcpu_min_ns,
             ),
             sample_rate_hz: profilecollector::sample_rate_hz(&settings.profile),
+            map_entries: settings.map_entries.clone(),
         };
         let mut ebpf = ebpf::load(&opts)?;
         let matcher = Matcher::new(settings.targets.clone());
@@ -167,8 +176,13 @@ impl Probe {
             exec_ring: Some(exec_ring),
             bounds_ns: settings.bounds_ns.clone(),
             scan,
+            host: settings
+                .targets
+                .is_host()
+                .then(|| HostLabels::new(settings.labels, pinned.iter().copied())),
             label_cap: LabelCap::new(HOST_LABEL_LIMIT, pinned),
             syscall_budget: SyscallBudget::new(settings.syscalls_per_service),
+            drop_watch: DropWatch::new(started, drops::WARN_EVERY),
             stats_fd,
             started,
         })
@@ -204,6 +218,7 @@ impl Probe {
             new.remote_addresses != old.remote_addresses,
             "remote_addresses",
         );
+        differs(new.map_entries != old.map_entries, "map_entries");
         let scan = self
             .targets
             .reload(new.targets.clone())
@@ -214,6 +229,10 @@ impl Probe {
         self.settings.targets = new.targets.clone();
         self.settings.allocators = new.allocators.clone();
         self.settings.config_path = new.config_path.clone();
+        self.settings.labels = new.labels;
+        if let Some(h) = self.host.as_mut() {
+            h.policy.set_options(new.labels);
+        }
         if let Some(p) = self.profile.as_mut() {
             let _ = p.update_targets(&self.targets.targeted_pairs());
         }
@@ -303,6 +322,18 @@ impl Probe {
     /// (which walk the outstanding allocations, so at most every 30 s).
     pub fn tick(&mut self) {
         self.sample_memory();
+        self.warn_drops();
+        // Host mode: rank and reclaim between scrapes too (after the first, which ranks what
+        // ran since start), so one-shot commands free their map entries even when nobody
+        // scrapes for a while.
+        if self
+            .host
+            .as_ref()
+            .and_then(HostLabels::updated)
+            .is_some_and(|at| at.elapsed() >= HOST_UPDATE_EVERY)
+        {
+            let _ = self.families();
+        }
         // Symbolize while the sampled processes still exist (short-lived ones would be gone
         // by the next scrape or profile request).
         self.profile_drain_if_older(std::time::Duration::from_secs(10));
@@ -327,6 +358,31 @@ impl Probe {
                 .map_or(0.0, |at| at.elapsed().as_secs_f64());
             self.suspects = alloc.suspects(&self.suspects, elapsed);
             self.suspects_at = Some(Instant::now());
+        }
+    }
+
+    /// Logs one warning per full map per interval (see [`crate::drops`]).
+    fn warn_drops(&mut self) {
+        let usage: Vec<_> = self
+            .targets
+            .usage()
+            .into_iter()
+            .chain(self.syscalls.usage())
+            .chain(self.net.usage())
+            .collect();
+        let capacity = |map: &str| usage.iter().find(|u| u.map == map).map(|u| u.capacity);
+        for line in self
+            .drop_watch
+            .check(Instant::now(), &self.targets.drops(), capacity)
+        {
+            tracing::warn!("{line}");
+        }
+        let services = self.targets.matcher().services();
+        if let Some(line) =
+            self.drop_watch
+                .check_names(Instant::now(), services.refused(), services.capacity())
+        {
+            tracing::warn!("{line}");
         }
     }
 
@@ -402,23 +458,34 @@ impl Probe {
         // Sample totals are counted as windows are symbolized; a scrape sees them at most a
         // second old.
         self.profile_drain_if_older(std::time::Duration::from_secs(1));
+        // Live processes first: a service seen without any has exited before its counts were
+        // read, so host mode may reclaim its kernel entries after reading them.
+        let targeted = self.targets.targeted_by_service();
         let snap = self.syscalls.snapshot();
         let net: NetSnapshot = self.net.snapshot();
-        let targeted = self.targets.targeted_by_service();
         // Rank by calls; a service with live processes but no calls yet is ranked too (with 0),
         // so its processes are not reported as `other` while it is idle.
         let mut activity = snap.calls_by_service();
-        for (id, n) in net.activity_by_service() {
-            *activity.entry(id).or_insert(0) += n;
+        let net_activity = net.activity_by_service();
+        for (id, n) in &net_activity {
+            *activity.entry(*id).or_insert(0) += n;
         }
         for id in targeted.keys() {
             activity.entry(*id).or_insert(0);
         }
-        self.label_cap.update(&activity);
         let services = self.targets.matcher().services();
+        // Host mode: collectors label series by id; `HostLabels::export` names them below.
+        match self.host.as_mut() {
+            Some(h) => h.grow_ids(services.len()),
+            None => self.label_cap.update(&activity),
+        }
+        let ids: &[String] = self.host.as_ref().map_or(&[], HostLabels::ids);
+        let host = self.host.is_some();
         let cap = &self.label_cap;
         let label = |id: u32| {
-            if cap.keeps(id) {
+            if host {
+                ids.get(id as usize).map_or("0", String::as_str)
+            } else if cap.keeps(id) {
                 services.name(id)
             } else {
                 "other"
@@ -447,6 +514,23 @@ impl Probe {
             &targeted,
             &label,
         ));
+        if let Some(h) = self.host.as_mut() {
+            let live = targeted.keys().copied().collect();
+            let services = self.targets.matcher().services();
+            let gone;
+            (families, gone) = h.export(Instant::now(), families, &activity, &live, |id| {
+                services.name(id)
+            });
+            // Their counts were read above; the kernel entries of gone, idle ids are deleted
+            // so the maps hold what runs now (see ARCHITECTURE.md, Map sizes).
+            self.memory.reclaim(&gone);
+            if self.syscalls.reclaim(&gone) > 0 {
+                for id in &gone {
+                    h.policy
+                        .rebase(*id, net_activity.get(id).copied().unwrap_or(0));
+                }
+            }
+        }
         (families, snap)
     }
 

@@ -5,6 +5,9 @@
 //! - `getppid N`: N raw getppid syscalls
 //! - `time-getppid N`: N raw getppid syscalls, timed; replies `ok <elapsed ns in total>`
 //! - `openat-missing N`: N openat calls on a path that does not exist (ENOENT)
+//! - `enosys N [BASE]`: N raw syscalls numbered BASE, BASE+1, … (default 1000), numbers no
+//!   kernel has, so each fails with ENOSYS and is its own (service, syscall) pair; replies with
+//!   how many failed so
 //! - `nanosleep MS N`: N raw nanosleep syscalls of MS milliseconds; replies with each call's
 //!   wall time in nanoseconds
 //! - `fork-hold N`: fork a child that makes N getppid calls and then waits; replies with its pid
@@ -60,6 +63,19 @@ fn main() {
                     let fd = unsafe { libc::openat(libc::AT_FDCWD, path.as_ptr(), libc::O_RDONLY) };
                     if fd < 0
                         && std::io::Error::last_os_error().raw_os_error() == Some(libc::ENOENT)
+                    {
+                        failed += 1;
+                    }
+                }
+                format!("ok {failed}")
+            }
+            Some("enosys") => {
+                let base = if words.len() > 2 { num(2) } else { 1000 };
+                let mut failed = 0;
+                for nr in base..base + num(1) {
+                    // SAFETY: a syscall number the kernel does not implement; it only returns.
+                    let r = unsafe { libc::syscall(nr as libc::c_long) };
+                    if r < 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::ENOSYS)
                     {
                         failed += 1;
                     }

@@ -59,6 +59,15 @@ pub struct AgentArgs {
     /// only DWARF names (e.g. glibc's process entry, so more stacks count as truncated)
     #[arg(long)]
     pub profile_symbols_only: bool,
+    /// Host mode: a command name's own `service` label retires after this long without
+    /// activity (its series stop; later counts go to `other`), freeing the slot for a name that
+    /// became busy
+    #[arg(long, default_value = "5m", value_parser = ws1_probe::units::parse_duration)]
+    pub label_idle_retire: std::time::Duration,
+    /// Capacity of a kernel map, NAME=ENTRIES (repeatable), e.g. SYSCALL_HIST=8192; a full
+    /// map's warning names the one to raise
+    #[arg(long, value_name = "NAME=ENTRIES", value_parser = ws1_probe::drops::parse_map_entries)]
+    pub map_entries: Vec<(String, u32)>,
 }
 
 type Shared = Arc<Mutex<Option<Probe>>>;
@@ -83,6 +92,8 @@ fn resolve(args: &AgentArgs) -> anyhow::Result<Settings> {
     settings.profile.frequency_hz = args.profile_frequency;
     settings.profile.unwind = args.unwind;
     settings.profile.debug_info = !args.profile_symbols_only;
+    settings.labels.idle_retire = args.label_idle_retire;
+    settings.map_entries = args.map_entries.clone();
     Ok(settings)
 }
 

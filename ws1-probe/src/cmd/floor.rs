@@ -48,6 +48,7 @@ pub fn run(args: FloorArgs) -> anyhow::Result<()> {
         bounds_ns: DEFAULT_EXPORT_BOUNDS_NS.to_vec(),
         profile: ws1_probe_common::profile::ProfileSettings::FALLBACK,
         sample_rate_hz: 0,
+        map_entries: Vec::new(),
     };
     let mut object = ebpf::load(&opts)?;
     if let Some(pid) = args.uprobe_pid {

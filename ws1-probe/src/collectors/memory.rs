@@ -149,6 +149,24 @@ impl MemoryCollector {
         Ok(collector)
     }
 
+    /// Deletes the page-fault entries of `services` (gone, their counts already read), like
+    /// `SyscallCollector::reclaim`. Returns how many were deleted.
+    pub fn reclaim(&mut self, services: &std::collections::BTreeSet<u32>) -> usize {
+        let Some(f) = self.faults.as_mut() else {
+            return 0;
+        };
+        if services.is_empty() {
+            return 0;
+        }
+        let keys: Vec<FaultKey> = f
+            .faults
+            .keys()
+            .flatten()
+            .filter(|k| services.contains(&k.service))
+            .collect();
+        keys.iter().filter(|k| f.faults.remove(k).is_ok()).count()
+    }
+
     /// Sampled page faults per service, scaled by the sample period (an estimate).
     pub fn faults_by_service(&self) -> BTreeMap<u32, u64> {
         let mut out = BTreeMap::new();

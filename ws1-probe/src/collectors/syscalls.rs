@@ -95,6 +95,35 @@ impl SyscallCollector {
         snap
     }
 
+    /// Deletes the histogram and error entries of `services` (whose processes are gone and
+    /// whose counts the caller has already read), so the maps hold live services only. Returns
+    /// how many entries were deleted.
+    pub fn reclaim(&mut self, services: &std::collections::BTreeSet<u32>) -> usize {
+        if services.is_empty() {
+            return 0;
+        }
+        let hist: Vec<SyscallKey> = self
+            .hist
+            .keys()
+            .flatten()
+            .filter(|k| services.contains(&k.service))
+            .collect();
+        let errors: Vec<SyscallErrorKey> = self
+            .errors
+            .keys()
+            .flatten()
+            .filter(|k| services.contains(&k.service))
+            .collect();
+        let mut n = 0;
+        for key in &hist {
+            n += usize::from(self.hist.remove(key).is_ok());
+        }
+        for key in &errors {
+            n += usize::from(self.errors.remove(key).is_ok());
+        }
+        n
+    }
+
     pub fn usage(&self) -> Vec<MapUsage> {
         vec![
             MapUsage::of("SYSCALL_START", self.start.keys().count(), self.start.map()),

@@ -124,6 +124,8 @@ impl Targets {
                 comm,
                 exe: None,
                 cgroup: None,
+                // Kernel threads do not exec.
+                kthread: false,
             }
         };
         let decision = self.matcher.decide(&info);

@@ -147,7 +147,12 @@ mod tests {
         snap.hists.insert((1, 110), h);
         snap.errors.insert((1, 257, 2), 5);
         let names = ["other", "trading-engine"];
-        let text = encode(&families(&snap, |id| names[id as usize], bounds));
+        let text = encode(&families(
+            &snap,
+            |id| names[id as usize],
+            bounds,
+            &mut SyscallBudget::new(0),
+        ));
         let want = [
             "# TYPE ws1_probe_syscall_duration_seconds histogram",
             "ws1_probe_syscall_duration_seconds_bucket{service=\"trading-engine\",syscall=\"getppid\",le=\"0.000001\"} 1",
@@ -196,7 +201,12 @@ mod tests {
             h.observe(bounds, 500);
             snap.hists.insert((id, 0), h);
         }
-        let text = encode(&families(&snap, |_| "other", bounds));
+        let text = encode(&families(
+            &snap,
+            |_| "other",
+            bounds,
+            &mut SyscallBudget::new(0),
+        ));
         assert!(text.contains(
             "ws1_probe_syscall_duration_seconds_count{service=\"other\",syscall=\"read\"} 2"
         ));

@@ -188,6 +188,10 @@ pub struct Settings {
     pub syscalls_per_service: usize,
     /// On-CPU sampling frequency, off-CPU, unwinding.
     pub profile: ProfileOptions,
+    /// Host mode's label policy (`--label-idle-retire`).
+    pub labels: crate::hostlabels::LabelOptions,
+    /// Map capacities set with `--map-entries`.
+    pub map_entries: Vec<(String, u32)>,
 }
 
 /// Which collectors attach their programs. A collector that is off costs nothing in the
@@ -484,6 +488,8 @@ pub fn resolve(
             .syscalls_per_service
             .unwrap_or(DEFAULT_SYSCALLS_PER_SERVICE),
         profile: ProfileOptions::default(),
+        labels: crate::hostlabels::LabelOptions::default(),
+        map_entries: Vec::new(),
         listen: listen_addr,
         bpf_stats: flags.bpf_stats || file.agent.bpf_stats.unwrap_or(false),
         bounds_ns,

@@ -4,6 +4,8 @@ use std::collections::HashMap;
 
 use ws1_probe_common::targets::{COMM_ENTRIES, SERVICE_OTHER};
 
+use crate::hostlabels::KERNEL_LABEL;
+
 use super::{
     ProcessInfo, Rule, TargetSpec,
     process::{Needs, cgroup_contains},
@@ -17,6 +19,8 @@ pub struct ServiceTable {
     names: Vec<String>,
     by_name: HashMap<String, u32>,
     cap: usize,
+    /// Names that got `SERVICE_OTHER` because the table was full.
+    refused: u64,
 }
 
 impl ServiceTable {
@@ -25,6 +29,7 @@ impl ServiceTable {
             names: Vec::new(),
             by_name: HashMap::new(),
             cap: cap.max(1),
+            refused: 0,
         };
         table.intern("other");
         table
@@ -36,6 +41,7 @@ impl ServiceTable {
             return *id;
         }
         if self.names.len() >= self.cap {
+            self.refused += 1;
             return SERVICE_OTHER;
         }
         let id = self.names.len() as u32;
@@ -53,6 +59,16 @@ impl ServiceTable {
         self.names.len()
     }
 
+    /// Capacity of the table (service ids it hands out, `other` included).
+    pub fn capacity(&self) -> usize {
+        self.cap
+    }
+
+    /// How many times a new name got `other` because every id was taken.
+    pub fn refused(&self) -> u64 {
+        self.refused
+    }
+
     pub fn is_empty(&self) -> bool {
         self.names.is_empty()
     }
@@ -68,9 +84,15 @@ pub struct Matcher {
 impl Matcher {
     pub fn new(spec: TargetSpec) -> Self {
         let mut services = ServiceTable::new(COMM_ENTRIES as usize);
-        if let TargetSpec::Rules(rules) = &spec {
-            for name in rules.iter().filter_map(|r| r.service.as_deref()) {
-                services.intern(name);
+        match &spec {
+            TargetSpec::Rules(rules) => {
+                for name in rules.iter().filter_map(|r| r.service.as_deref()) {
+                    services.intern(name);
+                }
+            }
+            // Every kernel thread shares one service in host mode.
+            TargetSpec::Host => {
+                services.intern(KERNEL_LABEL);
             }
         }
         Self { spec, services }
@@ -94,7 +116,10 @@ impl Matcher {
     /// Ids of the configured (named) services, which always keep their own label.
     pub fn configured_ids(&self) -> Vec<u32> {
         match &self.spec {
-            TargetSpec::Host => Vec::new(),
+            TargetSpec::Host => {
+                let mut table = self.services.clone();
+                vec![table.intern(KERNEL_LABEL)]
+            }
             TargetSpec::Rules(rules) => {
                 let mut table = self.services.clone();
                 rules
@@ -113,10 +138,14 @@ impl Matcher {
     /// What must be read from /proc to decide.
     pub fn needs(&self) -> Needs {
         match &self.spec {
-            TargetSpec::Host => Needs::default(),
+            TargetSpec::Host => Needs {
+                kthread: true,
+                ..Needs::default()
+            },
             TargetSpec::Rules(rules) => Needs {
                 exe: rules.iter().any(|r| r.exe.is_some()),
                 cgroup: rules.iter().any(|r| r.cgroup.is_some()),
+                kthread: false,
             },
         }
     }
@@ -133,6 +162,7 @@ impl Matcher {
     /// Service id for the process, or `None` if it is not observed.
     pub fn decide(&mut self, p: &ProcessInfo) -> Option<u32> {
         let rule = match &self.spec {
+            TargetSpec::Host if p.kthread => return Some(self.services.intern(KERNEL_LABEL)),
             TargetSpec::Host => return Some(self.services.intern(&p.comm)),
             TargetSpec::Rules(rules) => rules.iter().find(|r| rule_matches(r, p))?,
         };
@@ -176,6 +206,7 @@ mod tests {
             comm: comm.into(),
             exe: Some(exe.into()),
             cgroup: Some(cgroup.into()),
+            kthread: false,
         }
     }
 
@@ -188,6 +219,18 @@ mod tests {
         assert_eq!(m.decide(&proc(3, "bash", "/bin/bash", "/")), Some(a));
         assert_eq!(m.services().name(a), "bash");
         assert!(m.comm_only());
+        let kworker = ProcessInfo {
+            kthread: true,
+            ..proc(4, "kworker/0:1", "", "/")
+        };
+        let ksoftirqd = ProcessInfo {
+            kthread: true,
+            ..proc(5, "ksoftirqd/0", "", "/")
+        };
+        let k = m.decide(&kworker).unwrap();
+        assert_eq!(m.decide(&ksoftirqd), Some(k), "kernel threads are grouped");
+        assert_eq!(m.services().name(k), "kernel");
+        assert_eq!(m.configured_ids(), vec![k], "and keep their label");
     }
 
     #[test]
@@ -233,6 +276,7 @@ mod tests {
         assert_eq!(t.intern("b"), 2);
         assert_eq!(t.intern("c"), SERVICE_OTHER);
         assert_eq!(t.intern("a"), 1);
+        assert_eq!(t.refused(), 1);
         assert_eq!(t.name(SERVICE_OTHER), "other");
         assert_eq!(t.name(99), "other");
     }

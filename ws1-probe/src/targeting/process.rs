@@ -10,6 +10,25 @@ pub struct ProcessInfo {
     pub exe: Option<PathBuf>,
     /// cgroup v2 path (the `0::` line of /proc/PID/cgroup).
     pub cgroup: Option<String>,
+    /// A kernel thread (`PF_KTHREAD`, or a child of kthreadd); read only in host mode.
+    pub kthread: bool,
+}
+
+/// `PF_KTHREAD` from include/linux/sched.h.
+const PF_KTHREAD: u64 = 0x0020_0000;
+
+/// Whether /proc/PID/stat describes a kernel thread: the `PF_KTHREAD` flag, or kthreadd
+/// (pid 2) as parent.
+pub fn stat_is_kthread(stat: &str) -> bool {
+    // Fields after the parenthesised comm (which may hold spaces): state, ppid, pgrp,
+    // session, tty_nr, tpgid, flags.
+    let Some((_, rest)) = stat.rsplit_once(')') else {
+        return false;
+    };
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ppid = fields.get(1).and_then(|f| f.parse::<u32>().ok());
+    let flags = fields.get(6).and_then(|f| f.parse::<u64>().ok());
+    flags.is_some_and(|f| f & PF_KTHREAD != 0) || ppid == Some(2)
 }
 
 /// Which optional facts to read.
@@ -17,6 +36,8 @@ pub struct ProcessInfo {
 pub struct Needs {
     pub exe: bool,
     pub cgroup: bool,
+    /// Whether it is a kernel thread (host mode groups them).
+    pub kthread: bool,
 }
 
 impl ProcessInfo {
@@ -37,11 +58,14 @@ impl ProcessInfo {
         } else {
             None
         };
+        let kthread = needs.kthread
+            && std::fs::read_to_string(dir.join("stat")).is_ok_and(|s| stat_is_kthread(&s));
         Ok(Self {
             pid,
             comm: comm.trim_end_matches('\n').to_owned(),
             exe,
             cgroup,
+            kthread,
         })
     }
 
@@ -87,6 +111,16 @@ mod tests {
     use super::*;
 
     #[test]
+    fn kernel_threads_by_flag_or_parent() {
+        let kworker = "57 (kworker/0:1-events) I 2 0 0 0 -1 69238880 0 0 0 0 0 1 0 0 20 0 1 0";
+        assert!(stat_is_kthread(kworker));
+        let kthreadd = "2 (kthreadd) S 0 0 0 0 -1 2129984 0 0 0 0 0 0 0 0 20 0 1 0";
+        assert!(stat_is_kthread(kthreadd));
+        let bash = "900 (bash (x)) S 1 900 900 34816 900 4194560 0 0 0 0 0 0 0 0 20 0 1 0";
+        assert!(!stat_is_kthread(bash));
+    }
+
+    #[test]
     fn cgroup_v2_line() {
         let s = "12:cpu:/legacy\n0::/system.slice/trading.service\n";
         assert_eq!(
@@ -116,9 +150,23 @@ mod tests {
             Needs {
                 exe: true,
                 cgroup: true,
+                kthread: true,
             },
         )
         .unwrap();
+        assert!(!info.kthread);
+        let kthreadd = ProcessInfo::read(
+            Path::new("/proc"),
+            2,
+            Needs {
+                kthread: true,
+                ..Needs::default()
+            },
+        );
+        // pid 2 is kthreadd outside a pid namespace.
+        if let Some(k) = kthreadd.ok().filter(|k| k.comm == "kthreadd") {
+            assert!(k.kthread);
+        }
         assert_eq!(info.pid, me);
         assert!(!info.comm.is_empty());
         assert_eq!(info.exe, std::env::current_exe().ok());
