@@ -1,6 +1,9 @@
 //! Syscall families: latency histograms and errors per service and syscall.
 
-use std::collections::{BTreeMap, HashMap};
+use std::{
+    collections::{BTreeMap, HashMap},
+    time::{Duration, Instant},
+};
 
 use prometheus::proto::{MetricFamily, MetricType};
 
@@ -11,35 +14,61 @@ use crate::{
     names::{errno_label, syscall_label},
 };
 
-/// The series budget of the syscall families: per service label, the first `per_service`
-/// syscalls seen (the most called first, at the scrape that first sees them) get their own
-/// `syscall` label; the rest are summed into `syscall="other"`. Decisions are kept, so every
-/// exported counter stays monotonic (a syscall never moves between its own series and
-/// `other`). With 21 service labels and the defaults this is at most 189 histograms.
+/// How long a new service label shows every syscall before its budget is decided.
+pub const BUDGET_GRACE: Duration = Duration::from_secs(60);
+
+/// The series budget of the syscall families. For its first [`BUDGET_GRACE`] a service label
+/// shows every syscall; then its `per_service` most called syscalls (over that first minute,
+/// so a start-up's mmap/openat burst does not take the slots of what the service does later)
+/// keep their own `syscall` label and the rest are summed into `syscall="other"` for good.
+/// Syscalls a label first makes later take a free slot or go to `other`. A syscall leaves its
+/// own series at most once, so every exported counter stays monotonic (its series stops and
+/// `other` grows by what it held). With 21 service labels and the default of 8 this is at most
+/// 189 histograms once decided.
 #[derive(Clone, Debug)]
 pub struct SyscallBudget {
     /// 0: every syscall gets its own series.
     per_service: usize,
+    grace: Duration,
+    first_seen: HashMap<String, Instant>,
     decided: HashMap<(String, u32), bool>,
     promoted: HashMap<String, usize>,
 }
 
 impl SyscallBudget {
     pub fn new(per_service: usize) -> Self {
+        Self::with_grace(per_service, BUDGET_GRACE)
+    }
+
+    pub fn with_grace(per_service: usize, grace: Duration) -> Self {
         Self {
             per_service,
+            grace,
+            first_seen: HashMap::new(),
             decided: HashMap::new(),
             promoted: HashMap::new(),
         }
     }
 
-    /// Decides the pairs not seen before, most called first.
-    pub fn update(&mut self, calls: &BTreeMap<(&str, u32), u64>) {
+    fn in_grace(&self, label: &str, now: Instant) -> bool {
+        self.first_seen
+            .get(label)
+            .is_none_or(|at| now.duration_since(*at) < self.grace)
+    }
+
+    /// Decides the pairs of labels past their grace period, most called first.
+    pub fn update(&mut self, calls: &BTreeMap<(&str, u32), u64>, now: Instant) {
         if self.per_service == 0 {
             return;
         }
+        for (label, _) in calls.keys() {
+            if !self.first_seen.contains_key(*label) {
+                self.first_seen.insert((*label).to_owned(), now);
+            }
+        }
         let mut newcomers: Vec<(&str, u32, u64)> = calls
             .iter()
+            .filter(|((l, _), _)| !self.in_grace(l, now))
             .filter(|((l, nr), _)| !self.decided.contains_key(&((*l).to_owned(), *nr)))
             .map(|((l, nr), n)| (*l, *nr, *n))
             .collect();
@@ -52,14 +81,14 @@ impl SyscallBudget {
         }
     }
 
-    /// Whether `nr` has its own series under `label`.
-    pub fn keeps(&self, label: &str, nr: u32) -> bool {
+    /// Whether `nr` has its own series under `label` (always, while the label is new).
+    pub fn keeps(&self, label: &str, nr: u32, now: Instant) -> bool {
         self.per_service == 0
             || self
                 .decided
                 .get(&(label.to_owned(), nr))
                 .copied()
-                .unwrap_or(false)
+                .unwrap_or_else(|| self.in_grace(label, now))
     }
 }
 
@@ -75,9 +104,10 @@ pub fn families<'a>(
     for ((service, nr), h) in &snap.hists {
         *calls.entry((label(*service), *nr)).or_insert(0) += h.count;
     }
-    budget.update(&calls);
+    let now = Instant::now();
+    budget.update(&calls, now);
     // `None`: the label's `other` syscalls.
-    let name = |service: &str, nr: u32| budget.keeps(service, nr).then_some(nr);
+    let name = |service: &str, nr: u32| budget.keeps(service, nr, now).then_some(nr);
     let mut hists: BTreeMap<(&str, Option<u32>), Histogram> = BTreeMap::new();
     for ((service, nr), h) in &snap.hists {
         let l = label(*service);
@@ -227,7 +257,7 @@ mod tests {
             snap.errors.insert((1, 2, 2), 4);
             snap
         };
-        let mut budget = SyscallBudget::new(2);
+        let mut budget = SyscallBudget::with_grace(2, Duration::ZERO);
         // read (0) 30, write (1) 20, open (2) 10: open is beyond the budget of 2.
         let text = encode(&families(
             &snap_of(&[(0, 30), (1, 20), (2, 10)]),
@@ -266,5 +296,23 @@ mod tests {
             &mut SyscallBudget::new(0),
         ));
         assert_eq!(count(&text, "open"), Some(1));
+    }
+
+    #[test]
+    fn a_new_label_shows_every_syscall_until_its_budget_is_decided() {
+        let mut budget = SyscallBudget::with_grace(1, Duration::from_secs(60));
+        let t0 = Instant::now();
+        let calls: BTreeMap<(&str, u32), u64> = [(("api", 9), 100), (("api", 0), 5)].into();
+        budget.update(&calls, t0);
+        assert!(budget.keeps("api", 9, t0) && budget.keeps("api", 0, t0));
+        // Read (0) became the busiest over the first minute: it keeps the one slot.
+        let calls: BTreeMap<(&str, u32), u64> = [(("api", 9), 100), (("api", 0), 5000)].into();
+        let later = t0 + Duration::from_secs(61);
+        budget.update(&calls, later);
+        assert!(budget.keeps("api", 0, later));
+        assert!(!budget.keeps("api", 9, later));
+        // A syscall first made after the decision finds no free slot.
+        budget.update(&[(("api", 1), 1)].into(), later);
+        assert!(!budget.keeps("api", 1, later));
     }
 }

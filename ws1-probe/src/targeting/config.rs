@@ -28,7 +28,8 @@ use super::{
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:9479";
 /// Environment variable naming the config file.
 pub const ENV_CONFIG: &str = "WS1_PROBE_CONFIG";
-/// Default of the syscall series budget (`[agent] syscalls_per_service`).
+/// Default of the syscall series budget in host mode (`[agent] syscalls_per_service`); with
+/// selectors or configured services every syscall has its own series unless the file sets it.
 pub const DEFAULT_SYSCALLS_PER_SERVICE: usize = 8;
 /// Environment variable overriding the listen address.
 pub const ENV_LISTEN: &str = "WS1_PROBE_LISTEN";
@@ -184,7 +185,8 @@ pub struct Settings {
     pub allocators: Vec<(String, AllocatorConfig)>,
     /// Which collectors run (the agent runs all; one-shot commands only their own).
     pub collectors: Collectors,
-    /// Series budget: syscalls with their own series per service label (0: every syscall).
+    /// Series budget: syscalls with their own series per service label (0: every syscall;
+    /// default 8 in host mode, 0 otherwise).
     pub syscalls_per_service: usize,
     /// On-CPU sampling frequency, off-CPU, unwinding.
     pub profile: ProfileOptions,
@@ -486,7 +488,11 @@ pub fn resolve(
         syscalls_per_service: file
             .agent
             .syscalls_per_service
-            .unwrap_or(DEFAULT_SYSCALLS_PER_SERVICE),
+            .unwrap_or(if targets.is_host() {
+                DEFAULT_SYSCALLS_PER_SERVICE
+            } else {
+                0
+            }),
         profile: ProfileOptions::default(),
         labels: crate::hostlabels::LabelOptions::default(),
         map_entries: Vec::new(),
