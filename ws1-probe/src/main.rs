@@ -43,6 +43,9 @@ enum Command {
     /// Symbolize function addresses of this binary, cold and warm (for `cargo xtask bench`)
     #[command(hide = true)]
     BenchSymbolize(cmd::symbench::SymbenchArgs),
+    /// Render N series of /metrics and time it (for `cargo xtask bench scrape`)
+    #[command(hide = true)]
+    BenchScrape(cmd::scrapebench::ScrapebenchArgs),
 }
 
 fn main() -> ExitCode {
@@ -66,6 +69,7 @@ fn main() -> ExitCode {
         Command::Check(args) => cmd::check::run(args),
         Command::BenchFloor(args) => cmd::floor::run(args).map(|()| ExitCode::SUCCESS),
         Command::BenchSymbolize(args) => cmd::symbench::run(args).map(|()| ExitCode::SUCCESS),
+        Command::BenchScrape(args) => cmd::scrapebench::run(args).map(|()| ExitCode::SUCCESS),
     };
     match result {
         Ok(code) => code,

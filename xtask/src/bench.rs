@@ -24,7 +24,8 @@ pub fn run(what: &str, args: &[String]) -> Result<()> {
         "net" => crate::bench_net::run(args),
         "alloc" => crate::bench_alloc::run(args),
         "profile" => crate::bench_profile::run(args),
-        _ => bail!("unknown benchmark {what}: available: syscalls, net, alloc, profile"),
+        "scrape" => crate::bench_scrape::run(args),
+        _ => bail!("unknown benchmark {what}: available: syscalls, net, alloc, profile, scrape"),
     }
 }
 
