@@ -461,11 +461,11 @@ impl VethPair {
 }
 
 impl VethPair {
-    /// A counter of the first namespace (the server's): `section` is the line prefix in
-    /// `file` (`Tcp:` in /proc/net/snmp, `TcpExt:` in /proc/net/netstat).
-    fn counter(&self, file: &str, section: &str, name: &str) -> u64 {
+    /// A counter of namespace `ns`: `section` is the line prefix in `file` (`Tcp:` in
+    /// /proc/net/snmp, `TcpExt:` in /proc/net/netstat).
+    fn counter(ns: &str, file: &str, section: &str, name: &str) -> u64 {
         let out = Command::new("ip")
-            .args(["netns", "exec", &self.a, "cat", file])
+            .args(["netns", "exec", ns, "cat", file])
             .output()
             .unwrap_or_else(|e| panic!("read {file}: {e}"));
         let text = String::from_utf8_lossy(&out.stdout);
@@ -484,16 +484,75 @@ impl VethPair {
             .unwrap_or_else(|| panic!("no {name} value in {file}"))
     }
 
-    /// Retransmitted segments the first namespace actually sent, the ones
+    /// Retransmitted segments the server's namespace `ns` actually sent, the ones
     /// `tcp:tcp_retransmit_skb` reports with `err == 0`: `RetransSegs` counts every attempt,
     /// including those the device refused (`TCPRetransFail`) and SYN-ACK retransmissions of
     /// listeners (`TCPSynRetrans`; that tracepoint does not fire for them, and the server's
     /// namespace sends no SYN of its own), as (sent, the three counters).
-    fn sent_retransmissions(&self) -> (u64, [u64; 3]) {
-        let segs = self.counter("/proc/net/snmp", "Tcp:", "RetransSegs");
-        let fail = self.counter("/proc/net/netstat", "TcpExt:", "TCPRetransFail");
-        let syn = self.counter("/proc/net/netstat", "TcpExt:", "TCPSynRetrans");
+    fn sent_retransmissions(ns: &str) -> (u64, [u64; 3]) {
+        let segs = Self::counter(ns, "/proc/net/snmp", "Tcp:", "RetransSegs");
+        let fail = Self::counter(ns, "/proc/net/netstat", "TcpExt:", "TCPRetransFail");
+        let syn = Self::counter(ns, "/proc/net/netstat", "TcpExt:", "TCPSynRetrans");
         (segs.saturating_sub(fail + syn), [segs, fail, syn])
+    }
+
+    /// TCP socket states of namespace `ns` (the `st` column of /proc/net/tcp{,6}: 01 is
+    /// ESTABLISHED, 06 TIME_WAIT, 0A LISTEN), one per socket with its line.
+    fn tcp_states(ns: &str) -> Vec<(String, String)> {
+        let out = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                ns,
+                "cat",
+                "/proc/net/tcp",
+                "/proc/net/tcp6",
+            ])
+            .output()
+            .expect("read /proc/net/tcp");
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| {
+                let st = l.split_whitespace().nth(3)?;
+                (st != "st").then(|| (st.to_owned(), l.to_owned()))
+            })
+            .collect()
+    }
+
+    /// Waits until namespace `ns` has an established connection and returns when it saw it;
+    /// panics after 10 s.
+    fn wait_until_established(ns: &str) -> std::time::Instant {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !Self::tcp_states(ns).iter().any(|(st, _)| st == "01") {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no connection established in {ns} after 10 s"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+        std::time::Instant::now()
+    }
+
+    /// Waits until namespace `ns` holds no TCP socket but listeners and TIME_WAIT sockets,
+    /// neither of which ever retransmits; panics after 10 s.
+    fn wait_until_quiet(ns: &str) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            let open: Vec<String> = Self::tcp_states(ns)
+                .into_iter()
+                .filter(|(st, _)| st != "0A" && st != "06")
+                .map(|(_, line)| line)
+                .collect();
+            if open.is_empty() {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "connections still open in {ns} after 10 s:\n{}",
+                open.join("\n")
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
     }
 }
 
@@ -525,19 +584,25 @@ fn retransmissions_from_dropped_packets_are_counted_in_a_netns() {
     ]);
     let port = server.listen("10.231.0.1:0");
     let p = port.to_string();
-    let (before, counters_before) = pair.sent_retransmissions();
+    let (before, counters_before) = VethPair::sent_retransmissions(&pair.a);
     // Three requests on one connection; the server answers each after 400 ms.
     let requests = std::thread::spawn(move || {
         let walls = client.cmd(&format!("pooled 10.231.0.1:{port} 3 400"));
         (client, walls)
     });
-    std::thread::sleep(std::time::Duration::from_millis(150));
+    // The address goes as soon as the connection is up, long before the first reply is due,
+    // and comes back 750 ms later.
+    let established = VethPair::wait_until_established(&pair.a);
     let (ns, addr) = (pair.b.as_str(), "10.231.0.2/24");
     ip(&["-n", ns, "addr", "del", addr, "dev", "ws1v-b"]);
-    std::thread::sleep(std::time::Duration::from_millis(600));
+    std::thread::sleep(std::time::Duration::from_millis(750).saturating_sub(established.elapsed()));
     ip(&["-n", ns, "addr", "add", addr, "dev", "ws1v-b"]);
     let (_client, walls) = requests.join().expect("client thread");
-    let (after, counters_after) = pair.sent_retransmissions();
+    // Counted at a quiet point: a socket that still exists could retransmit between the
+    // kernel's counters and the scrape, and a closed one cannot.
+    VethPair::wait_until_quiet(&pair.a);
+    VethPair::wait_until_quiet(&pair.b);
+    let (after, counters_after) = VethPair::sent_retransmissions(&pair.a);
     let kernel = after - before;
     assert_eq!(walls.len(), 3);
     assert!(

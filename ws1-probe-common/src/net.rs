@@ -282,6 +282,10 @@ pub struct NetOffsets {
     /// attempt counts. Attempts with an error (e.g. EBUSY: the original is still queued in the
     /// host) send nothing and are not counted, as the kernel's `RetransSegs` does not count them.
     pub retransmit_err: u32,
+    /// `tcp:tcp_retransmit_skb` → `skbaddr`, the retransmitted `struct sk_buff`, whose
+    /// segment count ([`NetOffsets::skb_gso_segs`]) is what the event adds; `u32::MAX` when
+    /// absent, and then each event counts one segment.
+    pub retransmit_skbaddr: u32,
     /// `tcp:tcp_send_reset`.
     pub send_reset_skaddr: u32,
     /// `tcp:tcp_receive_reset`.
@@ -303,6 +307,12 @@ pub struct NetOffsets {
     /// storage at all, so it is not observed), which spares the sockets of every other process
     /// the `bpf_sk_storage_get` call; `u32::MAX` when unknown (then the helper always runs).
     pub sock_bpf_storage: u32,
+    /// Byte offset of `tcp_gso_segs` (u16) from the start of a `struct sk_buff` on TCP's write
+    /// queue: `sk_buff.cb` plus `tcp_skb_cb.tcp_gso_segs`, from BTF. It is the skb's segment
+    /// count (`tcp_skb_pcount`), which the kernel adds to `RetransSegs` for each retransmitted
+    /// skb, while `tcp_retransmit_skb` fires once per skb; `u32::MAX` when unknown, and then
+    /// each retransmitted skb counts one segment.
+    pub skb_gso_segs: u32,
 }
 
 impl NetOffsets {
@@ -325,12 +335,14 @@ impl NetOffsets {
         probe_srtt: 100,
         retransmit_skaddr: 16,
         retransmit_err: 76,
+        retransmit_skbaddr: 8,
         send_reset_skaddr: 16,
         receive_reset_skaddr: 8,
         tcp_sock_srtt_us: u32::MAX,
         sock_protocol: u32::MAX,
         sock_v6_daddr: u32::MAX,
         sock_bpf_storage: u32::MAX,
+        skb_gso_segs: u32::MAX,
     };
 }
 
@@ -347,7 +359,7 @@ mod tests {
         assert_eq!(size_of::<NetKey>(), 4 + 2 + 1 + 1 + 4);
         assert_eq!(size_of::<SockState>(), 4 + 2 + 1 + 1 + 4 + 4 + 9 * 8);
         assert_eq!(size_of::<RemoteAddr>(), 16);
-        assert_eq!(size_of::<NetOffsets>(), 23 * 4);
+        assert_eq!(size_of::<NetOffsets>(), 25 * 4);
     }
 
     #[test]

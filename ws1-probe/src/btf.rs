@@ -39,10 +39,12 @@ fn u32_at(data: &[u8], at: usize) -> Option<u32> {
     Some(u32::from_le_bytes(data.get(at..at + 4)?.try_into().ok()?))
 }
 
-/// Byte offsets of the named members of the named structs, found in one pass.
+/// Byte offsets of the named members of the named structs. A member may also sit in an
+/// anonymous struct or union inside the struct (as C lets it be named, e.g.
+/// `tcp_skb_cb.tcp_gso_segs`); its offset is then the sum of the offsets on the way. The type
+/// section is walked once to index the types by id; the named structs are then searched.
 pub fn member_offsets(data: &[u8], wanted: &[(&str, &str)]) -> Result<Vec<Option<u32>>, BtfError> {
-    let magic = u16::from_le_bytes([*data.first().ok_or(BtfError::Header)?, data[1]]);
-    if magic != MAGIC || data.len() < 24 {
+    if data.len() < 24 || u16::from_le_bytes([data[0], data[1]]) != MAGIC {
         return Err(BtfError::Header);
     }
     let hdr_len = u32_at(data, 4).ok_or(BtfError::Header)? as usize;
@@ -51,25 +53,56 @@ pub fn member_offsets(data: &[u8], wanted: &[(&str, &str)]) -> Result<Vec<Option
     let str_off = u32_at(data, 16).ok_or(BtfError::Header)? as usize;
     let types = hdr_len + type_off;
     let strings = hdr_len + str_off;
-    let name = |off: u32| -> &[u8] {
-        let start = strings + off as usize;
-        let rest = data.get(start..).unwrap_or_default();
-        let end = rest.iter().position(|b| *b == 0).unwrap_or(rest.len());
-        &rest[..end]
-    };
-    let mut out = vec![None; wanted.len()];
     let end = types + type_len;
     if end > data.len() || strings > data.len() {
         return Err(BtfError::Truncated { at: data.len() });
     }
-    let mut at = types;
+    let btf = Types {
+        data,
+        strings,
+        starts: index_types(data, types, end)?,
+    };
+    let mut out = vec![None; wanted.len()];
+    for (id, &at) in btf.starts.iter().enumerate().skip(1) {
+        let t = btf.header(at);
+        if t.kind != KIND_STRUCT {
+            continue;
+        }
+        let struct_name = btf.name(t.name_off);
+        for (slot, (s, member)) in out.iter_mut().zip(wanted) {
+            if slot.is_none() && struct_name == s.as_bytes() {
+                *slot = btf.find_member(id as u32, member.as_bytes(), MAX_ANON_DEPTH);
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// How deep anonymous structs and unions are searched (the kernel nests two or three).
+const MAX_ANON_DEPTH: u32 = 4;
+const KIND_TYPEDEF: u32 = 8;
+const KIND_VOLATILE: u32 = 9;
+const KIND_CONST: u32 = 10;
+const KIND_RESTRICT: u32 = 11;
+const KIND_TYPE_TAG: u32 = 18;
+
+/// The common header of a BTF type record.
+struct TypeHeader {
+    name_off: u32,
+    vlen: usize,
+    kind: u32,
+    kflag: bool,
+    /// For modifiers and typedefs: the type they refer to.
+    type_id: u32,
+}
+
+/// Start of each type's record, indexed by type id (id 0 is `void` and has none).
+fn index_types(data: &[u8], mut at: usize, end: usize) -> Result<Vec<usize>, BtfError> {
+    let mut starts = vec![0];
     while at + 12 <= end {
-        let name_off = u32_at(data, at).ok_or(BtfError::Truncated { at })?;
         let info = u32_at(data, at + 4).ok_or(BtfError::Truncated { at })?;
         let vlen = (info & 0xffff) as usize;
         let kind = (info >> 24) & 0x1f;
-        let kflag = info >> 31 == 1;
-        let body = at + 12;
         let extra = match kind {
             KIND_INT | KIND_VAR | KIND_DECL_TAG => 4,
             KIND_ARRAY => 12,
@@ -78,33 +111,94 @@ pub fn member_offsets(data: &[u8], wanted: &[(&str, &str)]) -> Result<Vec<Option
             2 | 7..=12 | 16 | 18 => 0,
             _ => return Err(BtfError::UnknownKind { kind }),
         };
-        if body + extra > end {
+        if at + 12 + extra > end {
             return Err(BtfError::Truncated { at });
         }
-        if kind == KIND_STRUCT {
-            let struct_name = name(name_off);
-            for (slot, (s, member)) in out.iter_mut().zip(wanted) {
-                if slot.is_some() || struct_name != s.as_bytes() {
-                    continue;
-                }
-                for i in 0..vlen {
-                    let m = body + i * 12;
-                    let m_name = u32_at(data, m).ok_or(BtfError::Truncated { at: m })?;
-                    if name(m_name) == member.as_bytes() {
-                        let bits = u32_at(data, m + 8).ok_or(BtfError::Truncated { at: m })?;
-                        // With kind_flag the low 24 bits are the bit offset (the high 8 the
-                        // bitfield size).
-                        let bits = if kflag { bits & 0x00ff_ffff } else { bits };
-                        if bits % 8 == 0 {
-                            *slot = Some(bits / 8);
-                        }
-                    }
-                }
+        starts.push(at);
+        at += 12 + extra;
+    }
+    Ok(starts)
+}
+
+/// An indexed BTF blob; every record in `starts` was checked to lie inside `data`.
+struct Types<'a> {
+    data: &'a [u8],
+    strings: usize,
+    starts: Vec<usize>,
+}
+
+impl Types<'_> {
+    fn word(&self, at: usize) -> u32 {
+        u32_at(self.data, at).unwrap_or_default()
+    }
+
+    fn header(&self, at: usize) -> TypeHeader {
+        let info = self.word(at + 4);
+        TypeHeader {
+            name_off: self.word(at),
+            vlen: (info & 0xffff) as usize,
+            kind: (info >> 24) & 0x1f,
+            kflag: info >> 31 == 1,
+            type_id: self.word(at + 8),
+        }
+    }
+
+    fn name(&self, off: u32) -> &[u8] {
+        let start = self.strings + off as usize;
+        let rest = self.data.get(start..).unwrap_or_default();
+        let end = rest.iter().position(|b| *b == 0).unwrap_or(rest.len());
+        &rest[..end]
+    }
+
+    /// Byte offset of `member` in the struct or union `id`, looking into its anonymous
+    /// struct and union members down to `depth` levels; `None` when it is absent or not
+    /// byte-aligned.
+    fn find_member(&self, id: u32, member: &[u8], depth: u32) -> Option<u32> {
+        // Id 0 is `void`.
+        let at = *self.starts.get(id as usize).filter(|_| id != 0)?;
+        let t = self.header(at);
+        if t.kind != KIND_STRUCT && t.kind != KIND_UNION {
+            return None;
+        }
+        let members = (0..t.vlen).map(|i| {
+            let m = at + 12 + i * 12;
+            let bits = self.word(m + 8);
+            // With kind_flag the low 24 bits are the bit offset (the high 8 the bitfield size).
+            let bits = if t.kflag { bits & 0x00ff_ffff } else { bits };
+            (self.word(m), self.word(m + 4), bits)
+        });
+        // A named match at this level wins over one inside an anonymous member.
+        let mut nested = None;
+        for (name_off, type_id, bits) in members {
+            let name = self.name(name_off);
+            if name == member {
+                return (bits % 8 == 0).then_some(bits / 8);
+            }
+            if name.is_empty() && depth > 0 && nested.is_none() && bits % 8 == 0 {
+                nested = self
+                    .find_member(self.strip_modifiers(type_id), member, depth - 1)
+                    .map(|inner| bits / 8 + inner);
             }
         }
-        at = body + extra;
+        nested
     }
-    Ok(out)
+
+    /// The type behind typedefs and qualifiers (bounded, in case of a malformed loop).
+    fn strip_modifiers(&self, mut id: u32) -> u32 {
+        for _ in 0..8 {
+            let Some(&at) = self.starts.get(id as usize).filter(|_| id != 0) else {
+                return id;
+            };
+            let t = self.header(at);
+            match t.kind {
+                KIND_TYPEDEF | KIND_VOLATILE | KIND_CONST | KIND_RESTRICT | KIND_TYPE_TAG => {
+                    id = t.type_id;
+                }
+                _ => return id,
+            }
+        }
+        id
+    }
 }
 
 /// [`member_offsets`] of the running kernel's BTF.
@@ -121,9 +215,10 @@ pub fn kernel_member_offsets(wanted: &[(&str, &str)]) -> Result<Vec<Option<u32>>
 mod tests {
     use super::*;
 
-    /// A BTF blob with `struct s { int a; int b; }` and a bitfield struct.
+    /// A BTF blob with `struct s { int a; int b; }`, a bitfield struct, and
+    /// `struct u { int d; union { int e; const struct { int f; int a; }; }; }`.
     fn blob() -> Vec<u8> {
-        let strings = b"\0int\0s\0a\0b\0t\0c\0".to_vec();
+        let strings = b"\0int\0s\0a\0b\0t\0c\0u\0d\0e\0f\0".to_vec();
         let mut types = Vec::new();
         let mut push = |words: &[u32]| {
             for w in words {
@@ -144,6 +239,14 @@ mod tests {
             1,
             (3 << 24) | 64,
         ]);
+        // [4] struct { f at bit 0, a at bit 32 }, anonymous, size 8.
+        push(&[0, (KIND_STRUCT << 24) | 2, 8, 21, 1, 0, 7, 1, 32]);
+        // [5] const [4].
+        push(&[0, KIND_CONST << 24, 4]);
+        // [6] union { e; [5] }, anonymous, size 8.
+        push(&[0, (KIND_UNION << 24) | 2, 8, 19, 1, 0, 0, 5, 0]);
+        // [7] struct u { d at bit 0, [6] at bit 64 }, size 16.
+        push(&[15, (KIND_STRUCT << 24) | 2, 16, 17, 1, 0, 0, 6, 64]);
         let mut out = Vec::new();
         out.extend_from_slice(&MAGIC.to_le_bytes());
         out.extend_from_slice(&[1, 0]);
@@ -175,6 +278,13 @@ mod tests {
         )
         .unwrap();
         assert_eq!(got, vec![Some(4), Some(0), Some(8), None, None]);
+        // Members of anonymous unions and structs, through a qualifier: offsets add up.
+        let got = member_offsets(
+            &blob(),
+            &[("u", "d"), ("u", "e"), ("u", "f"), ("u", "a"), ("u", "zz")],
+        )
+        .unwrap();
+        assert_eq!(got, vec![Some(0), Some(8), Some(8), Some(12), None]);
         assert!(matches!(member_offsets(b"xx", &[]), Err(BtfError::Header)));
         let mut cut = blob();
         cut.truncate(40);
@@ -192,7 +302,11 @@ mod tests {
         };
         let got = member_offsets(
             &data,
-            &[("tcp_sock", "srtt_us"), ("sock_common", "skc_family")],
+            &[
+                ("tcp_sock", "srtt_us"),
+                ("sock_common", "skc_family"),
+                ("tcp_skb_cb", "tcp_gso_segs"),
+            ],
         )
         .unwrap();
         // srtt_us lies well inside tcp_sock (after inet_connection_sock); skc_family is at
@@ -200,5 +314,8 @@ mod tests {
         let srtt = got[0].expect("tcp_sock.srtt_us");
         assert!((1000..4000).contains(&srtt), "{srtt}");
         assert_eq!(got[1], Some(16));
+        // tcp_gso_segs sits in an anonymous struct in an anonymous union after `seq` and
+        // `end_seq` (include/net/tcp.h, since 4.x).
+        assert_eq!(got[2], Some(8));
     }
 }

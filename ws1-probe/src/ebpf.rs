@@ -115,6 +115,7 @@ pub fn net_offsets() -> NetOffsets {
     off.sock_protocol = kernel.sock_protocol;
     off.sock_v6_daddr = kernel.sock_v6_daddr;
     off.sock_bpf_storage = kernel.sock_bpf_storage;
+    off.skb_gso_segs = kernel.skb_gso_segs;
     off
 }
 
@@ -132,6 +133,17 @@ pub struct KernelOffsets {
     /// `sock.sk_bpf_storage`: lets the `tp_btf` send/receive hooks skip sockets without
     /// local storage before the helper call.
     pub sock_bpf_storage: u32,
+    /// `sk_buff.cb` + `tcp_skb_cb.tcp_gso_segs`: the segments of a retransmitted skb.
+    pub skb_gso_segs: u32,
+}
+
+/// `tcp_gso_segs`'s offset in an skb from those of `sk_buff.cb` and `tcp_skb_cb.tcp_gso_segs`,
+/// `u32::MAX` unless both are known and the field lies inside the 48-byte control buffer.
+fn skb_gso_segs_offset(cb: Option<u32>, segs: Option<u32>) -> u32 {
+    match (cb, segs) {
+        (Some(cb), Some(segs)) if segs + 2 <= 48 => cb + segs,
+        _ => u32::MAX,
+    }
 }
 
 pub fn kernel_offsets() -> KernelOffsets {
@@ -143,6 +155,8 @@ pub fn kernel_offsets() -> KernelOffsets {
             ("sock", "sk_protocol"),
             ("sock_common", "skc_v6_daddr"),
             ("sock", "sk_bpf_storage"),
+            ("sk_buff", "cb"),
+            ("tcp_skb_cb", "tcp_gso_segs"),
         ];
         match crate::btf::kernel_member_offsets(&wanted) {
             Ok(found) => {
@@ -153,17 +167,26 @@ pub fn kernel_offsets() -> KernelOffsets {
                     sock_protocol: get(2),
                     sock_v6_daddr: get(3),
                     sock_bpf_storage: get(4),
+                    skb_gso_segs: skb_gso_segs_offset(
+                        found.get(5).copied().flatten(),
+                        found.get(6).copied().flatten(),
+                    ),
                 };
                 if offsets.tcp_sock_srtt_us == u32::MAX {
                     tracing::warn!(
                         "kernel BTF has no tcp_sock.srtt_us: accept-side handshake latency is not measured"
                     );
                 }
+                if offsets.skb_gso_segs == u32::MAX {
+                    tracing::warn!(
+                        "kernel BTF has no sk_buff.cb or tcp_skb_cb.tcp_gso_segs: retransmits count one segment per retransmitted packet"
+                    );
+                }
                 offsets
             }
             Err(err) => {
                 tracing::warn!(
-                    "accept-side handshake latency is not measured, RTT and off-CPU use the classic tracepoints: {err}"
+                    "accept-side handshake latency is not measured, RTT and off-CPU use the classic tracepoints, retransmits count one segment per retransmitted packet: {err}"
                 );
                 KernelOffsets {
                     tcp_sock_srtt_us: u32::MAX,
@@ -171,6 +194,7 @@ pub fn kernel_offsets() -> KernelOffsets {
                     sock_protocol: u32::MAX,
                     sock_v6_daddr: u32::MAX,
                     sock_bpf_storage: u32::MAX,
+                    skb_gso_segs: u32::MAX,
                 }
             }
         }
@@ -570,6 +594,10 @@ pub fn net_offsets_from(format: impl Fn(&str) -> Option<String>) -> NetOffsets {
     off.retransmit_err = fields("tcp/tcp_retransmit_skb", &["err"])
         .and_then(|f| f.first().copied())
         .unwrap_or(u32::MAX);
+    // Optional: without it each retransmitted skb counts one segment.
+    off.retransmit_skbaddr = fields("tcp/tcp_retransmit_skb", &["skbaddr"])
+        .and_then(|f| f.first().copied())
+        .unwrap_or(u32::MAX);
     off.send_reset_skaddr = single("tcp/tcp_send_reset");
     off.receive_reset_skaddr = single("tcp/tcp_receive_reset");
     off
@@ -695,6 +723,40 @@ format:
         });
         assert_eq!(without.state_daddr_v6, u32::MAX);
         assert!(net_hook_usable(&without, "inet_sock_set_state"));
+    }
+
+    /// `tcp:tcp_retransmit_skb` as Linux 6.18 prints it (the fields the collector reads).
+    const RETRANSMIT: &str = "format:
+\tfield:const void * skbaddr;\toffset:8;\tsize:8;\tsigned:0;
+\tfield:const void * skaddr;\toffset:16;\tsize:8;\tsigned:0;
+\tfield:int err;\toffset:76;\tsize:4;\tsigned:1;
+";
+
+    #[test]
+    fn retransmit_skb_and_segment_offsets_are_optional() {
+        let with = net_offsets_from(|event| {
+            (event == "tcp/tcp_retransmit_skb").then(|| RETRANSMIT.to_owned())
+        });
+        assert_eq!(
+            (
+                with.retransmit_skaddr,
+                with.retransmit_skbaddr,
+                with.retransmit_err
+            ),
+            (16, 8, 76)
+        );
+        // Without `skbaddr` the hook still attaches; each event then counts one segment.
+        let without = net_offsets_from(|event| {
+            (event == "tcp/tcp_retransmit_skb").then(|| RETRANSMIT.replace("skbaddr", "skbother"))
+        });
+        assert_eq!(without.retransmit_skbaddr, u32::MAX);
+        assert!(net_hook_usable(&without, "tcp_retransmit_skb"));
+        // sk_buff.cb is at 40 on 6.x, tcp_gso_segs at 8 in tcp_skb_cb.
+        assert_eq!(skb_gso_segs_offset(Some(40), Some(8)), 48);
+        assert_eq!(skb_gso_segs_offset(None, Some(8)), u32::MAX);
+        assert_eq!(skb_gso_segs_offset(Some(40), None), u32::MAX);
+        // Past the 48-byte control buffer: a layout this reader does not understand.
+        assert_eq!(skb_gso_segs_offset(Some(40), Some(47)), u32::MAX);
     }
 
     #[test]

@@ -198,7 +198,15 @@ pub fn try_sock_event(ctx: &TracePointContext, event: SockEvent) -> Result<u32, 
         }
     }
     if let Some(entry) = Hashed(sk).get() {
-        sock_event(entry, event);
+        let segments = match event {
+            SockEvent::Retransmit if off.retransmit_skbaddr != u32::MAX => {
+                // SAFETY: as above.
+                let skb: u64 = unsafe { ctx.read_at(off.retransmit_skbaddr as usize)? };
+                retransmitted_segments(skb, off.skb_gso_segs)
+            }
+            _ => 1,
+        };
+        sock_event(entry, event, segments);
     }
     Ok(0)
 }
@@ -213,21 +221,45 @@ pub fn try_sock_event_btf(ctx: &BtfTracePointContext, event: SockEvent) -> Resul
         return Ok(0);
     }
     if let Some(entry) = Local(sk).get() {
-        sock_event(entry, event);
+        let segments = match event {
+            SockEvent::Retransmit => {
+                let skb: *const c_void = ctx.arg(1);
+                retransmitted_segments(skb as u64, offsets().skb_gso_segs)
+            }
+            _ => 1,
+        };
+        sock_event(entry, event, segments);
     }
     Ok(0)
 }
 
-/// Counts `event` for the observed socket whose state is at `entry`.
+/// The segments a retransmitted skb carries, `tcp_skb_pcount(skb)`: the kernel adds that to
+/// `RetransSegs` (and `tcp_sock.total_retrans`) for each `tcp_retransmit_skb` event, and an
+/// skb carries several when its data went out as one GSO packet (bulk data, or a loss
+/// recovery that retransmits several segments at once). `off` is
+/// [`NetOffsets::skb_gso_segs`]; when it is unknown, or the read fails, the skb counts as one
+/// segment, and so does a count of 0 (never set on a data skb). The kernel's side is
+/// `__tcp_retransmit_skb` in
+/// <https://github.com/torvalds/linux/blob/v6.18/net/ipv4/tcp_output.c>.
 #[inline(always)]
-fn sock_event(entry: *const SockState, event: SockEvent) {
+fn retransmitted_segments(skb: u64, off: u32) -> u64 {
+    if off == u32::MAX || skb == 0 {
+        return 1;
+    }
+    read_kernel::<u16>(skb, off).map_or(1, |segs| u64::from(segs.max(1)))
+}
+
+/// Counts `event` for the observed socket whose state is at `entry`: `n` retransmitted
+/// segments, or one reset.
+#[inline(always)]
+fn sock_event(entry: *const SockState, event: SockEvent, n: u64) {
     // SAFETY: pointer from a successful lookup.
     let s = unsafe { *entry };
     if let Some(c) = counters(&s) {
         // SAFETY: per-CPU value of this CPU.
         unsafe {
             match event {
-                SockEvent::Retransmit => (*c).retransmits += 1,
+                SockEvent::Retransmit => (*c).retransmits += n,
                 SockEvent::ResetSent => (*c).resets_sent += 1,
                 SockEvent::ResetReceived => (*c).resets_received += 1,
             }

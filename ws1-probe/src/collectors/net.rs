@@ -274,6 +274,11 @@ impl NetCollector {
             if name == "tcp_probe" && crate::ebpf::tcp_sock_srtt_offset() != u32::MAX {
                 continue;
             }
+            if name == "tcp_retransmit_skb" && offsets.retransmit_skbaddr == u32::MAX {
+                tracing::warn!(
+                    "network: tracepoint {hook} has no skbaddr field on this kernel; retransmits count one segment per retransmitted packet"
+                );
+            }
             match attach_tracepoint(ebpf, program, category, name) {
                 Ok(()) => attached.push(hook),
                 // A kernel without the hook; anything else (verifier, permissions) is fatal.
