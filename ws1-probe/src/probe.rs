@@ -491,8 +491,7 @@ impl Probe {
                 "other"
             }
         };
-        let mut families =
-            metrics::syscalls::families(&snap, label, &self.bounds_ns, &mut self.syscall_budget);
+        let mut families = metrics::syscalls::families(&snap, label, &self.bounds_ns);
         families.extend(metrics::net::families(&net, label, &self.bounds_ns));
         families.extend(metrics::memory::families(&self.memory.snapshot(), label));
         if self.profile.is_some() {
@@ -531,6 +530,8 @@ impl Probe {
                 }
             }
         }
+        // On the labels Prometheus sees (in host mode, after the ids were named above).
+        metrics::syscalls::apply_budget(&mut families, &mut self.syscall_budget);
         (families, snap)
     }
 

@@ -6,10 +6,7 @@
 use std::time::Instant;
 
 use ws1_probe::{
-    collectors::syscalls::SyscallSnapshot,
-    histogram::Histogram,
-    metrics::{self, syscalls::SyscallBudget},
-    server::gzip,
+    collectors::syscalls::SyscallSnapshot, histogram::Histogram, metrics, server::gzip,
 };
 use ws1_probe_common::hist::DEFAULT_EXPORT_BOUNDS_NS;
 
@@ -51,12 +48,7 @@ pub fn run(args: ScrapebenchArgs) -> anyhow::Result<()> {
     let (mut bytes, mut gzipped, mut samples) = (0, 0, 0);
     for _ in 0..args.rounds.max(1) {
         let started = Instant::now();
-        let text = metrics::encode(&metrics::syscalls::families(
-            &snap,
-            label,
-            bounds,
-            &mut SyscallBudget::new(0),
-        ));
+        let text = metrics::encode(&metrics::syscalls::families(&snap, label, bounds));
         times.push(started.elapsed().as_secs_f64() * 1e3);
         let started = Instant::now();
         let zipped = gzip(text.as_bytes());

@@ -5,7 +5,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use prometheus::proto::{MetricFamily, MetricType};
+use prometheus::proto::{Metric, MetricFamily, MetricType};
 
 use super::{counter, family, histogram};
 use crate::{
@@ -31,7 +31,7 @@ pub struct SyscallBudget {
     per_service: usize,
     grace: Duration,
     first_seen: HashMap<String, Instant>,
-    decided: HashMap<(String, u32), bool>,
+    decided: HashMap<(String, String), bool>,
     promoted: HashMap<String, usize>,
 }
 
@@ -50,80 +50,153 @@ impl SyscallBudget {
         }
     }
 
-    fn in_grace(&self, label: &str, now: Instant) -> bool {
+    fn in_grace(&self, service: &str, now: Instant) -> bool {
         self.first_seen
-            .get(label)
+            .get(service)
             .is_none_or(|at| now.duration_since(*at) < self.grace)
     }
 
     /// Decides the pairs of labels past their grace period, most called first.
-    pub fn update(&mut self, calls: &BTreeMap<(&str, u32), u64>, now: Instant) {
+    pub fn update(&mut self, calls: &BTreeMap<(String, String), u64>, now: Instant) {
         if self.per_service == 0 {
             return;
         }
-        for (label, _) in calls.keys() {
-            if !self.first_seen.contains_key(*label) {
-                self.first_seen.insert((*label).to_owned(), now);
+        for (service, _) in calls.keys() {
+            if !self.first_seen.contains_key(service) {
+                self.first_seen.insert(service.clone(), now);
             }
         }
-        let mut newcomers: Vec<(&str, u32, u64)> = calls
+        let mut newcomers: Vec<(&(String, String), u64)> = calls
             .iter()
-            .filter(|((l, _), _)| !self.in_grace(l, now))
-            .filter(|((l, nr), _)| !self.decided.contains_key(&((*l).to_owned(), *nr)))
-            .map(|((l, nr), n)| (*l, *nr, *n))
+            .filter(|((service, _), _)| !self.in_grace(service, now))
+            .filter(|(pair, _)| !self.decided.contains_key(*pair))
+            .map(|(pair, n)| (pair, *n))
             .collect();
-        newcomers.sort_by(|a, b| b.2.cmp(&a.2).then(a.1.cmp(&b.1)));
-        for (label, nr, _) in newcomers {
-            let promoted = self.promoted.entry(label.to_owned()).or_insert(0);
+        newcomers.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(b.0)));
+        for (pair, _) in newcomers {
+            let promoted = self.promoted.entry(pair.0.clone()).or_insert(0);
             let keep = *promoted < self.per_service;
             *promoted += usize::from(keep);
-            self.decided.insert((label.to_owned(), nr), keep);
+            self.decided.insert(pair.clone(), keep);
         }
     }
 
-    /// Whether `nr` has its own series under `label` (always, while the label is new).
-    pub fn keeps(&self, label: &str, nr: u32, now: Instant) -> bool {
+    /// Whether `syscall` has its own series under `service` (always, while the label is new).
+    pub fn keeps(&self, service: &str, syscall: &str, now: Instant) -> bool {
         self.per_service == 0
             || self
                 .decided
-                .get(&(label.to_owned(), nr))
+                .get(&(service.to_owned(), syscall.to_owned()))
                 .copied()
-                .unwrap_or_else(|| self.in_grace(label, now))
+                .unwrap_or_else(|| self.in_grace(service, now))
     }
 }
 
-/// Syscall families. `label` maps a service id to its exported label; `budget` folds the
-/// syscalls beyond each label's budget into `syscall="other"`.
+/// Folds the syscall series beyond each service label's budget into `syscall="other"`, in
+/// rendered families (so it applies to the labels Prometheus sees, after host mode named them).
+pub fn apply_budget(families: &mut [MetricFamily], budget: &mut SyscallBudget) {
+    if budget.per_service == 0 {
+        return;
+    }
+    let label = |m: &Metric, name: &str| {
+        m.get_label()
+            .iter()
+            .find(|l| l.name() == name)
+            .map(|l| l.value().to_owned())
+            .unwrap_or_default()
+    };
+    let now = Instant::now();
+    if let Some(f) = families
+        .iter()
+        .find(|f| f.name() == "ws1_probe_syscall_duration_seconds")
+    {
+        let calls: BTreeMap<(String, String), u64> = f
+            .get_metric()
+            .iter()
+            .map(|m| {
+                (
+                    (label(m, "service"), label(m, "syscall")),
+                    m.get_histogram().get_sample_count(),
+                )
+            })
+            .collect();
+        budget.update(&calls, now);
+    }
+    for f in families.iter_mut() {
+        let histogram = match f.name() {
+            "ws1_probe_syscall_duration_seconds" => true,
+            "ws1_probe_syscall_errors_total" => false,
+            _ => continue,
+        };
+        let mut kept = Vec::new();
+        // (service, errno) → the `other` sample, in first-seen order.
+        let mut folded: BTreeMap<(String, String), Metric> = BTreeMap::new();
+        for mut m in f.take_metric().into_iter() {
+            let (service, syscall) = (label(&m, "service"), label(&m, "syscall"));
+            if budget.keeps(&service, &syscall, now) {
+                kept.push(m);
+                continue;
+            }
+            let errno = label(&m, "errno");
+            match folded.get_mut(&(service.clone(), errno.clone())) {
+                None => {
+                    for l in m.mut_label().iter_mut() {
+                        if l.name() == "syscall" {
+                            l.set_value("other".to_owned());
+                        }
+                    }
+                    folded.insert((service, errno), m);
+                }
+                Some(acc) if histogram => {
+                    let h = m.get_histogram();
+                    let mut a = acc.get_histogram().clone();
+                    a.set_sample_count(a.get_sample_count() + h.get_sample_count());
+                    a.set_sample_sum(a.get_sample_sum() + h.get_sample_sum());
+                    let buckets = a
+                        .get_bucket()
+                        .iter()
+                        .zip(h.get_bucket())
+                        .map(|(x, y)| {
+                            let mut b = x.clone();
+                            b.set_cumulative_count(x.cumulative_count() + y.cumulative_count());
+                            b
+                        })
+                        .collect();
+                    a.set_bucket(buckets);
+                    acc.set_histogram(a);
+                }
+                Some(acc) => {
+                    let mut c = prometheus::proto::Counter::default();
+                    c.set_value(acc.get_counter().get_value() + m.get_counter().get_value());
+                    acc.set_counter(c);
+                }
+            }
+        }
+        kept.extend(folded.into_values());
+        f.set_metric(kept);
+    }
+}
+
+/// Syscall families. `label` maps a service id to its exported label. The series budget is
+/// applied to the result with [`apply_budget`].
 pub fn families<'a>(
     snap: &SyscallSnapshot,
     label: impl Fn(u32) -> &'a str,
     bounds_ns: &[u64],
-    budget: &mut SyscallBudget,
 ) -> Vec<MetricFamily> {
-    let mut calls: BTreeMap<(&str, u32), u64> = BTreeMap::new();
+    let mut hists: BTreeMap<(&str, u32), Histogram> = BTreeMap::new();
     for ((service, nr), h) in &snap.hists {
-        *calls.entry((label(*service), *nr)).or_insert(0) += h.count;
+        hists.entry((label(*service), *nr)).or_default().add(h);
     }
-    let now = Instant::now();
-    budget.update(&calls, now);
-    // `None`: the label's `other` syscalls.
-    let name = |service: &str, nr: u32| budget.keeps(service, nr, now).then_some(nr);
-    let mut hists: BTreeMap<(&str, Option<u32>), Histogram> = BTreeMap::new();
-    for ((service, nr), h) in &snap.hists {
-        let l = label(*service);
-        hists.entry((l, name(l, *nr))).or_default().add(h);
-    }
-    let mut errors: BTreeMap<(&str, Option<u32>, u32), u64> = BTreeMap::new();
+    let mut errors: BTreeMap<(&str, u32, u32), u64> = BTreeMap::new();
     for ((service, nr, errno), n) in &snap.errors {
-        let l = label(*service);
-        *errors.entry((l, name(l, *nr), *errno)).or_insert(0) += n;
+        *errors.entry((label(*service), *nr, *errno)).or_insert(0) += n;
     }
-    let syscall = |nr: &Option<u32>| nr.map_or_else(|| "other".into(), syscall_label);
     let durations = hists
         .iter()
         .map(|((service, nr), h)| {
             histogram(
-                &[("service", service), ("syscall", &syscall(nr))],
+                &[("service", service), ("syscall", &syscall_label(*nr))],
                 h,
                 bounds_ns,
             )
@@ -135,7 +208,7 @@ pub fn families<'a>(
             counter(
                 &[
                     ("service", service),
-                    ("syscall", &syscall(nr)),
+                    ("syscall", &syscall_label(*nr)),
                     ("errno", &errno_label(*errno)),
                 ],
                 *n as f64,
@@ -177,12 +250,7 @@ mod tests {
         snap.hists.insert((1, 110), h);
         snap.errors.insert((1, 257, 2), 5);
         let names = ["other", "trading-engine"];
-        let text = encode(&families(
-            &snap,
-            |id| names[id as usize],
-            bounds,
-            &mut SyscallBudget::new(0),
-        ));
+        let text = encode(&families(&snap, |id| names[id as usize], bounds));
         let want = [
             "# TYPE ws1_probe_syscall_duration_seconds histogram",
             "ws1_probe_syscall_duration_seconds_bucket{service=\"trading-engine\",syscall=\"getppid\",le=\"0.000001\"} 1",
@@ -209,15 +277,9 @@ mod tests {
             &SyscallSnapshot::default(),
             |_| "other",
             &DEFAULT_EXPORT_BOUNDS_NS,
-            &mut SyscallBudget::new(0),
         ));
         assert_eq!(text, "");
-        let mut families = families(
-            &SyscallSnapshot::default(),
-            |_| "x",
-            &[1],
-            &mut SyscallBudget::new(0),
-        );
+        let mut families = families(&SyscallSnapshot::default(), |_| "x", &[1]);
         families.push(family("up", "h", MetricType::GAUGE, vec![gauge(&[], 1.0)]));
         assert_eq!(encode(&families), "# HELP up h\n# TYPE up gauge\nup 1\n");
     }
@@ -231,15 +293,17 @@ mod tests {
             h.observe(bounds, 500);
             snap.hists.insert((id, 0), h);
         }
-        let text = encode(&families(
-            &snap,
-            |_| "other",
-            bounds,
-            &mut SyscallBudget::new(0),
-        ));
+        let text = encode(&families(&snap, |_| "other", bounds));
         assert!(text.contains(
             "ws1_probe_syscall_duration_seconds_count{service=\"other\",syscall=\"read\"} 2"
         ));
+    }
+
+    /// Renders `snap` under one label and applies `budget`.
+    fn budgeted(snap: &SyscallSnapshot, budget: &mut SyscallBudget) -> String {
+        let mut f = families(snap, |_| "api", &DEFAULT_EXPORT_BOUNDS_NS);
+        apply_budget(&mut f, budget);
+        encode(&f)
     }
 
     #[test]
@@ -255,16 +319,12 @@ mod tests {
                 snap.hists.insert((1, *nr), h);
             }
             snap.errors.insert((1, 2, 2), 4);
+            snap.errors.insert((1, 3, 2), 1);
             snap
         };
         let mut budget = SyscallBudget::with_grace(2, Duration::ZERO);
-        // read (0) 30, write (1) 20, open (2) 10: open is beyond the budget of 2.
-        let text = encode(&families(
-            &snap_of(&[(0, 30), (1, 20), (2, 10)]),
-            |_| "api",
-            bounds,
-            &mut budget,
-        ));
+        // read (0) 30, write (1) 20, open (2) 10, close (3) 5: open and close go to `other`.
+        let text = budgeted(&snap_of(&[(0, 30), (1, 20), (2, 10), (3, 5)]), &mut budget);
         let count = |text: &str, syscall: &str| {
             let prefix = format!(
                 "ws1_probe_syscall_duration_seconds_count{{service=\"api\",syscall=\"{syscall}\"}} "
@@ -274,27 +334,20 @@ mod tests {
         };
         assert_eq!(count(&text, "read"), Some(30));
         assert_eq!(count(&text, "write"), Some(20));
-        assert_eq!(count(&text, "other"), Some(10));
+        assert_eq!(count(&text, "other"), Some(15));
         assert_eq!(count(&text, "open"), None);
         assert!(text.contains(
-            "ws1_probe_syscall_errors_total{service=\"api\",syscall=\"other\",errno=\"ENOENT\"} 4"
+            "ws1_probe_syscall_duration_seconds_bucket{service=\"api\",syscall=\"other\",le=\"0.000001\"} 15"
+        ));
+        assert!(text.contains(
+            "ws1_probe_syscall_errors_total{service=\"api\",syscall=\"other\",errno=\"ENOENT\"} 5"
         ));
         // open becomes the busiest: it stays in `other`, which only grows.
-        let text = encode(&families(
-            &snap_of(&[(0, 31), (1, 21), (2, 500)]),
-            |_| "api",
-            bounds,
-            &mut budget,
-        ));
-        assert_eq!(count(&text, "other"), Some(500));
+        let text = budgeted(&snap_of(&[(0, 31), (1, 21), (2, 500), (3, 5)]), &mut budget);
+        assert_eq!(count(&text, "other"), Some(505));
         assert_eq!(count(&text, "read"), Some(31));
         // Unlimited: every syscall has its own series.
-        let text = encode(&families(
-            &snap_of(&[(0, 1), (2, 1)]),
-            |_| "api",
-            bounds,
-            &mut SyscallBudget::new(0),
-        ));
+        let text = budgeted(&snap_of(&[(0, 1), (2, 1)]), &mut SyscallBudget::new(0));
         assert_eq!(count(&text, "open"), Some(1));
     }
 
@@ -302,17 +355,20 @@ mod tests {
     fn a_new_label_shows_every_syscall_until_its_budget_is_decided() {
         let mut budget = SyscallBudget::with_grace(1, Duration::from_secs(60));
         let t0 = Instant::now();
-        let calls: BTreeMap<(&str, u32), u64> = [(("api", 9), 100), (("api", 0), 5)].into();
+        let pair = |s: &str| ("api".to_owned(), s.to_owned());
+        let calls: BTreeMap<(String, String), u64> =
+            [(pair("mmap"), 100), (pair("read"), 5)].into();
         budget.update(&calls, t0);
-        assert!(budget.keeps("api", 9, t0) && budget.keeps("api", 0, t0));
-        // Read (0) became the busiest over the first minute: it keeps the one slot.
-        let calls: BTreeMap<(&str, u32), u64> = [(("api", 9), 100), (("api", 0), 5000)].into();
+        assert!(budget.keeps("api", "mmap", t0) && budget.keeps("api", "read", t0));
+        // Read became the busiest over the first minute: it keeps the one slot.
+        let calls: BTreeMap<(String, String), u64> =
+            [(pair("mmap"), 100), (pair("read"), 5000)].into();
         let later = t0 + Duration::from_secs(61);
         budget.update(&calls, later);
-        assert!(budget.keeps("api", 0, later));
-        assert!(!budget.keeps("api", 9, later));
+        assert!(budget.keeps("api", "read", later));
+        assert!(!budget.keeps("api", "mmap", later));
         // A syscall first made after the decision finds no free slot.
-        budget.update(&[(("api", 1), 1)].into(), later);
-        assert!(!budget.keeps("api", 1, later));
+        budget.update(&[(pair("write"), 1)].into(), later);
+        assert!(!budget.keeps("api", "write", later));
     }
 }
