@@ -6,6 +6,7 @@ pub mod collectors;
 pub mod ebpf;
 pub mod histogram;
 pub mod metrics;
+pub mod metrics_cache;
 pub mod names;
 pub mod preflight;
 pub mod probe;

@@ -132,7 +132,10 @@ impl Probe {
         };
         Ok(Self {
             profile,
-            profiles: crate::profile::windows::Windows::new(settings.profile.debug_info),
+            profiles: crate::profile::windows::Windows::new(
+                settings.profile.debug_info,
+                crate::profile::binary::CacheBudgets::split(settings.profile.cache_bytes),
+            ),
             profile_drained: None,
             streams_at: None,
             ebpf,
@@ -369,7 +372,19 @@ impl Probe {
             ));
         }
         families.extend(selfmetrics::families(self, &targeted, &label));
+        families.extend(crate::metrics_cache::cache_families(&self.cache_stats()));
         (families, snap)
+    }
+
+    /// Sizes of the profiler's caches (empty when it is off).
+    pub fn cache_stats(&self) -> Vec<crate::profile::binary::CacheStat> {
+        let Some(p) = &self.profile else {
+            return Vec::new();
+        };
+        let mut stats = p.cache_stats();
+        stats.extend(self.profiles.sym.cache_stats());
+        stats.push(self.profiles.stat());
+        stats
     }
 
     /// The `/metrics` body.

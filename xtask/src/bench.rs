@@ -29,7 +29,8 @@ pub fn run(what: &str, args: &[String]) -> Result<()> {
         "net" => crate::bench_net::run(args),
         "alloc" => crate::bench_alloc::run(args),
         "profile" => crate::bench_profile::run(args),
-        _ => bail!("unknown benchmark {what}: available: syscalls, net, alloc, profile"),
+        "soak" => crate::bench_soak::run(args),
+        _ => bail!("unknown benchmark {what}: available: syscalls, net, alloc, profile, soak"),
     }
 }
 

@@ -13,7 +13,7 @@ use tokio::{io::unix::AsyncFd, net::TcpListener};
 use ws1_probe::{
     collectors::profile::{AGENT_FREQUENCY_HZ, UnwindMode},
     probe::Probe,
-    profile::pprof,
+    profile::{binary::DEFAULT_CACHE_BYTES, pprof},
     selfmetrics::own_usage,
     server::{ProfileFn, Response},
     targeting::config::Collectors,
@@ -58,12 +58,21 @@ pub struct AgentArgs {
     /// only DWARF names (e.g. glibc's process entry, so more stacks count as truncated)
     #[arg(long)]
     pub profile_symbols_only: bool,
+    /// Bytes the profiler's symbolization and unwinding caches may hold together (split between
+    /// them; least recently used binaries are dropped past it, and a binary's entries go when its
+    /// last process exits). Sizes are exported as ws1_probe_agent_cache_bytes
+    #[arg(long, value_name = "BYTES", default_value_t = DEFAULT_CACHE_BYTES)]
+    pub profile_cache_bytes: u64,
 }
 
 type Shared = Arc<Mutex<Option<Probe>>>;
 
 pub fn run(args: AgentArgs) -> anyhow::Result<()> {
     let started = Instant::now();
+    // glibc gives each thread that allocates its own arena (64 MiB of address space, and freed
+    // memory that stays resident in it); the agent's few threads gain nothing from them.
+    // SAFETY: mallopt only changes allocator tuning; called before any other thread exists.
+    unsafe { libc::mallopt(libc::M_ARENA_MAX, 1) };
     if args.profile_frequency > 10_000 {
         anyhow::bail!(
             "invalid --profile-frequency {}: use 0 (off) to 10000; 19 is cheap enough to leave on",
@@ -88,6 +97,7 @@ pub fn run(args: AgentArgs) -> anyhow::Result<()> {
     settings.profile.frequency_hz = args.profile_frequency;
     settings.profile.unwind = args.unwind;
     settings.profile.debug_info = !args.profile_symbols_only;
+    settings.profile.cache_bytes = args.profile_cache_bytes;
     let profiling = settings.collectors.profile && args.profile_frequency > 0;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -155,6 +165,8 @@ pub fn run(args: AgentArgs) -> anyhow::Result<()> {
         // Read the maps once before declaring readiness. This read does not rank services for
         // the label cap: the first scrape does, once there is activity to rank by.
         let _ = probe.syscalls.snapshot();
+        // Profile windows are kept only while a /debug/pprof/profile request waits for them.
+        probe.profiles.keep_only_for_readers();
         *lock(&shared) = Some(probe);
         if let Some(ring) = ring {
             let follow_state = Arc::clone(&shared);
@@ -243,17 +255,20 @@ fn lock(shared: &Shared) -> std::sync::MutexGuard<'_, Option<Probe>> {
 /// `/debug/pprof/profile?seconds=N`: drains the profiler so the window starts now, waits,
 /// drains again, and serves the windows in between as gzipped pprof.
 async fn profile_window(state: Shared, seconds: u64) -> Response {
-    let drained = lock(&state).as_mut().map(Probe::profile_drain);
-    let since = match drained {
-        Some(true) => Instant::now(),
-        Some(false) => return Response::text(404, "profiling is off\n"),
+    let reader = match lock(&state).as_mut() {
+        Some(probe) => {
+            if !probe.profile_drain() {
+                return Response::text(404, "profiling is off\n");
+            }
+            probe.profiles.open()
+        }
         None => return Response::text(503, "not ready: programs are still loading\n"),
     };
     tokio::time::sleep(std::time::Duration::from_secs(seconds)).await;
     let profile = match lock(&state).as_mut() {
         Some(probe) => {
             probe.profile_drain();
-            probe.profiles.since(since).0
+            probe.profiles.take(reader).0
         }
         None => return Response::text(503, "stopping\n"),
     };

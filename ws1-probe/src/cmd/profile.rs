@@ -66,6 +66,7 @@ impl SamplingArgs {
             offcpu_min_ns: self.min_block.as_nanos() as u64,
             unwind: self.unwind,
             debug_info: true,
+            ..ProfileOptions::default()
         };
         Ok(settings)
     }

@@ -17,11 +17,13 @@ use std::{
     fs::File,
     io::{self, Read},
     ops::Range,
-    os::unix::fs::{FileExt, MetadataExt},
+    os::unix::fs::FileExt,
     path::PathBuf,
     sync::Arc,
     time::{Duration, Instant},
 };
+
+use super::binary::{BinaryId, ByteLru, CacheBudgets, CacheStat};
 
 use framehop::{
     ExplicitModuleSectionInfo, FrameAddress, Module, Unwinder,
@@ -36,13 +38,17 @@ use object::{
 /// incomplete; the kernel side uses the same depth for frame-pointer stacks.
 pub const MAX_FRAMES: usize = 127;
 
-/// Distinct binaries whose unwind sections are kept for processes that map them later. Modules
-/// of live processes hold their own references, so eviction only costs a re-parse.
-const MAX_BINARIES: usize = 64;
+/// Estimated bytes of a cached binary besides its unwind sections (segments, ranges, the entry).
+const BINARY_OVERHEAD: usize = 512;
 
 /// Processes whose module lists are kept. Callers are expected to [`DwarfUnwinder::forget`]
 /// exited processes; the bound protects against a caller that does not.
 const MAX_PROCESSES: usize = 1024;
+
+/// Estimated bytes of a process's unwinder besides its modules.
+const PROCESS_OVERHEAD: usize = 256;
+/// Estimated bytes of one module (mapping) of a process's unwinder, without the shared sections.
+const MODULE_OVERHEAD: usize = 320;
 
 /// Minimum time between two reads of one process's maps: an address in no known module (JIT
 /// code, a library loaded since) would otherwise re-read the maps on every sample.
@@ -129,28 +135,8 @@ pub struct UnwindStats {
     pub binaries_parsed: u64,
 }
 
-/// A binary's identity: device, inode, and size and modification time so that a file replaced
-/// under a reused inode is parsed again.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-struct FileKey {
-    dev: u64,
-    ino: u64,
-    size: u64,
-    mtime: i64,
-    mtime_nsec: i64,
-}
-
-impl FileKey {
-    fn of(meta: &std::fs::Metadata) -> Self {
-        Self {
-            dev: meta.dev(),
-            ino: meta.ino(),
-            size: meta.size(),
-            mtime: meta.mtime(),
-            mtime_nsec: meta.mtime_nsec(),
-        }
-    }
-}
+/// A binary's identity (shared with symbolization and the frame-pointer check).
+type FileKey = BinaryId;
 
 /// A PT_LOAD segment, to translate a mapping's file offset into the binary's addresses.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -188,6 +174,15 @@ impl From<object::Error> for ParseError {
 }
 
 impl Binary {
+    /// Heap bytes held: the copied sections and the segment list.
+    fn bytes(&self) -> usize {
+        let len = |s: &Option<Arc<[u8]>>| s.as_ref().map_or(0, |s| s.len());
+        len(&self.eh_frame)
+            + len(&self.eh_frame_hdr)
+            + len(&self.debug_frame)
+            + self.segments.len() * std::mem::size_of::<Segment>()
+    }
+
     /// Reads segments and unwind sections. Only the sections are copied, not the whole file:
     /// with a [`ReadCache`] the rest of a large binary is never read.
     fn parse<'a, R: ReadRef<'a>>(data: R) -> Result<Self, ParseError> {
@@ -429,12 +424,6 @@ impl Process {
     }
 }
 
-/// A parsed binary, or the memory that it failed to parse.
-struct CachedBinary {
-    key: FileKey,
-    binary: Option<Arc<Binary>>,
-    last_used: u64,
-}
 
 enum Vdso {
     NotRead,
@@ -444,11 +433,13 @@ enum Vdso {
 
 /// Loads binaries for processes; kept apart from the processes so both can be borrowed at once.
 struct Loader {
-    binaries: Vec<CachedBinary>,
+    /// Parsed binaries, or `None` for the memory that one failed to parse. Sized by their unwind
+    /// sections. Modules of live processes hold their own references, so eviction only costs a
+    /// re-parse for the next process that maps the binary.
+    binaries: ByteLru<FileKey, Option<Arc<Binary>>>,
     vdso: Vdso,
     /// Reused for every maps read.
     maps_buf: String,
-    tick: u64,
     binaries_parsed: u64,
 }
 
@@ -496,35 +487,21 @@ impl Loader {
         let path = PathBuf::from(path);
         let key = file
             .metadata()
-            .map(|m| FileKey::of(&m))
+            .map(|m| BinaryId::of(&m))
             .map_err(|source| UnwindError::Stat {
                 path: path.clone(),
                 source,
             })?;
 
-        self.tick += 1;
-        if let Some(cached) = self.binaries.iter_mut().find(|c| c.key == key) {
-            cached.last_used = self.tick;
-            return cached.binary.clone().ok_or(UnwindError::KnownBad { path });
+        if let Some(cached) = self.binaries.get(&key) {
+            return cached.clone().ok_or(UnwindError::KnownBad { path });
         }
 
         self.binaries_parsed += 1;
         let parsed = Binary::parse(&ReadCache::new(file)).map(Arc::new);
-        if self.binaries.len() >= MAX_BINARIES
-            && let Some(oldest) = self
-                .binaries
-                .iter()
-                .enumerate()
-                .min_by_key(|(_, c)| c.last_used)
-                .map(|(i, _)| i)
-        {
-            self.binaries.swap_remove(oldest);
-        }
-        self.binaries.push(CachedBinary {
-            key,
-            binary: parsed.as_ref().ok().cloned(),
-            last_used: self.tick,
-        });
+        let cached = parsed.as_ref().ok().cloned();
+        let bytes = cached.as_deref().map_or(0, Binary::bytes) + BINARY_OVERHEAD;
+        drop(self.binaries.insert(key, cached, bytes));
         match parsed {
             Ok(binary) => Ok(binary),
             Err(ParseError::NotX86_64) => Err(UnwindError::NotX86_64 { path }),
@@ -603,13 +580,17 @@ impl DwarfUnwinder {
 
     /// An unwinder that stops after `max_frames` frames (at least one: the sampled ip).
     pub fn with_max_frames(max_frames: usize) -> Self {
+        Self::with_budget(max_frames, CacheBudgets::default().unwind_binaries)
+    }
+
+    /// An unwinder whose cache of parsed binaries keeps within `budget` bytes.
+    pub fn with_budget(max_frames: usize, budget: usize) -> Self {
         Self {
             processes: HashMap::new(),
             loader: Loader {
-                binaries: Vec::with_capacity(MAX_BINARIES),
+                binaries: ByteLru::new("unwind_binaries", budget),
                 vdso: Vdso::NotRead,
                 maps_buf: String::new(),
-                tick: 0,
                 binaries_parsed: 0,
             },
             cache: CacheX86_64::new(),
@@ -640,6 +621,23 @@ impl DwarfUnwinder {
             return process.refresh(pid, &mut self.loader);
         }
         self.insert_process(pid)
+    }
+
+    /// Size of the cache of parsed binaries, and of the processes' module lists (bounded by the
+    /// live processes, which [`forget`](Self::forget) drops as they exit).
+    pub fn cache_stats(&self) -> Vec<CacheStat> {
+        let modules: usize = self.processes.values().map(|p| p.mappings.len()).sum();
+        vec![
+            self.loader.binaries.stat(),
+            CacheStat {
+                name: "unwind_processes",
+                bytes: (self.processes.len() * PROCESS_OVERHEAD + modules * MODULE_OVERHEAD)
+                    as u64,
+                entries: self.processes.len() as u64,
+                budget: 0,
+                evictions: 0,
+            },
+        ]
     }
 
     /// Drops what is kept for an exited process. A later process with a reused pid starts over.
