@@ -84,9 +84,7 @@ mod tests {
         let text = crate::metrics::encode(&cache_families(&stats));
         assert!(text.contains("ws1_probe_agent_cache_bytes{cache=\"symbol_frames\"} 100"));
         assert!(text.contains("ws1_probe_agent_cache_entries{cache=\"kernel_symbols\"} 5"));
-        assert!(
-            text.contains("ws1_probe_agent_cache_budget_bytes{cache=\"symbol_frames\"} 1000")
-        );
+        assert!(text.contains("ws1_probe_agent_cache_budget_bytes{cache=\"symbol_frames\"} 1000"));
         assert!(!text.contains("ws1_probe_agent_cache_budget_bytes{cache=\"kernel_symbols\"}"));
         assert!(text.contains("ws1_probe_agent_cache_evictions_total{cache=\"symbol_frames\"} 2"));
         assert!(cache_families(&[]).is_empty());

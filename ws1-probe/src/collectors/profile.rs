@@ -19,8 +19,8 @@ pub use crate::profile::raw::{RawProfile, RawStack, reaches_root, symbolize};
 use crate::{
     ebpf::{LoadError, attach_raw_tracepoint, attach_tracepoint},
     profile::{
-        fpcheck::FpCache,
         binary::{CacheBudgets, CacheStat, DEFAULT_CACHE_BYTES},
+        fpcheck::FpCache,
         unwind::{DwarfUnwinder, MAX_FRAMES, Unwound, UserRegs},
     },
 };

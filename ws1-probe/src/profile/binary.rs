@@ -155,7 +155,11 @@ impl<K: Clone + Eq + Hash, V> ByteLru<K, V> {
     /// entry it replaced, if `key` was present). An entry larger than the whole budget is not
     /// kept: it comes back at once.
     pub fn insert(&mut self, key: K, value: V, bytes: usize) -> Vec<(K, V)> {
-        let mut out: Vec<(K, V)> = self.remove(&key).map(|v| (key.clone(), v)).into_iter().collect();
+        let mut out: Vec<(K, V)> = self
+            .remove(&key)
+            .map(|v| (key.clone(), v))
+            .into_iter()
+            .collect();
         if bytes > self.budget {
             self.evictions += 1;
             out.push((key, value));

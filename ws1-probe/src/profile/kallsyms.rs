@@ -39,7 +39,8 @@ impl KallsymsIndex {
                 break;
             }
             let mut fields = line.split_ascii_whitespace();
-            let (Some(addr), Some(kind), Some(name)) = (fields.next(), fields.next(), fields.next())
+            let (Some(addr), Some(kind), Some(name)) =
+                (fields.next(), fields.next(), fields.next())
             else {
                 continue;
             };
@@ -66,9 +67,7 @@ impl KallsymsIndex {
         entries.sort_by_key(|e| e.0);
         entries.dedup_by_key(|e| e.0);
         // Names are re-laid in address order so that each ends where the next begins.
-        let mut sorted = String::with_capacity(
-            entries.iter().map(|e| e.2 as usize).sum::<usize>(),
-        );
+        let mut sorted = String::with_capacity(entries.iter().map(|e| e.2 as usize).sum::<usize>());
         let mut addrs = Vec::with_capacity(entries.len());
         let mut name_at = Vec::with_capacity(entries.len());
         for (addr, start, len) in entries {
@@ -189,10 +188,17 @@ bad line
     #[test]
     fn bytes_are_flat_arrays() {
         let idx = KallsymsIndex::parse(TEXT.as_bytes());
-        let names: usize = ["_stext", "helper", "do_work", "mod_first", "mod_fn", "mod_end"]
-            .iter()
-            .map(|n| n.len())
-            .sum();
+        let names: usize = [
+            "_stext",
+            "helper",
+            "do_work",
+            "mod_first",
+            "mod_fn",
+            "mod_end",
+        ]
+        .iter()
+        .map(|n| n.len())
+        .sum();
         assert!(idx.bytes() >= 6 * 12 + names);
     }
 }

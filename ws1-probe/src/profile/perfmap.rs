@@ -99,10 +99,7 @@ impl PerfMap {
 
     /// Estimated heap bytes: per region a tree entry and its name.
     pub fn bytes(&self) -> usize {
-        self.regions
-            .values()
-            .map(|(_, name)| 64 + name.len())
-            .sum()
+        self.regions.values().map(|(_, name)| 64 + name.len()).sum()
     }
 
     /// Number of malformed lines that were skipped.

@@ -103,7 +103,6 @@ pub fn symbolize<'a>(
     out
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -813,7 +813,13 @@ fn parse_cost(path: &Path) -> (usize, usize) {
             Ok(b".symtab" | b".dynsym") => symbols = symbols.saturating_add(size.saturating_mul(2)),
             Ok(b".strtab" | b".dynstr") => symbols = symbols.saturating_add(size),
             Ok(name) if name.starts_with(b".debug_") || name.starts_with(b".zdebug_") => {
-                dwarf = dwarf.saturating_add(size);
+                // Compressed sections are inflated onto the heap when read.
+                let inflated = section
+                    .compressed_file_range()
+                    .ok()
+                    .and_then(|r| usize::try_from(r.uncompressed_size).ok())
+                    .unwrap_or(size);
+                dwarf = dwarf.saturating_add(inflated.max(size));
             }
             _ => {}
         }
