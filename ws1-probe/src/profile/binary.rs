@@ -299,6 +299,14 @@ impl CacheBudgets {
     }
 }
 
+impl CacheBudgets {
+    /// No limit, for one-shot commands: a run of seconds gains nothing from eviction and wants
+    /// DWARF for every binary, however large.
+    pub fn unbounded() -> Self {
+        Self::split(u64::MAX)
+    }
+}
+
 impl Default for CacheBudgets {
     fn default() -> Self {
         Self::split(DEFAULT_CACHE_BYTES)

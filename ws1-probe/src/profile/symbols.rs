@@ -222,9 +222,10 @@ impl ProfileSymbolizer {
         Self::with_debug_info(true)
     }
 
-    /// A symbolizer that reads DWARF when `debug_syms`, only ELF symbol tables otherwise.
+    /// A symbolizer that reads DWARF when `debug_syms`, only ELF symbol tables otherwise, with
+    /// unbounded caches (one-shot use; the agent uses [`with_budgets`](Self::with_budgets)).
     pub fn with_debug_info(debug_syms: bool) -> Self {
-        Self::with_budgets(debug_syms, CacheBudgets::default())
+        Self::with_budgets(debug_syms, CacheBudgets::unbounded())
     }
 
     /// A symbolizer whose caches keep within `budgets`.
@@ -1032,6 +1033,36 @@ mod tests {
             assert_eq!(registered.len(), 1);
             assert!(registered[0].starts_with(format!("/proc/{pid}/map_files/")));
         }
+    }
+
+    #[test]
+    fn a_binary_over_the_budget_is_named_from_its_symbol_table() {
+        let pid = std::process::id();
+        // 24 KiB for open binaries: less than this test binary's symbol table.
+        let mut s = ProfileSymbolizer::with_budgets(true, CacheBudgets::split(64 * 1024));
+        let frames = s.user(pid, &[profile_symbols_marker()]);
+        let f = frames[0].last().unwrap();
+        assert!(f.function.ends_with("profile_symbols_marker"), "{frames:?}");
+        assert_eq!(f.location, None);
+        // Not kept: neither in the registry nor in blazesym.
+        assert!(s.binaries.is_empty());
+        assert!(s.paths.is_empty());
+    }
+
+    #[test]
+    fn forgetting_the_last_process_closes_its_binaries() {
+        let pid = std::process::id();
+        let mut s = ProfileSymbolizer::new();
+        s.user(pid, &[profile_symbols_marker()]);
+        assert_eq!(s.binaries.len(), 1);
+        assert_eq!(s.cache_len(), 1);
+        s.forget(pid + 1);
+        assert_eq!(s.binaries.len(), 1);
+        s.forget(pid);
+        assert!(s.binaries.is_empty());
+        assert!(s.paths.is_empty());
+        assert_eq!(s.cache_len(), 0);
+        assert_eq!(s.cache_stats()[0].bytes, 0);
     }
 
     #[test]

@@ -181,7 +181,7 @@ impl Windows {
         let oldest_reader = self.readers.values().min().copied();
         while let Some(w) = self.history.front() {
             let wanted = now.duration_since(w.end) < self.keep
-                || oldest_reader.is_some_and(|since| w.end > since);
+                || oldest_reader.is_some_and(|since| w.end >= since);
             if wanted && self.bytes <= MAX_WINDOW_BYTES {
                 break;
             }
@@ -318,5 +318,44 @@ impl Windows {
                 vec![counter(&[], self.sym.errors() as f64)],
             ),
         ]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn drain(w: &mut Windows) {
+        w.add(&RawProfile::default(), 19, |_| "svc");
+    }
+
+    #[test]
+    fn the_agent_keeps_windows_only_for_readers() {
+        let mut w = Windows::default();
+        w.keep_only_for_readers();
+        drain(&mut w);
+        drain(&mut w);
+        assert_eq!(w.stat().entries, 0);
+
+        let first = w.open();
+        drain(&mut w);
+        let second = w.open();
+        drain(&mut w);
+        assert_eq!(w.stat().entries, 2);
+        // The first reader needs both windows; once it is done, only the second one's stays.
+        drop(w.take(first));
+        assert_eq!(w.stat().entries, 1);
+        drop(w.take(second));
+        assert_eq!(w.stat().entries, 0);
+        assert_eq!(w.stat().bytes, 0);
+    }
+
+    #[test]
+    fn the_cli_keeps_windows_without_readers() {
+        let mut w = Windows::default();
+        drain(&mut w);
+        drain(&mut w);
+        assert_eq!(w.stat().entries, 2);
+        assert_eq!(w.stat().budget, MAX_WINDOW_BYTES as u64);
     }
 }
