@@ -47,8 +47,8 @@ use super::{
 const MAX_BINARIES: usize = 256;
 /// A binary no address was found in for this long is closed.
 const BINARY_IDLE: Duration = Duration::from_secs(600);
-/// How often idle binaries are looked for.
-const SWEEP_EVERY: Duration = Duration::from_secs(60);
+/// How often idle binaries, and processes that exited unnoticed, are looked for.
+const SWEEP_EVERY: Duration = Duration::from_secs(10);
 /// A process's perf map is checked for changes at most this often: JITs append to it constantly,
 /// and re-reading it for every batch of addresses would cost more than the lookups.
 const PERF_MAP_RECHECK: Duration = Duration::from_secs(1);
@@ -664,6 +664,21 @@ impl ProfileSymbolizer {
             return;
         }
         self.last_sweep = now;
+        // Processes that exited between two updates of the caller's process list were never
+        // forgotten; find them here.
+        let mut pids: Vec<u32> = self.perf_maps.iter().map(|(p, _)| *p).collect();
+        pids.extend(
+            self.binaries
+                .iter()
+                .flat_map(|(_, b)| b.pids.iter().copied()),
+        );
+        pids.sort_unstable();
+        pids.dedup();
+        for pid in pids {
+            if !process_alive(pid) {
+                self.forget(pid);
+            }
+        }
         let idle = self
             .binaries
             .retain(|_, b| now.duration_since(b.last_used) < BINARY_IDLE);
@@ -776,6 +791,12 @@ impl ProfileSymbolizer {
         self.stats.failures += 1;
         tracing::debug!("symbolization: {err}");
     }
+}
+
+/// Whether process `pid` exists (a pid reused since counts as alive; its state is refreshed
+/// anyway when its mappings no longer match).
+pub(crate) fn process_alive(pid: u32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
 }
 
 /// Estimated bytes of a cached frames entry: the key, the slice and the strings.

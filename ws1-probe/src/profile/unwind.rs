@@ -42,6 +42,9 @@ const BINARY_OVERHEAD: usize = 512;
 /// exited processes; the bound protects against a caller that does not.
 const MAX_PROCESSES: usize = 1024;
 
+/// How often processes that exited unnoticed are looked for.
+const SWEEP_EVERY: Duration = Duration::from_secs(10);
+
 /// Entries of the table of binaries in use past which dead ones are swept out.
 const LIVE_SWEEP_AT: usize = 256;
 
@@ -704,6 +707,7 @@ pub struct DwarfUnwinder {
     max_frames: usize,
     reload_interval: Duration,
     tick: u64,
+    last_sweep: Instant,
     stats: UnwindStats,
 }
 
@@ -739,6 +743,7 @@ impl DwarfUnwinder {
             max_frames: max_frames.max(1),
             reload_interval: RELOAD_INTERVAL,
             tick: 0,
+            last_sweep: Instant::now(),
             stats: UnwindStats::default(),
         }
     }
@@ -805,6 +810,12 @@ impl DwarfUnwinder {
         out.complete = false;
         self.stats.unwinds += 1;
         self.tick += 1;
+        if self.last_sweep.elapsed() >= SWEEP_EVERY {
+            // Processes that exited without the caller's `forget` (between two of its updates).
+            self.last_sweep = Instant::now();
+            self.processes
+                .retain(|pid, _| super::symbols::process_alive(*pid));
+        }
         if !self.processes.contains_key(&pid)
             && let Err(e) = self.insert_process(pid)
         {
