@@ -173,7 +173,7 @@ fn churn(port: u16, stop: &AtomicBool, started: &AtomicU64) {
     let mut n = 0u64;
     while !stop.load(Ordering::Acquire) {
         let tick = Instant::now();
-        let mut cmd = if n % 2 == 0 {
+        let mut cmd = if n.is_multiple_of(2) {
             let mut c = Command::new("bash");
             c.args(["-c", &shell]);
             c
