@@ -32,6 +32,10 @@ const RSS_GOAL_MIB: f64 = 30.0;
 const FLAT_MIB: f64 = 2.0;
 /// Short-lived processes started per second.
 const CHURN_PER_SEC: u64 = 20;
+/// Churn processes alive at once at most: a machine too slow for the rate must not pile up
+/// processes (a first version ran `sort /proc/kallsyms`, whose temporary files then stalled the
+/// disk).
+const MAX_CHILDREN: usize = 40;
 /// After the churn stops: time for exits to reach the maps before they are compared.
 const SETTLE: Duration = Duration::from_secs(15);
 
@@ -162,7 +166,7 @@ fn churn(port: u16, stop: &AtomicBool, started: &AtomicU64) {
     );
     let tools: [&[&str]; 6] = [
         &["ls", "-l", "/usr/bin"],
-        &["sort", "/proc/kallsyms"],
+        &["sort", "/proc/self/maps"],
         &["awk", "BEGIN { for (i = 0; i < 200000; i++) s += i }"],
         &["gzip", "-c", "/proc/self/maps"],
         &["sha256sum", "/proc/self/maps"],
@@ -173,6 +177,11 @@ fn churn(port: u16, stop: &AtomicBool, started: &AtomicU64) {
     let mut n = 0u64;
     while !stop.load(Ordering::Acquire) {
         let tick = Instant::now();
+        children.retain_mut(|c| !matches!(c.try_wait(), Ok(Some(_))));
+        if children.len() >= MAX_CHILDREN {
+            thread::sleep(every);
+            continue;
+        }
         let mut cmd = if n.is_multiple_of(2) {
             let mut c = Command::new("bash");
             c.args(["-c", &shell]);
