@@ -173,7 +173,7 @@ fn churn(port: u16, stop: &AtomicBool, started: &AtomicU64) {
         &["python3", "-c", "sum(range(300000))"],
     ];
     let every = Duration::from_millis(1000 / CHURN_PER_SEC);
-    let mut children = Vec::new();
+    let mut children: Vec<std::process::Child> = Vec::new();
     let mut n = 0u64;
     while !stop.load(Ordering::Acquire) {
         let tick = Instant::now();
