@@ -160,7 +160,10 @@ impl Probe {
         };
         Ok(Self {
             profile,
-            profiles: crate::profile::windows::Windows::new(settings.profile.debug_info),
+            profiles: crate::profile::windows::Windows::new(
+                settings.profile.debug_info,
+                crate::profile::binary::CacheBudgets::split(settings.profile.cache_bytes),
+            ),
             profile_drained: None,
             streams_at: None,
             ebpf,
@@ -530,6 +533,7 @@ impl Probe {
                 }
             }
         }
+        families.extend(metrics::cache::families(&self.cache_stats()));
         // On the labels Prometheus sees (in host mode, after the ids were named above).
         metrics::syscalls::apply_budget(&mut families, &mut self.syscall_budget);
         (families, snap)
@@ -555,6 +559,17 @@ impl Probe {
                 .map(|(reason, n)| (reason.label(), *n))
                 .collect(),
         }
+    }
+
+    /// Sizes of the profiler's caches (empty when it is off).
+    pub fn cache_stats(&self) -> Vec<crate::profile::binary::CacheStat> {
+        let Some(p) = &self.profile else {
+            return Vec::new();
+        };
+        let mut stats = p.cache_stats();
+        stats.extend(self.profiles.sym.cache_stats());
+        stats.push(self.profiles.stat());
+        stats
     }
 
     /// The `/metrics` body.

@@ -25,7 +25,10 @@ pub fn run(what: &str, args: &[String]) -> Result<()> {
         "alloc" => crate::bench_alloc::run(args),
         "profile" => crate::bench_profile::run(args),
         "scrape" => crate::bench_scrape::run(args),
-        _ => bail!("unknown benchmark {what}: available: syscalls, net, alloc, profile, scrape"),
+        "soak" => crate::bench_soak::run(args),
+        _ => bail!(
+            "unknown benchmark {what}: available: syscalls, net, alloc, profile, scrape, soak"
+        ),
     }
 }
 

@@ -7,6 +7,7 @@ mod bench_alloc;
 mod bench_net;
 mod bench_profile;
 mod bench_scrape;
+mod bench_soak;
 mod bench_util;
 mod bootstrap;
 mod run;

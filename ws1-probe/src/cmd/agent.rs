@@ -14,7 +14,7 @@ use ws1_probe::{
     collectors::profile::{AGENT_FREQUENCY_HZ, UnwindMode},
     metrics::agent::own_usage,
     probe::Probe,
-    profile::pprof,
+    profile::{binary::DEFAULT_CACHE_BYTES, pprof},
     server::{ProfileFn, Response},
     targeting::config::{Collectors, Settings},
 };
@@ -68,6 +68,11 @@ pub struct AgentArgs {
     /// map's warning names the one to raise
     #[arg(long, value_name = "NAME=ENTRIES", value_parser = ws1_probe::drops::parse_map_entries)]
     pub map_entries: Vec<(String, u32)>,
+    /// Bytes the profiler's symbolization and unwinding caches may hold together (split between
+    /// them; least recently used binaries are dropped past it, and a binary's entries go when its
+    /// last process exits). Sizes are exported as ws1_probe_agent_cache_bytes
+    #[arg(long, value_name = "BYTES", default_value_t = DEFAULT_CACHE_BYTES)]
+    pub profile_cache_bytes: u64,
 }
 
 type Shared = Arc<Mutex<Option<Probe>>>;
@@ -92,6 +97,7 @@ fn resolve(args: &AgentArgs) -> anyhow::Result<Settings> {
     settings.profile.frequency_hz = args.profile_frequency;
     settings.profile.unwind = args.unwind;
     settings.profile.debug_info = !args.profile_symbols_only;
+    settings.profile.cache_bytes = args.profile_cache_bytes;
     settings.labels.idle_retire = args.label_idle_retire;
     settings.map_entries = args.map_entries.clone();
     Ok(settings)
@@ -136,6 +142,10 @@ async fn reload(args: &AgentArgs, shared: &Shared) {
 
 pub fn run(args: AgentArgs) -> anyhow::Result<()> {
     let started = Instant::now();
+    // glibc gives each thread that allocates its own arena (64 MiB of address space, and freed
+    // memory that stays resident in it); the agent's few threads gain nothing from them.
+    // SAFETY: mallopt only changes allocator tuning; called before any other thread exists.
+    unsafe { libc::mallopt(libc::M_ARENA_MAX, 1) };
     if args.profile_frequency > 10_000 {
         anyhow::bail!(
             "invalid --profile-frequency {}: use 0 (off) to 10000; 19 is cheap enough to leave on",
@@ -215,6 +225,8 @@ pub fn run(args: AgentArgs) -> anyhow::Result<()> {
         // Read the maps once before declaring readiness. This read does not rank services for
         // the label cap: the first scrape does, once there is activity to rank by.
         let _ = probe.syscalls.snapshot();
+        // Profile windows are kept only while a /debug/pprof/profile request waits for them.
+        probe.profiles.keep_only_for_readers();
         *lock(&shared) = Some(probe);
         if let Some(ring) = ring {
             let follow_state = Arc::clone(&shared);
@@ -316,17 +328,20 @@ fn lock(shared: &Shared) -> std::sync::MutexGuard<'_, Option<Probe>> {
 /// `/debug/pprof/profile?seconds=N`: drains the profiler so the window starts now, waits,
 /// drains again, and serves the windows in between as gzipped pprof.
 async fn profile_window(state: Shared, seconds: u64) -> Response {
-    let drained = lock(&state).as_mut().map(Probe::profile_drain);
-    let since = match drained {
-        Some(true) => Instant::now(),
-        Some(false) => return Response::text(404, "profiling is off\n"),
+    let reader = match lock(&state).as_mut() {
+        Some(probe) => {
+            if !probe.profile_drain() {
+                return Response::text(404, "profiling is off\n");
+            }
+            probe.profiles.open()
+        }
         None => return Response::text(503, "not ready: programs are still loading\n"),
     };
     tokio::time::sleep(std::time::Duration::from_secs(seconds)).await;
     let profile = match lock(&state).as_mut() {
         Some(probe) => {
             probe.profile_drain();
-            probe.profiles.since(since).0
+            probe.profiles.take(reader).0
         }
         None => return Response::text(503, "stopping\n"),
     };
@@ -342,10 +357,15 @@ async fn profile_window(state: Shared, seconds: u64) -> Response {
 }
 
 fn render(shared: &Shared) -> String {
-    match lock(shared).as_mut() {
+    let body = match lock(shared).as_mut() {
         Some(probe) => probe.render(),
         None => String::new(),
-    }
+    };
+    // A render builds every series and throws them away; give that heap back rather than keep
+    // the peak of the largest scrape resident.
+    // SAFETY: malloc_trim only releases free memory; it has no preconditions.
+    unsafe { libc::malloc_trim(0) };
+    body
 }
 
 /// The signals the agent handles, registered at start so a SIGHUP during loading is queued

@@ -66,6 +66,8 @@ impl SamplingArgs {
             offcpu_min_ns: self.min_block.as_nanos() as u64,
             unwind: self.unwind,
             debug_info: true,
+            // One-shot: caches need no bound, and every binary gets its DWARF.
+            cache_bytes: u64::MAX,
         };
         Ok(settings)
     }

@@ -6,11 +6,11 @@
 //! built with frame pointers starts functions with `push %rbp; mov %rsp,%rbp` (after an
 //! `endbr64` when built with control-flow protection).
 
+use super::binary::{BinaryId, ByteLru, CacheStat};
+
 use std::{
-    collections::{HashMap, VecDeque},
     fs::File,
     io,
-    os::unix::fs::MetadataExt,
     path::{Path, PathBuf},
 };
 
@@ -29,8 +29,10 @@ const MIN_SAMPLE: usize = 8;
 /// cost no more than a few hundred small reads.
 const MAX_SAMPLE: usize = 512;
 
-/// Binaries remembered by [`FpCache`].
-const FP_CACHE_CAPACITY: usize = 256;
+/// Bytes of answers [`FpCache`] keeps: 1024 binaries.
+const FP_CACHE_BYTES: usize = 1024 * FP_ENTRY_BYTES;
+/// Estimated bytes of one remembered answer (key, value, table and order entries).
+const FP_ENTRY_BYTES: usize = 96;
 
 const ENDBR64: [u8; 4] = [0xf3, 0x0f, 0x1e, 0xfa];
 
@@ -135,18 +137,28 @@ fn function_offsets<'data, S: ObjectSymbol<'data>>(
     offsets
 }
 
-/// Remembers the answer per binary (device and inode), so that many processes of one binary
-/// cost one check.
-#[derive(Debug, Default)]
+/// Remembers the answer per binary ([`BinaryId`]), so that many processes of one binary cost one
+/// check.
 pub struct FpCache {
-    answers: HashMap<(u64, u64), bool>,
-    /// Insertion order, to evict the oldest answer when full.
-    order: VecDeque<(u64, u64)>,
+    answers: ByteLru<BinaryId, bool>,
+}
+
+impl Default for FpCache {
+    fn default() -> Self {
+        Self {
+            answers: ByteLru::new("fp_checks", FP_CACHE_BYTES),
+        }
+    }
 }
 
 impl FpCache {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Size of the cache, for `ws1_probe_agent_cache_*`.
+    pub fn stat(&self) -> CacheStat {
+        self.answers.stat()
     }
 
     /// Binaries with a remembered answer.
@@ -170,18 +182,12 @@ impl FpCache {
             path: path.clone(),
             source,
         })?;
-        let key = (meta.dev(), meta.ino());
+        let key = BinaryId::of(&meta);
         if let Some(&answer) = self.answers.get(&key) {
             return Ok(answer);
         }
         let answer = has_frame_pointers(&path)?;
-        if self.order.len() >= FP_CACHE_CAPACITY
-            && let Some(oldest) = self.order.pop_front()
-        {
-            self.answers.remove(&oldest);
-        }
-        self.answers.insert(key, answer);
-        self.order.push_back(key);
+        drop(self.answers.insert(key, answer, FP_ENTRY_BYTES));
         Ok(answer)
     }
 }

@@ -5,11 +5,14 @@
 //! `collectors/profile.rs` reads those maps (and the stream of sampled stacks the DWARF unwinder
 //! needs) and turns them into a [`Profile`], one [`StackSample`] per distinct symbolized stack.
 
+pub mod binary;
 pub mod flame;
 pub mod fold;
 pub mod fpcheck;
+pub mod kallsyms;
 pub mod perfmap;
 pub mod pprof;
+pub mod raw;
 pub mod symbols;
 pub mod top;
 pub mod unwind;

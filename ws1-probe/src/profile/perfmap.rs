@@ -97,6 +97,11 @@ impl PerfMap {
         self.regions.is_empty()
     }
 
+    /// Estimated heap bytes: per region a tree entry and its name.
+    pub fn bytes(&self) -> usize {
+        self.regions.values().map(|(_, name)| 64 + name.len()).sum()
+    }
+
     /// Number of malformed lines that were skipped.
     pub fn skipped(&self) -> usize {
         self.skipped

@@ -17,51 +17,48 @@
 //! [`ProfileSymbolizer::errors`], which the agent exports as a metric.
 
 use std::{
-    collections::{HashMap, hash_map::Entry},
+    collections::HashMap,
     fmt::Write as _,
     fs,
     io::ErrorKind,
-    os::unix::fs::MetadataExt,
     path::{Path, PathBuf},
     sync::Arc,
     time::{Duration, Instant},
 };
 
 use blazesym::{
-    MaybeDefault, Pid,
+    Pid,
     normalize::{NormalizeOpts, Normalizer, UserMeta},
     symbolize::{
         CodeInfo, Input, Reason, Sym, Symbolized, Symbolizer as Blaze, evict,
-        source::{Elf, Kernel, Source},
+        source::{Elf, Source},
     },
 };
 
 use super::{
     ProfFrame,
+    binary::{BinaryId, ByteLru, CacheBudgets, CacheStat},
+    kallsyms::KallsymsIndex,
     perfmap::{self, PerfMapError, PerfMapReader},
 };
 
-/// Cached user addresses before the cache is emptied. At a few hundred bytes an entry this is
-/// tens of megabytes at most, and a full cache is cheap to refill from the parsed binaries.
-const MAX_CACHED_ADDRS: usize = 100_000;
-/// Cached kernel addresses before that cache is emptied.
-const MAX_CACHED_KERNEL_ADDRS: usize = 100_000;
 /// Binaries kept open (with their parsed symbols and DWARF) at once. blazesym keeps a file
 /// descriptor for each, so this stays well under the usual limit of 1024.
 const MAX_BINARIES: usize = 256;
 /// A binary no address was found in for this long is closed.
 const BINARY_IDLE: Duration = Duration::from_secs(600);
-/// How often idle binaries are looked for.
-const SWEEP_EVERY: Duration = Duration::from_secs(60);
+/// How often idle binaries, and processes that exited unnoticed, are looked for.
+const SWEEP_EVERY: Duration = Duration::from_secs(10);
 /// A process's perf map is checked for changes at most this often: JITs append to it constantly,
 /// and re-reading it for every batch of addresses would cost more than the lookups.
 const PERF_MAP_RECHECK: Duration = Duration::from_secs(1);
-/// Processes whose perf map is remembered before the memory is emptied (exited processes are
-/// dropped earlier through [`ProfileSymbolizer::forget`]).
-const MAX_PERF_MAPS: usize = 1024;
 /// A kernel address that kallsyms does not name makes it re-read, but not more often than this:
 /// modules and BPF programs loaded since it was read are then found.
 const KALLSYMS_REFRESH: Duration = Duration::from_secs(60);
+/// Where kernel symbols are read from.
+const KALLSYMS: &str = "/proc/kallsyms";
+/// Estimated bytes of a process's perf map state without its map.
+const PERF_MAP_STATE_BYTES: usize = 128;
 /// Module of frames named by a perf map.
 const PERF_MAP_MODULE: &str = "[perf-map]";
 /// Module of kernel frames.
@@ -93,10 +90,10 @@ pub enum SymbolsError {
     },
     #[error("cannot symbolize {count} addresses in {path}: blazesym reported errors it folded")]
     Folded { path: PathBuf, count: usize },
-    #[error("cannot symbolize kernel addresses: {source}")]
+    #[error("cannot read /proc/kallsyms: {source}")]
     Kernel {
         #[source]
-        source: blazesym::Error,
+        source: std::io::Error,
     },
     #[error(transparent)]
     PerfMap(#[from] PerfMapError),
@@ -117,28 +114,7 @@ pub struct SymbolizerStats {
     pub cache_misses: u64,
 }
 
-/// What identifies the contents of a binary without trusting its path: device and inode, plus
-/// size and mtime so a file rewritten in place is not mistaken for its old self.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-struct FileId {
-    dev: u64,
-    ino: u64,
-    size: u64,
-    mtime: i64,
-    mtime_nsec: i64,
-}
-
-impl From<&fs::Metadata> for FileId {
-    fn from(md: &fs::Metadata) -> Self {
-        Self {
-            dev: md.dev(),
-            ino: md.ino(),
-            size: md.size(),
-            mtime: md.mtime(),
-            mtime_nsec: md.mtime_nsec(),
-        }
-    }
-}
+type FileId = BinaryId;
 
 /// The key symbolization results are cached under, with the file offset: the same build id is
 /// the same code wherever the file lives.
@@ -155,11 +131,17 @@ struct Binary {
     name: String,
     /// Build id in hex, for naming frames it has no symbols for.
     build_id: Option<String>,
+    /// Read its DWARF: the symbolizer reads debug information and this binary's fits the
+    /// budget (a large binary's parsed DWARF takes tens of MiB; it is named from its symbol
+    /// table instead).
+    debug: bool,
     /// The one path blazesym knows this binary by. blazesym caches parsed files by path; giving
     /// it one path per binary (rather than each process's `map_files` path) lets every process
     /// share one parse. `None` after the path was taken back (see `forget_path`).
     path: Option<PathBuf>,
     last_used: Instant,
+    /// Live processes it was found in; when the last is forgotten the binary is closed.
+    pids: Vec<u32>,
 }
 
 /// What one call needs of a binary, copied out so the registry can change meanwhile.
@@ -168,11 +150,14 @@ struct CallBinary {
     key: BinKey,
     name: String,
     build_id: Option<String>,
+    debug: bool,
     /// The path blazesym knows the binary by.
     path: PathBuf,
     /// The path this call reached the binary through (differs from `path` when another
     /// process's path was registered first).
     reached: PathBuf,
+    /// Not in the registry (over the budget on its own): evicted from blazesym after use.
+    transient: bool,
 }
 
 /// Where a user address turned out to be.
@@ -200,28 +185,28 @@ pub struct ProfileSymbolizer {
     /// blazesym for user binaries. Auto-reload is off: a path here always names one file
     /// contents (see [`Binary::path`]), so the `stat` it would do on every call is wasted.
     blaze: Blaze,
-    /// blazesym for the kernel, separate so kallsyms can be re-read by replacing it without
-    /// dropping the parsed user binaries.
-    kernel_blaze: Blaze,
-    /// When `kernel_blaze` first read kallsyms.
+    /// Kernel function names; re-read when an address is not in it and it is older than
+    /// [`KALLSYMS_REFRESH`].
+    kallsyms: KallsymsIndex,
+    /// When `kallsyms` was read.
     kernel_loaded: Option<Instant>,
     normalizer: Normalizer,
     /// Reach binaries through `/proc/PID/root/PATH` instead of `/proc/PID/map_files`, because
     /// opening map_files is refused (it needs CAP_SYS_ADMIN or CAP_CHECKPOINT_RESTORE).
     /// Decided on first use.
     root_paths: Option<bool>,
-    binaries: HashMap<FileId, Binary>,
+    /// Binaries open in blazesym, sized by an estimate of what parsing them costs.
+    binaries: ByteLru<FileId, Binary>,
     /// Which binary each path registered with blazesym belongs to.
     paths: HashMap<PathBuf, FileId>,
     last_sweep: Instant,
     /// Frames by (binary, file offset); an empty slice means the binary could not name it.
-    cache: HashMap<(BinKey, u64), Arc<[ProfFrame]>>,
-    kernel_cache: HashMap<u64, Arc<str>>,
+    cache: ByteLru<(BinKey, u64), Arc<[ProfFrame]>>,
     /// Read DWARF (file:line, inline frames, names of functions missing from the symbol
     /// table). Off, only ELF symbol tables are read: the long-running agent keeps its memory
     /// small that way (parsed DWARF of a large binary is tens of MiB).
     debug_syms: bool,
-    perf_maps: HashMap<u32, PerfMapState>,
+    perf_maps: ByteLru<u32, PerfMapState>,
     stats: SymbolizerStats,
 }
 
@@ -237,8 +222,14 @@ impl ProfileSymbolizer {
         Self::with_debug_info(true)
     }
 
-    /// A symbolizer that reads DWARF when `debug_syms`, only ELF symbol tables otherwise.
+    /// A symbolizer that reads DWARF when `debug_syms`, only ELF symbol tables otherwise, with
+    /// unbounded caches (one-shot use; the agent uses [`with_budgets`](Self::with_budgets)).
     pub fn with_debug_info(debug_syms: bool) -> Self {
+        Self::with_budgets(debug_syms, CacheBudgets::unbounded())
+    }
+
+    /// A symbolizer whose caches keep within `budgets`.
+    pub fn with_budgets(debug_syms: bool, budgets: CacheBudgets) -> Self {
         Self {
             debug_syms,
             blaze: Blaze::builder()
@@ -246,27 +237,19 @@ impl ProfileSymbolizer {
                 .enable_code_info(debug_syms)
                 .enable_inlined_fns(debug_syms)
                 .build(),
-            kernel_blaze: Self::new_kernel_blaze(),
+            kallsyms: KallsymsIndex::default(),
             kernel_loaded: None,
             // Build ids are read here, once per file, instead of by the normalizer: its cache
             // is keyed by path and never shrinks, and map_files paths are per process.
             normalizer: Normalizer::builder().enable_build_ids(false).build(),
             root_paths: None,
-            binaries: HashMap::new(),
+            binaries: ByteLru::new("symbol_binaries", budgets.symbol_binaries),
             paths: HashMap::new(),
             last_sweep: Instant::now(),
-            cache: HashMap::new(),
-            kernel_cache: HashMap::new(),
-            perf_maps: HashMap::new(),
+            cache: ByteLru::new("symbol_frames", budgets.frames),
+            perf_maps: ByteLru::new("perf_maps", budgets.perf_maps),
             stats: SymbolizerStats::default(),
         }
-    }
-
-    fn new_kernel_blaze() -> Blaze {
-        Blaze::builder()
-            .enable_code_info(false)
-            .enable_inlined_fns(false)
-            .build()
     }
 
     /// Symbolization errors so far: frames returned unnamed plus failed blazesym calls. Exported
@@ -286,11 +269,49 @@ impl ProfileSymbolizer {
         self.cache.len()
     }
 
-    /// Drops what is kept for process `pid` (its perf map); call it when the process exits.
-    /// Parsed binaries stay: other processes likely map them too, and idle ones are closed after
-    /// a while anyway.
+    /// Sizes of the caches, for `ws1_probe_agent_cache_*`.
+    pub fn cache_stats(&self) -> Vec<CacheStat> {
+        vec![
+            self.binaries.stat(),
+            self.cache.stat(),
+            self.perf_maps.stat(),
+            CacheStat {
+                name: "kernel_symbols",
+                bytes: self.kallsyms.bytes() as u64,
+                entries: self.kallsyms.len() as u64,
+                budget: 0,
+                evictions: 0,
+            },
+        ]
+    }
+
+    /// Drops what is kept for process `pid`; call it when the process exits. Its perf map goes,
+    /// and binaries no other live process was found in are closed, with their cached frames.
     pub fn forget(&mut self, pid: u32) {
         self.perf_maps.remove(&pid);
+        let mut unused = Vec::new();
+        for (id, bin) in self.binaries.iter() {
+            if bin.pids.contains(&pid) && bin.pids.len() == 1 {
+                unused.push(*id);
+            }
+        }
+        for bin in self.binaries.values_mut() {
+            bin.pids.retain(|p| *p != pid);
+        }
+        for id in unused {
+            if let Some(bin) = self.binaries.remove(&id) {
+                self.close(bin);
+            }
+        }
+    }
+
+    /// Takes a binary out of blazesym and drops its cached frames.
+    fn close(&mut self, bin: Binary) {
+        if let Some(path) = &bin.path {
+            self.forget_path(path);
+        }
+        let key = bin.key;
+        self.cache.retain(|(k, _), _| *k != key);
     }
 
     /// The frames each address of process `pid` stands for, innermost first: several when the
@@ -325,14 +346,19 @@ impl ProfileSymbolizer {
             offsets.dedup();
             self.stats.cache_misses += offsets.len() as u64;
             let results = self.symbolize_binary(&mut bins[bin], &offsets);
+            if bins[bin].transient {
+                let path = bins[bin].path.clone();
+                self.forget_path(&path);
+            }
             for (offset, result) in offsets.into_iter().zip(results) {
                 let frames = match result {
                     Some(frames) => {
-                        if self.cache.len() >= MAX_CACHED_ADDRS {
-                            self.cache.clear();
-                        }
-                        self.cache
-                            .insert((bins[bin].key.clone(), offset), Arc::clone(&frames));
+                        let bytes = frames_bytes(&frames);
+                        self.cache.insert(
+                            (bins[bin].key.clone(), offset),
+                            Arc::clone(&frames),
+                            bytes,
+                        );
                         frames
                     }
                     // A failure is not cached: it may be transient (a binary being replaced).
@@ -474,31 +500,64 @@ impl ProfileSymbolizer {
             self.forget_path(&reached);
         }
         let now = Instant::now();
-        let bin = match self.binaries.entry(id) {
-            Entry::Occupied(e) => e.into_mut(),
-            Entry::Vacant(e) => {
-                let build_id = read_build_id(&reached);
-                let name = if root_paths {
-                    file_name(path)
-                } else {
-                    // The map_files link points at the path the process mapped.
-                    fs::read_link(&reached)
-                        .map(|target| file_name(&target))
-                        .unwrap_or_else(|_| file_name(path))
-                };
-                e.insert(Binary {
+        if !self.binaries.contains(&id) {
+            let build_id = read_build_id(&reached);
+            let name = if root_paths {
+                file_name(path)
+            } else {
+                // The map_files link points at the path the process mapped.
+                fs::read_link(&reached)
+                    .map(|target| file_name(&target))
+                    .unwrap_or_else(|_| file_name(path))
+            };
+            let (symbols, dwarf) = parse_cost(&reached);
+            let debug = self.debug_syms && symbols + dwarf <= self.binaries.budget();
+            let bytes = if debug { symbols + dwarf } else { symbols };
+            let evicted = self.binaries.insert(
+                id,
+                Binary {
                     key: match &build_id {
                         Some(b) => BinKey::BuildId(Arc::clone(b)),
                         None => BinKey::File(id),
                     },
                     name,
                     build_id: build_id.map(|b| hex(&b)),
+                    debug,
                     path: None,
                     last_used: now,
-                })
+                    pids: Vec::new(),
+                },
+                bytes,
+            );
+            for (_, old) in evicted {
+                self.close(old);
             }
+            // blazesym keeps a file descriptor per open binary.
+            while self.binaries.len() > MAX_BINARIES {
+                match self.binaries.pop_lru() {
+                    Some((_, old)) => self.close(old),
+                    None => break,
+                }
+            }
+        }
+        // A binary larger than the whole budget is not kept; it is symbolized without the
+        // registry (and blazesym forgets it again after the call).
+        let Some(bin) = self.binaries.get_mut(&id) else {
+            return Ok(CallBinary {
+                id,
+                key: BinKey::File(id),
+                name: file_name(path),
+                build_id: None,
+                debug: false,
+                path: reached.clone(),
+                reached,
+                transient: true,
+            });
         };
         bin.last_used = now;
+        if !bin.pids.contains(&pid) {
+            bin.pids.push(pid);
+        }
         let registered = match &bin.path {
             Some(p) => p.clone(),
             None => {
@@ -512,8 +571,10 @@ impl ProfileSymbolizer {
             key: bin.key.clone(),
             name: bin.name.clone(),
             build_id: bin.build_id.clone(),
+            debug: bin.debug,
             path: registered,
             reached,
+            transient: false,
         })
     }
 
@@ -524,7 +585,7 @@ impl ProfileSymbolizer {
         bin: &mut CallBinary,
         offsets: &[u64],
     ) -> Vec<Option<Arc<[ProfFrame]>>> {
-        let mut result = self.symbolize_file(&bin.path, offsets);
+        let mut result = self.symbolize_file(&bin.path, bin.debug, offsets);
         if result.is_err() && bin.path != bin.reached {
             // The registered path may belong to a process that exited before blazesym ever
             // opened it; the path this call came through is alive.
@@ -534,7 +595,7 @@ impl ProfileSymbolizer {
                 self.paths.insert(bin.reached.clone(), bin.id);
             }
             bin.path = bin.reached.clone();
-            result = self.symbolize_file(&bin.path, offsets);
+            result = self.symbolize_file(&bin.path, bin.debug, offsets);
         }
         match result {
             Ok(frames) => frames,
@@ -548,10 +609,11 @@ impl ProfileSymbolizer {
     fn symbolize_file(
         &mut self,
         path: &Path,
+        debug: bool,
         offsets: &[u64],
     ) -> Result<Vec<Option<Arc<[ProfFrame]>>>, SymbolsError> {
         let mut elf = Elf::new(path);
-        elf.debug_syms = self.debug_syms;
+        elf.debug_syms = debug;
         let src = Source::Elf(elf);
         let symbolized = self
             .blaze
@@ -594,49 +656,54 @@ impl ProfileSymbolizer {
         }
     }
 
-    /// Closes binaries unused for [`BINARY_IDLE`] and, past [`MAX_BINARIES`], the least recently
-    /// used ones, so parsed DWARF and open files do not pile up as processes come and go.
+    /// Closes binaries unused for [`BINARY_IDLE`] (the byte budget and [`MAX_BINARIES`] are
+    /// kept as they are added), so parsed DWARF and open files do not linger.
     fn sweep_binaries(&mut self) {
         let now = Instant::now();
-        let over = self.binaries.len() > MAX_BINARIES;
-        if !over && now.duration_since(self.last_sweep) < SWEEP_EVERY {
+        if now.duration_since(self.last_sweep) < SWEEP_EVERY {
             return;
         }
         self.last_sweep = now;
-        let mut by_age: Vec<(Instant, FileId)> = self
+        // Processes that exited between two updates of the caller's process list were never
+        // forgotten; find them here.
+        let mut pids: Vec<u32> = self.perf_maps.iter().map(|(p, _)| *p).collect();
+        pids.extend(
+            self.binaries
+                .iter()
+                .flat_map(|(_, b)| b.pids.iter().copied()),
+        );
+        pids.sort_unstable();
+        pids.dedup();
+        for pid in pids {
+            if !process_alive(pid) {
+                self.forget(pid);
+            }
+        }
+        let idle = self
             .binaries
-            .iter()
-            .map(|(id, b)| (b.last_used, *id))
-            .collect();
-        by_age.sort_unstable_by_key(|(used, _)| *used);
-        // Past the limit, go down to three quarters of it, so the next few new binaries do not
-        // each trigger a sweep.
-        let excess = if over {
-            self.binaries.len() - MAX_BINARIES * 3 / 4
-        } else {
-            0
-        };
-        for (i, (used, id)) in by_age.into_iter().enumerate() {
-            if i >= excess && now.duration_since(used) < BINARY_IDLE {
-                break;
-            }
-            if let Some(path) = self.binaries.remove(&id).and_then(|b| b.path) {
-                self.forget_path(&path);
-            }
+            .retain(|_, b| now.duration_since(b.last_used) < BINARY_IDLE);
+        for (_, bin) in idle {
+            self.close(bin);
         }
     }
 
     /// The frame the perf map of `pid` gives `addr`, if it has one.
     fn perf_map_frame(&mut self, pid: u32, addr: u64) -> Option<ProfFrame> {
         let now = Instant::now();
-        if !self.perf_maps.contains_key(&pid) && self.perf_maps.len() >= MAX_PERF_MAPS {
-            self.perf_maps.clear();
+        if !self.perf_maps.contains(&pid) {
+            let evicted = self.perf_maps.insert(
+                pid,
+                PerfMapState {
+                    checked: None,
+                    reader: PerfMapReader::default(),
+                },
+                PERF_MAP_STATE_BYTES,
+            );
+            drop(evicted);
         }
-        let state = self.perf_maps.entry(pid).or_insert(PerfMapState {
-            checked: None,
-            reader: PerfMapReader::default(),
-        });
+        let state = self.perf_maps.get_mut(&pid)?;
         let mut failed = None;
+        let mut resized = None;
         if state
             .checked
             .is_none_or(|t| now.duration_since(t) >= PERF_MAP_RECHECK)
@@ -645,12 +712,19 @@ impl ProfileSymbolizer {
             // Recomputed each time: the namespace pid in the path belongs to whichever process
             // has this pid now.
             let path = perfmap::path_for(pid);
-            if let Err(err) = state.reader.update(&path) {
-                state.reader = PerfMapReader::default();
-                // Most processes have no perf map; that is not an error.
-                let PerfMapError::Read { source, .. } = &err;
-                if source.kind() != ErrorKind::NotFound {
-                    failed = Some(err);
+            match state.reader.update(&path) {
+                Ok(true) => {
+                    resized = Some(PERF_MAP_STATE_BYTES + state.reader.map().bytes());
+                }
+                Ok(false) => {}
+                Err(err) => {
+                    state.reader = PerfMapReader::default();
+                    resized = Some(PERF_MAP_STATE_BYTES);
+                    // Most processes have no perf map; that is not an error.
+                    let PerfMapError::Read { source, .. } = &err;
+                    if source.kind() != ErrorKind::NotFound {
+                        failed = Some(err);
+                    }
                 }
             }
         }
@@ -660,6 +734,9 @@ impl ProfileSymbolizer {
             location: None,
             kernel: false,
         });
+        if let Some(bytes) = resized {
+            drop(self.perf_maps.resize(&pid, bytes));
+        }
         if let Some(err) = failed {
             self.fail(err.into());
         }
@@ -670,40 +747,31 @@ impl ProfileSymbolizer {
     /// for one scans the disk, and kallsyms already names every function). An address it does
     /// not name becomes `[kernel]+0xADDR`.
     pub fn kernel(&mut self, addrs: &[u64]) -> Vec<ProfFrame> {
-        let mut missing: Vec<u64> = addrs
-            .iter()
-            .copied()
-            .filter(|a| !self.kernel_cache.contains_key(a))
-            .collect();
-        missing.sort_unstable();
-        missing.dedup();
-        if !missing.is_empty() {
-            let stale = self
-                .kernel_loaded
-                .is_some_and(|t| t.elapsed() >= KALLSYMS_REFRESH);
-            let mut found = self.kernel_lookup(&missing);
-            if stale && found.iter().any(Option::is_none) {
-                // Something unnamed in an old kallsyms snapshot: a module or BPF program may
-                // have been loaded since.
-                self.kernel_blaze = Self::new_kernel_blaze();
-                self.kernel_loaded = None;
-                found = self.kernel_lookup(&missing);
-            }
-            for (addr, name) in missing.into_iter().zip(found) {
-                // Unnamed addresses are not cached, so a later kallsyms re-read can name them.
-                if let Some(name) = name {
-                    if self.kernel_cache.len() >= MAX_CACHED_KERNEL_ADDRS {
-                        self.kernel_cache.clear();
-                    }
-                    self.kernel_cache.insert(addr, name);
+        if addrs.is_empty() {
+            return Vec::new();
+        }
+        let stale = self
+            .kernel_loaded
+            .is_none_or(|t| t.elapsed() >= KALLSYMS_REFRESH);
+        if self.kernel_loaded.is_none()
+            || (stale && addrs.iter().any(|a| self.kallsyms.name(*a).is_none()))
+        {
+            // Something unnamed in an old kallsyms snapshot: a module or BPF program may have
+            // been loaded since.
+            self.kernel_loaded = Some(Instant::now());
+            self.kallsyms = match KallsymsIndex::read(Path::new(KALLSYMS)) {
+                Ok(index) => index,
+                Err(source) => {
+                    self.fail(SymbolsError::Kernel { source });
+                    KallsymsIndex::default()
                 }
-            }
+            };
         }
         addrs
             .iter()
             .map(|addr| {
-                let function = match self.kernel_cache.get(addr) {
-                    Some(name) => name.to_string(),
+                let function = match self.kallsyms.name(*addr) {
+                    Some(name) => name.to_owned(),
                     None => {
                         self.stats.unnamed_frames += 1;
                         format!("{KERNEL_MODULE}+0x{addr:x}")
@@ -719,33 +787,66 @@ impl ProfileSymbolizer {
             .collect()
     }
 
-    fn kernel_lookup(&mut self, addrs: &[u64]) -> Vec<Option<Arc<str>>> {
-        let src = Source::Kernel(Kernel {
-            kallsyms: MaybeDefault::Default,
-            vmlinux: MaybeDefault::None,
-            kaslr_offset: None,
-            debug_syms: false,
-            ..Default::default()
-        });
-        if self.kernel_loaded.is_none() {
-            self.kernel_loaded = Some(Instant::now());
-        }
-        match self.kernel_blaze.symbolize(&src, Input::AbsAddr(addrs)) {
-            Ok(symbolized) => symbolized
-                .iter()
-                .map(|s| s.as_sym().map(|sym| Arc::from(&*sym.name)))
-                .collect(),
-            Err(source) => {
-                self.fail(SymbolsError::Kernel { source });
-                vec![None; addrs.len()]
-            }
-        }
-    }
-
     fn fail(&mut self, err: SymbolsError) {
         self.stats.failures += 1;
         tracing::debug!("symbolization: {err}");
     }
+}
+
+/// Whether process `pid` exists (a pid reused since counts as alive; its state is refreshed
+/// anyway when its mappings no longer match).
+pub(crate) fn process_alive(pid: u32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+}
+
+/// Estimated bytes of a cached frames entry: the key, the slice and the strings.
+fn frames_bytes(frames: &[ProfFrame]) -> usize {
+    96 + frames
+        .iter()
+        .map(|f| {
+            std::mem::size_of::<ProfFrame>()
+                + f.function.len()
+                + f.location.as_ref().map_or(0, String::len)
+                + f.module.as_ref().map_or(0, String::len)
+        })
+        .sum::<usize>()
+}
+
+/// Estimated bytes blazesym holds for the binary at `path` once it has symbolized in it: the
+/// symbol tables it reads (mapped pages count in the agent's RSS) plus its sorted index of them,
+/// and apart the DWARF sections it reads when asked for debug information. An estimate, not a
+/// measurement: it is an upper bound when few DWARF units are needed, as blazesym parses them
+/// lazily, and a lower bound for the unit index of a large binary.
+fn parse_cost(path: &Path) -> (usize, usize) {
+    use object::{Object as _, ObjectSection as _};
+    const FLOOR: usize = 4096;
+    let Ok(file) = fs::File::open(path) else {
+        return (FLOOR, 0);
+    };
+    let cache = object::ReadCache::new(file);
+    let Ok(elf) = object::File::parse(&cache) else {
+        return (FLOOR, 0);
+    };
+    let (mut symbols, mut dwarf) = (FLOOR, 0usize);
+    for section in elf.sections() {
+        let size = usize::try_from(section.size()).unwrap_or(usize::MAX);
+        match section.name_bytes() {
+            // Symbol entries (24 bytes) become sorted index entries of about the same size.
+            Ok(b".symtab" | b".dynsym") => symbols = symbols.saturating_add(size.saturating_mul(2)),
+            Ok(b".strtab" | b".dynstr") => symbols = symbols.saturating_add(size),
+            Ok(name) if name.starts_with(b".debug_") || name.starts_with(b".zdebug_") => {
+                // Compressed sections are inflated onto the heap when read.
+                let inflated = section
+                    .compressed_file_range()
+                    .ok()
+                    .and_then(|r| usize::try_from(r.uncompressed_size).ok())
+                    .unwrap_or(size);
+                dwarf = dwarf.saturating_add(inflated.max(size));
+            }
+            _ => {}
+        }
+    }
+    (symbols, dwarf)
 }
 
 /// Normalizer meta information, owned.
@@ -956,6 +1057,36 @@ mod tests {
     }
 
     #[test]
+    fn a_binary_over_the_budget_is_named_from_its_symbol_table() {
+        let pid = std::process::id();
+        // 24 KiB for open binaries: less than this test binary's symbol table.
+        let mut s = ProfileSymbolizer::with_budgets(true, CacheBudgets::split(64 * 1024));
+        let frames = s.user(pid, &[profile_symbols_marker()]);
+        let f = frames[0].last().unwrap();
+        assert!(f.function.ends_with("profile_symbols_marker"), "{frames:?}");
+        assert_eq!(f.location, None);
+        // Not kept: neither in the registry nor in blazesym.
+        assert!(s.binaries.is_empty());
+        assert!(s.paths.is_empty());
+    }
+
+    #[test]
+    fn forgetting_the_last_process_closes_its_binaries() {
+        let pid = std::process::id();
+        let mut s = ProfileSymbolizer::new();
+        s.user(pid, &[profile_symbols_marker()]);
+        assert_eq!(s.binaries.len(), 1);
+        assert_eq!(s.cache_len(), 1);
+        s.forget(pid + 1);
+        assert_eq!(s.binaries.len(), 1);
+        s.forget(pid);
+        assert!(s.binaries.is_empty());
+        assert!(s.paths.is_empty());
+        assert_eq!(s.cache_len(), 0);
+        assert_eq!(s.cache_stats()[0].bytes, 0);
+    }
+
+    #[test]
     fn reaches_binaries_through_process_root() {
         // What an agent without CAP_SYS_ADMIN does, and the path a container's binaries are
         // reached through.
@@ -1156,10 +1287,11 @@ mod tests {
         assert_eq!(frames[2].function, "[kernel]+0x1");
         assert!(frames[2].kernel);
         assert_eq!(s.errors(), 1);
-        assert_eq!(s.kernel_cache.len(), 2);
-        // Answered from the cache.
+        assert!(!s.kallsyms.is_empty());
+        // Answered from the index read once.
+        let loaded = s.kernel_loaded;
         assert_eq!(s.kernel(&[addr])[0].function, name);
-        assert_eq!(s.kernel_cache.len(), 2);
+        assert_eq!(s.kernel_loaded, loaded);
         assert_eq!(s.errors(), 1);
     }
 

@@ -17,32 +17,41 @@ use std::{
     fs::File,
     io::{self, Read},
     ops::Range,
-    os::unix::fs::{FileExt, MetadataExt},
+    os::unix::fs::FileExt,
     path::PathBuf,
-    sync::Arc,
+    sync::{Arc, Weak},
     time::{Duration, Instant},
 };
+
+use super::binary::{BinaryId, ByteLru, CacheBudgets, CacheStat};
 
 use framehop::{
     ExplicitModuleSectionInfo, FrameAddress, Module, Unwinder,
     x86_64::{CacheX86_64, UnwindRegsX86_64, UnwinderX86_64},
 };
-use object::{
-    Architecture, CompressionFormat, Object, ObjectSection, ObjectSegment, ReadCache, ReadRef,
-    SegmentFlags,
-};
+use object::{Architecture, CompressionFormat, Object, ObjectSection, ObjectSegment, SegmentFlags};
 
 /// Default limit on frames per stack, leaf included. Deeper stacks are cut and reported as
 /// incomplete; the kernel side uses the same depth for frame-pointer stacks.
 pub const MAX_FRAMES: usize = 127;
 
-/// Distinct binaries whose unwind sections are kept for processes that map them later. Modules
-/// of live processes hold their own references, so eviction only costs a re-parse.
-const MAX_BINARIES: usize = 64;
+/// Estimated bytes of a cached binary besides its unwind sections (segments, ranges, the entry).
+const BINARY_OVERHEAD: usize = 512;
 
 /// Processes whose module lists are kept. Callers are expected to [`DwarfUnwinder::forget`]
 /// exited processes; the bound protects against a caller that does not.
 const MAX_PROCESSES: usize = 1024;
+
+/// How often processes that exited unnoticed are looked for.
+const SWEEP_EVERY: Duration = Duration::from_secs(10);
+
+/// Entries of the table of binaries in use past which dead ones are swept out.
+const LIVE_SWEEP_AT: usize = 256;
+
+/// Estimated bytes of a process's unwinder besides its modules.
+const PROCESS_OVERHEAD: usize = 256;
+/// Estimated bytes of one module (mapping) of a process's unwinder, without the shared sections.
+const MODULE_OVERHEAD: usize = 320;
 
 /// Minimum time between two reads of one process's maps: an address in no known module (JIT
 /// code, a library loaded since) would otherwise re-read the maps on every sample.
@@ -79,6 +88,12 @@ pub enum UnwindError {
         path: PathBuf,
         #[source]
         source: object::Error,
+    },
+    #[error("failed to map {path}")]
+    Map {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
     },
     #[error("{path} is not an x86_64 ELF file")]
     NotX86_64 { path: PathBuf },
@@ -129,28 +144,8 @@ pub struct UnwindStats {
     pub binaries_parsed: u64,
 }
 
-/// A binary's identity: device, inode, and size and modification time so that a file replaced
-/// under a reused inode is parsed again.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-struct FileKey {
-    dev: u64,
-    ino: u64,
-    size: u64,
-    mtime: i64,
-    mtime_nsec: i64,
-}
-
-impl FileKey {
-    fn of(meta: &std::fs::Metadata) -> Self {
-        Self {
-            dev: meta.dev(),
-            ino: meta.ino(),
-            size: meta.size(),
-            mtime: meta.mtime(),
-            mtime_nsec: meta.mtime_nsec(),
-        }
-    }
-}
+/// A binary's identity (shared with symbolization and the frame-pointer check).
+type FileKey = BinaryId;
 
 /// A PT_LOAD segment, to translate a mapping's file offset into the binary's addresses.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -170,9 +165,9 @@ struct Binary {
     got_svma: Option<Range<u64>>,
     eh_frame_svma: Option<Range<u64>>,
     eh_frame_hdr_svma: Option<Range<u64>>,
-    eh_frame: Option<Arc<[u8]>>,
-    eh_frame_hdr: Option<Arc<[u8]>>,
-    debug_frame: Option<Arc<[u8]>>,
+    eh_frame: Option<SectionBytes>,
+    eh_frame_hdr: Option<SectionBytes>,
+    debug_frame: Option<SectionBytes>,
 }
 
 /// What went wrong in [`Binary::parse`], before the caller adds the path.
@@ -188,9 +183,19 @@ impl From<object::Error> for ParseError {
 }
 
 impl Binary {
-    /// Reads segments and unwind sections. Only the sections are copied, not the whole file:
-    /// with a [`ReadCache`] the rest of a large binary is never read.
-    fn parse<'a, R: ReadRef<'a>>(data: R) -> Result<Self, ParseError> {
+    /// Heap bytes held: the copied sections and the segment list.
+    fn bytes(&self) -> usize {
+        let len = |s: &Option<SectionBytes>| s.as_ref().map_or(0, |s| s.len());
+        len(&self.eh_frame)
+            + len(&self.eh_frame_hdr)
+            + len(&self.debug_frame)
+            + self.segments.len() * std::mem::size_of::<Segment>()
+    }
+
+    /// Reads segments and finds the unwind sections in `image`, which the sections then refer to
+    /// (nothing is copied: of a mapped file, only the pages unwinding touches become resident).
+    fn parse(image: &Arc<Image>) -> Result<Self, ParseError> {
+        let data = image.bytes();
         let file = object::File::parse(data)?;
         if file.architecture() != Architecture::X86_64 || !file.is_64() {
             return Err(ParseError::NotX86_64);
@@ -217,12 +222,12 @@ impl Binary {
         let mut debug_frame = None;
         for section in file.sections() {
             let svma = section.address()..section.address().saturating_add(section.size());
-            let bytes = || -> Result<Option<Arc<[u8]>>, object::Error> {
+            let bytes = || -> Result<Option<SectionBytes>, object::Error> {
                 // Compressed sections would need a decompressor this build does not have.
                 if section.compressed_file_range()?.format != CompressionFormat::None {
                     return Ok(None);
                 }
-                Ok(Some(Arc::from(section.data()?)))
+                Ok(SectionBytes::within(image, section.data()?))
             };
             match section.name_bytes()? {
                 b".text" => binary.text_svma = Some(svma),
@@ -246,7 +251,7 @@ impl Binary {
         {
             let section = file.section_by_index(index)?;
             if section.compressed_file_range()?.format == CompressionFormat::None {
-                binary.debug_frame = Some(Arc::from(section.data()?));
+                binary.debug_frame = SectionBytes::within(image, section.data()?);
             }
         }
         Ok(binary)
@@ -277,7 +282,7 @@ impl Binary {
         Some(map_start.wrapping_sub(svma_at_start))
     }
 
-    fn module(&self, name: &str, avma: Range<u64>, base_avma: u64) -> Module<Arc<[u8]>> {
+    fn module(&self, name: &str, avma: Range<u64>, base_avma: u64) -> Module<SectionBytes> {
         Module::new(
             name.to_owned(),
             avma,
@@ -294,6 +299,116 @@ impl Binary {
                 ..ExplicitModuleSectionInfo::default()
             },
         )
+    }
+}
+
+/// The bytes unwind sections are read from: a binary file mapped read-only (only the pages
+/// unwinding touches become resident, and they are the page cache's, shared with the processes
+/// running the binary), or an owned copy (the vdso, read from this process's memory).
+enum Image {
+    Mapped { ptr: *const u8, len: usize },
+    Owned(Vec<u8>),
+}
+
+// SAFETY: a mapped image is read-only memory that nothing writes to while it is mapped; it is
+// unmapped only when the last reference is dropped. Reading it from several threads is fine.
+unsafe impl Send for Image {}
+// SAFETY: as above; `&Image` only gives out shared byte slices.
+unsafe impl Sync for Image {}
+
+impl Image {
+    /// Maps all of `file` read-only.
+    fn map(file: &File) -> io::Result<Self> {
+        use std::os::fd::AsRawFd as _;
+        let len = usize::try_from(file.metadata()?.len())
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "file too large to map"))?;
+        if len == 0 {
+            return Err(io::Error::new(io::ErrorKind::InvalidData, "empty file"));
+        }
+        // SAFETY: a new private read-only mapping of a file descriptor we own, at an address the
+        // kernel picks; the result is checked for MAP_FAILED before use. The mapping outlives
+        // the descriptor, which may be closed afterwards.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ,
+                libc::MAP_PRIVATE,
+                file.as_raw_fd(),
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(Self::Mapped {
+            ptr: ptr.cast::<u8>().cast_const(),
+            len,
+        })
+    }
+
+    fn bytes(&self) -> &[u8] {
+        match self {
+            // SAFETY: `ptr` is a live mapping of `len` readable bytes (see `map`), unmapped only
+            // in `drop`, so it outlives the returned borrow of `self`.
+            Self::Mapped { ptr, len } => unsafe { std::slice::from_raw_parts(*ptr, *len) },
+            Self::Owned(bytes) => bytes,
+        }
+    }
+}
+
+impl Drop for Image {
+    fn drop(&mut self) {
+        if let Self::Mapped { ptr, len } = *self {
+            // SAFETY: the mapping made in `map`, unmapped once: no slice of it outlives `self`.
+            unsafe { libc::munmap(ptr.cast_mut().cast(), len) };
+        }
+    }
+}
+
+/// A section of an [`Image`], shared by every module that uses it.
+#[derive(Clone)]
+pub struct SectionBytes {
+    image: Arc<Image>,
+    range: Range<usize>,
+}
+
+impl SectionBytes {
+    /// `section`, a slice of `image`'s bytes, as a range of it; `None` if it is not inside.
+    fn within(image: &Arc<Image>, section: &[u8]) -> Option<Self> {
+        let base = image.bytes().as_ptr() as usize;
+        let start = (section.as_ptr() as usize).checked_sub(base)?;
+        let end = start.checked_add(section.len())?;
+        (end <= image.bytes().len()).then(|| Self {
+            image: Arc::clone(image),
+            range: start..end,
+        })
+    }
+}
+
+/// No bytes (framehop's section info has a default for sections a binary lacks).
+impl Default for SectionBytes {
+    fn default() -> Self {
+        Self {
+            image: Arc::new(Image::Owned(Vec::new())),
+            range: 0..0,
+        }
+    }
+}
+
+impl std::ops::Deref for SectionBytes {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        self.image
+            .bytes()
+            .get(self.range.clone())
+            .unwrap_or_default()
+    }
+}
+
+impl std::fmt::Debug for SectionBytes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "SectionBytes({:?})", self.range)
     }
 }
 
@@ -356,7 +471,7 @@ impl Mapping {
 
 /// The modules of one process.
 struct Process {
-    unwinder: UnwinderX86_64<Arc<[u8]>>,
+    unwinder: UnwinderX86_64<SectionBytes>,
     /// Sorted by start address, as in the maps file.
     mappings: Vec<Mapping>,
     last_load: Instant,
@@ -429,13 +544,6 @@ impl Process {
     }
 }
 
-/// A parsed binary, or the memory that it failed to parse.
-struct CachedBinary {
-    key: FileKey,
-    binary: Option<Arc<Binary>>,
-    last_used: u64,
-}
-
 enum Vdso {
     NotRead,
     Ready(Arc<Binary>),
@@ -444,11 +552,15 @@ enum Vdso {
 
 /// Loads binaries for processes; kept apart from the processes so both can be borrowed at once.
 struct Loader {
-    binaries: Vec<CachedBinary>,
+    /// Parsed binaries, or `None` for the memory that one failed to parse. Sized by their unwind
+    /// sections. Modules of live processes hold their own references, so eviction only costs a
+    /// re-parse for the next process that maps the binary.
+    binaries: ByteLru<FileKey, Option<Arc<Binary>>>,
+    /// Every binary parsed that may still be in use by a process's modules.
+    live: HashMap<FileKey, Weak<Binary>>,
     vdso: Vdso,
     /// Reused for every maps read.
     maps_buf: String,
-    tick: u64,
     binaries_parsed: u64,
 }
 
@@ -458,7 +570,7 @@ impl Loader {
         pid: u32,
         mapping: &Mapping,
         path: &str,
-    ) -> Result<Module<Arc<[u8]>>, UnwindError> {
+    ) -> Result<Module<SectionBytes>, UnwindError> {
         let binary = if path == "[vdso]" {
             self.vdso()?
         } else {
@@ -496,40 +608,49 @@ impl Loader {
         let path = PathBuf::from(path);
         let key = file
             .metadata()
-            .map(|m| FileKey::of(&m))
+            .map(|m| BinaryId::of(&m))
             .map_err(|source| UnwindError::Stat {
                 path: path.clone(),
                 source,
             })?;
 
-        self.tick += 1;
-        if let Some(cached) = self.binaries.iter_mut().find(|c| c.key == key) {
-            cached.last_used = self.tick;
-            return cached.binary.clone().ok_or(UnwindError::KnownBad { path });
+        if let Some(cached) = self.binaries.get(&key) {
+            return cached.clone().ok_or(UnwindError::KnownBad { path });
         }
 
         self.binaries_parsed += 1;
-        let parsed = Binary::parse(&ReadCache::new(file)).map(Arc::new);
-        if self.binaries.len() >= MAX_BINARIES
-            && let Some(oldest) = self
-                .binaries
-                .iter()
-                .enumerate()
-                .min_by_key(|(_, c)| c.last_used)
-                .map(|(i, _)| i)
-        {
-            self.binaries.swap_remove(oldest);
+        // A binary a live process still has a module of is shared, even when the cache let go
+        // of it: one copy per binary, however many processes map it.
+        if let Some(binary) = self.live.get(&key).and_then(Weak::upgrade) {
+            let bytes = binary.bytes() + BINARY_OVERHEAD;
+            drop(self.binaries.insert(key, Some(Arc::clone(&binary)), bytes));
+            return Ok(binary);
         }
-        self.binaries.push(CachedBinary {
-            key,
-            binary: parsed.as_ref().ok().cloned(),
-            last_used: self.tick,
-        });
-        match parsed {
-            Ok(binary) => Ok(binary),
-            Err(ParseError::NotX86_64) => Err(UnwindError::NotX86_64 { path }),
-            Err(ParseError::Object(source)) => Err(UnwindError::Parse { path, source }),
+        let parsed = Image::map(&file)
+            .map_err(|source| UnwindError::Map {
+                path: path.clone(),
+                source,
+            })
+            .and_then(|image| {
+                Binary::parse(&Arc::new(image)).map_err(|e| match e {
+                    ParseError::NotX86_64 => UnwindError::NotX86_64 { path: path.clone() },
+                    ParseError::Object(source) => UnwindError::Parse {
+                        path: path.clone(),
+                        source,
+                    },
+                })
+            })
+            .map(Arc::new);
+        if self.live.len() >= LIVE_SWEEP_AT {
+            self.live.retain(|_, w| w.strong_count() > 0);
         }
+        if let Ok(binary) = &parsed {
+            self.live.insert(key, Arc::downgrade(binary));
+        }
+        let cached = parsed.as_ref().ok().cloned();
+        let bytes = cached.as_deref().map_or(0, Binary::bytes) + BINARY_OVERHEAD;
+        drop(self.binaries.insert(key, cached, bytes));
+        parsed
     }
 
     /// The vdso image mapped into this process, which every 64-bit process of this kernel maps
@@ -547,7 +668,7 @@ impl Loader {
                 return Err(UnwindError::ReadVdso { source });
             }
         };
-        match Binary::parse(&image[..]) {
+        match Binary::parse(&Arc::new(Image::Owned(image))) {
             Ok(binary) => {
                 let binary = Arc::new(binary);
                 self.vdso = Vdso::Ready(binary.clone());
@@ -586,6 +707,7 @@ pub struct DwarfUnwinder {
     max_frames: usize,
     reload_interval: Duration,
     tick: u64,
+    last_sweep: Instant,
     stats: UnwindStats,
 }
 
@@ -603,19 +725,25 @@ impl DwarfUnwinder {
 
     /// An unwinder that stops after `max_frames` frames (at least one: the sampled ip).
     pub fn with_max_frames(max_frames: usize) -> Self {
+        Self::with_budget(max_frames, CacheBudgets::default().unwind_binaries)
+    }
+
+    /// An unwinder whose cache of parsed binaries keeps within `budget` bytes.
+    pub fn with_budget(max_frames: usize, budget: usize) -> Self {
         Self {
             processes: HashMap::new(),
             loader: Loader {
-                binaries: Vec::with_capacity(MAX_BINARIES),
+                binaries: ByteLru::new("unwind_binaries", budget),
+                live: HashMap::new(),
                 vdso: Vdso::NotRead,
                 maps_buf: String::new(),
-                tick: 0,
                 binaries_parsed: 0,
             },
             cache: CacheX86_64::new(),
             max_frames: max_frames.max(1),
             reload_interval: RELOAD_INTERVAL,
             tick: 0,
+            last_sweep: Instant::now(),
             stats: UnwindStats::default(),
         }
     }
@@ -642,6 +770,22 @@ impl DwarfUnwinder {
         self.insert_process(pid)
     }
 
+    /// Size of the cache of parsed binaries, and of the processes' module lists (bounded by the
+    /// live processes, which [`forget`](Self::forget) drops as they exit).
+    pub fn cache_stats(&self) -> Vec<CacheStat> {
+        let modules: usize = self.processes.values().map(|p| p.mappings.len()).sum();
+        vec![
+            self.loader.binaries.stat(),
+            CacheStat {
+                name: "unwind_processes",
+                bytes: (self.processes.len() * PROCESS_OVERHEAD + modules * MODULE_OVERHEAD) as u64,
+                entries: self.processes.len() as u64,
+                budget: 0,
+                evictions: 0,
+            },
+        ]
+    }
+
     /// Drops what is kept for an exited process. A later process with a reused pid starts over.
     pub fn forget(&mut self, pid: u32) {
         self.processes.remove(&pid);
@@ -666,6 +810,12 @@ impl DwarfUnwinder {
         out.complete = false;
         self.stats.unwinds += 1;
         self.tick += 1;
+        if self.last_sweep.elapsed() >= SWEEP_EVERY {
+            // Processes that exited without the caller's `forget` (between two of its updates).
+            self.last_sweep = Instant::now();
+            self.processes
+                .retain(|pid, _| super::symbols::process_alive(*pid));
+        }
         if !self.processes.contains_key(&pid)
             && let Err(e) = self.insert_process(pid)
         {

@@ -539,7 +539,13 @@ pub struct ProfileOptions {
     /// Symbolize with DWARF (file:line, inline frames); off, ELF symbol tables only, which
     /// keeps a long-running agent's memory small.
     pub debug_info: bool,
+    /// Bytes the profiler's caches (symbolization, unwinding) may hold together
+    /// (`--profile-cache-bytes`).
+    pub cache_bytes: u64,
 }
+
+/// Default of `--profile-cache-bytes`.
+pub const DEFAULT_PROFILE_CACHE_BYTES: u64 = 8 << 20;
 
 impl Default for ProfileOptions {
     /// The agent's defaults: 19 Hz on-CPU, DWARF symbolization.
@@ -550,6 +556,7 @@ impl Default for ProfileOptions {
             offcpu_min_ns: DEFAULT_OFFCPU_MIN_NS,
             unwind: UnwindMode::Auto,
             debug_info: true,
+            cache_bytes: DEFAULT_PROFILE_CACHE_BYTES,
         }
     }
 }
