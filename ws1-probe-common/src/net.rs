@@ -33,6 +33,28 @@ pub const KIND_BYTES_RECEIVED: u8 = 5;
 /// Accept-side handshake: the round trip from the SYN-ACK to the client's ACK, as the kernel
 /// measured it into `tcp_sock.srtt_us` when the accepted socket became ESTABLISHED.
 pub const KIND_HANDSHAKE: u8 = 6;
+/// Requests a connection carried after its handshake exchanges (see
+/// [`SockState::handshake`]), observed when it closes: pooled clients show many per
+/// connection, clients that connect per request one (or the statements of one transaction).
+pub const KIND_CONNECTION_REQUESTS: u8 = 7;
+
+/// `le` bounds of the requests-per-connection histogram. 0 is a bound of its own: connections
+/// that closed without a request after their handshake (health checks, a client's set-up
+/// connection) are told apart from those that carried one.
+pub const REQUESTS_BOUNDS: [u64; 14] = [
+    0, 1, 2, 3, 5, 10, 20, 50, 100, 200, 500, 1_000, 10_000, 100_000,
+];
+
+/// Capacity of `NET_DEPS` (configured dependencies with handshake exchanges).
+pub const DEP_ENTRIES: u32 = 256;
+/// Service id of a dependency configured at the top level, which applies to every service.
+pub const DEP_ANY_SERVICE: u32 = u32::MAX;
+
+/// Key of `NET_DEPS`: a service id (or [`DEP_ANY_SERVICE`]) and a remote port.
+#[inline(always)]
+pub const fn dep_key(service: u32, port: u16) -> u64 {
+    ((service as u64) << 16) | port as u64
+}
 
 /// `le` bounds of the bytes-per-connection histograms: 64 B to 1 GiB in ×4 steps. Powers of
 /// two, so they are also edges of the fine buckets.
@@ -90,7 +112,7 @@ pub const SOCK_ENTRIES: u32 = 65_536;
 /// Capacity of `NET_LISTEN` (listening ports of targeted processes).
 pub const LISTEN_ENTRIES: u32 = 4_096;
 /// Endpoints (service × side × port × remote) with a slot of their own: the capacity of
-/// `NET_SLOTS` and the length of the arrays indexed by slot, `NET_COUNTERS` (per CPU, 88 bytes
+/// `NET_SLOTS` and the length of the arrays indexed by slot, `NET_COUNTERS` (per CPU, 96 bytes
 /// per slot) and `NET_REQUEST_HIST` (shared, 4.6 KB per slot: 4.7 MB). A socket's slot is found
 /// once, when the socket is created, so the per-request work indexes arrays instead of hashing
 /// keys. Slots are never given back, so every exported series stays monotonic; when they run
@@ -192,6 +214,12 @@ pub struct SockState {
     pub remote: u32,
     /// The endpoint's index in `NET_COUNTERS` and `NET_REQUEST_HIST` (see `SLOT_ENTRIES`).
     pub slot: u32,
+    /// The connection's first this many exchanges are its protocol's handshake (a configured
+    /// dependency's `handshake_exchanges`, e.g. PostgreSQL's SSL request and start-up): they
+    /// are counted in `NetCounters::handshake_exchanges`, not as requests, so neither the
+    /// request latency nor the reuse ratio sees them. 0 for every other socket.
+    pub handshake: u32,
+    pub _pad: u32,
     /// Client: SYN_SENT time until established; then the start of the pending request.
     pub ts_ns: u64,
     /// ESTABLISHED time (0 until then).
@@ -243,8 +271,11 @@ pub struct NetCounters {
     pub retransmits: u64,
     /// Completed requests.
     pub requests: u64,
-    /// Completed requests that were not the first on their connection.
+    /// Completed requests that were not the first on their connection (after its handshake).
     pub reused_requests: u64,
+    /// Completed exchanges counted as a connection's handshake (see `SockState::handshake`),
+    /// not as requests.
+    pub handshake_exchanges: u64,
     /// Connections open: +1 at ESTABLISHED, -1 (wrapping) at CLOSE, on whichever CPU, so only
     /// the sum over CPUs is meaningful (two's complement).
     pub active: u64,
@@ -357,7 +388,10 @@ mod tests {
     fn shared_types_have_no_implicit_padding() {
         use core::mem::size_of;
         assert_eq!(size_of::<NetKey>(), 4 + 2 + 1 + 1 + 4);
-        assert_eq!(size_of::<SockState>(), 4 + 2 + 1 + 1 + 4 + 4 + 9 * 8);
+        assert_eq!(
+            size_of::<SockState>(),
+            4 + 2 + 1 + 1 + 4 + 4 + 4 + 4 + 9 * 8
+        );
         assert_eq!(size_of::<RemoteAddr>(), 16);
         assert_eq!(size_of::<NetOffsets>(), 25 * 4);
     }

@@ -48,6 +48,11 @@ const RATIOS: &[(&str, &str, &str)] = &[
         "ws1_probe_request_duration_seconds",
     ),
     (
+        "ws1_probe_connections_per_request",
+        "ws1_probe_tcp_connections_total",
+        "ws1_probe_request_duration_seconds",
+    ),
+    (
         "ws1_probe_profile_truncated_stack_ratio",
         "ws1_probe_profile_truncated_samples_total",
         "ws1_probe_profile_samples_total",

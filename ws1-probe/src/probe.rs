@@ -129,7 +129,11 @@ impl Probe {
             &settings.remote_addresses,
             targets.matcher().services(),
         );
-        let mut net = NetCollector::attach(&mut ebpf, on.net, &remote)?;
+        let handshakes = netcollector::dependency_handshakes(
+            &settings.dependencies,
+            targets.matcher().services(),
+        );
+        let mut net = NetCollector::attach(&mut ebpf, on.net, &remote, &handshakes)?;
         // After attaching, so a listen() during the scan is seen by one or the other.
         net.seed_listeners(
             std::path::Path::new("/proc"),
@@ -222,6 +226,8 @@ impl Probe {
             "remote_addresses",
         );
         differs(new.map_entries != old.map_entries, "map_entries");
+        // Handshake exchanges are loaded into the kernel at start; the names go with them.
+        differs(new.dependencies != old.dependencies, "dependencies");
         let scan = self
             .targets
             .reload(new.targets.clone())
@@ -495,7 +501,15 @@ impl Probe {
             }
         };
         let mut families = metrics::syscalls::families(&snap, label, &self.bounds_ns);
-        families.extend(metrics::net::families(&net, label, &self.bounds_ns));
+        let deps = &self.settings.dependencies;
+        // By the service's own name (not its label, which may be `other`).
+        let peer = |id: u32, port: u16| {
+            if deps.is_empty() {
+                return None;
+            }
+            crate::targeting::config::peer_name(deps, services.name(id), port)
+        };
+        families.extend(metrics::net::families(&net, label, peer, &self.bounds_ns));
         families.extend(metrics::memory::families(&self.memory.snapshot(), label));
         if self.profile.is_some() {
             families.extend(metrics::profile::families(

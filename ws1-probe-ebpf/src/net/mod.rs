@@ -51,7 +51,8 @@ use aya_ebpf::{
 use ws1_probe_common::{
     hist::{DEFAULT_EXPORT_BOUNDS_NS, EXPORT_BOUND_SLOTS, LatencyHist, pad_bounds},
     net::{
-        BYTES_BOUNDS, NET_HIST_ENTRIES, NetCounters, NetKey, NetOffsets, SLOT_ENTRIES, SockState,
+        BYTES_BOUNDS, NET_HIST_ENTRIES, NetCounters, NetKey, NetOffsets, REQUESTS_BOUNDS,
+        SLOT_ENTRIES, SockState,
     },
     targets::DropReason,
 };
@@ -90,6 +91,9 @@ static NET_BOUNDS_NS: [u64; EXPORT_BOUND_SLOTS] = pad_bounds(&DEFAULT_EXPORT_BOU
 
 /// `le` bounds of the bytes-per-connection histograms, padded with `u64::MAX`.
 static NET_BYTES_BOUNDS: [u64; EXPORT_BOUND_SLOTS] = pad_bounds(&BYTES_BOUNDS);
+
+/// `le` bounds of the requests-per-connection histogram, padded with `u64::MAX`.
+static NET_REQUESTS_BOUNDS: [u64; EXPORT_BOUND_SLOTS] = pad_bounds(&REQUESTS_BOUNDS);
 
 /// Tracepoint field offsets, read by the agent from tracefs at start-up.
 #[unsafe(no_mangle)]

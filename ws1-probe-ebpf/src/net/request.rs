@@ -139,10 +139,14 @@ fn sock_length(entry: *mut SockState, sk: u64, ret: i32, send: bool) -> Result<u
             (*entry).phase = PHASE_IDLE;
             (*entry).requests = s.requests + 1;
         }
-        if let Some(hist) = NET_REQUEST_HIST.get_ptr_mut(s.slot) {
-            // SAFETY: a global the loader may have rewritten.
-            let bounds = unsafe { &*core::ptr::addr_of!(NET_BOUNDS_NS) };
-            hist::observe(hist, bounds, now.saturating_sub(s.ts_ns));
+        // The connection's first `handshake` exchanges (a configured dependency's protocol
+        // start-up) are counted apart and are not requests.
+        if s.requests >= u64::from(s.handshake) {
+            if let Some(hist) = NET_REQUEST_HIST.get_ptr_mut(s.slot) {
+                // SAFETY: a global the loader may have rewritten.
+                let bounds = unsafe { &*core::ptr::addr_of!(NET_BOUNDS_NS) };
+                hist::observe(hist, bounds, now.saturating_sub(s.ts_ns));
+            }
         }
         done = true;
     }
@@ -168,9 +172,14 @@ fn sock_length(entry: *mut SockState, sk: u64, ret: i32, send: bool) -> Result<u
             (*c).bytes_sent += sent.saturating_sub(s.flushed_sent);
             (*c).bytes_received += received.saturating_sub(s.flushed_received);
             if done {
-                (*c).requests += 1;
-                if s.requests > 0 {
-                    (*c).reused_requests += 1;
+                let handshake = u64::from(s.handshake);
+                if s.requests < handshake {
+                    (*c).handshake_exchanges += 1;
+                } else {
+                    (*c).requests += 1;
+                    if s.requests > handshake {
+                        (*c).reused_requests += 1;
+                    }
                 }
             }
         }

@@ -13,18 +13,19 @@ use aya_ebpf::{
 };
 use ws1_probe_common::{
     net::{
-        AF_INET6, IPPROTO_TCP, KIND_BYTES_RECEIVED, KIND_BYTES_SENT, KIND_CONNECT, KIND_HANDSHAKE,
-        KIND_LIFETIME, LISTEN_ENTRIES, NetKey, PHASE_IDLE, REMOTE_ENTRIES, REMOTE_NONE,
-        REMOTE_OTHER, REMOTE_SERVICE_SLOTS, RemoteAddr, SIDE_CLIENT, SIDE_SERVER, SKC_DADDR,
-        SKC_DPORT, SKC_FAMILY, SKC_NUM, SLOT_ENTRIES, SockState, TCP_CLOSE, TCP_ESTABLISHED,
-        TCP_LISTEN, TCP_SYN_RECV, TCP_SYN_SENT,
+        AF_INET6, DEP_ANY_SERVICE, DEP_ENTRIES, IPPROTO_TCP, KIND_BYTES_RECEIVED, KIND_BYTES_SENT,
+        KIND_CONNECT, KIND_CONNECTION_REQUESTS, KIND_HANDSHAKE, KIND_LIFETIME, LISTEN_ENTRIES,
+        NetKey, PHASE_IDLE, REMOTE_ENTRIES, REMOTE_NONE, REMOTE_OTHER, REMOTE_SERVICE_SLOTS,
+        RemoteAddr, SIDE_CLIENT, SIDE_SERVER, SKC_DADDR, SKC_DPORT, SKC_FAMILY, SKC_NUM,
+        SLOT_ENTRIES, SockState, TCP_CLOSE, TCP_ESTABLISHED, TCP_LISTEN, TCP_SYN_RECV,
+        TCP_SYN_SENT, dep_key,
     },
     targets::DropReason,
 };
 
 use super::{
-    NET_BYTES_BOUNDS, counters, current_service, key, now_ns, offsets, read_kernel, record,
-    record_in, srtt_ns,
+    NET_BYTES_BOUNDS, NET_REQUESTS_BOUNDS, counters, current_service, key, now_ns, offsets,
+    read_kernel, record, record_in, srtt_ns,
     store::{Hashed, Local, Store},
 };
 use crate::targets::count_drop;
@@ -43,6 +44,27 @@ static NET_REMOTE_SERVICES: Array<u32> = Array::with_max_entries(REMOTE_SERVICE_
 /// the map is full, new addresses count as `REMOTE_OTHER`.
 #[map]
 static NET_REMOTES: HashMap<u32, RemoteAddr> = HashMap::with_max_entries(REMOTE_ENTRIES, 0);
+
+/// `dep_key(service or DEP_ANY_SERVICE, remote port)` → handshake exchanges of a configured
+/// dependency (only those with a handshake); filled by the agent before the hooks attach and
+/// read once per client socket, at connect.
+#[map]
+static NET_DEPS: HashMap<u64, u32> = HashMap::with_max_entries(DEP_ENTRIES, 0);
+
+/// Handshake exchanges of connections `service` opens to `port`: the service's own dependency
+/// on that port, else one configured for every service, else 0.
+#[inline(always)]
+fn handshake_of(service: u32, port: u16) -> u32 {
+    if let Some(n) = NET_DEPS.get_ptr(&dep_key(service, port)) {
+        // SAFETY: pointer from a successful lookup.
+        return unsafe { *n };
+    }
+    match NET_DEPS.get_ptr(&dep_key(DEP_ANY_SERVICE, port)) {
+        // SAFETY: as above.
+        Some(n) => unsafe { *n },
+        None => 0,
+    }
+}
 
 /// Endpoint (service, side, port, remote; kind 0) → its slot in `NET_COUNTERS` and
 /// `NET_REQUEST_HIST`. Looked up once per socket, when it is created; entries are never removed.
@@ -128,9 +150,10 @@ fn remote_of(service: u32, read: impl FnOnce() -> Option<RemoteAddr>) -> u32 {
     }
 }
 
-/// Starts observing a socket of `endpoint` (`kind` 0), created at `now`.
+/// Starts observing a socket of `endpoint` (`kind` 0), created at `now`, whose first
+/// `handshake` exchanges are its protocol's handshake.
 #[inline(always)]
-fn track(store: &impl Store, endpoint: NetKey, now: u64) {
+fn track(store: &impl Store, endpoint: NetKey, now: u64, handshake: u32) {
     let Some(slot) = slot_of(&endpoint) else {
         return;
     };
@@ -141,6 +164,8 @@ fn track(store: &impl Store, endpoint: NetKey, now: u64) {
         phase: PHASE_IDLE,
         remote: endpoint.remote,
         slot,
+        handshake,
+        _pad: 0,
         ts_ns: now,
         established_ns: 0,
         rtt_ns: 0,
@@ -276,7 +301,7 @@ fn state_change(
             kind: 0,
             remote: remote_of(service, daddr),
         };
-        track(store, endpoint, now);
+        track(store, endpoint, now, handshake_of(service, dport));
         return;
     }
     if new == TCP_LISTEN {
@@ -303,7 +328,7 @@ fn state_change(
                     // The child's peer is the connecting client.
                     remote: remote_of(service, daddr),
                 };
-                track(store, endpoint, now);
+                track(store, endpoint, now, 0);
             }
         } else if new == TCP_CLOSE {
             // The listener itself closed (no other state follows LISTEN for it).
@@ -351,6 +376,11 @@ fn state_change(
                 &key(&s, KIND_BYTES_RECEIVED),
                 &NET_BYTES_BOUNDS,
                 s.bytes_received,
+            );
+            record_in(
+                &key(&s, KIND_CONNECTION_REQUESTS),
+                &NET_REQUESTS_BOUNDS,
+                s.requests.saturating_sub(u64::from(s.handshake)),
             );
             if let Some(c) = counters(&s) {
                 // SAFETY: per-CPU value of this CPU.

@@ -16,9 +16,10 @@ use aya::{
 use ws1_probe_common::{
     hist::LatencyHist,
     net::{
-        KIND_BYTES_RECEIVED, KIND_BYTES_SENT, KIND_CONNECT, KIND_HANDSHAKE, KIND_LIFETIME,
-        KIND_RTT, NetCounters, NetKey, REMOTE_NONE, REMOTE_OTHER, REMOTE_SERVICE_SLOTS, RemoteAddr,
-        SLOT_ENTRIES, SockState,
+        DEP_ANY_SERVICE, KIND_BYTES_RECEIVED, KIND_BYTES_SENT, KIND_CONNECT,
+        KIND_CONNECTION_REQUESTS, KIND_HANDSHAKE, KIND_LIFETIME, KIND_RTT, NetCounters, NetKey,
+        REMOTE_NONE, REMOTE_OTHER, REMOTE_SERVICE_SLOTS, RemoteAddr, SLOT_ENTRIES, SockState,
+        dep_key,
     },
 };
 
@@ -29,7 +30,10 @@ use crate::{
         attach_raw_tracepoint, attach_tracepoint, net_hook_usable, read_net_offsets,
     },
     histogram::Histogram,
-    targeting::{Matcher, ProcessInfo, ServiceTable, config::RemoteAddresses},
+    targeting::{
+        Matcher, ProcessInfo, ServiceTable,
+        config::{Dependency, RemoteAddresses},
+    },
 };
 
 /// Which end of the connection the observed process is.
@@ -99,6 +103,22 @@ pub fn remote_service_ids(setting: &RemoteAddresses, services: &ServiceTable) ->
     }
 }
 
+/// `NET_DEPS` entries (key, handshake exchanges) of the configured dependencies that have a
+/// handshake: a service's own under its id (services missing from `services` are skipped),
+/// top-level ones under `DEP_ANY_SERVICE`.
+pub fn dependency_handshakes(deps: &[Dependency], services: &ServiceTable) -> Vec<(u64, u32)> {
+    deps.iter()
+        .filter(|d| d.handshake_exchanges > 0)
+        .filter_map(|d| {
+            let id = match &d.service {
+                None => DEP_ANY_SERVICE,
+                Some(name) => (0..services.len() as u32).find(|id| services.name(*id) == name)?,
+            };
+            Some((dep_key(id, d.port), d.handshake_exchanges))
+        })
+        .collect()
+}
+
 /// Everything counted for one endpoint, summed over CPUs.
 #[derive(Clone, Debug, Default)]
 pub struct EndpointStats {
@@ -114,6 +134,9 @@ pub struct EndpointStats {
     /// Bytes per connection, observed at close (`sum_ns` holds bytes).
     pub bytes_sent: Histogram,
     pub bytes_received: Histogram,
+    /// Requests per connection after its handshake exchanges, observed at close (`sum_ns`
+    /// holds requests).
+    pub connection_requests: Histogram,
 }
 
 impl EndpointStats {
@@ -121,6 +144,13 @@ impl EndpointStats {
     pub fn reuse_ratio(&self) -> Option<f64> {
         let c = &self.counters;
         (c.requests > 0).then(|| c.reused_requests as f64 / c.requests as f64)
+    }
+
+    /// Connections established / requests, `None` without requests: about 0 for a pooled
+    /// client, 1 for one that connects per request.
+    pub fn connections_per_request(&self) -> Option<f64> {
+        let c = &self.counters;
+        (c.requests > 0).then(|| c.connections as f64 / c.requests as f64)
     }
 }
 
@@ -164,6 +194,7 @@ pub fn add_counters(a: &mut NetCounters, b: &NetCounters) {
     a.retransmits += b.retransmits;
     a.requests += b.requests;
     a.reused_requests += b.reused_requests;
+    a.handshake_exchanges += b.handshake_exchanges;
     a.active = a.active.wrapping_add(b.active);
 }
 
@@ -180,6 +211,8 @@ pub struct NetCollector {
     _remote_services: Array<MapData, u32>,
     /// Slots the kernel has not handed out yet; filled once in `attach`.
     _free_slots: Queue<MapData, u32>,
+    /// Handshake exchanges of configured dependencies; filled once in `attach`.
+    _deps: HashMap<MapData, u64, u32>,
     /// Hooks attached, as `category:name`.
     pub attached: Vec<String>,
     /// Hooks skipped, with the reason.
@@ -193,10 +226,12 @@ impl NetCollector {
     /// When `enabled` is false the maps are taken but nothing is attached: they stay empty.
     /// Connections of the services in `remote_services` (ids) are split by remote address
     /// from their creation on; a kernel whose tracepoint lacks the address is warned about.
+    /// `handshakes` are the `NET_DEPS` entries ([`dependency_handshakes`]).
     pub fn attach(
         ebpf: &mut Ebpf,
         enabled: bool,
         remote_services: &[u32],
+        handshakes: &[(u64, u32)],
     ) -> Result<Self, LoadError> {
         let offsets = read_net_offsets(std::path::Path::new(TRACEFS));
         let mut remote_on: Array<MapData, u32> = typed(
@@ -216,6 +251,16 @@ impl NetCollector {
                         source,
                     })?;
                 }
+            }
+        }
+        let mut deps: HashMap<MapData, u64, u32> = typed("NET_DEPS", take_map(ebpf, "NET_DEPS")?)?;
+        if enabled {
+            // Before the hooks attach: a client socket reads its handshake when it connects.
+            for &(key, n) in handshakes {
+                deps.insert(key, n, 0).map_err(|source| LoadError::Map {
+                    map: "NET_DEPS".to_owned(),
+                    source,
+                })?;
             }
         }
         let mut free_slots: Queue<MapData, u32> =
@@ -299,6 +344,7 @@ impl NetCollector {
             remotes: typed("NET_REMOTES", take_map(ebpf, "NET_REMOTES")?)?,
             _remote_services: remote_on,
             _free_slots: free_slots,
+            _deps: deps,
             attached,
             skipped,
         })
@@ -358,6 +404,7 @@ impl NetCollector {
                 KIND_BYTES_SENT => &mut e.bytes_sent,
                 KIND_BYTES_RECEIVED => &mut e.bytes_received,
                 KIND_HANDSHAKE => &mut e.handshake,
+                KIND_CONNECTION_REQUESTS => &mut e.connection_requests,
                 _ => continue,
             };
             h.add_kernel(&value);
@@ -541,6 +588,28 @@ mod tests {
 ";
         assert_eq!(parse_listeners(table), vec![(8080, 4242), (22, 77)]);
         assert_eq!(parse_listeners(""), vec![]);
+    }
+
+    #[test]
+    fn handshakes_of_dependencies_by_service_id_or_for_all() {
+        let mut table = ServiceTable::new(16);
+        let api = table.intern("api");
+        let dep = |service: Option<&str>, port, n| Dependency {
+            service: service.map(str::to_owned),
+            name: format!("d{port}"),
+            port,
+            handshake_exchanges: n,
+        };
+        let deps = [
+            dep(None, 5432, 2),
+            dep(Some("api"), 5433, 3),
+            dep(Some("gone"), 5434, 1),
+            dep(None, 6379, 0),
+        ];
+        assert_eq!(
+            dependency_handshakes(&deps, &table),
+            vec![(dep_key(DEP_ANY_SERVICE, 5432), 2), (dep_key(api, 5433), 3)]
+        );
     }
 
     #[test]

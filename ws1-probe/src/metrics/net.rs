@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 
 use prometheus::proto::{Metric, MetricFamily, MetricType};
-use ws1_probe_common::net::BYTES_BOUNDS;
+use ws1_probe_common::net::{BYTES_BOUNDS, REQUESTS_BOUNDS};
 
 use super::{counter, family, gauge, histogram, scaled_histogram};
 use crate::collectors::net::{EndpointStats, NetSnapshot, Remote, Side, add_counters};
@@ -12,15 +12,24 @@ use crate::collectors::net::{EndpointStats, NetSnapshot, Remote, Side, add_count
 /// by service, side and port (the remote port of connections a service opened, the local port
 /// of connections it accepted) and, for services opted in to it, the remote address (a
 /// `remote` label); the other services' series have no `remote` label, to bound cardinality.
+/// `peer` names the remote port of a service id's connections when it is a configured
+/// dependency: client-side series to it carry `peer="<name>"`, the others no `peer` label, so
+/// the label's values are the configured names only.
 pub fn families<'a>(
     snap: &NetSnapshot,
     label: impl Fn(u32) -> &'a str,
+    peer: impl Fn(u32, u16) -> Option<&'a str>,
     bounds_ns: &[u64],
 ) -> Vec<MetricFamily> {
-    let mut merged: BTreeMap<(&str, Side, u16, Option<Remote>), EndpointStats> = BTreeMap::new();
+    type Merged<'a> = (&'a str, Side, u16, Option<Remote>, Option<&'a str>);
+    let mut merged: BTreeMap<Merged<'a>, EndpointStats> = BTreeMap::new();
     for ((service, side, port, remote), e) in &snap.endpoints {
+        let named = match side {
+            Side::Client => peer(*service, *port),
+            Side::Server => None,
+        };
         let m = merged
-            .entry((label(*service), *side, *port, *remote))
+            .entry((label(*service), *side, *port, *remote, named))
             .or_default();
         add_counters(&mut m.counters, &e.counters);
         m.active += e.active;
@@ -31,6 +40,7 @@ pub fn families<'a>(
         m.handshake.add(&e.handshake);
         m.bytes_sent.add(&e.bytes_sent);
         m.bytes_received.add(&e.bytes_received);
+        m.connection_requests.add(&e.connection_requests);
     }
     let mut out: Vec<(&str, &str, MetricType, Vec<Metric>)> = vec![
         (
@@ -117,8 +127,26 @@ pub fn families<'a>(
             MetricType::HISTOGRAM,
             vec![],
         ),
+        (
+            "ws1_probe_connection_requests",
+            "Requests a TCP connection carried after its handshake exchanges, observed when it closes: many for pooled clients, one transaction's worth for clients that connect per transaction.",
+            MetricType::HISTOGRAM,
+            vec![],
+        ),
+        (
+            "ws1_probe_connection_handshake_exchanges_total",
+            "Request/response exchanges at the start of connections counted as the protocol's handshake (a dependency's handshake_exchanges), not as requests.",
+            MetricType::COUNTER,
+            vec![],
+        ),
+        (
+            "ws1_probe_connections_per_request",
+            "TCP connections established divided by requests: near 0 for pooled clients, 1 for a connection per request.",
+            MetricType::GAUGE,
+            vec![],
+        ),
     ];
-    for ((service, side, port, remote), e) in &merged {
+    for ((service, side, port, remote, named), e) in &merged {
         let port = port.to_string();
         let remote = remote.map(|r| r.to_string());
         // service, side, port[, remote]; `no_side` for the families of one side only.
@@ -129,6 +157,9 @@ pub fn families<'a>(
         ];
         if let Some(r) = &remote {
             l.push(("remote", r.as_str()));
+        }
+        if let Some(p) = named {
+            l.push(("peer", p));
         }
         let no_side: Vec<(&str, &str)> = l.iter().copied().filter(|(k, _)| *k != "side").collect();
         let dir = |d: &'static str| {
@@ -174,6 +205,18 @@ pub fn families<'a>(
                 push(13, scaled_histogram(&dir(d), h, &BYTES_BOUNDS, 1.0));
             }
         }
+        if e.connection_requests.count > 0 {
+            push(
+                14,
+                scaled_histogram(&l, &e.connection_requests, &REQUESTS_BOUNDS, 1.0),
+            );
+        }
+        if named.is_some() || c.handshake_exchanges > 0 {
+            push(15, counter(&l, c.handshake_exchanges as f64));
+        }
+        if let Some(ratio) = e.connections_per_request() {
+            push(16, gauge(&l, ratio));
+        }
     }
     out.into_iter()
         .map(|(name, help, kind, metrics)| family(name, help, kind, metrics))
@@ -208,7 +251,7 @@ mod tests {
         let mut server = EndpointStats::default();
         server.counters.bytes_received = 123;
         snap.endpoints.insert((1, Side::Server, 80, None), server);
-        let text = encode(&families(&snap, |_| "api", b));
+        let text = encode(&families(&snap, |_| "api", |_, _| None, b));
         let want = [
             "ws1_probe_tcp_connect_duration_seconds_count{service=\"api\",port=\"8080\"} 2",
             "ws1_probe_request_duration_seconds_bucket{service=\"api\",side=\"client\",port=\"8080\",le=\"0.005\"} 0",
@@ -227,6 +270,77 @@ mod tests {
         // No requests on the server endpoint: no ratio, no connect histogram for servers.
         assert!(!text.contains("ws1_probe_connection_reuse_ratio{service=\"api\",side=\"server\""));
         assert!(!text.contains("connect_duration_seconds_count{service=\"api\",port=\"80\"}"));
+    }
+
+    #[test]
+    fn peer_label_on_client_series_of_named_dependencies_only() {
+        let b = &DEFAULT_EXPORT_BOUNDS_NS;
+        let mut snap = NetSnapshot::default();
+        let client = |conns: u64, requests: u64, reused: u64, handshakes: u64| {
+            let mut e = EndpointStats::default();
+            e.counters.connections = conns;
+            e.counters.requests = requests;
+            e.counters.reused_requests = reused;
+            e.counters.handshake_exchanges = handshakes;
+            for _ in 0..requests {
+                e.request.observe(b, 300_000);
+            }
+            for _ in 0..conns {
+                e.connection_requests
+                    .observe(&REQUESTS_BOUNDS, requests / conns);
+            }
+            e
+        };
+        // Two services' clients of port 5432 (one label in the end), one of port 6379, and
+        // a server on 5432 (never a peer).
+        snap.endpoints
+            .insert((1, Side::Client, 5432, None), client(10, 10, 0, 20));
+        snap.endpoints
+            .insert((2, Side::Client, 5432, None), client(1, 100, 99, 2));
+        snap.endpoints
+            .insert((1, Side::Client, 6379, None), client(1, 4, 3, 0));
+        snap.endpoints
+            .insert((1, Side::Server, 5432, None), client(1, 1, 0, 0));
+        let peer = |_: u32, port: u16| (port == 5432).then_some("postgres");
+        let text = encode(&families(&snap, |_| "api", peer, b));
+        let pg = "service=\"api\",side=\"client\",port=\"5432\",peer=\"postgres\"";
+        let want = [
+            format!("ws1_probe_request_duration_seconds_count{{{pg}}} 110"),
+            format!("ws1_probe_connection_handshake_exchanges_total{{{pg}}} 22"),
+            format!("ws1_probe_connection_reuse_ratio{{{pg}}} 0.9"),
+            format!("ws1_probe_connections_per_request{{{pg}}} 0.1"),
+            format!("ws1_probe_connection_requests_bucket{{{pg},le=\"1\"}} 10"),
+            format!("ws1_probe_connection_requests_bucket{{{pg},le=\"50\"}} 10"),
+            format!("ws1_probe_connection_requests_bucket{{{pg},le=\"100\"}} 11"),
+            format!("ws1_probe_connection_requests_sum{{{pg}}} 110"),
+            "ws1_probe_connection_reuse_ratio{service=\"api\",side=\"client\",port=\"6379\"} 0.75"
+                .to_owned(),
+            "ws1_probe_connections_per_request{service=\"api\",side=\"server\",port=\"5432\"} 1"
+                .to_owned(),
+        ];
+        for line in &want {
+            assert!(
+                text.lines().any(|l| l == line),
+                "missing {line:?} in\n{text}"
+            );
+        }
+        // Only configured names: no peer on other ports or on the server side, and no
+        // handshake counter where no dependency is named and none was counted.
+        for l in text.lines().filter(|l| l.contains("peer=")) {
+            assert!(
+                l.contains("peer=\"postgres\",") || l.contains("peer=\"postgres\"}"),
+                "{l}"
+            );
+            assert!(
+                l.contains("port=\"5432\"") && !l.contains("side=\"server\""),
+                "{l}"
+            );
+        }
+        assert!(
+            !text.contains(
+                "handshake_exchanges_total{service=\"api\",side=\"client\",port=\"6379\""
+            )
+        );
     }
 
     #[test]
@@ -252,7 +366,7 @@ mod tests {
         plain.connect.observe(b, 40_000);
         snap.endpoints.insert((2, Side::Client, 5432, None), plain);
         let names = ["other", "api", "db"];
-        let text = encode(&families(&snap, |id| names[id as usize], b));
+        let text = encode(&families(&snap, |id| names[id as usize], |_, _| None, b));
         let want = [
             "ws1_probe_tcp_connections_total{service=\"api\",side=\"client\",port=\"5432\",remote=\"10.0.0.5\"} 3",
             "ws1_probe_tcp_connections_total{service=\"api\",side=\"client\",port=\"5432\",remote=\"2001:db8::7\"} 2",

@@ -43,6 +43,9 @@ pub struct FileConfig {
     pub histogram: HistogramSection,
     #[serde(default, rename = "service")]
     pub services: Vec<ServiceSection>,
+    /// Dependencies of every service (`[[dependency]]` at the top level).
+    #[serde(default, rename = "dependency")]
+    pub dependencies: Vec<DependencySection>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -78,6 +81,53 @@ pub struct ServiceSection {
     /// Split this service's network series by remote address (a `remote` label).
     #[serde(default)]
     pub remote_addresses: bool,
+    /// Remote ports this service connects to, by name (`[[service.dependency]]`).
+    #[serde(default, rename = "dependency")]
+    pub dependencies: Vec<DependencySection>,
+}
+
+/// `[[dependency]]` or `[[service.dependency]]`: a remote port named for the `peer` label of
+/// the client-side series of connections to it.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DependencySection {
+    pub name: Spanned<String>,
+    pub port: Option<Spanned<i64>>,
+    /// The first exchanges of each connection that are the protocol's handshake.
+    pub handshake_exchanges: Option<Spanned<i64>>,
+}
+
+/// Most handshake exchanges a dependency may declare (PostgreSQL with SCRAM over TLS needs
+/// five; more is a typo).
+pub const MAX_HANDSHAKE_EXCHANGES: i64 = 100;
+
+/// A configured dependency, resolved.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Dependency {
+    /// The service whose connections it names; `None`: every service (top level).
+    pub service: Option<String>,
+    /// The `peer` label value.
+    pub name: String,
+    /// The remote port.
+    pub port: u16,
+    /// Exchanges at the start of each connection counted as handshake, not as requests.
+    pub handshake_exchanges: u32,
+}
+
+/// The dependency name of connections `service` opens to `port`: the service's own dependency
+/// on that port, else one configured for every service.
+pub fn peer_name<'a>(deps: &'a [Dependency], service: &str, port: u16) -> Option<&'a str> {
+    let find = |own: bool| {
+        deps.iter().find(|d| {
+            d.port == port
+                && (if own {
+                    d.service.as_deref() == Some(service)
+                } else {
+                    d.service.is_none()
+                })
+        })
+    };
+    find(true).or_else(|| find(false)).map(|d| d.name.as_str())
 }
 
 /// The allocator of a precise-mode service, when not the C library's plain malloc.
@@ -194,6 +244,8 @@ pub struct Settings {
     pub labels: crate::hostlabels::LabelOptions,
     /// Map capacities set with `--map-entries`.
     pub map_entries: Vec<(String, u32)>,
+    /// Named remote ports (`peer` label) and their handshake exchanges.
+    pub dependencies: Vec<Dependency>,
 }
 
 /// Which collectors attach their programs. A collector that is off costs nothing in the
@@ -344,6 +396,112 @@ pub fn service_rules(path: &Path, text: &str, cfg: &FileConfig) -> Result<Vec<Ru
     Ok(rules)
 }
 
+/// Checks the file's dependencies (top level and per service) and resolves them. Within one
+/// scope (the top level, or one service) names and ports are unique; a service's dependency on
+/// a port takes precedence over a top-level one.
+pub fn dependencies(
+    path: &Path,
+    text: &str,
+    cfg: &FileConfig,
+) -> Result<Vec<Dependency>, ConfigError> {
+    let invalid = |offset: usize, field: &str, reason: String| ConfigError::Invalid {
+        path: path.to_owned(),
+        line: line_col(text, offset).0,
+        field: field.to_owned(),
+        reason,
+    };
+    let scopes = std::iter::once((None, "dependency", &cfg.dependencies)).chain(
+        cfg.services.iter().map(|s| {
+            (
+                Some(s.name.get_ref().clone()),
+                "service.dependency",
+                &s.dependencies,
+            )
+        }),
+    );
+    let mut out = Vec::new();
+    for (service, table, deps) in scopes {
+        let first = out.len();
+        for d in deps {
+            let name = d.name.get_ref();
+            let name_at = d.name.span().start;
+            let field = |f: &str| format!("{table}.{f}");
+            if name.trim().is_empty() {
+                return Err(invalid(
+                    name_at,
+                    &field("name"),
+                    "empty name: give the `peer` label value, e.g. name = \"postgres\"".into(),
+                ));
+            }
+            let Some(port) = &d.port else {
+                return Err(invalid(
+                    name_at,
+                    &field("port"),
+                    format!("dependency `{name}` has no port: add e.g. port = 5432"),
+                ));
+            };
+            let Ok(port_value) = u16::try_from(*port.get_ref()) else {
+                return Err(invalid(
+                    port.span().start,
+                    &field("port"),
+                    format!("{} is not a TCP port: give 1 to 65535", port.get_ref()),
+                ));
+            };
+            if port_value == 0 {
+                return Err(invalid(
+                    port.span().start,
+                    &field("port"),
+                    "0 is not a TCP port: give 1 to 65535".into(),
+                ));
+            }
+            let handshake_exchanges = match &d.handshake_exchanges {
+                None => 0,
+                Some(h) => match u32::try_from(*h.get_ref()) {
+                    Ok(n) if i64::from(n) <= MAX_HANDSHAKE_EXCHANGES => n,
+                    _ => {
+                        return Err(invalid(
+                            h.span().start,
+                            &field("handshake_exchanges"),
+                            format!(
+                                "{} is not a number of exchanges: give 0 to {MAX_HANDSHAKE_EXCHANGES}",
+                                h.get_ref()
+                            ),
+                        ));
+                    }
+                },
+            };
+            let scope: &[Dependency] = &out[first..];
+            if let Some(other) = scope.iter().find(|o| o.name == *name) {
+                return Err(invalid(
+                    name_at,
+                    &field("name"),
+                    format!(
+                        "duplicate dependency `{name}` (already port {}): give each name once",
+                        other.port
+                    ),
+                ));
+            }
+            if let Some(other) = scope.iter().find(|o| o.port == port_value) {
+                return Err(invalid(
+                    port.span().start,
+                    &field("port"),
+                    format!(
+                        "port {port_value} is already dependency `{}`: one name per port",
+                        other.name
+                    ),
+                ));
+            }
+            out.push(Dependency {
+                service: service.clone(),
+                name: name.clone(),
+                port: port_value,
+                handshake_exchanges,
+            });
+        }
+    }
+    Ok(out)
+}
+
 /// Converts configured bucket bounds in seconds to nanoseconds, checking order and count.
 pub fn bounds_from_seconds(secs: &[f64]) -> Result<Vec<u64>, String> {
     if secs.is_empty() || secs.len() > MAX_EXPORT_BOUNDS {
@@ -416,6 +574,11 @@ pub fn resolve(
     };
 
     let file_rules = service_rules(&path, &text, &file)?;
+    let mut dependencies = dependencies(&path, &text, &file)?;
+    if !selectors.is_empty() {
+        // Selectors replace the file's services, and with them their dependencies.
+        dependencies.retain(|d| d.service.is_none());
+    }
     let precise_alloc = if flags.precise_alloc {
         if selectors.is_empty() && file_rules.is_empty() {
             return Err(ConfigError::BadValue {
@@ -504,6 +667,7 @@ pub fn resolve(
         precise_alloc,
         remote_addresses,
         allocators,
+        dependencies,
     })
 }
 
@@ -811,6 +975,121 @@ match = { exe = "/opt/ws1/bin/risk$", pid = 77 }
         assert!(err.starts_with("/etc/ws1.toml:4:"), "{err}");
         assert!(err.contains("expected a boolean"), "{err}");
         assert!(!err.contains('\n'));
+    }
+
+    fn deps_of(text: &str) -> Result<Vec<Dependency>, String> {
+        let path = Path::new("/etc/ws1.toml");
+        let cfg = parse(path, text).map_err(|e| e.to_string())?;
+        dependencies(path, text, &cfg).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn dependencies_per_service_and_for_every_service() {
+        let text = "[[dependency]]\nname = \"cache\"\nport = 6379\n\
+                    [[dependency]]\nname = \"pg\"\nport = 5432\n\
+                    [[service]]\nname = \"api\"\nmatch = { comm = \"api\" }\n\
+                    [[service.dependency]]\nname = \"postgres\"\nport = 5432\nhandshake_exchanges = 2\n";
+        let deps = deps_of(text).unwrap();
+        assert_eq!(
+            deps,
+            vec![
+                Dependency {
+                    service: None,
+                    name: "cache".into(),
+                    port: 6379,
+                    handshake_exchanges: 0
+                },
+                Dependency {
+                    service: None,
+                    name: "pg".into(),
+                    port: 5432,
+                    handshake_exchanges: 0
+                },
+                Dependency {
+                    service: Some("api".into()),
+                    name: "postgres".into(),
+                    port: 5432,
+                    handshake_exchanges: 2
+                },
+            ]
+        );
+        // The service's own name wins on its port; other services get the top-level one.
+        assert_eq!(peer_name(&deps, "api", 5432), Some("postgres"));
+        assert_eq!(peer_name(&deps, "worker", 5432), Some("pg"));
+        assert_eq!(peer_name(&deps, "api", 6379), Some("cache"));
+        assert_eq!(peer_name(&deps, "api", 80), None);
+        // Selectors replace the file's services and their dependencies, not the top level's.
+        let path = write_tmp("deps", text);
+        let flags = FlagOverrides {
+            config: Some(path.clone()),
+            ..Default::default()
+        };
+        let with_file = resolve(&flags, vec![], no_env).unwrap();
+        assert_eq!(with_file.dependencies.len(), 3);
+        let with_selector = resolve(&flags, vec![Rule::labeled(None)], no_env).unwrap();
+        assert_eq!(
+            with_selector
+                .dependencies
+                .iter()
+                .map(|d| d.name.as_str())
+                .collect::<Vec<_>>(),
+            ["cache", "pg"]
+        );
+        std::fs::remove_file(path).unwrap();
+    }
+
+    #[test]
+    fn bad_dependencies_name_file_line_and_fix() {
+        let svc = "[[service]]\nname = \"api\"\nmatch = { comm = \"api\" }\n";
+        let cases = [
+            (
+                format!("{svc}[[service.dependency]]\nname = \"postgres\"\n"),
+                "/etc/ws1.toml:5: service.dependency.port: dependency `postgres` has no port: add e.g. port = 5432",
+            ),
+            (
+                "[[dependency]]\nname = \"pg\"\nport = 0\n".to_owned(),
+                "/etc/ws1.toml:3: dependency.port: 0 is not a TCP port: give 1 to 65535",
+            ),
+            (
+                "[[dependency]]\nname = \"pg\"\nport = 70000\n".to_owned(),
+                "/etc/ws1.toml:3: dependency.port: 70000 is not a TCP port: give 1 to 65535",
+            ),
+            (
+                format!(
+                    "{svc}[[service.dependency]]\nname = \"pg\"\nport = 5432\n[[service.dependency]]\nname = \"pg\"\nport = 5433\n"
+                ),
+                "/etc/ws1.toml:8: service.dependency.name: duplicate dependency `pg` (already port 5432): give each name once",
+            ),
+            (
+                "[[dependency]]\nname = \"a\"\nport = 1\n[[dependency]]\nname = \"b\"\nport = 1\n"
+                    .to_owned(),
+                "/etc/ws1.toml:6: dependency.port: port 1 is already dependency `a`: one name per port",
+            ),
+            (
+                "[[dependency]]\nname = \"pg\"\nport = 5432\nhandshake_exchanges = -1\n".to_owned(),
+                "/etc/ws1.toml:4: dependency.handshake_exchanges: -1 is not a number of exchanges: give 0 to 100",
+            ),
+            (
+                "[[dependency]]\nname = \"\"\nport = 5432\n".to_owned(),
+                "/etc/ws1.toml:2: dependency.name: empty name: give the `peer` label value, e.g. name = \"postgres\"",
+            ),
+        ];
+        for (text, want) in cases {
+            assert_eq!(deps_of(&text).unwrap_err(), want, "{text}");
+        }
+        // The same name in two scopes is fine (a service's own name for a port).
+        assert!(
+            deps_of(&format!(
+                "[[dependency]]\nname = \"pg\"\nport = 5432\n{svc}[[service.dependency]]\nname = \"pg\"\nport = 5432\n"
+            ))
+            .is_ok()
+        );
+        // Unknown fields are caught by the parser, with their line.
+        let err = deps_of("[[dependency]]\nname = \"pg\"\nprot = 5432\n").unwrap_err();
+        assert!(
+            err.starts_with("/etc/ws1.toml:3:") && err.contains("prot"),
+            "{err}"
+        );
     }
 
     #[test]
