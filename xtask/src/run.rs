@@ -127,6 +127,8 @@ fn parse_test_result(line: &str) -> Option<(u64, u64)> {
 fn privileged_tests(args: &[String]) -> Result<(u64, u64)> {
     // The profiler tests read its pprof output with the Go pprof tool.
     let pprof = tools::ensure_pprof()?;
+    // The dependency tests start a private PostgreSQL cluster and drive it with pgbench.
+    tools::ensure_postgres()?;
     let mut build = cargo();
     build.args([
         "build",

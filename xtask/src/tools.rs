@@ -91,6 +91,16 @@ pub fn ensure_pprof() -> Result<PathBuf> {
     Ok(pprof)
 }
 
+/// Debian's PostgreSQL (server, initdb, pg_ctl and pgbench, in `/usr/lib/postgresql/<major>/bin`),
+/// which `tests/tests/postgres.rs` starts a private cluster of and drives with pgbench.
+const POSTGRES_PACKAGES: &[&str] = &["postgresql"];
+
+/// Makes sure PostgreSQL is installed for the dependency tests. The package may start its
+/// default cluster on 5432; the tests use their own on a free port and leave it alone.
+pub fn ensure_postgres() -> Result<()> {
+    ensure_debian_packages(POSTGRES_PACKAGES)
+}
+
 fn is_executable(path: &Path) -> bool {
     fs::metadata(path).is_ok_and(|meta| meta.is_file() && meta.permissions().mode() & 0o111 != 0)
 }
