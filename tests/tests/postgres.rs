@@ -18,7 +18,7 @@ use std::{
     process::Command,
 };
 
-use ws1_probe_tests::{Agent, Metrics, free_port, privileged};
+use ws1_probe_tests::{Agent, Metrics, free_port, privileged, run_probe};
 
 const REQUEST: &str = "ws1_probe_request_duration_seconds";
 const PER_CONN: &str = "ws1_probe_connection_requests";
@@ -171,6 +171,7 @@ impl Drop for Cluster {
     fn drop(&mut self) {
         if self.started {
             let stop = Command::new("runuser")
+                .current_dir("/")
                 .args(["-u", "postgres", "--"])
                 .arg(self.bin.join("pg_ctl"))
                 .args(["-D", &self.data(), "-m", "immediate", "-w", "stop"])
@@ -363,4 +364,38 @@ fn pooled_and_unpooled_pgbench_told_apart() {
     let per_request = |l: [(&str, &str); 4]| m.get("ws1_probe_connections_per_request", &l);
     assert_eq!(per_request(pooled), Some(3.0 / 200.0));
     assert_eq!(per_request(unpooled), Some(21.0 / 20.0));
+}
+
+#[test]
+fn bad_dependency_entries_are_one_error_line_each() {
+    // The agent refuses the file before it loads anything, so no privilege is needed.
+    let dir = std::env::temp_dir().join(format!("ws1-pg-bad-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("create temp dir");
+    let cases = [
+        (
+            "[[dependency]]\nname = \"postgres\"\n",
+            "ws1.toml:2: dependency.port: dependency `postgres` has no port: add e.g. port = 5432",
+        ),
+        (
+            "[[dependency]]\nname = \"postgres\"\nport = 0\n",
+            "ws1.toml:3: dependency.port: 0 is not a TCP port: give 1 to 65535",
+        ),
+        (
+            "[[dependency]]\nname = \"pg\"\nport = 5432\n[[dependency]]\nname = \"pg\"\nport = 5433\n",
+            "ws1.toml:5: dependency.name: duplicate dependency `pg` (already port 5432): give each name once",
+        ),
+    ];
+    for (text, want) in cases {
+        let config = write_config(&dir, text);
+        let out = run_probe(&["agent", "--listen", "127.0.0.1:0", "--config", &config]);
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        let lines: Vec<&str> = stderr.lines().filter(|l| !l.is_empty()).collect();
+        assert_eq!(out.status.code(), Some(1), "{text}: {stderr}");
+        assert_eq!(lines.len(), 1, "{text}: {stderr}");
+        assert!(
+            lines[0].starts_with("error: ") && lines[0].ends_with(want),
+            "{text}: {stderr}"
+        );
+    }
+    std::fs::remove_dir_all(&dir).expect("remove temp dir");
 }
