@@ -15,6 +15,7 @@ use crate::{
         memory::MemoryCollector,
         net::{self as netcollector, NetCollector, NetSnapshot},
         profile::{self as profilecollector, ProfileCollector, RawProfile},
+        sched::SchedCollector,
         syscalls::{SyscallCollector, SyscallSnapshot},
         targets::{ScanSummary, Targets},
     },
@@ -71,6 +72,8 @@ pub struct Probe {
     pub syscalls: SyscallCollector,
     pub net: NetCollector,
     pub memory: MemoryCollector,
+    /// Process starts, exits and crashes (always), run-queue latency (`sched`).
+    pub sched: SchedCollector,
     /// The profiler, when on (agent default: 19 Hz on-CPU).
     pub profile: Option<ProfileCollector>,
     /// Symbolized profile windows and per-service sample totals.
@@ -137,6 +140,7 @@ impl Probe {
             targets.matcher().clone(),
         );
         let memory = MemoryCollector::attach(&mut ebpf, on.memory)?;
+        let sched = SchedCollector::attach(&mut ebpf, on.sched)?;
         let profile = if on.profile
             && (settings.profile.frequency_hz > 0 || settings.profile.off_cpu)
         {
@@ -171,6 +175,7 @@ impl Probe {
             syscalls,
             net,
             memory,
+            sched,
             alloc: None,
             precise: PreciseAlloc::Off,
             settings: settings.clone(),
@@ -325,6 +330,7 @@ impl Probe {
     /// (which walk the outstanding allocations, so at most every 30 s).
     pub fn tick(&mut self) {
         self.sample_memory();
+        self.log_crashes();
         self.warn_drops();
         // Host mode: rank and reclaim between scrapes too (after the first, which ranks what
         // ran since start), so one-shot commands free their map entries even when nobody
@@ -364,6 +370,14 @@ impl Probe {
         }
     }
 
+    /// Logs one line per process of a service killed by a signal (crash detection).
+    pub fn log_crashes(&mut self) {
+        let services = self.targets.matcher().services();
+        for crash in self.sched.crashes() {
+            tracing::warn!("{}", crash.line(services.name(crash.service)));
+        }
+    }
+
     /// Logs one warning per full map per interval (see [`crate::drops`]).
     fn warn_drops(&mut self) {
         let usage: Vec<_> = self
@@ -372,6 +386,7 @@ impl Probe {
             .into_iter()
             .chain(self.syscalls.usage())
             .chain(self.net.usage())
+            .chain(self.sched.usage())
             .collect();
         let capacity = |map: &str| usage.iter().find(|u| u.map == map).map(|u| u.capacity);
         for line in self
@@ -466,6 +481,10 @@ impl Probe {
         let targeted = self.targets.targeted_by_service();
         let snap = self.syscalls.snapshot();
         let net: NetSnapshot = self.net.snapshot();
+        self.log_crashes();
+        let starts = self.targets.take_exec_starts();
+        self.sched.add_exec_starts(&starts);
+        let sched = self.sched.snapshot();
         // Rank by calls; a service with live processes but no calls yet is ranked too (with 0),
         // so its processes are not reported as `other` while it is idle.
         let mut activity = snap.calls_by_service();
@@ -497,6 +516,7 @@ impl Probe {
         let mut families = metrics::syscalls::families(&snap, label, &self.bounds_ns);
         families.extend(metrics::net::families(&net, label, &self.bounds_ns));
         families.extend(metrics::memory::families(&self.memory.snapshot(), label));
+        families.extend(metrics::sched::families(&sched, label, &self.bounds_ns));
         if self.profile.is_some() {
             families.extend(metrics::profile::families(
                 &self.profiles.totals,
@@ -526,6 +546,7 @@ impl Probe {
             // Their counts were read above; the kernel entries of gone, idle ids are deleted
             // so the maps hold what runs now (see ARCHITECTURE.md, Map sizes).
             self.memory.reclaim(&gone);
+            self.sched.reclaim(&gone);
             if self.syscalls.reclaim(&gone) > 0 {
                 for id in &gone {
                     h.policy
@@ -550,6 +571,7 @@ impl Probe {
                 .into_iter()
                 .chain(self.syscalls.usage())
                 .chain(self.net.usage())
+                .chain(self.sched.usage())
                 .chain(self.profile.iter().flat_map(|p| p.map_usage()))
                 .collect(),
             drops: self
