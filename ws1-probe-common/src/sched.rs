@@ -25,12 +25,7 @@ pub enum ProcEvent {
 }
 
 impl ProcEvent {
-    pub const ALL: [ProcEvent; 4] = [
-        Self::Start,
-        Self::ExitOk,
-        Self::ExitError,
-        Self::ExitSignal,
-    ];
+    pub const ALL: [ProcEvent; 4] = [Self::Start, Self::ExitOk, Self::ExitError, Self::ExitSignal];
 
     pub const fn from_u32(v: u32) -> Option<Self> {
         match v {

@@ -29,8 +29,8 @@ use aya_ebpf::{
 use ws1_probe_common::{
     hist::{DEFAULT_EXPORT_BOUNDS_NS, EXPORT_BOUND_SLOTS, LatencyHist, pad_bounds},
     sched::{
-        CRASH_RINGBUF_BYTES, CrashEvent, PROC_EVENT_ENTRIES, ProcEvent, ProcKey,
-        RUNQ_HIST_ENTRIES, RunqStart, SchedSettings, exit_event,
+        CRASH_RINGBUF_BYTES, CrashEvent, PROC_EVENT_ENTRIES, ProcEvent, ProcKey, RUNQ_HIST_ENTRIES,
+        RunqStart, SchedSettings, exit_event,
     },
     targets::DropReason,
 };
@@ -187,8 +187,9 @@ fn enqueue(task: *mut c_void, s: &SchedSettings) {
     let flags = u64::from(BPF_LOCAL_STORAGE_GET_F_CREATE);
     // SAFETY: `task` is a trusted task pointer from the tracepoint's arguments; the map is a
     // task storage map with `RunqStart` values.
-    let start = unsafe { bpf_task_storage_get(RUNQ_START.as_ptr(), task.cast(), null_mut(), flags) }
-        .cast::<RunqStart>();
+    let start =
+        unsafe { bpf_task_storage_get(RUNQ_START.as_ptr(), task.cast(), null_mut(), flags) }
+            .cast::<RunqStart>();
     if start.is_null() {
         // Out of memory, or the helper refused a nested run on this CPU.
         return;
@@ -224,15 +225,19 @@ pub fn try_switch(ctx: &BtfTracePointContext) -> Result<u32, i64> {
     let next: *mut c_void = ctx.arg(2);
     if s.task_bpf_storage != u32::MAX {
         // SAFETY: as in `tgid_of`; the pointer is only compared with NULL.
-        let storage = unsafe { *next.cast::<u8>().add(s.task_bpf_storage as usize).cast::<u64>() };
+        let storage = unsafe {
+            *next
+                .cast::<u8>()
+                .add(s.task_bpf_storage as usize)
+                .cast::<u64>()
+        };
         if storage == 0 {
             return Ok(0);
         }
     }
     // SAFETY: a trusted task pointer; no creation.
-    let start =
-        unsafe { bpf_task_storage_get(RUNQ_START.as_ptr(), next.cast(), null_mut(), 0) }
-            .cast::<RunqStart>();
+    let start = unsafe { bpf_task_storage_get(RUNQ_START.as_ptr(), next.cast(), null_mut(), 0) }
+        .cast::<RunqStart>();
     if start.is_null() {
         return Ok(0);
     }

@@ -7,7 +7,7 @@
 //!   they wait for each other on that CPU's run queue; replies `ok`
 //! - `pingpong N`: two threads pinned to CPU 0 pass a byte back and forth over two pipes N
 //!   times (2N context switches at least); replies `ok <elapsed ns>` (the benchmark's loop)
-//! - `exit`: exits 0
+//! - `exit`: replies `ok` and exits 0
 //!
 //! The workload prints `ready <pid>` first.
 
@@ -170,7 +170,7 @@ fn run(line: &str) -> Result<String, String> {
             Ok("ok".to_owned())
         }
         Some("pingpong") => Ok(format!("ok {}", pingpong(num(1)?)?)),
-        Some("exit") => std::process::exit(0),
+        Some("exit") => Ok("ok".to_owned()),
         _ => Err(format!("unknown command {line:?}")),
     }
 }
@@ -185,5 +185,8 @@ fn main() {
         let reply = run(&line).unwrap_or_else(|e| format!("error {e}"));
         let _ = writeln!(out, "{reply}");
         let _ = out.flush();
+        if line.trim() == "exit" {
+            break;
+        }
     }
 }

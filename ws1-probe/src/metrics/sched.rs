@@ -81,9 +81,7 @@ mod tests {
         let label = |id: u32| if id == 1 { "engine" } else { "other" };
         let text = encode(&families(&snap, label, &[1_000]));
         assert!(text.contains("ws1_probe_process_starts_total{service=\"engine\"} 5"));
-        assert!(
-            text.contains("ws1_probe_process_exits_total{service=\"engine\",reason=\"ok\"} 2")
-        );
+        assert!(text.contains("ws1_probe_process_exits_total{service=\"engine\",reason=\"ok\"} 2"));
         assert!(
             text.contains("ws1_probe_process_exits_total{service=\"engine\",reason=\"signal\"} 1")
         );
