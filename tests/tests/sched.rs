@@ -112,3 +112,53 @@ fn collectors_without_sched_still_count_exits_but_no_waits() {
         "run-queue programs are off"
     );
 }
+
+/// Sum of a family's samples with `labels`, over every service label.
+fn total(m: &Metrics, name: &str, labels: &[(&str, &str)]) -> f64 {
+    m.samples
+        .iter()
+        .filter(|(n, l, _)| {
+            n == name
+                && labels
+                    .iter()
+                    .all(|(k, v)| l.iter().any(|(lk, lv)| lk == k && lv == v))
+        })
+        .map(|(_, _, v)| *v)
+        .sum()
+}
+
+#[test]
+fn host_mode_counts_exits_and_waits_and_names_the_crashed_command() {
+    if !privileged() {
+        return;
+    }
+    const SERVICE: &str = "w-hostsched";
+    let mut w = Workload::spawn_program(&schedload_bin(), SERVICE);
+    let agent = Agent::start_logged(&["--collectors", "sched"]);
+    let before = agent.metrics();
+    w.cmd("children error 3");
+    let crashed = w.cmd("children segv 1");
+    let pid = crashed.split_whitespace().nth(1).expect("pid of the child");
+    w.cmd("contend 3 500");
+    let after = agent.metrics();
+    // Other processes of the host may exit meanwhile, so the totals grow by at least ours.
+    let grew = |reason: &str| {
+        total(&after, EXITS, &[("reason", reason)]) - total(&before, EXITS, &[("reason", reason)])
+    };
+    assert!(grew("error") >= 3.0, "{}", after.text);
+    assert!(grew("signal") >= 1.0);
+    assert!(total(&after, STARTS, &[]) - total(&before, STARTS, &[]) >= 4.0);
+    assert!(total(&after, &format!("{RUNQ}_count"), &[]) > 0.0);
+    // The crash line names the command (host mode's service names are command names).
+    let expected = format!("service {SERVICE}: process {pid} ({SERVICE}) killed by SIGSEGV");
+    agent.wait_for_log(&expected, Duration::from_secs(10));
+    // Counters never go backwards across host mode's label updates.
+    for (name, labels, v) in &before.samples {
+        if name.starts_with("ws1_probe_process_") || name.starts_with(RUNQ) {
+            let now = after.samples.iter().find(|(n, l, _)| n == name && l == labels);
+            if let Some((_, _, now)) = now {
+                assert!(now >= v, "{name} {labels:?} went from {v} back to {now}");
+            }
+        }
+    }
+}

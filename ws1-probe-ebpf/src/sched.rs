@@ -181,7 +181,13 @@ fn enqueue(task: *mut c_void, s: &SchedSettings) {
     if s.task_tgid == u32::MAX {
         return;
     }
-    let Some(service) = service_of(tgid_of(task.cast(), s.task_tgid)) else {
+    let tgid = tgid_of(task.cast(), s.task_tgid);
+    // The idle tasks (pid 0, one per CPU) are always runnable and run only when nothing else
+    // is: their "waits" are not latency (host mode would count them as `other`).
+    if tgid == 0 {
+        return;
+    }
+    let Some(service) = service_of(tgid) else {
         return;
     };
     let flags = u64::from(BPF_LOCAL_STORAGE_GET_F_CREATE);
