@@ -155,7 +155,10 @@ fn host_mode_counts_exits_and_waits_and_names_the_crashed_command() {
     // Counters never go backwards across host mode's label updates.
     for (name, labels, v) in &before.samples {
         if name.starts_with("ws1_probe_process_") || name.starts_with(RUNQ) {
-            let now = after.samples.iter().find(|(n, l, _)| n == name && l == labels);
+            let now = after
+                .samples
+                .iter()
+                .find(|(n, l, _)| n == name && l == labels);
             if let Some((_, _, now)) = now {
                 assert!(now >= v, "{name} {labels:?} went from {v} back to {now}");
             }

@@ -8,6 +8,9 @@ pub const RUNQ_HIST_ENTRIES: u32 = 1_024;
 pub const PROC_EVENT_ENTRIES: u32 = 4 * crate::targets::COMM_ENTRIES;
 /// Size of the crash event ring buffer in bytes (crashes are rare; 64 KiB holds ~1500).
 pub const CRASH_RINGBUF_BYTES: u32 = 64 * 1024;
+/// Capacity of `RUNQ_START_TID`, the raw tracepoints' enqueue times by thread id (an LRU:
+/// threads that exit while runnable are evicted, not leaked).
+pub const RUNQ_TID_ENTRIES: u32 = 16_384;
 
 /// What happened to a process of a service; the `event` of a `ProcKey`.
 #[repr(u32)]
@@ -105,7 +108,8 @@ pub struct SchedSettings {
     /// `task_struct.bpf_storage`: lets the switch-in skip tasks without local storage before
     /// the helper call.
     pub task_bpf_storage: u32,
-    pub _pad: u32,
+    /// `task_struct.pid` (the thread id): the raw tracepoints' key in `RUNQ_START_TID`.
+    pub task_pid: u32,
 }
 
 impl SchedSettings {
@@ -113,7 +117,7 @@ impl SchedSettings {
         task_tgid: u32::MAX,
         task_exit_code: u32::MAX,
         task_bpf_storage: u32::MAX,
-        _pad: 0,
+        task_pid: u32::MAX,
     };
 }
 

@@ -188,6 +188,21 @@ pub fn sched_switch_btf(ctx: BtfTracePointContext) -> i32 {
     sched::try_switch(&ctx).map_or(0, |r| r as i32)
 }
 
+#[raw_tracepoint(tracepoint = "sched_wakeup")]
+pub fn sched_wakeup_raw(ctx: RawTracePointContext) -> i32 {
+    sched::try_wakeup_raw(&ctx).map_or(0, |r| r as i32)
+}
+
+#[raw_tracepoint(tracepoint = "sched_wakeup_new")]
+pub fn sched_wakeup_new_raw(ctx: RawTracePointContext) -> i32 {
+    sched::try_wakeup_raw(&ctx).map_or(0, |r| r as i32)
+}
+
+#[raw_tracepoint(tracepoint = "sched_switch")]
+pub fn sched_switch_raw(ctx: RawTracePointContext) -> i32 {
+    sched::try_switch_raw(&ctx).map_or(0, |r| r as i32)
+}
+
 // --- allocations (precise mode) ---
 
 #[uprobe]

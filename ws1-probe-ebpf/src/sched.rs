@@ -23,14 +23,14 @@ use aya_ebpf::{
         generated::bpf_task_storage_get,
     },
     macros::{btf_map, map},
-    maps::{HashMap, PerCpuHashMap, RingBuf},
-    programs::BtfTracePointContext,
+    maps::{HashMap, LruHashMap, PerCpuHashMap, RingBuf},
+    programs::{BtfTracePointContext, RawTracePointContext},
 };
 use ws1_probe_common::{
     hist::{DEFAULT_EXPORT_BOUNDS_NS, EXPORT_BOUND_SLOTS, LatencyHist, pad_bounds},
     sched::{
         CRASH_RINGBUF_BYTES, CrashEvent, PROC_EVENT_ENTRIES, ProcEvent, ProcKey, RUNQ_HIST_ENTRIES,
-        RunqStart, SchedSettings, exit_event,
+        RUNQ_TID_ENTRIES, RunqStart, SchedSettings, exit_event,
     },
     targets::DropReason,
 };
@@ -74,6 +74,12 @@ impl<T> TaskStorage<T> {
 /// When each runnable thread of a targeted process became runnable (see the module comment).
 #[btf_map]
 static RUNQ_START: TaskStorage<RunqStart> = TaskStorage::new();
+
+/// Thread id → when it became runnable: `RUNQ_START` for the raw tracepoint fallback, whose
+/// task pointers are plain numbers the storage helper does not accept.
+#[map]
+static RUNQ_START_TID: LruHashMap<u32, RunqStart> =
+    LruHashMap::with_max_entries(RUNQ_TID_ENTRIES, 0);
 
 /// Service id → run-queue latency histogram, shared by all CPUs (see hist.rs).
 #[map]
@@ -247,10 +253,17 @@ pub fn try_switch(ctx: &BtfTracePointContext) -> Result<u32, i64> {
     if start.is_null() {
         return Ok(0);
     }
-    // SAFETY: non-null storage of `next`, valid while the program runs.
+    switched_in(start);
+    Ok(0)
+}
+
+/// A waiting thread got the CPU: its wait since `start` goes into its service's histogram.
+#[inline(always)]
+fn switched_in(start: *mut RunqStart) {
+    // SAFETY: `start` is the thread's storage or map value, valid while the program runs.
     let (ts, service) = unsafe { ((*start).ts_ns, (*start).service) };
     if ts == 0 {
-        return Ok(0);
+        return;
     }
     // SAFETY: as above.
     unsafe { (*start).ts_ns = 0 };
@@ -259,6 +272,80 @@ pub fn try_switch(ctx: &BtfTracePointContext) -> Result<u32, i64> {
     match hist::get_or_create(&RUNQ_HIST, &service) {
         Some(h) => hist::observe(h, bounds(), wait),
         None => count_drop(DropReason::SchedMapFull),
+    }
+}
+
+/// A `u32` member of the task at `task` (a kernel address), read with `bpf_probe_read_kernel`.
+#[inline(always)]
+fn task_u32(task: u64, off: u32) -> Option<u32> {
+    if off == u32::MAX {
+        return None;
+    }
+    let at = task.wrapping_add(u64::from(off)) as *const u32;
+    // SAFETY: bpf_probe_read_kernel checks the address; the offset comes from BTF.
+    unsafe { bpf_probe_read_kernel(at) }.ok()
+}
+
+/// The raw tracepoints' `enqueue`: the enqueue time goes into `RUNQ_START_TID`.
+#[inline(always)]
+fn enqueue_raw(task: u64, s: &SchedSettings) -> Option<()> {
+    let tgid = task_u32(task, s.task_tgid)?;
+    if tgid == 0 {
+        return None;
+    }
+    let service = service_of(tgid)?;
+    let tid = task_u32(task, s.task_pid)?;
+    // SAFETY: no preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
+    match RUNQ_START_TID.get_ptr_mut(&tid) {
+        // SAFETY: the map value of this thread; only the scheduler hooks of its run queue
+        // write it.
+        Some(start) => unsafe {
+            (*start).ts_ns = now;
+            (*start).service = service;
+        },
+        None => {
+            let start = RunqStart {
+                ts_ns: now,
+                service,
+                _pad: 0,
+            };
+            // An LRU map makes room by evicting; it does not fail for want of space.
+            let _ = RUNQ_START_TID.insert(&tid, &start, 0);
+        }
+    }
+    Some(())
+}
+
+/// Raw `sched_wakeup`/`sched_wakeup_new` (argument: the woken task's address).
+pub fn try_wakeup_raw(ctx: &RawTracePointContext) -> Result<u32, i64> {
+    let task: u64 = ctx.arg(0);
+    let _ = enqueue_raw(task, &settings());
+    Ok(0)
+}
+
+/// Raw `sched_switch` (the `tp_btf` arguments as numbers): the same as [`try_switch`] with the
+/// enqueue times in `RUNQ_START_TID`. The switch-in is filtered by the process first (an array
+/// lookup), so unobserved threads cost one read and no hash lookup.
+pub fn try_switch_raw(ctx: &RawTracePointContext) -> Result<u32, i64> {
+    let s = settings();
+    let preempt: u64 = ctx.arg(0);
+    let prev_state: u64 = ctx.arg(3);
+    if preempt & 0xff != 0 || prev_state as u32 == 0 {
+        let _ = enqueue_raw(ctx.arg(1), &s);
+    }
+    let next: u64 = ctx.arg(2);
+    let Some(tgid) = task_u32(next, s.task_tgid) else {
+        return Ok(0);
+    };
+    if tgid == 0 || service_of(tgid).is_none() {
+        return Ok(0);
+    }
+    let Some(tid) = task_u32(next, s.task_pid) else {
+        return Ok(0);
+    };
+    if let Some(start) = RUNQ_START_TID.get_ptr_mut(&tid) {
+        switched_in(start);
     }
     Ok(0)
 }

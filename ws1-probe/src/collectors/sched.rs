@@ -16,7 +16,7 @@ use ws1_probe_common::{
 
 use super::{MapUsage, take_map, typed};
 use crate::{
-    ebpf::{LoadError, attach_btf_tracepoints},
+    ebpf::{LoadError, attach_btf_tracepoints, attach_raw_tracepoint},
     histogram::Histogram,
 };
 
@@ -26,6 +26,38 @@ pub const SCHED_BTF_PROGRAMS: [(&str, &str); 3] = [
     ("sched_wakeup_new_btf", "sched_wakeup_new"),
     ("sched_switch_btf", "sched_switch"),
 ];
+
+/// The raw tracepoint fallback on the same hooks.
+pub const SCHED_RAW_PROGRAMS: [(&str, &str); 3] = [
+    ("sched_wakeup_raw", "sched_wakeup"),
+    ("sched_wakeup_new_raw", "sched_wakeup_new"),
+    ("sched_switch_raw", "sched_switch"),
+];
+
+/// Environment variable that chooses the run-queue hooks: `auto` (the default: `tp_btf` where
+/// the kernel allows, else the raw tracepoints) or `raw_tracepoint`.
+pub const SCHED_HOOKS_ENV: &str = "WS1_PROBE_SCHED_HOOKS";
+
+/// Which programs measure run-queue latency.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RunqueueHooks {
+    /// `tp_btf`, enqueue times in task-local storage.
+    Btf,
+    /// Raw tracepoints, enqueue times in `RUNQ_START_TID`.
+    Raw,
+}
+
+fn parse_hooks(value: Option<&str>) -> Result<bool, LoadError> {
+    match value {
+        None | Some("") | Some("auto") => Ok(false),
+        Some("raw_tracepoint") => Ok(true),
+        Some(other) => Err(LoadError::Setting {
+            name: SCHED_HOOKS_ENV,
+            value: other.to_owned(),
+            expected: "auto (tp_btf where the kernel allows) or raw_tracepoint",
+        }),
+    }
+}
 
 /// Everything the scheduler probe has counted since it was attached.
 #[derive(Clone, Debug, Default)]
@@ -135,6 +167,7 @@ fn read_kernel_settings() -> SchedSettings {
         ("task_struct", "tgid"),
         ("task_struct", "exit_code"),
         ("task_struct", "bpf_storage"),
+        ("task_struct", "pid"),
     ];
     match crate::btf::kernel_member_offsets(&wanted) {
         Ok(found) => {
@@ -143,7 +176,7 @@ fn read_kernel_settings() -> SchedSettings {
                 task_tgid: get(0),
                 task_exit_code: get(1),
                 task_bpf_storage: get(2),
-                _pad: 0,
+                task_pid: get(3),
             }
         }
         Err(err) => {
@@ -155,6 +188,41 @@ fn read_kernel_settings() -> SchedSettings {
     }
 }
 
+/// Attaches the `tp_btf` run-queue programs (unless `raw_only`), else the raw tracepoints; a
+/// kernel that refuses both loses run-queue latency only, with one warning.
+fn attach_runqueue(ebpf: &mut Ebpf, raw_only: bool) -> Option<RunqueueHooks> {
+    let settings = kernel_settings();
+    if settings.task_tgid == u32::MAX || settings.task_pid == u32::MAX {
+        tracing::warn!(
+            "run-queue latency is not measured: kernel BTF has no task_struct.tgid or .pid"
+        );
+        return None;
+    }
+    let btf = if raw_only {
+        Err("raw tracepoints chosen with WS1_PROBE_SCHED_HOOKS".to_owned())
+    } else {
+        aya::Btf::from_sys_fs()
+            .map_err(|e| format!("cannot read kernel BTF: {e}"))
+            .and_then(|btf| attach_btf_tracepoints(ebpf, &SCHED_BTF_PROGRAMS, &btf))
+    };
+    let reason = match btf {
+        Ok(()) => return Some(RunqueueHooks::Btf),
+        Err(reason) => reason,
+    };
+    if !raw_only {
+        tracing::info!("run-queue latency uses the raw tracepoints: {reason}");
+    }
+    for (program, tp) in SCHED_RAW_PROGRAMS {
+        if let Err(err) = attach_raw_tracepoint(ebpf, program, tp) {
+            tracing::warn!(
+                "run-queue latency is not measured: {err} (leave it out with --collectors to silence this)"
+            );
+            return None;
+        }
+    }
+    Some(RunqueueHooks::Raw)
+}
+
 pub struct SchedCollector {
     runq: HashMap<MapData, u32, LatencyHist>,
     events: PerCpuHashMap<MapData, ProcKey, u64>,
@@ -162,8 +230,8 @@ pub struct SchedCollector {
     /// Starts decided by the agent (an exec the kernel could not decide moved a process into a
     /// service), added to the kernel's counts.
     exec_starts: BTreeMap<u32, u64>,
-    /// Whether the run-queue programs are attached.
-    pub runqueue_on: bool,
+    /// The run-queue programs attached, if any.
+    pub runqueue: Option<RunqueueHooks>,
 }
 
 impl SchedCollector {
@@ -171,31 +239,18 @@ impl SchedCollector {
     /// refuses them loses run-queue latency only (one warning); lifecycle counters come from
     /// the targeting hooks either way.
     pub fn attach(ebpf: &mut Ebpf, enabled: bool) -> Result<Self, LoadError> {
-        let mut runqueue_on = false;
-        if enabled {
-            let settings = kernel_settings();
-            if settings.task_tgid == u32::MAX {
-                tracing::warn!(
-                    "run-queue latency is not measured: kernel BTF has no task_struct.tgid"
-                );
-            } else {
-                match aya::Btf::from_sys_fs()
-                    .map_err(|e| format!("cannot read kernel BTF: {e}"))
-                    .and_then(|btf| attach_btf_tracepoints(ebpf, &SCHED_BTF_PROGRAMS, &btf))
-                {
-                    Ok(()) => runqueue_on = true,
-                    Err(reason) => tracing::warn!(
-                        "run-queue latency is not measured: {reason} (leave it out with --collectors to silence this)"
-                    ),
-                }
-            }
-        }
+        let raw_only = parse_hooks(std::env::var(SCHED_HOOKS_ENV).ok().as_deref())?;
+        let runqueue = if enabled {
+            attach_runqueue(ebpf, raw_only)
+        } else {
+            None
+        };
         Ok(Self {
             runq: typed("RUNQ_HIST", take_map(ebpf, "RUNQ_HIST")?)?,
             events: typed("PROC_EVENTS", take_map(ebpf, "PROC_EVENTS")?)?,
             crashes: typed("CRASH_EVENTS", take_map(ebpf, "CRASH_EVENTS")?)?,
             exec_starts: BTreeMap::new(),
-            runqueue_on,
+            runqueue,
         })
     }
 
@@ -309,6 +364,20 @@ mod tests {
             dumped
                 .line("x")
                 .ends_with("killed by SIGABRT (core dumped)")
+        );
+    }
+
+    #[test]
+    fn hooks_setting() {
+        assert_eq!(parse_hooks(None).ok(), Some(false));
+        assert_eq!(parse_hooks(Some("auto")).ok(), Some(false));
+        assert_eq!(parse_hooks(Some("raw_tracepoint")).ok(), Some(true));
+        let err = parse_hooks(Some("kprobe")).err().map(|e| e.to_string());
+        assert_eq!(
+            err.as_deref(),
+            Some(
+                "WS1_PROBE_SCHED_HOOKS=\"kprobe\" is not a known setting: use auto (tp_btf where the kernel allows) or raw_tracepoint"
+            )
         );
     }
 
