@@ -23,10 +23,6 @@ pub const FLOOR_PID_SYS_EXIT: &str = "floor_pid_sys_exit";
 pub const FLOOR_UPROBE: &str = "floor_uprobe";
 pub const FLOOR_URETPROBE: &str = "floor_uretprobe";
 
-/// Empty `tp_btf` programs on the run-queue hooks (`sched_wakeup`, `sched_wakeup_new`,
-/// `sched_switch`): the floor of `cargo xtask bench health-sched`.
-pub const FLOOR_SCHED: [(&str, &str); 3] = [
-    ("floor_sched_wakeup", "sched_wakeup"),
-    ("floor_sched_wakeup_new", "sched_wakeup_new"),
-    ("floor_sched_switch", "sched_switch"),
-];
+/// An empty `tp_btf` program on the run-queue hook (`sched_switch`): the floor of
+/// `cargo xtask bench health-sched`.
+pub const FLOOR_SCHED: [(&str, &str); 1] = [("floor_sched_switch", "sched_switch")];

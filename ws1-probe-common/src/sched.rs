@@ -96,6 +96,15 @@ pub struct RunqStart {
     pub _pad: u32,
 }
 
+/// What the `sched_info` program last saw of a thread, in its task-local storage
+/// (`RUNQ_SEEN`): the kernel's cumulative run-queue delay and arrival count.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct RunqSeen {
+    pub run_delay: u64,
+    pub pcount: u64,
+}
+
 /// `struct task_struct` member offsets from BTF, set by the loader (`SCHED_SETTINGS`);
 /// `u32::MAX` where BTF lacks the member.
 #[repr(C)]
@@ -110,6 +119,10 @@ pub struct SchedSettings {
     pub task_bpf_storage: u32,
     /// `task_struct.pid` (the thread id): the raw tracepoints' key in `RUNQ_START_TID`.
     pub task_pid: u32,
+    /// `task_struct.sched_info` + `sched_info.run_delay` and `.pcount` (`CONFIG_SCHED_INFO`):
+    /// the kernel's own run-queue accounting.
+    pub task_run_delay: u32,
+    pub task_pcount: u32,
 }
 
 impl SchedSettings {
@@ -118,11 +131,13 @@ impl SchedSettings {
         task_exit_code: u32::MAX,
         task_bpf_storage: u32::MAX,
         task_pid: u32::MAX,
+        task_run_delay: u32::MAX,
+        task_pcount: u32::MAX,
     };
 }
 
 #[cfg(feature = "user")]
-crate::impl_pod!(ProcKey, CrashEvent, RunqStart, SchedSettings);
+crate::impl_pod!(ProcKey, CrashEvent, RunqStart, RunqSeen, SchedSettings);
 
 #[cfg(test)]
 mod tests {

@@ -188,6 +188,11 @@ pub fn sched_switch_btf(ctx: BtfTracePointContext) -> i32 {
     sched::try_switch(&ctx).map_or(0, |r| r as i32)
 }
 
+#[btf_tracepoint(function = "sched_switch")]
+pub fn sched_switch_info_btf(ctx: BtfTracePointContext) -> i32 {
+    sched::try_switch_info(&ctx).map_or(0, |r| r as i32)
+}
+
 #[raw_tracepoint(tracepoint = "sched_wakeup")]
 pub fn sched_wakeup_raw(ctx: RawTracePointContext) -> i32 {
     sched::try_wakeup_raw(&ctx).map_or(0, |r| r as i32)
@@ -336,16 +341,6 @@ pub fn floor_pid_sys_enter(_ctx: RawTracePointContext) -> i32 {
 #[raw_tracepoint(tracepoint = "sys_exit")]
 pub fn floor_pid_sys_exit(_ctx: RawTracePointContext) -> i32 {
     i32::from(aya_ebpf::helpers::bpf_get_current_pid_tgid() == 0)
-}
-
-#[btf_tracepoint(function = "sched_wakeup")]
-pub fn floor_sched_wakeup(_ctx: BtfTracePointContext) -> i32 {
-    0
-}
-
-#[btf_tracepoint(function = "sched_wakeup_new")]
-pub fn floor_sched_wakeup_new(_ctx: BtfTracePointContext) -> i32 {
-    0
 }
 
 #[btf_tracepoint(function = "sched_switch")]

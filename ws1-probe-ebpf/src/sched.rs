@@ -30,7 +30,7 @@ use ws1_probe_common::{
     hist::{DEFAULT_EXPORT_BOUNDS_NS, EXPORT_BOUND_SLOTS, LatencyHist, pad_bounds},
     sched::{
         CRASH_RINGBUF_BYTES, CrashEvent, PROC_EVENT_ENTRIES, ProcEvent, ProcKey, RUNQ_HIST_ENTRIES,
-        RUNQ_TID_ENTRIES, RunqStart, SchedSettings, exit_event,
+        RUNQ_TID_ENTRIES, RunqSeen, RunqStart, SchedSettings, exit_event,
     },
     targets::DropReason,
 };
@@ -74,6 +74,11 @@ impl<T> TaskStorage<T> {
 /// When each runnable thread of a targeted process became runnable (see the module comment).
 #[btf_map]
 static RUNQ_START: TaskStorage<RunqStart> = TaskStorage::new();
+
+/// The kernel's run-queue delay and arrival count of each observed thread when it last left a
+/// CPU (see `try_switch_info`).
+#[btf_map]
+static RUNQ_SEEN: TaskStorage<RunqSeen> = TaskStorage::new();
 
 /// Thread id → when it became runnable: `RUNQ_START` for the raw tracepoint fallback, whose
 /// task pointers are plain numbers the storage helper does not accept.
@@ -257,6 +262,73 @@ pub fn try_switch(ctx: &BtfTracePointContext) -> Result<u32, i64> {
     Ok(0)
 }
 
+/// `sched_switch` reading the kernel's own run-queue accounting (`CONFIG_SCHED_INFO`), the
+/// default: no clock read and no wakeup hook.
+///
+/// The scheduler accounts every wait itself: `sched_info_enqueue` notes when a task is queued
+/// (at wakeup, and when a preempted task stays runnable), and at the switch-in
+/// `sched_info_arrive` adds the wait to `sched_info.run_delay` and counts the arrival in
+/// `pcount`. So when `prev` leaves the CPU, `run_delay` already holds the wait that preceded
+/// the run now ending; the program keeps the last values it saw in the thread's local storage
+/// (`RUNQ_SEEN`) and records the difference: exactly one wait per run, reported when the run
+/// ends. The current task is `prev`, so only one task is looked at per context switch, and an
+/// unobserved one costs a load and an array lookup. A thread seen for the first time is
+/// recorded only when it has run once (`pcount == 1`: its whole `run_delay` is its first wait);
+/// otherwise the values are the baseline for its next run.
+pub fn try_switch_info(ctx: &BtfTracePointContext) -> Result<u32, i64> {
+    let s = settings();
+    let prev: *mut c_void = ctx.arg(1);
+    let tgid = tgid_of(prev.cast(), s.task_tgid);
+    // The idle tasks have no `sched_info` accounting and are not latency.
+    if tgid == 0 {
+        return Ok(0);
+    }
+    let Some(service) = service_of(tgid) else {
+        return Ok(0);
+    };
+    // SAFETY: as in `tgid_of`: BTF offsets into the trusted task, checked by the verifier.
+    let (delay, count) = unsafe {
+        let base = prev.cast::<u8>();
+        (
+            *base.add(s.task_run_delay as usize).cast::<u64>(),
+            *base.add(s.task_pcount as usize).cast::<u64>(),
+        )
+    };
+    let flags = u64::from(BPF_LOCAL_STORAGE_GET_F_CREATE);
+    // SAFETY: a trusted task pointer; the map is a task storage map with `RunqSeen` values.
+    let seen = unsafe { bpf_task_storage_get(RUNQ_SEEN.as_ptr(), prev.cast(), null_mut(), flags) }
+        .cast::<RunqSeen>();
+    if seen.is_null() {
+        return Ok(0);
+    }
+    // SAFETY: non-null storage of the current task, which only this CPU's switches touch.
+    let last = unsafe { *seen };
+    // SAFETY: as above.
+    unsafe {
+        (*seen).run_delay = delay;
+        (*seen).pcount = count;
+    }
+    let wait = if last.pcount == 0 && count == 1 {
+        delay
+    } else if last.pcount != 0 && count == last.pcount.wrapping_add(1) {
+        delay.wrapping_sub(last.run_delay)
+    } else {
+        // A first sight after several runs, or arrivals not seen (the process was not
+        // observed then): nothing to attribute to one run.
+        return Ok(0);
+    };
+    observe(service, wait);
+    Ok(0)
+}
+
+#[inline(always)]
+fn observe(service: u32, wait: u64) {
+    match hist::get_or_create(&RUNQ_HIST, &service) {
+        Some(h) => hist::observe(h, bounds(), wait),
+        None => count_drop(DropReason::SchedMapFull),
+    }
+}
+
 /// A waiting thread got the CPU: its wait since `start` goes into its service's histogram.
 #[inline(always)]
 fn switched_in(start: *mut RunqStart) {
@@ -269,10 +341,7 @@ fn switched_in(start: *mut RunqStart) {
     unsafe { (*start).ts_ns = 0 };
     // SAFETY: no preconditions.
     let wait = unsafe { bpf_ktime_get_ns() }.saturating_sub(ts);
-    match hist::get_or_create(&RUNQ_HIST, &service) {
-        Some(h) => hist::observe(h, bounds(), wait),
-        None => count_drop(DropReason::SchedMapFull),
-    }
+    observe(service, wait);
 }
 
 /// A `u32` member of the task at `task` (a kernel address), read with `bpf_probe_read_kernel`.

@@ -1,12 +1,12 @@
-//! `cargo xtask bench health-sched`: what the run-queue hooks (`sched_wakeup`,
-//! `sched_wakeup_new`, `sched_switch`, all `tp_btf`) add per context switch.
+//! `cargo xtask bench health-sched`: what the run-queue hook (`tp_btf` `sched_switch` reading
+//! the kernel's `sched_info`, the agent's default) adds per context switch.
 //!
 //! The load is `ws1-schedload pingpong N`: two threads pinned to one CPU pass a byte back and
 //! forth over two pipes, so every round trip is two wakeups and two context switches on that
 //! CPU; ns per switch is the round trip's time / 2. Configurations, each run after a baseline
 //! block as `bench syscalls` does (a block's added cost is its median minus the mean of the
 //! baseline blocks around it; a configuration's is the median over rounds):
-//! (a) no programs, (b) the floor: empty `tp_btf` programs on the same three hooks
+//! (a) no programs, (b) the floor: an empty `tp_btf` program on `sched_switch`
 //! (`ws1-probe bench-floor --sched`), (c) the agent with only the `sched` collector observing
 //! the ping-pong process (every switch records a wait), (d) the same agent observing an idle
 //! process (the cost every unobserved switch of the machine pays). Goal: (c) and (d) add at
@@ -27,7 +27,7 @@ const SAMPLES: usize = 5;
 const ROUNDS: usize = 5;
 const CONFIGS: [(&str, &str); 4] = [
     ("a", "no programs (baseline)"),
-    ("b", "floor: 3 empty tp_btf programs"),
+    ("b", "floor: empty tp_btf sched_switch"),
     ("c", "agent --collectors sched, observed"),
     ("d", "agent --collectors sched, unobserved"),
 ];

@@ -36,8 +36,8 @@ pub struct FloorArgs {
     /// of precise allocation tracing
     #[arg(long, conflicts_with = "pid_helper")]
     pub uprobe_pid: Option<NonZeroU32>,
-    /// Instead of the syscall pair, attach empty tp_btf programs to sched_wakeup,
-    /// sched_wakeup_new and sched_switch: the floor of the run-queue hooks
+    /// Instead of the syscall pair, attach an empty tp_btf program to sched_switch: the floor
+    /// of the run-queue hook
     #[arg(long, conflicts_with_all = ["pid_helper", "uprobe_pid"])]
     pub sched: bool,
 }

@@ -20,7 +20,11 @@ use crate::{
     histogram::Histogram,
 };
 
-/// The run-queue programs and their `tp_btf` hooks.
+/// The default run-queue program: `sched_switch` reading the kernel's `sched_info`.
+pub const SCHED_INFO_PROGRAMS: [(&str, &str); 1] = [("sched_switch_info_btf", "sched_switch")];
+
+/// Run-queue programs that time each wait themselves, as runqlat does (kernels whose BTF has
+/// no `sched_info`, i.e. without `CONFIG_SCHED_INFO`).
 pub const SCHED_BTF_PROGRAMS: [(&str, &str); 3] = [
     ("sched_wakeup_btf", "sched_wakeup"),
     ("sched_wakeup_new_btf", "sched_wakeup_new"),
@@ -34,27 +38,30 @@ pub const SCHED_RAW_PROGRAMS: [(&str, &str); 3] = [
     ("sched_switch_raw", "sched_switch"),
 ];
 
-/// Environment variable that chooses the run-queue hooks: `auto` (the default: `tp_btf` where
-/// the kernel allows, else the raw tracepoints) or `raw_tracepoint`.
+/// Environment variable that chooses the run-queue hooks: `auto` (the default: the first of
+/// the kinds below that the kernel allows), `timestamps` or `raw_tracepoint` (start there).
 pub const SCHED_HOOKS_ENV: &str = "WS1_PROBE_SCHED_HOOKS";
 
-/// Which programs measure run-queue latency.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// Which programs measure run-queue latency, in the order they are tried.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum RunqueueHooks {
-    /// `tp_btf`, enqueue times in task-local storage.
-    Btf,
-    /// Raw tracepoints, enqueue times in `RUNQ_START_TID`.
+    /// `tp_btf` `sched_switch` only, reading the kernel's `sched_info` run-queue accounting.
+    SchedInfo,
+    /// `tp_btf` on the wakeups and `sched_switch`, enqueue times in task-local storage.
+    Timestamps,
+    /// Raw tracepoints on the same three, enqueue times in `RUNQ_START_TID`.
     Raw,
 }
 
-fn parse_hooks(value: Option<&str>) -> Result<bool, LoadError> {
+fn parse_hooks(value: Option<&str>) -> Result<RunqueueHooks, LoadError> {
     match value {
-        None | Some("") | Some("auto") => Ok(false),
-        Some("raw_tracepoint") => Ok(true),
+        None | Some("") | Some("auto") => Ok(RunqueueHooks::SchedInfo),
+        Some("timestamps") => Ok(RunqueueHooks::Timestamps),
+        Some("raw_tracepoint") => Ok(RunqueueHooks::Raw),
         Some(other) => Err(LoadError::Setting {
             name: SCHED_HOOKS_ENV,
             value: other.to_owned(),
-            expected: "auto (tp_btf where the kernel allows) or raw_tracepoint",
+            expected: "auto (tp_btf where the kernel allows), timestamps or raw_tracepoint",
         }),
     }
 }
@@ -168,15 +175,27 @@ fn read_kernel_settings() -> SchedSettings {
         ("task_struct", "exit_code"),
         ("task_struct", "bpf_storage"),
         ("task_struct", "pid"),
+        ("task_struct", "sched_info"),
+        ("sched_info", "run_delay"),
+        ("sched_info", "pcount"),
     ];
     match crate::btf::kernel_member_offsets(&wanted) {
         Ok(found) => {
             let get = |i: usize| found.get(i).copied().flatten().unwrap_or(u32::MAX);
+            let sum = |a: u32, b: u32| {
+                if a == u32::MAX || b == u32::MAX {
+                    u32::MAX
+                } else {
+                    a + b
+                }
+            };
             SchedSettings {
                 task_tgid: get(0),
                 task_exit_code: get(1),
                 task_bpf_storage: get(2),
                 task_pid: get(3),
+                task_run_delay: sum(get(4), get(5)),
+                task_pcount: sum(get(4), get(6)),
             }
         }
         Err(err) => {
@@ -188,9 +207,10 @@ fn read_kernel_settings() -> SchedSettings {
     }
 }
 
-/// Attaches the `tp_btf` run-queue programs (unless `raw_only`), else the raw tracepoints; a
-/// kernel that refuses both loses run-queue latency only, with one warning.
-fn attach_runqueue(ebpf: &mut Ebpf, raw_only: bool) -> Option<RunqueueHooks> {
+/// Attaches the first run-queue programs, from `first` on, that the kernel allows: the
+/// `sched_info` reader, the timestamping `tp_btf` programs, the raw tracepoints. A kernel that
+/// refuses all of them loses run-queue latency only, with one warning.
+fn attach_runqueue(ebpf: &mut Ebpf, first: RunqueueHooks) -> Option<RunqueueHooks> {
     let settings = kernel_settings();
     if settings.task_tgid == u32::MAX || settings.task_pid == u32::MAX {
         tracing::warn!(
@@ -198,19 +218,39 @@ fn attach_runqueue(ebpf: &mut Ebpf, raw_only: bool) -> Option<RunqueueHooks> {
         );
         return None;
     }
-    let btf = if raw_only {
-        Err("raw tracepoints chosen with WS1_PROBE_SCHED_HOOKS".to_owned())
-    } else {
-        aya::Btf::from_sys_fs()
-            .map_err(|e| format!("cannot read kernel BTF: {e}"))
-            .and_then(|btf| attach_btf_tracepoints(ebpf, &SCHED_BTF_PROGRAMS, &btf))
-    };
-    let reason = match btf {
-        Ok(()) => return Some(RunqueueHooks::Btf),
-        Err(reason) => reason,
-    };
-    if !raw_only {
-        tracing::info!("run-queue latency uses the raw tracepoints: {reason}");
+    if first <= RunqueueHooks::Timestamps {
+        // Parsed here, once per agent.
+        match aya::Btf::from_sys_fs() {
+            Ok(btf) => {
+                if first == RunqueueHooks::SchedInfo {
+                    let attached = if settings.task_run_delay == u32::MAX
+                        || settings.task_pcount == u32::MAX
+                    {
+                        Err(
+                            "kernel BTF has no task_struct.sched_info (CONFIG_SCHED_INFO)"
+                                .to_owned(),
+                        )
+                    } else {
+                        attach_btf_tracepoints(ebpf, &SCHED_INFO_PROGRAMS, &btf)
+                    };
+                    match attached {
+                        Ok(()) => return Some(RunqueueHooks::SchedInfo),
+                        Err(reason) => {
+                            tracing::info!("run-queue latency times each wait itself: {reason}")
+                        }
+                    }
+                }
+                match attach_btf_tracepoints(ebpf, &SCHED_BTF_PROGRAMS, &btf) {
+                    Ok(()) => return Some(RunqueueHooks::Timestamps),
+                    Err(reason) => {
+                        tracing::info!("run-queue latency uses the raw tracepoints: {reason}")
+                    }
+                }
+            }
+            Err(err) => tracing::info!(
+                "run-queue latency uses the raw tracepoints: cannot read kernel BTF: {err}"
+            ),
+        }
     }
     for (program, tp) in SCHED_RAW_PROGRAMS {
         if let Err(err) = attach_raw_tracepoint(ebpf, program, tp) {
@@ -239,9 +279,9 @@ impl SchedCollector {
     /// refuses them loses run-queue latency only (one warning); lifecycle counters come from
     /// the targeting hooks either way.
     pub fn attach(ebpf: &mut Ebpf, enabled: bool) -> Result<Self, LoadError> {
-        let raw_only = parse_hooks(std::env::var(SCHED_HOOKS_ENV).ok().as_deref())?;
+        let first = parse_hooks(std::env::var(SCHED_HOOKS_ENV).ok().as_deref())?;
         let runqueue = if enabled {
-            attach_runqueue(ebpf, raw_only)
+            attach_runqueue(ebpf, first)
         } else {
             None
         };
@@ -369,14 +409,24 @@ mod tests {
 
     #[test]
     fn hooks_setting() {
-        assert_eq!(parse_hooks(None).ok(), Some(false));
-        assert_eq!(parse_hooks(Some("auto")).ok(), Some(false));
-        assert_eq!(parse_hooks(Some("raw_tracepoint")).ok(), Some(true));
+        assert_eq!(parse_hooks(None).ok(), Some(RunqueueHooks::SchedInfo));
+        assert_eq!(
+            parse_hooks(Some("auto")).ok(),
+            Some(RunqueueHooks::SchedInfo)
+        );
+        assert_eq!(
+            parse_hooks(Some("timestamps")).ok(),
+            Some(RunqueueHooks::Timestamps)
+        );
+        assert_eq!(
+            parse_hooks(Some("raw_tracepoint")).ok(),
+            Some(RunqueueHooks::Raw)
+        );
         let err = parse_hooks(Some("kprobe")).err().map(|e| e.to_string());
         assert_eq!(
             err.as_deref(),
             Some(
-                "WS1_PROBE_SCHED_HOOKS=\"kprobe\" is not a known setting: use auto (tp_btf where the kernel allows) or raw_tracepoint"
+                "WS1_PROBE_SCHED_HOOKS=\"kprobe\" is not a known setting: use auto (tp_btf where the kernel allows), timestamps or raw_tracepoint"
             )
         );
     }
