@@ -28,6 +28,11 @@ pub fn workload_bin() -> PathBuf {
     bin("WS1_WORKLOAD_BIN", "ws1-workload")
 }
 
+/// The scheduler workload, next to the syscall workload.
+pub fn schedload_bin() -> PathBuf {
+    workload_bin().with_file_name("ws1-schedload")
+}
+
 /// The allocation workload, next to the syscall workload.
 pub fn allocload_bin() -> PathBuf {
     workload_bin().with_file_name("ws1-allocload")

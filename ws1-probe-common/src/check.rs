@@ -22,3 +22,7 @@ pub const FLOOR_PID_SYS_EXIT: &str = "floor_pid_sys_exit";
 /// the trap floor of precise allocation tracing, measured by `cargo xtask bench alloc`.
 pub const FLOOR_UPROBE: &str = "floor_uprobe";
 pub const FLOOR_URETPROBE: &str = "floor_uretprobe";
+
+/// An empty `tp_btf` program on the run-queue hook (`sched_switch`): the floor of
+/// `cargo xtask bench health-sched`.
+pub const FLOOR_SCHED: [(&str, &str); 1] = [("floor_sched_switch", "sched_switch")];

@@ -93,10 +93,13 @@ pub enum DropReason {
     /// A remote address did not fit the `NET_REMOTES` budget (or its id was taken by another
     /// address): the connection is counted under `remote="other"`.
     NetRemoteOther = 13,
+    /// `RUNQ_HIST` or `PROC_EVENTS` was full, or the crash ring buffer: a run-queue wait, a
+    /// start or exit, or a crash line is lost.
+    SchedMapFull = 14,
 }
 
 impl DropReason {
-    pub const COUNT: u32 = 14;
+    pub const COUNT: u32 = 15;
     pub const ALL: [DropReason; Self::COUNT as usize] = [
         Self::TargetsFull,
         Self::ExecRingFull,
@@ -112,6 +115,7 @@ impl DropReason {
         Self::ProfileRingFull,
         Self::OffCpuStartFull,
         Self::NetRemoteOther,
+        Self::SchedMapFull,
     ];
 
     /// Label value used in `ws1_probe_events_dropped_total{reason}`.
@@ -131,6 +135,7 @@ impl DropReason {
             Self::ProfileRingFull => "profile_ringbuf_full",
             Self::OffCpuStartFull => "offcpu_start_map_full",
             Self::NetRemoteOther => "net_remote_address_budget",
+            Self::SchedMapFull => "sched_map_full",
         }
     }
 }

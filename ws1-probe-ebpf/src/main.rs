@@ -12,6 +12,7 @@ mod hist;
 mod memory;
 mod net;
 mod profile;
+mod sched;
 mod syscalls;
 mod targets;
 
@@ -170,6 +171,43 @@ pub fn profile_sys_exit(ctx: RawTracePointContext) -> i32 {
     profile::try_offcpu_sys_exit(&ctx).map_or(0, |r| r as i32)
 }
 
+// --- scheduler: run-queue latency (lifecycle counters run in the targeting hooks) ---
+
+#[btf_tracepoint(function = "sched_wakeup")]
+pub fn sched_wakeup_btf(ctx: BtfTracePointContext) -> i32 {
+    sched::try_wakeup(&ctx).map_or(0, |r| r as i32)
+}
+
+#[btf_tracepoint(function = "sched_wakeup_new")]
+pub fn sched_wakeup_new_btf(ctx: BtfTracePointContext) -> i32 {
+    sched::try_wakeup(&ctx).map_or(0, |r| r as i32)
+}
+
+#[btf_tracepoint(function = "sched_switch")]
+pub fn sched_switch_btf(ctx: BtfTracePointContext) -> i32 {
+    sched::try_switch(&ctx).map_or(0, |r| r as i32)
+}
+
+#[btf_tracepoint(function = "sched_switch")]
+pub fn sched_switch_info_btf(ctx: BtfTracePointContext) -> i32 {
+    sched::try_switch_info(&ctx).map_or(0, |r| r as i32)
+}
+
+#[raw_tracepoint(tracepoint = "sched_wakeup")]
+pub fn sched_wakeup_raw(ctx: RawTracePointContext) -> i32 {
+    sched::try_wakeup_raw(&ctx).map_or(0, |r| r as i32)
+}
+
+#[raw_tracepoint(tracepoint = "sched_wakeup_new")]
+pub fn sched_wakeup_new_raw(ctx: RawTracePointContext) -> i32 {
+    sched::try_wakeup_raw(&ctx).map_or(0, |r| r as i32)
+}
+
+#[raw_tracepoint(tracepoint = "sched_switch")]
+pub fn sched_switch_raw(ctx: RawTracePointContext) -> i32 {
+    sched::try_switch_raw(&ctx).map_or(0, |r| r as i32)
+}
+
 // --- allocations (precise mode) ---
 
 #[uprobe]
@@ -303,6 +341,11 @@ pub fn floor_pid_sys_enter(_ctx: RawTracePointContext) -> i32 {
 #[raw_tracepoint(tracepoint = "sys_exit")]
 pub fn floor_pid_sys_exit(_ctx: RawTracePointContext) -> i32 {
     i32::from(aya_ebpf::helpers::bpf_get_current_pid_tgid() == 0)
+}
+
+#[btf_tracepoint(function = "sched_switch")]
+pub fn floor_sched_switch(_ctx: BtfTracePointContext) -> i32 {
+    0
 }
 
 #[cfg(not(test))]

@@ -14,6 +14,7 @@ use aya_ebpf::{
     maps::{Array, HashMap, PerCpuArray, RingBuf},
     programs::TracePointContext,
 };
+use ws1_probe_common::sched::ProcEvent;
 use ws1_probe_common::targets::{
     CLONE_THREAD, COMM_ENTRIES, Comm, DropReason, EXEC_RINGBUF_BYTES, ExecEvent, SERVICE_NONE,
     SERVICE_OTHER, TARGET_ENTRIES, TracepointOffsets,
@@ -123,6 +124,7 @@ pub fn try_task_newtask(ctx: &TracePointContext) -> Result<u32, i32> {
     // SAFETY: the offset was read from this tracepoint's format file.
     let child: i32 = unsafe { ctx.read_at(off.newtask_pid as usize)? };
     target(child as u32, service);
+    crate::sched::count_event(service, ProcEvent::Start);
     Ok(0)
 }
 
@@ -135,6 +137,11 @@ pub fn try_sched_process_exec(_ctx: &TracePointContext) -> Result<u32, i32> {
         if decision == SERVICE_NONE {
             untarget(tgid);
         } else {
+            // An exec that moves a process into a service starts one of its processes.
+            // SAFETY: pointer from a successful lookup.
+            if TARGETS.get_ptr(tgid).map(|s| unsafe { *s }) != Some(decision) {
+                crate::sched::count_event(decision, ProcEvent::Start);
+            }
             target(tgid, decision);
         }
         return Ok(0);
@@ -171,6 +178,9 @@ pub fn try_sched_process_exit(ctx: &TracePointContext) -> Result<u32, i32> {
         dead != 0
     };
     if group_dead {
+        if let Some(service) = service_of(tgid) {
+            crate::sched::group_exit(tgid, service);
+        }
         untarget(tgid);
     }
     Ok(0)

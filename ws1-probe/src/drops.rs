@@ -26,6 +26,8 @@ pub const RESIZABLE: &[&str] = &[
     "ALLOC_STACKS",
     "PAGE_FAULTS",
     "OFFCPU_START",
+    "RUNQ_HIST",
+    "PROC_EVENTS",
 ];
 
 /// Largest capacity `--map-entries` accepts.
@@ -78,6 +80,11 @@ pub fn describe(reason: DropReason) -> Option<(&'static str, &'static str, bool)
         DropReason::NetStatsFull => (
             "NET_HIST",
             "network events of new endpoints were not counted (or all 1024 NET_SLOTS endpoints are taken, a fixed limit)",
+            true,
+        ),
+        DropReason::SchedMapFull => (
+            "RUNQ_HIST",
+            "run-queue waits of new services, starts and exits of new (service, reason) pairs, or crash lines (PROC_EVENTS, CRASH_EVENTS) were not counted",
             true,
         ),
         DropReason::NetListenFull => ("NET_LISTEN", "listening ports were not observed", true),

@@ -86,6 +86,7 @@ pub fn load(opts: &LoadOptions) -> Result<Ebpf, LoadError> {
     // same files again to learn which hooks exist.
     let net_offsets = net_offsets();
     let mmap_offsets = read_mmap_offsets(Path::new(TRACEFS));
+    let sched = crate::collectors::sched::kernel_settings();
     let mut loader = EbpfLoader::new();
     for (map, entries) in &opts.map_entries {
         loader.map_max_entries(map, *entries);
@@ -103,6 +104,11 @@ pub fn load(opts: &LoadOptions) -> Result<Ebpf, LoadError> {
         .override_global("NET_OFFSETS", &net_offsets, true)
         .override_global("MMAP_OFFSETS", &mmap_offsets, true)
         .override_global("PROFILE_SETTINGS", &opts.profile, true)
+        .override_global("RUNQ_BOUNDS_NS", &bounds, true)
+        .override_global("SCHED_SETTINGS", &sched, true)
+        // aya 0.14 has no type for task storage (`RUNQ_START`); the map is created and
+        // relocated all the same.
+        .allow_unsupported_maps()
         .load(OBJECT)
         .map_err(|source| LoadError::Object { source })
 }

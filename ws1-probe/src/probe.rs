@@ -15,6 +15,7 @@ use crate::{
         memory::MemoryCollector,
         net::{self as netcollector, NetCollector, NetSnapshot},
         profile::{self as profilecollector, ProfileCollector, RawProfile},
+        sched::SchedCollector,
         syscalls::{SyscallCollector, SyscallSnapshot},
         targets::{ScanSummary, Targets},
     },
@@ -71,6 +72,8 @@ pub struct Probe {
     pub syscalls: SyscallCollector,
     pub net: NetCollector,
     pub memory: MemoryCollector,
+    /// Process starts, exits and crashes (always), run-queue latency (`sched`).
+    pub sched: SchedCollector,
     /// The profiler, when on (agent default: 19 Hz on-CPU).
     pub profile: Option<ProfileCollector>,
     /// Symbolized profile windows and per-service sample totals.
@@ -141,6 +144,7 @@ impl Probe {
             targets.matcher().clone(),
         );
         let memory = MemoryCollector::attach(&mut ebpf, on.memory)?;
+        let sched = SchedCollector::attach(&mut ebpf, on.sched)?;
         let profile = if on.profile
             && (settings.profile.frequency_hz > 0 || settings.profile.off_cpu)
         {
@@ -175,6 +179,7 @@ impl Probe {
             syscalls,
             net,
             memory,
+            sched,
             alloc: None,
             precise: PreciseAlloc::Off,
             settings: settings.clone(),
@@ -331,6 +336,7 @@ impl Probe {
     /// (which walk the outstanding allocations, so at most every 30 s).
     pub fn tick(&mut self) {
         self.sample_memory();
+        self.log_crashes();
         self.warn_drops();
         // Host mode: rank and reclaim between scrapes too (after the first, which ranks what
         // ran since start), so one-shot commands free their map entries even when nobody
@@ -370,6 +376,14 @@ impl Probe {
         }
     }
 
+    /// Logs one line per process of a service killed by a signal (crash detection).
+    pub fn log_crashes(&mut self) {
+        let services = self.targets.matcher().services();
+        for crash in self.sched.crashes() {
+            tracing::warn!("{}", crash.line(services.name(crash.service)));
+        }
+    }
+
     /// Logs one warning per full map per interval (see [`crate::drops`]).
     fn warn_drops(&mut self) {
         let usage: Vec<_> = self
@@ -378,6 +392,7 @@ impl Probe {
             .into_iter()
             .chain(self.syscalls.usage())
             .chain(self.net.usage())
+            .chain(self.sched.usage())
             .collect();
         let capacity = |map: &str| usage.iter().find(|u| u.map == map).map(|u| u.capacity);
         for line in self
@@ -472,6 +487,10 @@ impl Probe {
         let targeted = self.targets.targeted_by_service();
         let snap = self.syscalls.snapshot();
         let net: NetSnapshot = self.net.snapshot();
+        self.log_crashes();
+        let starts = self.targets.take_exec_starts();
+        self.sched.add_exec_starts(&starts);
+        let sched = self.sched.snapshot();
         // Rank by calls; a service with live processes but no calls yet is ranked too (with 0),
         // so its processes are not reported as `other` while it is idle.
         let mut activity = snap.calls_by_service();
@@ -511,6 +530,7 @@ impl Probe {
         };
         families.extend(metrics::net::families(&net, label, peer, &self.bounds_ns));
         families.extend(metrics::memory::families(&self.memory.snapshot(), label));
+        families.extend(metrics::sched::families(&sched, label, &self.bounds_ns));
         if self.profile.is_some() {
             families.extend(metrics::profile::families(
                 &self.profiles.totals,
@@ -540,6 +560,7 @@ impl Probe {
             // Their counts were read above; the kernel entries of gone, idle ids are deleted
             // so the maps hold what runs now (see ARCHITECTURE.md, Map sizes).
             self.memory.reclaim(&gone);
+            self.sched.reclaim(&gone);
             if self.syscalls.reclaim(&gone) > 0 {
                 for id in &gone {
                     h.policy
@@ -564,6 +585,7 @@ impl Probe {
                 .into_iter()
                 .chain(self.syscalls.usage())
                 .chain(self.net.usage())
+                .chain(self.sched.usage())
                 .chain(self.profile.iter().flat_map(|p| p.map_usage()))
                 .collect(),
             drops: self

@@ -225,11 +225,22 @@ pub(crate) struct Agent {
 
 impl Agent {
     pub(crate) fn start(probe: &Path, pid: u32, logs: &Path, name: &str) -> Result<Agent> {
+        Self::start_with(probe, &["--pid", &pid.to_string()], logs, name)
+    }
+
+    /// `ws1-probe agent ARGS` on a free loopback port, ready once `/readyz` answers 200.
+    pub(crate) fn start_with(
+        probe: &Path,
+        args: &[&str],
+        logs: &Path,
+        name: &str,
+    ) -> Result<Agent> {
         let port = (TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()))
             .context("no free loopback port")?
             .port();
         let mut cmd = Command::new(probe);
-        cmd.args(["agent", "--pid", &pid.to_string()])
+        cmd.arg("agent")
+            .args(args)
             .args(["--listen", &format!("127.0.0.1:{port}")]);
         let started = Instant::now();
         let mut proc = Proc::spawn(name, &mut cmd, logs)?;
@@ -244,6 +255,13 @@ impl Agent {
             }
             thread::sleep(Duration::from_millis(2));
         }
+    }
+
+    /// The `/metrics` body.
+    pub(crate) fn scrape(&self) -> Result<String> {
+        let (status, body) = http_get(self.port, "/metrics").context("scraping /metrics")?;
+        ensure!(status == 200, "/metrics answered {status}");
+        Ok(body)
     }
 
     /// Sum of `ws1_probe_syscall_duration_seconds_count{..syscall="getppid"..}` over services.

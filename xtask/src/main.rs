@@ -6,6 +6,7 @@ mod bench;
 mod bench_alloc;
 mod bench_net;
 mod bench_profile;
+mod bench_sched;
 mod bench_scrape;
 mod bench_soak;
 mod bench_util;

@@ -165,6 +165,16 @@ fn privileged_tests(args: &[String]) -> Result<(u64, u64)> {
         let (passed, failed) =
             run_tests(&mut net).context("xtask test: network tests on the tracepoints failed")?;
         counts = (counts.0 + passed, counts.1 + failed);
+        // The scheduler tests on the run-queue fallbacks (timestamps in task storage; raw
+        // tracepoints with a tid hash), which this kernel would otherwise never run.
+        for hooks in ["timestamps", "raw_tracepoint"] {
+            eprintln!("xtask test: the scheduler tests again with WS1_PROBE_SCHED_HOOKS={hooks}");
+            let mut sched = tests(&["--test", "sched"], &[]);
+            sched.env("WS1_PROBE_SCHED_HOOKS", hooks);
+            let (passed, failed) = run_tests(&mut sched)
+                .with_context(|| format!("xtask test: scheduler tests with {hooks} failed"))?;
+            counts = (counts.0 + passed, counts.1 + failed);
+        }
     }
     Ok(counts)
 }

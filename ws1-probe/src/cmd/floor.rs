@@ -18,8 +18,8 @@ use ws1_probe::{
 };
 use ws1_probe_common::{
     check::{
-        FLOOR_PID_SYS_ENTER, FLOOR_PID_SYS_EXIT, FLOOR_SYS_ENTER, FLOOR_SYS_EXIT, FLOOR_UPROBE,
-        FLOOR_URETPROBE,
+        FLOOR_PID_SYS_ENTER, FLOOR_PID_SYS_EXIT, FLOOR_SCHED, FLOOR_SYS_ENTER, FLOOR_SYS_EXIT,
+        FLOOR_UPROBE, FLOOR_URETPROBE,
     },
     hist::DEFAULT_EXPORT_BOUNDS_NS,
 };
@@ -36,6 +36,10 @@ pub struct FloorArgs {
     /// of precise allocation tracing
     #[arg(long, conflicts_with = "pid_helper")]
     pub uprobe_pid: Option<NonZeroU32>,
+    /// Instead of the syscall pair, attach an empty tp_btf program to sched_switch: the floor
+    /// of the run-queue hook
+    #[arg(long, conflicts_with_all = ["pid_helper", "uprobe_pid"])]
+    pub sched: bool,
 }
 
 pub fn run(args: FloorArgs) -> anyhow::Result<()> {
@@ -51,7 +55,11 @@ pub fn run(args: FloorArgs) -> anyhow::Result<()> {
         map_entries: Vec::new(),
     };
     let mut object = ebpf::load(&opts)?;
-    if let Some(pid) = args.uprobe_pid {
+    if args.sched {
+        let btf = aya::Btf::from_sys_fs().context("cannot read kernel BTF")?;
+        ebpf::attach_btf_tracepoints(&mut object, &FLOOR_SCHED, &btf)
+            .map_err(|reason| anyhow::anyhow!("cannot attach the run-queue floor: {reason}"))?;
+    } else if let Some(pid) = args.uprobe_pid {
         let lib = allocator_path(pid.get())?;
         for (program, symbol) in [
             (FLOOR_UPROBE, "malloc"),

@@ -5,6 +5,7 @@ pub mod alloc;
 pub mod memory;
 pub mod net;
 pub mod profile;
+pub mod sched;
 pub mod syscalls;
 pub mod targets;
 

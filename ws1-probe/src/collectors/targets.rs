@@ -29,6 +29,9 @@ pub struct Targets {
     filter: Array<MapData, u16>,
     comm_services: HashMap<MapData, Comm, u32>,
     drops: PerCpuArray<MapData, u64>,
+    /// Starts decided here (service id → execs that moved a process into it) since the last
+    /// [`Targets::take_exec_starts`]; the kernel counts forks and the execs it decides.
+    exec_starts: std::collections::BTreeMap<u32, u64>,
 }
 
 impl Targets {
@@ -54,6 +57,7 @@ impl Targets {
                 filter,
                 comm_services,
                 drops,
+                exec_starts: std::collections::BTreeMap::new(),
             },
             ring,
         ))
@@ -129,6 +133,10 @@ impl Targets {
             }
         };
         let decision = self.matcher.decide(&info);
+        if let Some(service) = decision.filter(|s| *s != event.prev_service) {
+            // The exec moved the process into a service: one of its starts.
+            *self.exec_starts.entry(service).or_insert(0) += 1;
+        }
         if decision != Some(event.prev_service) || event.prev_service == SERVICE_NONE {
             self.set(event.tgid, decision);
         }
@@ -138,6 +146,11 @@ impl Targets {
                 .comm_services
                 .insert(event.comm, decision.unwrap_or(SERVICE_NONE), 0);
         }
+    }
+
+    /// Starts decided by the agent since the last call (see `collectors/sched.rs`).
+    pub fn take_exec_starts(&mut self) -> std::collections::BTreeMap<u32, u64> {
+        std::mem::take(&mut self.exec_starts)
     }
 
     /// Drains pending exec events without blocking.

@@ -18,6 +18,7 @@ pub mod cache;
 pub mod memory;
 pub mod net;
 pub mod profile;
+pub mod sched;
 pub mod syscalls;
 
 /// How many command-name labels host mode exports before folding the rest into `other`.

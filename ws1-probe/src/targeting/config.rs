@@ -256,6 +256,8 @@ pub struct Collectors {
     pub net: bool,
     pub memory: bool,
     pub profile: bool,
+    /// Run-queue latency (`sched`); process starts and exits are counted whatever is on.
+    pub sched: bool,
 }
 
 impl Collectors {
@@ -264,12 +266,14 @@ impl Collectors {
         net: true,
         memory: true,
         profile: true,
+        sched: true,
     };
     pub const NONE: Self = Self {
         syscalls: false,
         net: false,
         memory: false,
         profile: false,
+        sched: false,
     };
 
     /// Parses a comma-separated list such as `syscalls,profile` (or `all`).
@@ -282,9 +286,10 @@ impl Collectors {
                 "net" => c.net = true,
                 "memory" => c.memory = true,
                 "profile" => c.profile = true,
+                "sched" => c.sched = true,
                 other => {
                     return Err(format!(
-                        "unknown collector `{other}`: expected syscalls, net, memory, profile or all"
+                        "unknown collector `{other}`: expected syscalls, net, memory, profile, sched or all"
                     ));
                 }
             }
