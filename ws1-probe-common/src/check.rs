@@ -22,3 +22,8 @@ pub const FLOOR_PID_SYS_EXIT: &str = "floor_pid_sys_exit";
 /// the trap floor of precise allocation tracing, measured by `cargo xtask bench alloc`.
 pub const FLOOR_UPROBE: &str = "floor_uprobe";
 pub const FLOOR_URETPROBE: &str = "floor_uretprobe";
+
+/// Empty `tp_btf` programs on the block hooks (`block_io_start`, `block_rq_complete`): the
+/// floor the block collector's cost per I/O is measured against.
+pub const FLOOR_BLOCK_IO_START: &str = "floor_block_io_start";
+pub const FLOOR_BLOCK_RQ_COMPLETE: &str = "floor_block_rq_complete";

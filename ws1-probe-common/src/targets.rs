@@ -93,10 +93,15 @@ pub enum DropReason {
     /// A remote address did not fit the `NET_REMOTES` budget (or its id was taken by another
     /// address): the connection is counted under `remote="other"`.
     NetRemoteOther = 13,
+    /// `BLOCK_START` was full: a block I/O request is not timed.
+    BlockStartFull = 14,
+    /// `BLOCK_HIST` or `BLOCK_BYTES` was full: block I/O of a new (service, device, op) is
+    /// not counted.
+    BlockHistFull = 15,
 }
 
 impl DropReason {
-    pub const COUNT: u32 = 14;
+    pub const COUNT: u32 = 16;
     pub const ALL: [DropReason; Self::COUNT as usize] = [
         Self::TargetsFull,
         Self::ExecRingFull,
@@ -112,6 +117,8 @@ impl DropReason {
         Self::ProfileRingFull,
         Self::OffCpuStartFull,
         Self::NetRemoteOther,
+        Self::BlockStartFull,
+        Self::BlockHistFull,
     ];
 
     /// Label value used in `ws1_probe_events_dropped_total{reason}`.
@@ -131,6 +138,8 @@ impl DropReason {
             Self::ProfileRingFull => "profile_ringbuf_full",
             Self::OffCpuStartFull => "offcpu_start_map_full",
             Self::NetRemoteOther => "net_remote_address_budget",
+            Self::BlockStartFull => "block_start_map_full",
+            Self::BlockHistFull => "block_hist_map_full",
         }
     }
 }

@@ -89,7 +89,12 @@ pub fn load(opts: &LoadOptions) -> Result<Ebpf, LoadError> {
     let mut loader = EbpfLoader::new();
     for (map, entries) in &opts.map_entries {
         loader.map_max_entries(map, *entries);
+        // BLOCK_BYTES holds BLOCK_HIST's keys.
+        if map == "BLOCK_HIST" {
+            loader.map_max_entries("BLOCK_BYTES", *entries);
+        }
     }
+    let block_offsets = crate::collectors::block::offsets(Path::new(TRACEFS));
     loader
         .map_max_entries("TARGET_FILTER", pid_max())
         .map_max_entries(
@@ -103,6 +108,8 @@ pub fn load(opts: &LoadOptions) -> Result<Ebpf, LoadError> {
         .override_global("NET_OFFSETS", &net_offsets, true)
         .override_global("MMAP_OFFSETS", &mmap_offsets, true)
         .override_global("PROFILE_SETTINGS", &opts.profile, true)
+        .override_global("BLOCK_BOUNDS_NS", &bounds, true)
+        .override_global("BLOCK_OFFSETS", &block_offsets, true)
         .load(OBJECT)
         .map_err(|source| LoadError::Object { source })
 }

@@ -12,6 +12,7 @@ use prometheus::proto::MetricFamily;
 use crate::{
     collectors::{
         alloc::{self as alloccollector, AllocCollector, AllocError, AllocatorSpec, Suspect},
+        block::BlockCollector,
         memory::MemoryCollector,
         net::{self as netcollector, NetCollector, NetSnapshot},
         profile::{self as profilecollector, ProfileCollector, RawProfile},
@@ -71,6 +72,7 @@ pub struct Probe {
     pub syscalls: SyscallCollector,
     pub net: NetCollector,
     pub memory: MemoryCollector,
+    pub block: BlockCollector,
     /// The profiler, when on (agent default: 19 Hz on-CPU).
     pub profile: Option<ProfileCollector>,
     /// Symbolized profile windows and per-service sample totals.
@@ -137,6 +139,7 @@ impl Probe {
             targets.matcher().clone(),
         );
         let memory = MemoryCollector::attach(&mut ebpf, on.memory)?;
+        let block = BlockCollector::attach(&mut ebpf, on.block)?;
         let profile = if on.profile
             && (settings.profile.frequency_hz > 0 || settings.profile.off_cpu)
         {
@@ -147,7 +150,7 @@ impl Probe {
                 }
                 // Beside other collectors (the agent) a kernel that refuses the profiler
                 // loses only profiles; alone (`profile`, `top`) it is the error.
-                Err(err) if on.syscalls || on.net || on.memory => {
+                Err(err) if on.syscalls || on.net || on.memory || on.block => {
                     tracing::warn!(
                         "profiler is off: {err}; the other collectors run (leave it out with --collectors to silence this)"
                     );
@@ -171,6 +174,7 @@ impl Probe {
             syscalls,
             net,
             memory,
+            block,
             alloc: None,
             precise: PreciseAlloc::Off,
             settings: settings.clone(),
@@ -372,6 +376,7 @@ impl Probe {
             .into_iter()
             .chain(self.syscalls.usage())
             .chain(self.net.usage())
+            .chain(self.block.usage())
             .collect();
         let capacity = |map: &str| usage.iter().find(|u| u.map == map).map(|u| u.capacity);
         for line in self
@@ -466,6 +471,7 @@ impl Probe {
         let targeted = self.targets.targeted_by_service();
         let snap = self.syscalls.snapshot();
         let net: NetSnapshot = self.net.snapshot();
+        let block = self.block.snapshot();
         // Rank by calls; a service with live processes but no calls yet is ranked too (with 0),
         // so its processes are not reported as `other` while it is idle.
         let mut activity = snap.calls_by_service();
@@ -497,6 +503,7 @@ impl Probe {
         let mut families = metrics::syscalls::families(&snap, label, &self.bounds_ns);
         families.extend(metrics::net::families(&net, label, &self.bounds_ns));
         families.extend(metrics::memory::families(&self.memory.snapshot(), label));
+        families.extend(metrics::block::families(&block, label, &self.bounds_ns));
         if self.profile.is_some() {
             families.extend(metrics::profile::families(
                 &self.profiles.totals,
@@ -526,6 +533,7 @@ impl Probe {
             // Their counts were read above; the kernel entries of gone, idle ids are deleted
             // so the maps hold what runs now (see ARCHITECTURE.md, Map sizes).
             self.memory.reclaim(&gone);
+            self.block.reclaim(&gone);
             if self.syscalls.reclaim(&gone) > 0 {
                 for id in &gone {
                     h.policy
@@ -550,6 +558,7 @@ impl Probe {
                 .into_iter()
                 .chain(self.syscalls.usage())
                 .chain(self.net.usage())
+                .chain(self.block.usage())
                 .chain(self.profile.iter().flat_map(|p| p.map_usage()))
                 .collect(),
             drops: self

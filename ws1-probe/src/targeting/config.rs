@@ -204,6 +204,8 @@ pub struct Collectors {
     pub net: bool,
     pub memory: bool,
     pub profile: bool,
+    /// Block I/O latency and bytes per service, device and operation.
+    pub block: bool,
 }
 
 impl Collectors {
@@ -212,12 +214,14 @@ impl Collectors {
         net: true,
         memory: true,
         profile: true,
+        block: true,
     };
     pub const NONE: Self = Self {
         syscalls: false,
         net: false,
         memory: false,
         profile: false,
+        block: false,
     };
 
     /// Parses a comma-separated list such as `syscalls,profile` (or `all`).
@@ -230,9 +234,10 @@ impl Collectors {
                 "net" => c.net = true,
                 "memory" => c.memory = true,
                 "profile" => c.profile = true,
+                "block" => c.block = true,
                 other => {
                     return Err(format!(
-                        "unknown collector `{other}`: expected syscalls, net, memory, profile or all"
+                        "unknown collector `{other}`: expected syscalls, net, memory, profile, block or all"
                     ));
                 }
             }
