@@ -91,24 +91,20 @@ pub struct BlockKey {
 }
 
 /// Key of `BLOCK_START`, the requests in flight: the `struct request` address on the `tp_btf`
-/// path (`dev` 0), the start sector and device on the tracepoint path. Twelve bytes of u32s:
-/// no padding, and the kernel's jhash mixes it in one round, like an 8-byte key.
+/// path (`dev` 0), the start sector and device on the tracepoint path. The address is stored
+/// whole: the verifier refuses shifts of a pointer, so it cannot be split into u32s.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct ReqKey {
-    pub lo: u32,
-    pub hi: u32,
+    pub word: u64,
     pub dev: u32,
+    pub _pad: u32,
 }
 
 impl ReqKey {
     #[inline(always)]
     pub const fn new(word: u64, dev: u32) -> Self {
-        Self {
-            lo: word as u32,
-            hi: (word >> 32) as u32,
-            dev,
-        }
+        Self { word, dev, _pad: 0 }
     }
 }
 
