@@ -109,9 +109,9 @@ fn direct_writes_reads_and_flushes_are_counted_per_service_and_device() {
     assert!(writes <= 2.0 * N as f64, "{writes} writes for {N}");
     // fdatasync flushes the device's volatile cache where it has one ("write back"); the
     // empty flush request is created by the process that called it.
-    let cache = device.as_ref().and_then(|d| {
-        std::fs::read_to_string(format!("/sys/block/{d}/queue/write_cache")).ok()
-    });
+    let cache = device
+        .as_ref()
+        .and_then(|d| std::fs::read_to_string(format!("/sys/block/{d}/queue/write_cache")).ok());
     if cache.as_deref().map(str::trim) == Some("write back") {
         let (flushes, flushed) = io(&m, SERVICE, "flush", dev);
         assert!(flushes >= 1.0, "no flush counted\n{}", m.text);

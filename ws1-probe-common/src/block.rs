@@ -225,7 +225,11 @@ mod tests {
         assert_eq!(op(b"WS", 4096), Some(OP_WRITE));
         assert_eq!(op(b"WFS", 4096), Some(OP_WRITE), "write with FUA");
         assert_eq!(op(b"FWS", 0), Some(OP_FLUSH), "fdatasync's empty preflush");
-        assert_eq!(op(b"FWFS", 4096), Some(OP_WRITE), "journal commit: preflush + data");
+        assert_eq!(
+            op(b"FWFS", 4096),
+            Some(OP_WRITE),
+            "journal commit: preflush + data"
+        );
         assert_eq!(op(b"FF", 0), Some(OP_FLUSH));
         assert_eq!(op(b"F", 0), Some(OP_FLUSH));
         assert_eq!(op(b"D", 4096), Some(OP_DISCARD));

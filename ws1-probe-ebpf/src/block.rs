@@ -74,9 +74,9 @@ fn now_ns() -> u64 {
 #[inline(always)]
 fn read_kernel<T>(base: u64, off: u32) -> Result<T, i64> {
     // SAFETY: bpf_probe_read_kernel checks the address.
-    unsafe { bpf_probe_read_kernel(base.wrapping_add(u64::from(off)) as *const T) }.map_err(i64::from)
+    unsafe { bpf_probe_read_kernel(base.wrapping_add(u64::from(off)) as *const T) }
+        .map_err(i64::from)
 }
-
 
 /// The service of the current process, or `None` when it is not observed.
 #[inline(always)]
@@ -162,7 +162,12 @@ pub fn try_io_start_btf(ctx: &BtfTracePointContext) -> Result<u32, i64> {
     let disk: u64 = read_kernel(queue, off.queue_disk)?;
     let major: i32 = read_kernel(disk, off.disk_major)?;
     let minor: i32 = read_kernel(disk, off.disk_first_minor)?;
-    record_start(ReqKey::new(rq, 0), service, dev_from(major as u32, minor as u32), op);
+    record_start(
+        ReqKey::new(rq, 0),
+        service,
+        dev_from(major as u32, minor as u32),
+        op,
+    );
     Ok(0)
 }
 

@@ -26,6 +26,7 @@ pub fn run(what: &str, args: &[String]) -> Result<()> {
         "profile" => crate::bench_profile::run(args),
         "scrape" => crate::bench_scrape::run(args),
         "soak" => crate::bench_soak::run(args),
+        "health-block" => crate::bench_block::run(args),
         _ => bail!(
             "unknown benchmark {what}: available: syscalls, net, alloc, profile, scrape, soak"
         ),

@@ -58,7 +58,8 @@ fn open(path: &str, blocks: u64, bs: usize) -> Result<Target, String> {
     buf.as_mut().fill(0x5a);
     let mut f = File::create(path).map_err(|e| format!("create {path}: {e}"))?;
     for _ in 0..blocks {
-        f.write_all(buf.as_mut()).map_err(|e| format!("fill: {e}"))?;
+        f.write_all(buf.as_mut())
+            .map_err(|e| format!("fill: {e}"))?;
     }
     f.sync_all().map_err(|e| format!("fsync: {e}"))?;
     drop(f);
@@ -115,13 +116,15 @@ fn main() {
                 .unwrap_or(0)
         };
         let result = match (words.first().copied(), target.as_mut()) {
-            (Some("open"), _) => match open(words.get(1).copied().unwrap_or(""), num(2), num(3) as usize) {
-                Ok(t) => {
-                    target = Some(t);
-                    Ok(())
+            (Some("open"), _) => {
+                match open(words.get(1).copied().unwrap_or(""), num(2), num(3) as usize) {
+                    Ok(t) => {
+                        target = Some(t);
+                        Ok(())
+                    }
+                    Err(e) => Err(e),
                 }
-                Err(e) => Err(e),
-            },
+            }
             (Some("write"), Some(t)) => write_n(t, num(1)),
             (Some("read"), Some(t)) => read_n(t, num(1)),
             (Some("write" | "read"), None) => Err("no file open".to_owned()),

@@ -18,8 +18,8 @@ use ws1_probe::{
 };
 use ws1_probe_common::{
     check::{
-        FLOOR_PID_SYS_ENTER, FLOOR_PID_SYS_EXIT, FLOOR_SYS_ENTER, FLOOR_SYS_EXIT, FLOOR_UPROBE,
-        FLOOR_URETPROBE,
+        FLOOR_BLOCK_IO_START, FLOOR_BLOCK_RQ_COMPLETE, FLOOR_PID_SYS_ENTER, FLOOR_PID_SYS_EXIT,
+        FLOOR_SYS_ENTER, FLOOR_SYS_EXIT, FLOOR_UPROBE, FLOOR_URETPROBE,
     },
     hist::DEFAULT_EXPORT_BOUNDS_NS,
 };
@@ -36,6 +36,11 @@ pub struct FloorArgs {
     /// of precise allocation tracing
     #[arg(long, conflicts_with = "pid_helper")]
     pub uprobe_pid: Option<NonZeroU32>,
+    /// Instead of the syscall pair, attach empty tp_btf programs to block_io_start and
+    /// block_rq_complete with BPF run-time statistics on, and print each program's run time
+    /// and run count (`stat PROGRAM NS RUNS`) when stopped: the floor of the block collector
+    #[arg(long, conflicts_with_all = ["pid_helper", "uprobe_pid"])]
+    pub block: bool,
 }
 
 pub fn run(args: FloorArgs) -> anyhow::Result<()> {
@@ -51,7 +56,23 @@ pub fn run(args: FloorArgs) -> anyhow::Result<()> {
         map_entries: Vec::new(),
     };
     let mut object = ebpf::load(&opts)?;
-    if let Some(pid) = args.uprobe_pid {
+    let mut stats = None;
+    if args.block {
+        stats = Some(
+            aya::sys::enable_stats(aya::sys::Stats::RunTime)
+                .context("cannot enable BPF run-time statistics")?,
+        );
+        let btf = aya::Btf::from_sys_fs().context("cannot read kernel BTF")?;
+        ebpf::attach_btf_tracepoints(
+            &mut object,
+            &[
+                (FLOOR_BLOCK_IO_START, "block_io_start"),
+                (FLOOR_BLOCK_RQ_COMPLETE, "block_rq_complete"),
+            ],
+            &btf,
+        )
+        .map_err(|reason| anyhow::anyhow!("cannot attach the block floor: {reason}"))?;
+    } else if let Some(pid) = args.uprobe_pid {
         let lib = allocator_path(pid.get())?;
         for (program, symbol) in [
             (FLOOR_UPROBE, "malloc"),
@@ -88,8 +109,24 @@ pub fn run(args: FloorArgs) -> anyhow::Result<()> {
         }
         anyhow::Ok(())
     })?;
+    if stats.is_some() {
+        let mut out = std::io::stdout();
+        for name in [FLOOR_BLOCK_IO_START, FLOOR_BLOCK_RQ_COMPLETE] {
+            if let Some(info) = object.program(name).and_then(|p| p.info().ok()) {
+                writeln!(
+                    out,
+                    "stat {name} {} {}",
+                    info.run_time().as_nanos(),
+                    info.run_count()
+                )
+                .context("cannot write to stdout")?;
+            }
+        }
+        out.flush().context("cannot write to stdout")?;
+    }
     // Dropping the object closes the links, which detaches the programs.
     drop(object);
+    drop(stats);
     Ok(())
 }
 

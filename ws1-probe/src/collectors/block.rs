@@ -336,7 +336,12 @@ mod tests {
         assert!(off.btf_usable() && off.tracepoints_usable());
         assert_eq!((off.rq_cmd_flags, off.rq_data_len), (24, 44));
         assert_eq!(
-            (off.start_dev, off.start_sector, off.start_bytes, off.start_rwbs),
+            (
+                off.start_dev,
+                off.start_sector,
+                off.start_bytes,
+                off.start_rwbs
+            ),
             (8, 16, 28, 34)
         );
         assert_eq!((off.done_dev, off.done_nr_sector), (8, 24));
@@ -354,7 +359,9 @@ mod tests {
             parse_block_hooks(Some("tracepoint")).ok(),
             Some(BlockHooks::Tracepoint)
         );
-        let err = parse_block_hooks(Some("kprobe")).err().map(|e| e.to_string());
+        let err = parse_block_hooks(Some("kprobe"))
+            .err()
+            .map(|e| e.to_string());
         assert_eq!(
             err.as_deref(),
             Some(

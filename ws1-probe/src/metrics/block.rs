@@ -94,7 +94,10 @@ mod tests {
         };
         let snap = BlockSnapshot {
             series: [
-                ((1, "vda".to_owned(), OP_WRITE), stats(&[40_000, 60_000], 8192)),
+                (
+                    (1, "vda".to_owned(), OP_WRITE),
+                    stats(&[40_000, 60_000], 8192),
+                ),
                 ((2, "vda".to_owned(), OP_WRITE), stats(&[2_000_000], 4096)),
                 ((1, "vda".to_owned(), OP_FLUSH), stats(&[90_000], 0)),
             ]
