@@ -51,7 +51,7 @@ struct Target {
 }
 
 fn open(path: &str, blocks: u64, bs: usize) -> Result<Target, String> {
-    if bs == 0 || bs % 512 != 0 || blocks == 0 {
+    if bs == 0 || !bs.is_multiple_of(512) || blocks == 0 {
         return Err("block size must be a multiple of 512 and blocks > 0".to_owned());
     }
     let mut buf = Aligned::new(bs).ok_or("cannot allocate")?;
