@@ -26,3 +26,7 @@ pub const FLOOR_URETPROBE: &str = "floor_uretprobe";
 /// An empty `tp_btf` program on the run-queue hook (`sched_switch`): the floor of
 /// `cargo xtask bench health-sched`.
 pub const FLOOR_SCHED: [(&str, &str); 1] = [("floor_sched_switch", "sched_switch")];
+/// Empty `tp_btf` programs on the block hooks (`block_io_start`, `block_rq_complete`): the
+/// floor the block collector's cost per I/O is measured against.
+pub const FLOOR_BLOCK_IO_START: &str = "floor_block_io_start";
+pub const FLOOR_BLOCK_RQ_COMPLETE: &str = "floor_block_rq_complete";

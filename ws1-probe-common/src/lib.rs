@@ -6,6 +6,7 @@
 #![no_std]
 
 pub mod alloc;
+pub mod block;
 pub mod check;
 pub mod hist;
 pub mod memory;

@@ -96,10 +96,15 @@ pub enum DropReason {
     /// `RUNQ_HIST` or `PROC_EVENTS` was full, or the crash ring buffer: a run-queue wait, a
     /// start or exit, or a crash line is lost.
     SchedMapFull = 14,
+    /// `BLOCK_START` was full: a block I/O request is not timed.
+    BlockStartFull = 15,
+    /// `BLOCK_HIST` or `BLOCK_BYTES` was full: block I/O of a new (service, device, op) is
+    /// not counted.
+    BlockHistFull = 16,
 }
 
 impl DropReason {
-    pub const COUNT: u32 = 15;
+    pub const COUNT: u32 = 17;
     pub const ALL: [DropReason; Self::COUNT as usize] = [
         Self::TargetsFull,
         Self::ExecRingFull,
@@ -116,6 +121,8 @@ impl DropReason {
         Self::OffCpuStartFull,
         Self::NetRemoteOther,
         Self::SchedMapFull,
+        Self::BlockStartFull,
+        Self::BlockHistFull,
     ];
 
     /// Label value used in `ws1_probe_events_dropped_total{reason}`.
@@ -136,6 +143,8 @@ impl DropReason {
             Self::OffCpuStartFull => "offcpu_start_map_full",
             Self::NetRemoteOther => "net_remote_address_budget",
             Self::SchedMapFull => "sched_map_full",
+            Self::BlockStartFull => "block_start_map_full",
+            Self::BlockHistFull => "block_hist_map_full",
         }
     }
 }

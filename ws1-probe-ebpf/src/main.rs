@@ -8,6 +8,7 @@
 #![feature(core_intrinsics)]
 
 mod alloc;
+mod block;
 mod hist;
 mod memory;
 mod net;
@@ -140,6 +141,38 @@ pub fn tcp_send_reset(ctx: TracePointContext) -> u32 {
 #[tracepoint]
 pub fn tcp_receive_reset(ctx: TracePointContext) -> u32 {
     net::try_sock_event(&ctx, net::SockEvent::ResetReceived).unwrap_or(0)
+}
+
+// --- block I/O latency ---
+
+#[btf_tracepoint(function = "block_io_start")]
+pub fn block_io_start_btf(ctx: BtfTracePointContext) -> i32 {
+    block::try_io_start_btf(&ctx).map_or(0, |r| r as i32)
+}
+
+#[btf_tracepoint(function = "block_rq_complete")]
+pub fn block_rq_complete_btf(ctx: BtfTracePointContext) -> i32 {
+    block::try_rq_complete_btf(&ctx).map_or(0, |r| r as i32)
+}
+
+#[btf_tracepoint(function = "block_rq_merge")]
+pub fn block_rq_merge_btf(ctx: BtfTracePointContext) -> i32 {
+    block::try_rq_merge_btf(&ctx).map_or(0, |r| r as i32)
+}
+
+#[tracepoint]
+pub fn block_io_start(ctx: TracePointContext) -> u32 {
+    block::try_io_start(&ctx).unwrap_or(0)
+}
+
+#[tracepoint]
+pub fn block_rq_complete(ctx: TracePointContext) -> u32 {
+    block::try_rq_complete(&ctx).unwrap_or(0)
+}
+
+#[tracepoint]
+pub fn block_rq_merge(ctx: TracePointContext) -> u32 {
+    block::try_rq_merge(&ctx).unwrap_or(0)
 }
 
 // --- memory (always on): sampled page faults ---
@@ -345,6 +378,16 @@ pub fn floor_pid_sys_exit(_ctx: RawTracePointContext) -> i32 {
 
 #[btf_tracepoint(function = "sched_switch")]
 pub fn floor_sched_switch(_ctx: BtfTracePointContext) -> i32 {
+    0
+}
+
+#[btf_tracepoint(function = "block_io_start")]
+pub fn floor_block_io_start(_ctx: BtfTracePointContext) -> i32 {
+    0
+}
+
+#[btf_tracepoint(function = "block_rq_complete")]
+pub fn floor_block_rq_complete(_ctx: BtfTracePointContext) -> i32 {
     0
 }
 

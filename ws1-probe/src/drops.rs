@@ -28,6 +28,8 @@ pub const RESIZABLE: &[&str] = &[
     "OFFCPU_START",
     "RUNQ_HIST",
     "PROC_EVENTS",
+    "BLOCK_START",
+    "BLOCK_HIST",
 ];
 
 /// Largest capacity `--map-entries` accepts.
@@ -105,6 +107,13 @@ pub fn describe(reason: DropReason) -> Option<(&'static str, &'static str, bool)
         DropReason::OffCpuStartFull => ("OFFCPU_START", "off-CPU blocks were not measured", true),
         // Not a loss: the connection is counted under remote="other".
         DropReason::NetRemoteOther => return None,
+        DropReason::BlockStartFull => ("BLOCK_START", "block I/O requests were not timed", true),
+        // BLOCK_BYTES has the same keys and is resized with it.
+        DropReason::BlockHistFull => (
+            "BLOCK_HIST",
+            "block I/O of new (service, device, op) triples was not counted",
+            true,
+        ),
     })
 }
 

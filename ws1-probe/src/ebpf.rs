@@ -90,7 +90,12 @@ pub fn load(opts: &LoadOptions) -> Result<Ebpf, LoadError> {
     let mut loader = EbpfLoader::new();
     for (map, entries) in &opts.map_entries {
         loader.map_max_entries(map, *entries);
+        // BLOCK_BYTES holds BLOCK_HIST's keys.
+        if map == "BLOCK_HIST" {
+            loader.map_max_entries("BLOCK_BYTES", *entries);
+        }
     }
+    let block_offsets = crate::collectors::block::offsets(Path::new(TRACEFS));
     loader
         .map_max_entries("TARGET_FILTER", pid_max())
         .map_max_entries(
@@ -109,6 +114,8 @@ pub fn load(opts: &LoadOptions) -> Result<Ebpf, LoadError> {
         // aya 0.14 has no type for task storage (`RUNQ_START`); the map is created and
         // relocated all the same.
         .allow_unsupported_maps()
+        .override_global("BLOCK_BOUNDS_NS", &bounds, true)
+        .override_global("BLOCK_OFFSETS", &block_offsets, true)
         .load(OBJECT)
         .map_err(|source| LoadError::Object { source })
 }

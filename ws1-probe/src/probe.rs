@@ -12,6 +12,7 @@ use prometheus::proto::MetricFamily;
 use crate::{
     collectors::{
         alloc::{self as alloccollector, AllocCollector, AllocError, AllocatorSpec, Suspect},
+        block::BlockCollector,
         memory::MemoryCollector,
         net::{self as netcollector, NetCollector, NetSnapshot},
         profile::{self as profilecollector, ProfileCollector, RawProfile},
@@ -74,6 +75,7 @@ pub struct Probe {
     pub memory: MemoryCollector,
     /// Process starts, exits and crashes (always), run-queue latency (`sched`).
     pub sched: SchedCollector,
+    pub block: BlockCollector,
     /// The profiler, when on (agent default: 19 Hz on-CPU).
     pub profile: Option<ProfileCollector>,
     /// Symbolized profile windows and per-service sample totals.
@@ -145,6 +147,7 @@ impl Probe {
         );
         let memory = MemoryCollector::attach(&mut ebpf, on.memory)?;
         let sched = SchedCollector::attach(&mut ebpf, on.sched)?;
+        let block = BlockCollector::attach(&mut ebpf, on.block)?;
         let profile = if on.profile
             && (settings.profile.frequency_hz > 0 || settings.profile.off_cpu)
         {
@@ -155,7 +158,7 @@ impl Probe {
                 }
                 // Beside other collectors (the agent) a kernel that refuses the profiler
                 // loses only profiles; alone (`profile`, `top`) it is the error.
-                Err(err) if on.syscalls || on.net || on.memory => {
+                Err(err) if on.syscalls || on.net || on.memory || on.block => {
                     tracing::warn!(
                         "profiler is off: {err}; the other collectors run (leave it out with --collectors to silence this)"
                     );
@@ -180,6 +183,7 @@ impl Probe {
             net,
             memory,
             sched,
+            block,
             alloc: None,
             precise: PreciseAlloc::Off,
             settings: settings.clone(),
@@ -393,6 +397,7 @@ impl Probe {
             .chain(self.syscalls.usage())
             .chain(self.net.usage())
             .chain(self.sched.usage())
+            .chain(self.block.usage())
             .collect();
         let capacity = |map: &str| usage.iter().find(|u| u.map == map).map(|u| u.capacity);
         for line in self
@@ -491,6 +496,7 @@ impl Probe {
         let starts = self.targets.take_exec_starts();
         self.sched.add_exec_starts(&starts);
         let sched = self.sched.snapshot();
+        let block = self.block.snapshot();
         // Rank by calls; a service with live processes but no calls yet is ranked too (with 0),
         // so its processes are not reported as `other` while it is idle.
         let mut activity = snap.calls_by_service();
@@ -531,6 +537,7 @@ impl Probe {
         families.extend(metrics::net::families(&net, label, peer, &self.bounds_ns));
         families.extend(metrics::memory::families(&self.memory.snapshot(), label));
         families.extend(metrics::sched::families(&sched, label, &self.bounds_ns));
+        families.extend(metrics::block::families(&block, label, &self.bounds_ns));
         if self.profile.is_some() {
             families.extend(metrics::profile::families(
                 &self.profiles.totals,
@@ -561,6 +568,7 @@ impl Probe {
             // so the maps hold what runs now (see ARCHITECTURE.md, Map sizes).
             self.memory.reclaim(&gone);
             self.sched.reclaim(&gone);
+            self.block.reclaim(&gone);
             if self.syscalls.reclaim(&gone) > 0 {
                 for id in &gone {
                     h.policy
@@ -586,6 +594,7 @@ impl Probe {
                 .chain(self.syscalls.usage())
                 .chain(self.net.usage())
                 .chain(self.sched.usage())
+                .chain(self.block.usage())
                 .chain(self.profile.iter().flat_map(|p| p.map_usage()))
                 .collect(),
             drops: self

@@ -27,6 +27,7 @@ pub fn run(what: &str, args: &[String]) -> Result<()> {
         "scrape" => crate::bench_scrape::run(args),
         "soak" => crate::bench_soak::run(args),
         "health-sched" => crate::bench_sched::run(args),
+        "health-block" => crate::bench_block::run(args),
         _ => bail!(
             "unknown benchmark {what}: available: syscalls, net, alloc, profile, scrape, soak, health-sched"
         ),

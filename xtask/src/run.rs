@@ -175,6 +175,13 @@ fn privileged_tests(args: &[String]) -> Result<(u64, u64)> {
                 .with_context(|| format!("xtask test: scheduler tests with {hooks} failed"))?;
             counts = (counts.0 + passed, counts.1 + failed);
         }
+        // The block tests on the tracepoint fallback too.
+        eprintln!("xtask test: the block tests again with WS1_PROBE_BLOCK_HOOKS=tracepoint");
+        let mut block = tests(&["--test", "block"], &[]);
+        block.env("WS1_PROBE_BLOCK_HOOKS", "tracepoint");
+        let (passed, failed) =
+            run_tests(&mut block).context("xtask test: block tests on the tracepoints failed")?;
+        counts = (counts.0 + passed, counts.1 + failed);
     }
     Ok(counts)
 }

@@ -18,8 +18,8 @@ use ws1_probe::{
 };
 use ws1_probe_common::{
     check::{
-        FLOOR_PID_SYS_ENTER, FLOOR_PID_SYS_EXIT, FLOOR_SCHED, FLOOR_SYS_ENTER, FLOOR_SYS_EXIT,
-        FLOOR_UPROBE, FLOOR_URETPROBE,
+        FLOOR_BLOCK_IO_START, FLOOR_BLOCK_RQ_COMPLETE, FLOOR_PID_SYS_ENTER, FLOOR_PID_SYS_EXIT,
+        FLOOR_SCHED, FLOOR_SYS_ENTER, FLOOR_SYS_EXIT, FLOOR_UPROBE, FLOOR_URETPROBE,
     },
     hist::DEFAULT_EXPORT_BOUNDS_NS,
 };
@@ -38,8 +38,13 @@ pub struct FloorArgs {
     pub uprobe_pid: Option<NonZeroU32>,
     /// Instead of the syscall pair, attach an empty tp_btf program to sched_switch: the floor
     /// of the run-queue hook
-    #[arg(long, conflicts_with_all = ["pid_helper", "uprobe_pid"])]
+    #[arg(long, conflicts_with_all = ["pid_helper", "uprobe_pid", "block"])]
     pub sched: bool,
+    /// Instead of the syscall pair, attach empty tp_btf programs to block_io_start and
+    /// block_rq_complete with BPF run-time statistics on, and print each program's run time
+    /// and run count (`stat PROGRAM NS RUNS`) when stopped: the floor of the block collector
+    #[arg(long, conflicts_with_all = ["pid_helper", "uprobe_pid"])]
+    pub block: bool,
 }
 
 pub fn run(args: FloorArgs) -> anyhow::Result<()> {
@@ -55,10 +60,26 @@ pub fn run(args: FloorArgs) -> anyhow::Result<()> {
         map_entries: Vec::new(),
     };
     let mut object = ebpf::load(&opts)?;
+    let mut stats = None;
     if args.sched {
         let btf = aya::Btf::from_sys_fs().context("cannot read kernel BTF")?;
         ebpf::attach_btf_tracepoints(&mut object, &FLOOR_SCHED, &btf)
             .map_err(|reason| anyhow::anyhow!("cannot attach the run-queue floor: {reason}"))?;
+    } else if args.block {
+        stats = Some(
+            aya::sys::enable_stats(aya::sys::Stats::RunTime)
+                .context("cannot enable BPF run-time statistics")?,
+        );
+        let btf = aya::Btf::from_sys_fs().context("cannot read kernel BTF")?;
+        ebpf::attach_btf_tracepoints(
+            &mut object,
+            &[
+                (FLOOR_BLOCK_IO_START, "block_io_start"),
+                (FLOOR_BLOCK_RQ_COMPLETE, "block_rq_complete"),
+            ],
+            &btf,
+        )
+        .map_err(|reason| anyhow::anyhow!("cannot attach the block floor: {reason}"))?;
     } else if let Some(pid) = args.uprobe_pid {
         let lib = allocator_path(pid.get())?;
         for (program, symbol) in [
@@ -96,8 +117,24 @@ pub fn run(args: FloorArgs) -> anyhow::Result<()> {
         }
         anyhow::Ok(())
     })?;
+    if stats.is_some() {
+        let mut out = std::io::stdout();
+        for name in [FLOOR_BLOCK_IO_START, FLOOR_BLOCK_RQ_COMPLETE] {
+            if let Some(info) = object.program(name).and_then(|p| p.info().ok()) {
+                writeln!(
+                    out,
+                    "stat {name} {} {}",
+                    info.run_time().as_nanos(),
+                    info.run_count()
+                )
+                .context("cannot write to stdout")?;
+            }
+        }
+        out.flush().context("cannot write to stdout")?;
+    }
     // Dropping the object closes the links, which detaches the programs.
     drop(object);
+    drop(stats);
     Ok(())
 }
 

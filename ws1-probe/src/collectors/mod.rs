@@ -2,6 +2,7 @@
 //! One file per probe, named like its kernel and shared-type counterparts.
 
 pub mod alloc;
+pub mod block;
 pub mod memory;
 pub mod net;
 pub mod profile;

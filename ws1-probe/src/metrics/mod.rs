@@ -14,6 +14,7 @@ use crate::histogram::Histogram;
 
 pub mod agent;
 pub mod alloc;
+pub mod block;
 pub mod cache;
 pub mod memory;
 pub mod net;

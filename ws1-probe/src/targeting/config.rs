@@ -258,6 +258,8 @@ pub struct Collectors {
     pub profile: bool,
     /// Run-queue latency (`sched`); process starts and exits are counted whatever is on.
     pub sched: bool,
+    /// Block I/O latency and bytes per service, device and operation.
+    pub block: bool,
 }
 
 impl Collectors {
@@ -267,6 +269,7 @@ impl Collectors {
         memory: true,
         profile: true,
         sched: true,
+        block: true,
     };
     pub const NONE: Self = Self {
         syscalls: false,
@@ -274,6 +277,7 @@ impl Collectors {
         memory: false,
         profile: false,
         sched: false,
+        block: false,
     };
 
     /// Parses a comma-separated list such as `syscalls,profile` (or `all`).
@@ -287,9 +291,10 @@ impl Collectors {
                 "memory" => c.memory = true,
                 "profile" => c.profile = true,
                 "sched" => c.sched = true,
+                "block" => c.block = true,
                 other => {
                     return Err(format!(
-                        "unknown collector `{other}`: expected syscalls, net, memory, profile, sched or all"
+                        "unknown collector `{other}`: expected syscalls, net, memory, profile, sched, block or all"
                     ));
                 }
             }
