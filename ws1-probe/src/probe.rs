@@ -15,6 +15,7 @@ use crate::{
         memory::MemoryCollector,
         net::{self as netcollector, NetCollector, NetSnapshot},
         profile::{self as profilecollector, ProfileCollector, RawProfile},
+        resources::{self as resourcecollector, ResourceCollector},
         syscalls::{SyscallCollector, SyscallSnapshot},
         targets::{ScanSummary, Targets},
     },
@@ -71,6 +72,8 @@ pub struct Probe {
     pub syscalls: SyscallCollector,
     pub net: NetCollector,
     pub memory: MemoryCollector,
+    /// Resources per service from procfs (see `collectors/resources.rs`).
+    pub resources: ResourceCollector,
     /// The profiler, when on (agent default: 19 Hz on-CPU).
     pub profile: Option<ProfileCollector>,
     /// Symbolized profile windows and per-service sample totals.
@@ -137,6 +140,11 @@ impl Probe {
             targets.matcher().clone(),
         );
         let memory = MemoryCollector::attach(&mut ebpf, on.memory)?;
+        let resources = ResourceCollector::new(
+            on.resources,
+            settings.targets.is_host(),
+            resourcecollector::SAMPLE_EVERY,
+        );
         let profile = if on.profile
             && (settings.profile.frequency_hz > 0 || settings.profile.off_cpu)
         {
@@ -147,7 +155,7 @@ impl Probe {
                 }
                 // Beside other collectors (the agent) a kernel that refuses the profiler
                 // loses only profiles; alone (`profile`, `top`) it is the error.
-                Err(err) if on.syscalls || on.net || on.memory => {
+                Err(err) if on.syscalls || on.net || on.memory || on.resources => {
                     tracing::warn!(
                         "profiler is off: {err}; the other collectors run (leave it out with --collectors to silence this)"
                     );
@@ -171,6 +179,7 @@ impl Probe {
             syscalls,
             net,
             memory,
+            resources,
             alloc: None,
             precise: PreciseAlloc::Off,
             settings: settings.clone(),
@@ -325,6 +334,7 @@ impl Probe {
     /// (which walk the outstanding allocations, so at most every 30 s).
     pub fn tick(&mut self) {
         self.sample_memory();
+        self.sample_resources();
         self.warn_drops();
         // Host mode: rank and reclaim between scrapes too (after the first, which ranks what
         // ran since start), so one-shot commands free their map entries even when nobody
@@ -410,6 +420,14 @@ impl Probe {
         }
     }
 
+    /// Samples resources per service from procfs, when a sample is due.
+    pub fn sample_resources(&mut self) {
+        if self.resources.due() {
+            let pairs = self.targets.targeted_pairs();
+            self.resources.sample(&pairs);
+        }
+    }
+
     /// Work one-shot commands do every 100 ms: unwind streamed profile samples (their ring
     /// buffer holds only a few seconds of them) and, every second, choose the unwinding of new
     /// processes.
@@ -458,6 +476,7 @@ impl Probe {
     /// Builds every metric family, reading the maps once.
     pub fn families(&mut self) -> (Vec<MetricFamily>, SyscallSnapshot) {
         self.sample_memory();
+        self.sample_resources();
         // Sample totals are counted as windows are symbolized; a scrape sees them at most a
         // second old.
         self.profile_drain_if_older(std::time::Duration::from_secs(1));
@@ -497,6 +516,12 @@ impl Probe {
         let mut families = metrics::syscalls::families(&snap, label, &self.bounds_ns);
         families.extend(metrics::net::families(&net, label, &self.bounds_ns));
         families.extend(metrics::memory::families(&self.memory.snapshot(), label));
+        if self.resources.enabled() {
+            families.extend(metrics::resources::families(
+                &self.resources.snapshot(),
+                label,
+            ));
+        }
         if self.profile.is_some() {
             families.extend(metrics::profile::families(
                 &self.profiles.totals,
@@ -534,6 +559,9 @@ impl Probe {
             }
         }
         families.extend(metrics::cache::families(&self.cache_stats()));
+        if self.settings.collectors.host {
+            families.extend(metrics::host::families(&crate::collectors::host::read()));
+        }
         // On the labels Prometheus sees (in host mode, after the ids were named above).
         metrics::syscalls::apply_budget(&mut families, &mut self.syscall_budget);
         (families, snap)

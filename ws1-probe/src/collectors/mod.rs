@@ -2,9 +2,11 @@
 //! One file per probe, named like its kernel and shared-type counterparts.
 
 pub mod alloc;
+pub mod host;
 pub mod memory;
 pub mod net;
 pub mod profile;
+pub mod resources;
 pub mod syscalls;
 pub mod targets;
 

@@ -15,9 +15,11 @@ use crate::histogram::Histogram;
 pub mod agent;
 pub mod alloc;
 pub mod cache;
+pub mod host;
 pub mod memory;
 pub mod net;
 pub mod profile;
+pub mod resources;
 pub mod syscalls;
 
 /// How many command-name labels host mode exports before folding the rest into `other`.

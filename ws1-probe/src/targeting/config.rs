@@ -204,6 +204,10 @@ pub struct Collectors {
     pub net: bool,
     pub memory: bool,
     pub profile: bool,
+    /// Per-service resources from procfs (no kernel part).
+    pub resources: bool,
+    /// Host CPU, memory, filesystems, network (node_exporter's subset; no kernel part).
+    pub host: bool,
 }
 
 impl Collectors {
@@ -212,12 +216,16 @@ impl Collectors {
         net: true,
         memory: true,
         profile: true,
+        resources: true,
+        host: true,
     };
     pub const NONE: Self = Self {
         syscalls: false,
         net: false,
         memory: false,
         profile: false,
+        resources: false,
+        host: false,
     };
 
     /// Parses a comma-separated list such as `syscalls,profile` (or `all`).
@@ -230,9 +238,11 @@ impl Collectors {
                 "net" => c.net = true,
                 "memory" => c.memory = true,
                 "profile" => c.profile = true,
+                "resources" => c.resources = true,
+                "host" => c.host = true,
                 other => {
                     return Err(format!(
-                        "unknown collector `{other}`: expected syscalls, net, memory, profile or all"
+                        "unknown collector `{other}`: expected syscalls, net, memory, profile, resources, host or all"
                     ));
                 }
             }
