@@ -26,8 +26,9 @@ pub fn run(what: &str, args: &[String]) -> Result<()> {
         "profile" => crate::bench_profile::run(args),
         "scrape" => crate::bench_scrape::run(args),
         "soak" => crate::bench_soak::run(args),
+        "health" => crate::bench_health::run(args),
         _ => bail!(
-            "unknown benchmark {what}: available: syscalls, net, alloc, profile, scrape, soak"
+            "unknown benchmark {what}: available: syscalls, net, alloc, profile, scrape, soak, health"
         ),
     }
 }
