@@ -73,7 +73,9 @@ pub struct Reading {
     pub fds: u64,
     /// Soft `RLIMIT_NOFILE`.
     pub fd_limit: Option<u64>,
-    /// The tightest `memory.max` on the process's cgroup v2 path (its own or an ancestor's).
+    /// The tightest memory limit on the process's cgroup path (its own or an ancestor's):
+    /// `memory.max` of cgroup v2, or v1's `memory.limit_in_bytes` where the v1 memory
+    /// controller is mounted.
     pub memory_limit: Option<u64>,
 }
 
@@ -369,12 +371,20 @@ fn read_process(
         .as_ref()
         .is_some_and(|(at, _)| at.elapsed() < CGROUP_EVERY);
     if !fresh {
+        // cgroup v1's memory controller where it is mounted (hybrid hosts), else v2's.
         let path = p.cgroups().ok().and_then(|groups| {
-            groups
+            let v1 = groups
                 .0
-                .into_iter()
-                .find(|g| g.hierarchy == 0)
-                .map(|g| g.pathname)
+                .iter()
+                .find(|g| g.controllers.iter().any(|c| c == "memory"))
+                .map(|g| format!("v1:{}", g.pathname));
+            v1.or_else(|| {
+                groups
+                    .0
+                    .iter()
+                    .find(|g| g.hierarchy == 0)
+                    .map(|g| format!("v2:{}", g.pathname))
+            })
         });
         switches.cgroup = Some((Instant::now(), path));
     }
@@ -399,10 +409,8 @@ fn read_single_thread_switches(pid: u32, switches: &mut ThreadSwitches) {
         return;
     };
     for (tid, (v, i)) in switches.live.drain() {
-        if tid != pid {
-            switches.dead.0 += v;
-            switches.dead.1 += i;
-        } else if now.0 < v || now.1 < i {
+        // Other threads exited; the main thread's counts going down means a reused pid.
+        if tid != pid || now.0 < v || now.1 < i {
             switches.dead.0 += v;
             switches.dead.1 += i;
         }
@@ -501,20 +509,35 @@ struct CgroupLimits {
     cache: HashMap<String, Option<u64>>,
 }
 
-/// Where the cgroup v2 hierarchy is mounted.
+/// Where the cgroup hierarchies are mounted: v2 alone (`/sys/fs/cgroup`), or on a hybrid host
+/// v2 at `unified/` and v1's memory controller at `memory/`.
 const CGROUP_ROOT: &str = "/sys/fs/cgroup";
 
 impl CgroupLimits {
-    /// The tightest `memory.max` on `path` and its ancestors (`None`: no limit anywhere).
+    /// The tightest memory limit on `path` and its ancestors (`None`: no limit anywhere).
+    /// `path` is `v1:/a/b` (v1 memory controller, `memory.limit_in_bytes`) or `v2:/a/b`
+    /// (`memory.max`).
     fn of(&mut self, path: &str) -> Option<u64> {
         let path = path.trim_end_matches('/');
-        if path.is_empty() {
+        let (version, rel) = path.split_once(':')?;
+        if rel.is_empty() {
             return None;
         }
         if let Some(v) = self.cache.get(path) {
             return *v;
         }
-        let own = read_memory_max(&Path::new(CGROUP_ROOT).join(path.trim_start_matches('/')));
+        let root = Path::new(CGROUP_ROOT);
+        let own = match version {
+            "v1" => read_limit_in_bytes(&root.join("memory").join(rel.trim_start_matches('/'))),
+            _ => {
+                let base = if root.join("cgroup.controllers").exists() {
+                    root.to_path_buf()
+                } else {
+                    root.join("unified")
+                };
+                read_memory_max(&base.join(rel.trim_start_matches('/')))
+            }
+        };
         let parent = path.rsplit_once('/').map(|(p, _)| p.to_owned());
         let up = parent.and_then(|p| self.of(&p));
         let v = match (own, up) {
@@ -524,6 +547,16 @@ impl CgroupLimits {
         self.cache.insert(path.to_owned(), v);
         v
     }
+}
+
+/// cgroup v1's `memory.limit_in_bytes`; `None` when unlimited (the page-rounded maximum).
+pub fn read_limit_in_bytes(dir: &Path) -> Option<u64> {
+    let v: u64 = std::fs::read_to_string(dir.join("memory.limit_in_bytes"))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
+    (v < 1 << 62).then_some(v)
 }
 
 /// `memory.max` of one cgroup directory; `None` for "max" or when absent.
