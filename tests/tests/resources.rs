@@ -244,7 +244,7 @@ fn counters_keep_exited_processes() {
     }
     let comm = "w-res-exit";
     let mut a = Workload::spawn_program(&resload_bin(), comm);
-    let b = Workload::spawn_program(&resload_bin(), comm);
+    let mut b = Workload::spawn_program(&resload_bin(), comm);
     a.cmd("spin 600");
     let agent = Agent::start(&["--comm", &format!("^{comm}$")]);
     let cpu = |m: &Metrics| {
@@ -258,11 +258,19 @@ fn counters_keep_exited_processes() {
     };
     let before = cpu(&agent.metrics());
     assert!(before >= 0.5, "{before}");
+    // Single-threaded and idle since the first sample, `b` now opens files: the next sample
+    // must see them (an idle process's figures are reused only while it has not run).
+    let fds: f64 = b.cmd("open 7")[3..].parse().unwrap();
     drop(a);
-    // The next sample (at most 5 s later) sees one process, and the counter did not drop.
+    // The next sample (at most 5 s later) sees one process with its new files, and the CPU
+    // counter did not drop.
     let m = agent.wait_for("one process left", |m| {
         m.get("ws1_probe_service_processes", &[("service", comm)]) == Some(1.0)
     });
+    assert_eq!(
+        m.get("ws1_probe_service_open_fds", &[("service", comm)]),
+        Some(fds)
+    );
     assert!(cpu(&m) >= before, "{} < {before}", cpu(&m));
     drop(b);
 }
