@@ -319,3 +319,56 @@ fn health_once_json_has_the_workload_row() {
     assert_eq!(table.matches("SERVICE").count(), 1, "{table}");
     assert!(table.lines().any(|l| l.starts_with(comm)), "{table}");
 }
+
+/// Host mode: every process is sampled, ids fold into labels, and no counter goes backwards
+/// while processes exit (a CPU-burning process exits between the two scrapes).
+#[test]
+fn host_mode_counters_stay_monotonic() {
+    if !privileged() {
+        return;
+    }
+    let counters = |m: &Metrics| -> Vec<(String, f64)> {
+        m.samples
+            .iter()
+            .filter(|(n, _, _)| n.starts_with("ws1_probe_service_") && n.ends_with("_total"))
+            .map(|(n, l, v)| (format!("{n}{l:?}"), *v))
+            .collect()
+    };
+    let mut w = Workload::spawn_program(&resload_bin(), "w-res-host");
+    let agent = Agent::start(&[]);
+    let first = agent.metrics();
+    assert!(
+        first
+            .samples
+            .iter()
+            .any(|(n, l, v)| n == "ws1_probe_service_processes"
+                && l.iter().any(|(k, v)| k == "service" && v == "kernel")
+                && *v > 0.0),
+        "no kernel threads sampled"
+    );
+    w.cmd("spin 500");
+    drop(w);
+    // Past the 5 s sampling interval: the next scrape samples again.
+    std::thread::sleep(std::time::Duration::from_millis(5_500));
+    let second = agent.metrics();
+    let after: std::collections::HashMap<String, f64> = counters(&second).into_iter().collect();
+    let before = counters(&first);
+    assert!(!before.is_empty());
+    // A label whose processes are gone may retire between the scrapes (its series stop); the
+    // series both scrapes have never went down. `kernel` is pinned, so it is in both.
+    let mut compared = 0;
+    for (series, v) in before {
+        if let Some(now) = after.get(&series) {
+            assert!(*now >= v, "{series}: {v} then {now}");
+            compared += 1;
+        }
+    }
+    let kernel_cpu = |m: &Metrics| {
+        m.get(
+            "ws1_probe_service_cpu_seconds_total",
+            &[("service", "kernel"), ("mode", "system")],
+        )
+    };
+    assert!(kernel_cpu(&first).is_some() && kernel_cpu(&second).is_some());
+    assert!(compared >= 2, "{compared} series compared");
+}
