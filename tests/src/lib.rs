@@ -38,6 +38,11 @@ pub fn allocload_bin() -> PathBuf {
     workload_bin().with_file_name("ws1-allocload")
 }
 
+/// The resources workload (fds, threads, processes, CPU), next to the syscall workload.
+pub fn resload_bin() -> PathBuf {
+    workload_bin().with_file_name("ws1-resload")
+}
+
 /// The profiler's workload (tests/workloads/burn.c): `ws1_burn_three` and `ws1_burn_one` burn
 /// CPU 3:1, or `--sleep-ms M` sleeps M ms per call in `ws1_sleep_here`. tests/build.rs compiles
 /// it with frame pointers in every function, or without any, next to this crate's build.

@@ -59,6 +59,13 @@ const RATIOS: &[(&str, &str, &str)] = &[
     ),
 ];
 
+/// Gauges that are limits, not amounts: ids folded into one label keep the smallest
+/// (`true`) or the largest (`false`) value instead of the sum.
+const LIMITS: &[(&str, bool)] = &[
+    ("ws1_probe_service_fd_limit", true),
+    ("ws1_probe_service_memory_limit_bytes", false),
+];
+
 /// A newcomer takes a holder's slot only when its window activity is this many times larger.
 const DISPLACE_FACTOR: u64 = 2;
 
@@ -549,11 +556,15 @@ impl Accumulator {
                     .entry(name.clone())
                     .or_insert_with(|| (family.help().to_owned(), kind));
                 if kind == MetricType::GAUGE {
-                    *gauges
-                        .entry(name.clone())
-                        .or_default()
-                        .entry(exported)
-                        .or_insert(0.0) += m.get_gauge().get_value();
+                    let v = m.get_gauge().get_value();
+                    let slot = gauges.entry(name.clone()).or_default().entry(exported);
+                    match LIMITS.iter().find(|(n, _)| *n == name) {
+                        Some((_, smallest)) => {
+                            let g = slot.or_insert(v);
+                            *g = if *smallest { g.min(v) } else { g.max(v) };
+                        }
+                        None => *slot.or_insert(0.0) += v,
+                    }
                     continue;
                 }
                 let Some(value) = Value::of(&m, kind) else {
@@ -923,6 +934,41 @@ mod tests {
             "d_seconds_count{service=\"other\"} 2",
             "g{service=\"other\"} 5",
             "up 1",
+        ] {
+            assert!(
+                text.lines().any(|l| l == line),
+                "missing {line:?} in\n{text}"
+            );
+        }
+    }
+
+    #[test]
+    fn limits_fold_to_the_smallest_or_largest() {
+        let mut acc = Accumulator::default();
+        let fams = vec![
+            family(
+                "ws1_probe_service_fd_limit",
+                "h",
+                MetricType::GAUGE,
+                vec![
+                    gauge(&[("service", "3")], 1024.0),
+                    gauge(&[("service", "4")], 512.0),
+                ],
+            ),
+            family(
+                "ws1_probe_service_memory_limit_bytes",
+                "h",
+                MetricType::GAUGE,
+                vec![
+                    gauge(&[("service", "3")], 100.0),
+                    gauge(&[("service", "4")], 300.0),
+                ],
+            ),
+        ];
+        let text = encode(&acc.apply(fams, |_| "other".to_owned()));
+        for line in [
+            "ws1_probe_service_fd_limit{service=\"other\"} 512",
+            "ws1_probe_service_memory_limit_bytes{service=\"other\"} 300",
         ] {
             assert!(
                 text.lines().any(|l| l == line),

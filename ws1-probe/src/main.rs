@@ -35,6 +35,8 @@ enum Command {
     Profile(cmd::profile::ProfileArgs),
     /// Live view of the hottest functions of the selected processes (q or Ctrl-C quits)
     Top(cmd::top::TopArgs),
+    /// One screen of service health: CPU, memory, threads, fds, latency p99s, exits
+    Health(cmd::health::HealthArgs),
     /// Report which hooks this kernel allows and which collector will use which
     Check(cmd::check::CheckArgs),
     /// Attach empty sys_enter/sys_exit programs (the cost floor for `cargo xtask bench`)
@@ -46,6 +48,9 @@ enum Command {
     /// Render N series of /metrics and time it (for `cargo xtask bench scrape`)
     #[command(hide = true)]
     BenchScrape(cmd::scrapebench::ScrapebenchArgs),
+    /// Time the procfs sampling of host mode (for `cargo xtask bench health`)
+    #[command(hide = true)]
+    BenchHealth(cmd::benchhealth::BenchHealthArgs),
 }
 
 fn main() -> ExitCode {
@@ -66,10 +71,12 @@ fn main() -> ExitCode {
         Command::Allocs(args) => cmd::allocs::run(args).map(|()| ExitCode::SUCCESS),
         Command::Profile(args) => cmd::profile::run(args).map(|()| ExitCode::SUCCESS),
         Command::Top(args) => cmd::top::run(args).map(|()| ExitCode::SUCCESS),
+        Command::Health(args) => cmd::health::run(args).map(|()| ExitCode::SUCCESS),
         Command::Check(args) => cmd::check::run(args),
         Command::BenchFloor(args) => cmd::floor::run(args).map(|()| ExitCode::SUCCESS),
         Command::BenchSymbolize(args) => cmd::symbench::run(args).map(|()| ExitCode::SUCCESS),
         Command::BenchScrape(args) => cmd::scrapebench::run(args).map(|()| ExitCode::SUCCESS),
+        Command::BenchHealth(args) => cmd::benchhealth::run(args).map(|()| ExitCode::SUCCESS),
     };
     match result {
         Ok(code) => code,

@@ -17,6 +17,7 @@ use crate::{
         net::{self as netcollector, NetCollector, NetSnapshot},
         profile::{self as profilecollector, ProfileCollector, RawProfile},
         sched::SchedCollector,
+        resources::{self as resourcecollector, ResourceCollector},
         syscalls::{SyscallCollector, SyscallSnapshot},
         targets::{ScanSummary, Targets},
     },
@@ -76,6 +77,8 @@ pub struct Probe {
     /// Process starts, exits and crashes (always), run-queue latency (`sched`).
     pub sched: SchedCollector,
     pub block: BlockCollector,
+    /// Resources per service from procfs (see `collectors/resources.rs`).
+    pub resources: ResourceCollector,
     /// The profiler, when on (agent default: 19 Hz on-CPU).
     pub profile: Option<ProfileCollector>,
     /// Symbolized profile windows and per-service sample totals.
@@ -148,6 +151,11 @@ impl Probe {
         let memory = MemoryCollector::attach(&mut ebpf, on.memory)?;
         let sched = SchedCollector::attach(&mut ebpf, on.sched)?;
         let block = BlockCollector::attach(&mut ebpf, on.block)?;
+        let resources = ResourceCollector::new(
+            on.resources,
+            settings.targets.is_host(),
+            resourcecollector::SAMPLE_EVERY,
+        );
         let profile = if on.profile
             && (settings.profile.frequency_hz > 0 || settings.profile.off_cpu)
         {
@@ -158,7 +166,7 @@ impl Probe {
                 }
                 // Beside other collectors (the agent) a kernel that refuses the profiler
                 // loses only profiles; alone (`profile`, `top`) it is the error.
-                Err(err) if on.syscalls || on.net || on.memory || on.block => {
+                Err(err) if on.syscalls || on.net || on.memory || on.block || on.resources => {
                     tracing::warn!(
                         "profiler is off: {err}; the other collectors run (leave it out with --collectors to silence this)"
                     );
@@ -184,6 +192,7 @@ impl Probe {
             memory,
             sched,
             block,
+            resources,
             alloc: None,
             precise: PreciseAlloc::Off,
             settings: settings.clone(),
@@ -341,6 +350,7 @@ impl Probe {
     pub fn tick(&mut self) {
         self.sample_memory();
         self.log_crashes();
+        self.sample_resources();
         self.warn_drops();
         // Host mode: rank and reclaim between scrapes too (after the first, which ranks what
         // ran since start), so one-shot commands free their map entries even when nobody
@@ -436,6 +446,14 @@ impl Probe {
         }
     }
 
+    /// Samples resources per service from procfs, when a sample is due.
+    pub fn sample_resources(&mut self) {
+        if self.resources.due() {
+            let pairs = self.targets.targeted_pairs();
+            self.resources.sample(&pairs);
+        }
+    }
+
     /// Work one-shot commands do every 100 ms: unwind streamed profile samples (their ring
     /// buffer holds only a few seconds of them) and, every second, choose the unwinding of new
     /// processes.
@@ -484,6 +502,7 @@ impl Probe {
     /// Builds every metric family, reading the maps once.
     pub fn families(&mut self) -> (Vec<MetricFamily>, SyscallSnapshot) {
         self.sample_memory();
+        self.sample_resources();
         // Sample totals are counted as windows are symbolized; a scrape sees them at most a
         // second old.
         self.profile_drain_if_older(std::time::Duration::from_secs(1));
@@ -538,6 +557,12 @@ impl Probe {
         families.extend(metrics::memory::families(&self.memory.snapshot(), label));
         families.extend(metrics::sched::families(&sched, label, &self.bounds_ns));
         families.extend(metrics::block::families(&block, label, &self.bounds_ns));
+        if self.resources.enabled() {
+            families.extend(metrics::resources::families(
+                &self.resources.snapshot(),
+                label,
+            ));
+        }
         if self.profile.is_some() {
             families.extend(metrics::profile::families(
                 &self.profiles.totals,
@@ -577,6 +602,9 @@ impl Probe {
             }
         }
         families.extend(metrics::cache::families(&self.cache_stats()));
+        if self.settings.collectors.host {
+            families.extend(metrics::host::families(&crate::collectors::host::read()));
+        }
         // On the labels Prometheus sees (in host mode, after the ids were named above).
         metrics::syscalls::apply_budget(&mut families, &mut self.syscall_budget);
         (families, snap)

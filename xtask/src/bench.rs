@@ -26,10 +26,11 @@ pub fn run(what: &str, args: &[String]) -> Result<()> {
         "profile" => crate::bench_profile::run(args),
         "scrape" => crate::bench_scrape::run(args),
         "soak" => crate::bench_soak::run(args),
+        "health" => crate::bench_health::run(args),
         "health-sched" => crate::bench_sched::run(args),
         "health-block" => crate::bench_block::run(args),
         _ => bail!(
-            "unknown benchmark {what}: available: syscalls, net, alloc, profile, scrape, soak, health-sched"
+            "unknown benchmark {what}: available: syscalls, net, alloc, profile, scrape, soak, health, health-sched, health-block"
         ),
     }
 }

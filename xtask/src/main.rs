@@ -5,6 +5,7 @@ mod apt;
 mod bench;
 mod bench_alloc;
 mod bench_block;
+mod bench_health;
 mod bench_net;
 mod bench_profile;
 mod bench_sched;

@@ -44,7 +44,8 @@ pub struct AgentArgs {
     /// label); needs a selector. Per service: `remote_addresses = true` in the config
     #[arg(long)]
     pub remote_addresses: bool,
-    /// Collectors to run, comma-separated: syscalls, net, memory, profile, sched, block (or all)
+    /// Collectors to run, comma-separated: syscalls, net, memory, profile, sched, block,
+    /// resources, host (or all)
     #[arg(long, default_value = "all", value_parser = Collectors::parse)]
     pub collectors: Collectors,
     /// Continuous on-CPU profiling rate, samples per second per CPU (0 turns it off); profiles

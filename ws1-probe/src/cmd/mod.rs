@@ -2,8 +2,10 @@
 
 pub mod agent;
 pub mod allocs;
+pub mod benchhealth;
 pub mod check;
 pub mod floor;
+pub mod health;
 pub mod leaks;
 pub mod net;
 pub mod profile;

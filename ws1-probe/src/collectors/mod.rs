@@ -3,9 +3,11 @@
 
 pub mod alloc;
 pub mod block;
+pub mod host;
 pub mod memory;
 pub mod net;
 pub mod profile;
+pub mod resources;
 pub mod sched;
 pub mod syscalls;
 pub mod targets;

@@ -16,9 +16,11 @@ pub mod agent;
 pub mod alloc;
 pub mod block;
 pub mod cache;
+pub mod host;
 pub mod memory;
 pub mod net;
 pub mod profile;
+pub mod resources;
 pub mod sched;
 pub mod syscalls;
 

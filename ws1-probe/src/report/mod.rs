@@ -1,6 +1,7 @@
 //! Human and JSON reports printed by the one-shot CLI commands, one file per probe.
 
 pub mod allocs;
+pub mod health;
 pub mod leaks;
 pub mod net;
 pub mod syscalls;

@@ -260,6 +260,10 @@ pub struct Collectors {
     pub sched: bool,
     /// Block I/O latency and bytes per service, device and operation.
     pub block: bool,
+    /// Per-service resources from procfs (no kernel part).
+    pub resources: bool,
+    /// Host CPU, memory, filesystems, network (node_exporter's subset; no kernel part).
+    pub host: bool,
 }
 
 impl Collectors {
@@ -270,6 +274,8 @@ impl Collectors {
         profile: true,
         sched: true,
         block: true,
+        resources: true,
+        host: true,
     };
     pub const NONE: Self = Self {
         syscalls: false,
@@ -278,6 +284,8 @@ impl Collectors {
         profile: false,
         sched: false,
         block: false,
+        resources: false,
+        host: false,
     };
 
     /// Parses a comma-separated list such as `syscalls,profile` (or `all`).
@@ -292,9 +300,11 @@ impl Collectors {
                 "profile" => c.profile = true,
                 "sched" => c.sched = true,
                 "block" => c.block = true,
+                "resources" => c.resources = true,
+                "host" => c.host = true,
                 other => {
                     return Err(format!(
-                        "unknown collector `{other}`: expected syscalls, net, memory, profile, sched, block or all"
+                        "unknown collector `{other}`: expected syscalls, net, memory, profile, sched, block, resources, host or all"
                     ));
                 }
             }
