@@ -35,6 +35,9 @@ enum Command {
     Profile(cmd::profile::ProfileArgs),
     /// Live view of the hottest functions of the selected processes (q or Ctrl-C quits)
     Top(cmd::top::TopArgs),
+    /// Print Prometheus recording and alerting rules (SLO burn rates, thresholds, the agent's
+    /// own) for a config file
+    Rules(cmd::rules::RulesArgs),
     /// Report which hooks this kernel allows and which collector will use which
     Check(cmd::check::CheckArgs),
     /// Attach empty sys_enter/sys_exit programs (the cost floor for `cargo xtask bench`)
@@ -66,6 +69,7 @@ fn main() -> ExitCode {
         Command::Allocs(args) => cmd::allocs::run(args).map(|()| ExitCode::SUCCESS),
         Command::Profile(args) => cmd::profile::run(args).map(|()| ExitCode::SUCCESS),
         Command::Top(args) => cmd::top::run(args).map(|()| ExitCode::SUCCESS),
+        Command::Rules(args) => cmd::rules::run(args).map(|()| ExitCode::SUCCESS),
         Command::Check(args) => cmd::check::run(args),
         Command::BenchFloor(args) => cmd::floor::run(args).map(|()| ExitCode::SUCCESS),
         Command::BenchSymbolize(args) => cmd::symbench::run(args).map(|()| ExitCode::SUCCESS),

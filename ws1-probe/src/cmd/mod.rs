@@ -7,6 +7,7 @@ pub mod floor;
 pub mod leaks;
 pub mod net;
 pub mod profile;
+pub mod rules;
 pub mod scrapebench;
 pub mod symbench;
 pub mod syscalls;
