@@ -14,6 +14,7 @@ pub mod probe;
 pub mod profile;
 pub mod report;
 pub mod server;
+pub mod slo;
 pub mod symbolize;
 pub mod targeting;
 pub mod units;

@@ -37,6 +37,9 @@ enum Command {
     Top(cmd::top::TopArgs),
     /// One screen of service health: CPU, memory, threads, fds, latency p99s, exits
     Health(cmd::health::HealthArgs),
+    /// Print Prometheus recording and alerting rules (SLO burn rates, thresholds, the agent's
+    /// own) for a config file
+    Rules(cmd::rules::RulesArgs),
     /// Report which hooks this kernel allows and which collector will use which
     Check(cmd::check::CheckArgs),
     /// Attach empty sys_enter/sys_exit programs (the cost floor for `cargo xtask bench`)
@@ -72,6 +75,7 @@ fn main() -> ExitCode {
         Command::Profile(args) => cmd::profile::run(args).map(|()| ExitCode::SUCCESS),
         Command::Top(args) => cmd::top::run(args).map(|()| ExitCode::SUCCESS),
         Command::Health(args) => cmd::health::run(args).map(|()| ExitCode::SUCCESS),
+        Command::Rules(args) => cmd::rules::run(args).map(|()| ExitCode::SUCCESS),
         Command::Check(args) => cmd::check::run(args),
         Command::BenchFloor(args) => cmd::floor::run(args).map(|()| ExitCode::SUCCESS),
         Command::BenchSymbolize(args) => cmd::symbench::run(args).map(|()| ExitCode::SUCCESS),

@@ -9,6 +9,7 @@ pub mod health;
 pub mod leaks;
 pub mod net;
 pub mod profile;
+pub mod rules;
 pub mod scrapebench;
 pub mod symbench;
 pub mod syscalls;

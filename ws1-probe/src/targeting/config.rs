@@ -19,6 +19,8 @@ use serde::Deserialize;
 use toml::Spanned;
 use ws1_probe_common::hist::{DEFAULT_EXPORT_BOUNDS_NS, MAX_EXPORT_BOUNDS};
 
+use crate::slo::{self, AlertSettings, PromDuration, Slo};
+
 use super::{
     Rule, TargetSpec,
     selector::{CGROUP_ROOT, regex_reason},
@@ -46,6 +48,36 @@ pub struct FileConfig {
     /// Dependencies of every service (`[[dependency]]` at the top level).
     #[serde(default, rename = "dependency")]
     pub dependencies: Vec<DependencySection>,
+    /// Thresholds of the generated alert rules (`ws1-probe rules`).
+    #[serde(default)]
+    pub alerts: AlertsSection,
+}
+
+/// `[alerts]`: every field optional, defaults from the WS1 plan (see [`AlertSettings`]).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AlertsSection {
+    pub cpu_percent: Option<Spanned<f64>>,
+    pub cpu_for: Option<Spanned<String>>,
+    pub memory_percent: Option<Spanned<f64>>,
+    pub memory_for: Option<Spanned<String>>,
+    pub latency: Option<Spanned<String>>,
+    pub latency_for: Option<Spanned<String>>,
+    pub error_ratio: Option<Spanned<f64>>,
+    pub error_for: Option<Spanned<String>>,
+    pub agent_memory_mib: Option<Spanned<u64>>,
+    pub agent_cpu_percent: Option<Spanned<f64>>,
+    pub job: Option<Spanned<String>>,
+    pub runbook_base: Option<Spanned<String>>,
+}
+
+/// `slo = { latency = "5ms", target = 0.99 }` on a service (`window` defaults to 30d).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SloSection {
+    pub latency: String,
+    pub target: f64,
+    pub window: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -84,6 +116,8 @@ pub struct ServiceSection {
     /// Remote ports this service connects to, by name (`[[service.dependency]]`).
     #[serde(default, rename = "dependency")]
     pub dependencies: Vec<DependencySection>,
+    /// A latency objective on the service's server-side requests.
+    pub slo: Option<Spanned<SloSection>>,
 }
 
 /// `[[dependency]]` or `[[service.dependency]]`: a remote port named for the `peer` label of
@@ -246,6 +280,10 @@ pub struct Settings {
     pub map_entries: Vec<(String, u32)>,
     /// Named remote ports (`peer` label) and their handshake exchanges.
     pub dependencies: Vec<Dependency>,
+    /// The configured services' latency objectives.
+    pub slos: Vec<Slo>,
+    /// Thresholds of the generated alert rules.
+    pub alerts: AlertSettings,
 }
 
 /// Which collectors attach their programs. A collector that is off costs nothing in the
@@ -522,6 +560,134 @@ pub fn dependencies(
     Ok(out)
 }
 
+/// The services' SLOs, checked: the latency must be a bound of the exported histogram (the SLI
+/// is the share of requests in its `le` bucket), the target a fraction in (0, 1).
+pub fn service_slos(
+    path: &Path,
+    text: &str,
+    cfg: &FileConfig,
+    bounds_ns: &[u64],
+) -> Result<Vec<Slo>, ConfigError> {
+    let mut out = Vec::new();
+    for svc in &cfg.services {
+        let Some(spanned) = &svc.slo else { continue };
+        let invalid = |reason: String| ConfigError::Invalid {
+            path: path.to_owned(),
+            line: line_col(text, spanned.span().start).0,
+            field: "service.slo".to_owned(),
+            reason,
+        };
+        let s = spanned.get_ref();
+        let latency = crate::units::parse_duration(&s.latency).map_err(&invalid)?;
+        let latency_ns = u64::try_from(latency.as_nanos()).unwrap_or(u64::MAX);
+        if !bounds_ns.contains(&latency_ns) {
+            let listed: Vec<String> = bounds_ns
+                .iter()
+                .map(|b| format!("{}", *b as f64 / 1e9))
+                .collect();
+            return Err(invalid(format!(
+                "latency {} is not a histogram bound, so no `le` bucket counts the requests within it: use one of {} s, or add {} to [histogram] buckets_seconds",
+                s.latency,
+                listed.join(", "),
+                latency_ns as f64 / 1e9
+            )));
+        }
+        if !(s.target > 0.0 && s.target < 1.0) {
+            return Err(invalid(format!(
+                "target {} is not a fraction between 0 and 1 (e.g. 0.99 for 99 %)",
+                s.target
+            )));
+        }
+        let window = match &s.window {
+            Some(w) => PromDuration::parse(w).map_err(&invalid)?,
+            None => slo::DEFAULT_WINDOW,
+        };
+        if window < PromDuration::hours(72) {
+            return Err(invalid(format!(
+                "window {window} is shorter than the 3d the slowest burn-rate alert looks back: give 3d or more (30d is usual)"
+            )));
+        }
+        out.push(Slo {
+            service: svc.name.get_ref().clone(),
+            latency_ns,
+            target: s.target,
+            window,
+        });
+    }
+    Ok(out)
+}
+
+/// `[alerts]` over the WS1 plan's defaults.
+pub fn alert_settings(
+    path: &Path,
+    text: &str,
+    sec: &AlertsSection,
+) -> Result<AlertSettings, ConfigError> {
+    let invalid = |at: usize, field: &str, reason: String| ConfigError::Invalid {
+        path: path.to_owned(),
+        line: line_col(text, at).0,
+        field: format!("alerts.{field}"),
+        reason,
+    };
+    let mut a = AlertSettings::default();
+    let duration = |v: &Option<Spanned<String>>, field: &str, into: &mut PromDuration| {
+        if let Some(v) = v {
+            *into = PromDuration::parse(v.get_ref())
+                .map_err(|r| invalid(v.span().start, field, r))?;
+        }
+        Ok::<(), ConfigError>(())
+    };
+    duration(&sec.cpu_for, "cpu_for", &mut a.cpu_for)?;
+    duration(&sec.memory_for, "memory_for", &mut a.memory_for)?;
+    duration(&sec.latency_for, "latency_for", &mut a.latency_for)?;
+    duration(&sec.error_for, "error_for", &mut a.error_for)?;
+    let percent = |v: &Option<Spanned<f64>>, field: &str, into: &mut f64| {
+        if let Some(v) = v {
+            let p = *v.get_ref();
+            if !(p > 0.0 && p <= 100.0) {
+                return Err(invalid(
+                    v.span().start,
+                    field,
+                    format!("{p} is not a percentage in (0, 100]"),
+                ));
+            }
+            *into = p;
+        }
+        Ok(())
+    };
+    percent(&sec.cpu_percent, "cpu_percent", &mut a.cpu_percent)?;
+    percent(&sec.memory_percent, "memory_percent", &mut a.memory_percent)?;
+    let mut agent_cpu = a.agent_cpu_cores * 100.0;
+    percent(&sec.agent_cpu_percent, "agent_cpu_percent", &mut agent_cpu)?;
+    a.agent_cpu_cores = agent_cpu / 100.0;
+    if let Some(v) = &sec.error_ratio {
+        let r = *v.get_ref();
+        if !(r > 0.0 && r < 1.0) {
+            return Err(invalid(
+                v.span().start,
+                "error_ratio",
+                format!("{r} is not a fraction between 0 and 1 (0.05 is 5 %)"),
+            ));
+        }
+        a.error_ratio = r;
+    }
+    if let Some(v) = &sec.latency {
+        let d = crate::units::parse_duration(v.get_ref())
+            .map_err(|r| invalid(v.span().start, "latency", r))?;
+        a.latency_ns = u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+    }
+    if let Some(v) = &sec.agent_memory_mib {
+        a.agent_memory_bytes = v.get_ref().saturating_mul(1 << 20);
+    }
+    if let Some(v) = &sec.job {
+        a.job = v.get_ref().clone();
+    }
+    if let Some(v) = &sec.runbook_base {
+        a.runbook_base = v.get_ref().trim_end_matches('/').to_owned();
+    }
+    Ok(a)
+}
+
 /// Converts configured bucket bounds in seconds to nanoseconds, checking order and count.
 pub fn bounds_from_seconds(secs: &[f64]) -> Result<Vec<u64>, String> {
     if secs.is_empty() || secs.len() > MAX_EXPORT_BOUNDS {
@@ -599,6 +765,8 @@ pub fn resolve(
         // Selectors replace the file's services, and with them their dependencies.
         dependencies.retain(|d| d.service.is_none());
     }
+    let slos = service_slos(&path, &text, &file, &bounds_ns)?;
+    let alerts = alert_settings(&path, &text, &file.alerts)?;
     let precise_alloc = if flags.precise_alloc {
         if selectors.is_empty() && file_rules.is_empty() {
             return Err(ConfigError::BadValue {
@@ -679,6 +847,8 @@ pub fn resolve(
         profile: ProfileOptions::default(),
         labels: crate::hostlabels::LabelOptions::default(),
         map_entries: Vec::new(),
+        slos,
+        alerts,
         listen: listen_addr,
         bpf_stats: flags.bpf_stats || file.agent.bpf_stats.unwrap_or(false),
         bounds_ns,
