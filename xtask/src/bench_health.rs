@@ -28,7 +28,12 @@ pub fn run(args: &[String]) -> Result<()> {
         "bench health takes no arguments (got {args:?})"
     );
     run::cargo_build_release(&["ws1-probe"])?;
-    procfs_sampling()
+    procfs_sampling()?;
+    // The kernel parts: the run-queue hook per context switch and the block hooks per I/O,
+    // each against empty programs on the same hooks (also runnable alone as `bench
+    // health-sched` and `bench health-block`).
+    crate::bench_sched::run(&[])?;
+    crate::bench_block::run(&[])
 }
 
 /// Kills the sleepers when dropped, also on errors.

@@ -129,6 +129,8 @@ fn privileged_tests(args: &[String]) -> Result<(u64, u64)> {
     let pprof = tools::ensure_pprof()?;
     // The dependency tests start a private PostgreSQL cluster and drive it with pgbench.
     tools::ensure_postgres()?;
+    // The alerting tests check the shipped rules and configs with promtool and amtool.
+    tools::ensure_alerting()?;
     let mut build = cargo();
     build.args([
         "build",

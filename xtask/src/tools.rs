@@ -101,6 +101,16 @@ pub fn ensure_postgres() -> Result<()> {
     ensure_debian_packages(POSTGRES_PACKAGES)
 }
 
+/// Prometheus' and Alertmanager's own checkers (`promtool`, `amtool`), which
+/// `tests/tests/rules.rs` runs on the shipped rules, their unit tests and the configs.
+const ALERTING_PACKAGES: &[&str] = &["prometheus", "prometheus-alertmanager"];
+
+/// Makes sure Debian's Prometheus and Alertmanager are installed for the alerting tests. The
+/// packages may start their own services on 9090 and 9093; the tests only run their tools.
+pub fn ensure_alerting() -> Result<()> {
+    ensure_debian_packages(ALERTING_PACKAGES)
+}
+
 fn is_executable(path: &Path) -> bool {
     fs::metadata(path).is_ok_and(|meta| meta.is_file() && meta.permissions().mode() & 0o111 != 0)
 }
