@@ -32,7 +32,10 @@ fn check(tool: &str, args: &[&str]) -> Option<String> {
 
 #[test]
 fn shipped_rules_load_and_every_alert_fires_and_resolves() {
-    let Some(text) = check("promtool", &["check", "rules", "deploy/ws1-probe-rules.yml"]) else {
+    let Some(text) = check(
+        "promtool",
+        &["check", "rules", "deploy/ws1-probe-rules.yml"],
+    ) else {
         return;
     };
     assert!(text.contains("SUCCESS"), "{text}");
@@ -53,7 +56,10 @@ fn shipped_rules_load_and_every_alert_fires_and_resolves() {
         .filter(|name| !tests.contains(&format!("alertname: {name}\n")))
         .collect();
     untested.dedup();
-    assert!(untested.is_empty(), "alerts without a promtool test: {untested:?}");
+    assert!(
+        untested.is_empty(),
+        "alerts without a promtool test: {untested:?}"
+    );
 }
 
 #[test]
@@ -65,5 +71,8 @@ fn shipped_prometheus_and_alertmanager_configs_are_valid() {
     let Some(text) = check("amtool", &["check-config", "deploy/alertmanager.yml"]) else {
         return;
     };
-    assert!(text.contains("1 inhibit rules") && text.contains("2 receivers"), "{text}");
+    assert!(
+        text.contains("1 inhibit rules") && text.contains("2 receivers"),
+        "{text}"
+    );
 }

@@ -38,13 +38,17 @@ pub fn run(args: RulesArgs) -> anyhow::Result<()> {
         Some(path) => {
             std::fs::write(path, &yaml)
                 .with_context(|| format!("cannot write {}", path.display()))?;
-            let (alerts, records) = file
-                .groups
-                .iter()
-                .flat_map(|g| &g.rules)
-                .fold((0, 0), |(a, r), rule| {
-                    if rule.alert.is_some() { (a + 1, r) } else { (a, r + 1) }
-                });
+            let (alerts, records) =
+                file.groups
+                    .iter()
+                    .flat_map(|g| &g.rules)
+                    .fold((0, 0), |(a, r), rule| {
+                        if rule.alert.is_some() {
+                            (a + 1, r)
+                        } else {
+                            (a, r + 1)
+                        }
+                    });
             eprintln!(
                 "wrote {}: {alerts} alerts and {records} recording rules for {} SLO(s); check with `promtool check rules {}`",
                 path.display(),

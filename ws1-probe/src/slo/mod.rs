@@ -154,8 +154,7 @@ pub struct AlertSettings {
 }
 
 /// The default `runbook_url` base: the runbook in this repository.
-pub const DEFAULT_RUNBOOK_BASE: &str =
-    "https://github.com/ws1/ws1-probe/blob/main/docs/runbook.md";
+pub const DEFAULT_RUNBOOK_BASE: &str = "https://github.com/ws1/ws1-probe/blob/main/docs/runbook.md";
 
 impl Default for AlertSettings {
     fn default() -> Self {

@@ -177,7 +177,11 @@ pub fn le_matcher(bound_ns: u64) -> String {
 
 impl Gen<'_> {
     fn runbook(&self, alert: &str) -> String {
-        format!("{}#{}", self.alerts.runbook_base, alert.to_ascii_lowercase())
+        format!(
+            "{}#{}",
+            self.alerts.runbook_base,
+            alert.to_ascii_lowercase()
+        )
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -545,8 +549,14 @@ mod tests {
             }
         }
         let fast = file.groups[2].rules[0].expr.clone();
-        assert!(fast.contains("ratio_rate1h{service=\"trading-engine\"} > 0.144"), "{fast}");
-        assert!(fast.contains("ratio_rate5m{service=\"trading-engine\"} > 0.144"), "{fast}");
+        assert!(
+            fast.contains("ratio_rate1h{service=\"trading-engine\"} > 0.144"),
+            "{fast}"
+        );
+        assert!(
+            fast.contains("ratio_rate5m{service=\"trading-engine\"} > 0.144"),
+            "{fast}"
+        );
     }
 }
 

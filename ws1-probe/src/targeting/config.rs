@@ -632,8 +632,8 @@ pub fn alert_settings(
     let mut a = AlertSettings::default();
     let duration = |v: &Option<Spanned<String>>, field: &str, into: &mut PromDuration| {
         if let Some(v) = v {
-            *into = PromDuration::parse(v.get_ref())
-                .map_err(|r| invalid(v.span().start, field, r))?;
+            *into =
+                PromDuration::parse(v.get_ref()).map_err(|r| invalid(v.span().start, field, r))?;
         }
         Ok::<(), ConfigError>(())
     };
