@@ -76,3 +76,61 @@ fn shipped_prometheus_and_alertmanager_configs_are_valid() {
         "{text}"
     );
 }
+
+/// Every query of the shipped Grafana dashboard names only series that exist: recording rules
+/// of the shipped rule file or families the agent exports (from the `metrics/` sources).
+#[test]
+fn dashboard_queries_name_only_existing_series() {
+    let dash: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(repo().join("deploy/grafana/ws1-probe.json")).unwrap(),
+    )
+    .unwrap();
+    let rules = std::fs::read_to_string(repo().join("deploy/ws1-probe-rules.yml")).unwrap();
+    let mut exported = String::new();
+    for entry in std::fs::read_dir(repo().join("ws1-probe/src/metrics")).unwrap() {
+        exported += &std::fs::read_to_string(entry.unwrap().path()).unwrap();
+    }
+    let known = |name: &str| {
+        if name.starts_with("service:") {
+            return rules.contains(&format!("record: {name}\n"));
+        }
+        let family = ["_bucket", "_count", "_sum"]
+            .iter()
+            .find_map(|s| name.strip_suffix(s))
+            .filter(|f| exported.contains(&format!("\"{f}\"")))
+            .unwrap_or(name);
+        exported.contains(&format!("\"{family}\""))
+    };
+    let variable = dash["templating"]["list"][1]["definition"]
+        .as_str()
+        .unwrap();
+    assert!(
+        variable.contains("ws1_probe_targeted_processes"),
+        "{variable}"
+    );
+    let panels = dash["panels"].as_array().unwrap();
+    assert!(panels.len() >= 12, "{} panels", panels.len());
+    for panel in panels {
+        let targets = panel["targets"].as_array().unwrap();
+        assert!(
+            !targets.is_empty(),
+            "panel without a query: {}",
+            panel["title"]
+        );
+        for t in targets {
+            let expr = t["expr"].as_str().unwrap();
+            let names: Vec<&str> = expr
+                .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == ':'))
+                .filter(|w| w.starts_with("ws1_probe_") || w.starts_with("service:"))
+                .collect();
+            assert!(!names.is_empty(), "{expr}");
+            for name in names {
+                assert!(
+                    known(name),
+                    "panel {}: unknown series {name}",
+                    panel["title"]
+                );
+            }
+        }
+    }
+}

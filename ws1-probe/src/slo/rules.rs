@@ -123,6 +123,10 @@ pub const REQUEST_RATE: &str = "service:ws1_probe_requests:rate5m";
 pub const ERROR_RATIO: &str = "service:ws1_probe_socket_errors:ratio_rate1m";
 pub const SLO_OBJECTIVE: &str = "service:ws1_probe_slo_objective:ratio";
 pub const SLO_LATENCY: &str = "service:ws1_probe_slo_latency:seconds";
+/// The share of slow requests over the SLO's whole window.
+pub const SLO_WINDOW_RATIO: &str = "service:ws1_probe_slo_errors:ratio_window";
+/// The error budget left over the window: 1 untouched, 0 spent, below 0 overspent.
+pub const SLO_BUDGET_LEFT: &str = "service:ws1_probe_slo_error_budget_remaining:ratio";
 
 /// The SLI recording rule of a window: the share of requests slower than the SLO's latency.
 pub fn sli_record(window: PromDuration) -> String {
@@ -306,6 +310,25 @@ impl Gen<'_> {
                     &[("service", s)],
                 ));
             }
+            // Over the whole window, as the mean of the 5-minute ratios (as Sloth does: cheap,
+            // and unweighted by traffic), and the budget left of it.
+            rules.push(Self::record(
+                SLO_WINDOW_RATIO,
+                format!(
+                    "avg_over_time({}{{service=\"{s}\"}}[{}])",
+                    sli_record(SLI_WINDOWS[0]),
+                    slo.window
+                ),
+                &[("service", s)],
+            ));
+            rules.push(Self::record(
+                SLO_BUDGET_LEFT,
+                format!(
+                    "1 - {SLO_WINDOW_RATIO}{{service=\"{s}\"}} / {}",
+                    num(slo.budget())
+                ),
+                &[("service", s)],
+            ));
         }
         Group {
             name: "ws1-probe-slo-sli".to_owned(),
