@@ -53,6 +53,12 @@ match = { comm = "^w-slo-fast" }
 precise_alloc = true
 slo = { latency = "25ms", target = 0.99 }
 
+# No process matches: `ws1-probe slo` must say "no data", not 100 %.
+[[service]]
+name = "slo-idle"
+match = { comm = "^w-slo-idle$" }
+slo = { latency = "5ms", target = 0.99 }
+
 [alerts]
 # p99 over 25 ms pages: the slow service's 30 ms requests cross it, the fast one's do not.
 latency = "25ms"
@@ -667,14 +673,49 @@ fn slow_service_pages_fast_one_stays_quiet_and_every_panel_has_data() {
             .cloned()
             .unwrap_or_else(|| panic!("{service} missing in {report}"))
     };
-    let from_prom = slo(&[format!("--prometheus=http://127.0.0.1:{prom_port}")]);
-    let (s, f) = (row(&from_prom, SLOW), row(&from_prom, FAST));
-    assert_eq!(s["meets_objective"], false, "{from_prom}");
-    assert!(s["attainment"].as_f64().unwrap() < 0.99, "{from_prom}");
-    assert!(s["burn_rate"].as_f64().unwrap() > 1.0, "{from_prom}");
-    assert_eq!(f["meets_objective"], true, "{from_prom}");
-    assert!(f["attainment"].as_f64().unwrap() >= 0.99, "{from_prom}");
-    assert!(f["requests"].as_f64().unwrap() > 0.0, "{from_prom}");
+    let prometheus = format!("--prometheus=http://127.0.0.1:{prom_port}");
+    let from_prom = slo(std::slice::from_ref(&prometheus));
+    assert_eq!(from_prom["window_seconds"], 30.0 * 86400.0, "{from_prom}");
+    for report in [
+        &from_prom,
+        &slo(&[prometheus.clone(), "--window=1h".to_owned()]),
+    ] {
+        let (s, f) = (row(report, SLOW), row(report, FAST));
+        assert_eq!(s["meets_objective"], false, "{report}");
+        assert!(s["attainment"].as_f64().unwrap() < 0.99, "{report}");
+        assert!(s["burn_rate"].as_f64().unwrap() > 1.0, "{report}");
+        assert!(s["error_budget_left"].as_f64().unwrap() < 0.0, "{report}");
+        assert_eq!(f["meets_objective"], true, "{report}");
+        assert!(f["attainment"].as_f64().unwrap() >= 0.99, "{report}");
+        assert!(f["requests"].as_f64().unwrap() > 0.0, "{report}");
+        let idle = row(report, "slo-idle");
+        assert!(
+            idle["attainment"].is_null() && idle["meets_objective"].is_null(),
+            "{report}"
+        );
+    }
+    // The table a user reads.
+    let out = Command::new(probe_bin())
+        .args(["slo", "-c"])
+        .arg(&config)
+        .arg(&prometheus)
+        .output()
+        .unwrap();
+    let table = String::from_utf8_lossy(&out.stdout).into_owned();
+    let line = |service: &str| {
+        table
+            .lines()
+            .find(|l| l.starts_with(&format!("{service} ")))
+            .unwrap_or_else(|| panic!("no row for {service} in\n{table}"))
+            .to_owned()
+    };
+    assert!(line(SLOW).ends_with("BELOW OBJECTIVE"), "{table}");
+    assert!(line(FAST).ends_with(" ok"), "{table}");
+    assert!(line("slo-idle").ends_with("no data"), "{table}");
+    assert!(
+        table.contains("slo-idle: Prometheus has no server-side request series of slo-idle"),
+        "{table}"
+    );
 
     // The fast service never raised an alert, not even a pending one, during the whole test.
     let fast_alerts = query(
@@ -713,8 +754,12 @@ fn slow_service_pages_fast_one_stays_quiet_and_every_panel_has_data() {
     assert_eq!(s["attainment"].as_f64(), Some(0.0), "{from_agent}");
     assert_eq!(s["meets_objective"], false, "{from_agent}");
     assert_eq!(f["meets_objective"], true, "{from_agent}");
+    assert!(
+        row(&from_agent, "slo-idle")["attainment"].is_null(),
+        "{from_agent}"
+    );
     eprintln!(
-        "critical alerts in Alertmanager {:.1}s after Prometheus was ready; all {} dashboard queries with data after {:.1}s\nslo from Prometheus: {from_prom}\nslo from the agent: {from_agent}",
+        "critical alerts in Alertmanager {:.1}s after Prometheus was ready; all {} dashboard queries with data after {:.1}s\n{table}slo from Prometheus: {from_prom}\nslo from the agent: {from_agent}",
         paged_after.as_secs_f64(),
         queries.len(),
         panels_after.as_secs_f64(),

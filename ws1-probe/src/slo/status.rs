@@ -61,7 +61,9 @@ pub fn status(slo: &Slo, counts: Option<Counts>, why: &str) -> SloStatus {
     }
     // Extrapolated increases of two series can disagree by a fraction of a request.
     let attainment = (c.good / c.total).clamp(0.0, 1.0);
-    let burn = (1.0 - attainment) / slo.budget();
+    // Rounded to 1e-9: 1 - 0.99 is 0.010000000000000009 in binary, which would print a burn
+    // of 99.99999999999991.
+    let burn = ((1.0 - attainment) / slo.budget() * 1e9).round() / 1e9;
     row.attainment = Some(attainment);
     row.burn_rate = Some(burn);
     row.error_budget_left = Some(1.0 - burn);
