@@ -40,6 +40,9 @@ enum Command {
     /// Print Prometheus recording and alerting rules (SLO burn rates, thresholds, the agent's
     /// own) for a config file
     Rules(cmd::rules::RulesArgs),
+    /// Attainment, error budget left and burn rate of each service's SLO, from Prometheus over
+    /// a window or from the agent since it started
+    Slo(cmd::slo::SloArgs),
     /// Report which hooks this kernel allows and which collector will use which
     Check(cmd::check::CheckArgs),
     /// Attach empty sys_enter/sys_exit programs (the cost floor for `cargo xtask bench`)
@@ -76,6 +79,7 @@ fn main() -> ExitCode {
         Command::Top(args) => cmd::top::run(args).map(|()| ExitCode::SUCCESS),
         Command::Health(args) => cmd::health::run(args).map(|()| ExitCode::SUCCESS),
         Command::Rules(args) => cmd::rules::run(args).map(|()| ExitCode::SUCCESS),
+        Command::Slo(args) => cmd::slo::run(args).map(|()| ExitCode::SUCCESS),
         Command::Check(args) => cmd::check::run(args),
         Command::BenchFloor(args) => cmd::floor::run(args).map(|()| ExitCode::SUCCESS),
         Command::BenchSymbolize(args) => cmd::symbench::run(args).map(|()| ExitCode::SUCCESS),

@@ -102,11 +102,13 @@ pub fn ensure_postgres() -> Result<()> {
 }
 
 /// Prometheus' and Alertmanager's own checkers (`promtool`, `amtool`), which
-/// `tests/tests/rules.rs` runs on the shipped rules, their unit tests and the configs.
+/// `tests/tests/rules.rs` runs on the shipped rules, their unit tests and the configs, and the
+/// servers themselves, which `tests/tests/slo_e2e.rs` runs on loopback.
 const ALERTING_PACKAGES: &[&str] = &["prometheus", "prometheus-alertmanager"];
 
 /// Makes sure Debian's Prometheus and Alertmanager are installed for the alerting tests. The
-/// packages may start their own services on 9090 and 9093; the tests only run their tools.
+/// packages may start their own services on 9090 and 9093; the tests run their own instances
+/// on free ports.
 pub fn ensure_alerting() -> Result<()> {
     ensure_debian_packages(ALERTING_PACKAGES)
 }

@@ -11,6 +11,7 @@ pub mod net;
 pub mod profile;
 pub mod rules;
 pub mod scrapebench;
+pub mod slo;
 pub mod symbench;
 pub mod syscalls;
 pub mod top;

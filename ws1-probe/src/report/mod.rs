@@ -4,6 +4,7 @@ pub mod allocs;
 pub mod health;
 pub mod leaks;
 pub mod net;
+pub mod slo;
 pub mod syscalls;
 
 /// ` (N not shown; use --top)` when a table shows fewer rows than it has, else nothing.

@@ -2,7 +2,9 @@
 //! (`rules.rs`). Pure data and checks: the config file fills them, `ws1-probe rules` prints
 //! them; nothing here reads the kernel or the network.
 
+pub mod promapi;
 pub mod rules;
+pub mod status;
 
 use std::fmt;
 
@@ -144,6 +146,10 @@ pub struct AlertSettings {
     /// Socket-level error ratio (see docs/runbook.md#ws1serviceerrorrate).
     pub error_ratio: f64,
     pub error_for: PromDuration,
+    /// `for` of the burn-rate alerts: the page (14.4× over 1 h and 5 min) and the ticket (the
+    /// slower pairs). Short values are for tests; the workbook's pairs already filter noise.
+    pub slo_fast_for: PromDuration,
+    pub slo_slow_for: PromDuration,
     /// The agent's own budgets: resident memory and CPU (fraction of one core).
     pub agent_memory_bytes: u64,
     pub agent_cpu_cores: f64,
@@ -167,6 +173,8 @@ impl Default for AlertSettings {
             latency_for: PromDuration::minutes(1),
             error_ratio: 0.05,
             error_for: PromDuration::seconds(30),
+            slo_fast_for: PromDuration::minutes(2),
+            slo_slow_for: PromDuration::minutes(15),
             agent_memory_bytes: 100 << 20,
             agent_cpu_cores: 0.05,
             job: "ws1-probe".to_owned(),

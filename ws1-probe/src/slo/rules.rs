@@ -364,7 +364,7 @@ impl Gen<'_> {
             rules.push(self.alert(
                 "WS1SLOErrorBudgetBurnFast",
                 pairs(&FAST_BURN),
-                Some(PromDuration::minutes(2)),
+                Some(self.alerts.slo_fast_for),
                 "critical",
                 &[("service", s)],
                 format!("{s} burns its latency error budget {}× too fast", num(FAST_BURN[0].factor(slo.window))),
@@ -373,7 +373,7 @@ impl Gen<'_> {
             rules.push(self.alert(
                 "WS1SLOErrorBudgetBurnSlow",
                 pairs(&SLOW_BURN),
-                Some(PromDuration::minutes(15)),
+                Some(self.alerts.slo_slow_for),
                 "warning",
                 &[("service", s)],
                 format!("{s} burns its latency error budget faster than it lasts"),

@@ -65,6 +65,9 @@ pub struct AlertsSection {
     pub latency_for: Option<Spanned<String>>,
     pub error_ratio: Option<Spanned<f64>>,
     pub error_for: Option<Spanned<String>>,
+    /// `for` of the fast (paging) and slow (ticket) burn-rate alerts.
+    pub slo_fast_for: Option<Spanned<String>>,
+    pub slo_slow_for: Option<Spanned<String>>,
     pub agent_memory_mib: Option<Spanned<u64>>,
     pub agent_cpu_percent: Option<Spanned<f64>>,
     pub job: Option<Spanned<String>>,
@@ -637,6 +640,8 @@ pub fn alert_settings(
     duration(&sec.memory_for, "memory_for", &mut a.memory_for)?;
     duration(&sec.latency_for, "latency_for", &mut a.latency_for)?;
     duration(&sec.error_for, "error_for", &mut a.error_for)?;
+    duration(&sec.slo_fast_for, "slo_fast_for", &mut a.slo_fast_for)?;
+    duration(&sec.slo_slow_for, "slo_slow_for", &mut a.slo_slow_for)?;
     let percent = |v: &Option<Spanned<f64>>, field: &str, into: &mut f64| {
         if let Some(v) = v {
             let p = *v.get_ref();
