@@ -372,3 +372,90 @@ fn host_mode_counters_stay_monotonic() {
     assert!(kernel_cpu(&first).is_some() && kernel_cpu(&second).is_some());
     assert!(compared >= 2, "{compared} series compared");
 }
+
+/// Nested cgroups laid out as the kubelet's cgroupfs driver makes them
+/// (`kubepods/burstable/pod<UID>/<container id>`), in the hierarchy the agent reads (v2 with the
+/// memory controller, else v1's memory); removed innermost first when dropped.
+struct ContainerCgroup {
+    dirs: Vec<PathBuf>,
+    root_procs: PathBuf,
+}
+
+impl ContainerCgroup {
+    fn new(relative: &str, pids: &[u32]) -> ContainerCgroup {
+        let root = Path::new("/sys/fs/cgroup");
+        let v2 = std::fs::read_to_string(root.join("cgroup.controllers"))
+            .is_ok_and(|c| c.split_whitespace().any(|c| c == "memory"));
+        let base = if v2 {
+            root.to_path_buf()
+        } else {
+            root.join("memory")
+        };
+        let mut dirs = Vec::new();
+        let mut dir = base.clone();
+        for part in relative.split('/') {
+            dir = dir.join(part);
+            if std::fs::create_dir(&dir).is_ok() {
+                dirs.push(dir.clone());
+            }
+        }
+        for pid in pids {
+            std::fs::write(dir.join("cgroup.procs"), pid.to_string()).unwrap();
+        }
+        ContainerCgroup {
+            dirs,
+            root_procs: base.join("cgroup.procs"),
+        }
+    }
+}
+
+impl Drop for ContainerCgroup {
+    fn drop(&mut self) {
+        for dir in self.dirs.iter().rev() {
+            if let Ok(procs) = std::fs::read_to_string(dir.join("cgroup.procs")) {
+                for pid in procs.split_whitespace() {
+                    let _ = std::fs::write(&self.root_procs, pid);
+                }
+            }
+            let _ = std::fs::remove_dir(dir);
+        }
+    }
+}
+
+#[test]
+fn a_container_cgroup_gives_pod_and_container_labels() {
+    if !privileged() {
+        return;
+    }
+    let pod = "5e1f0c2a-7b3d-4c8e-9f10-2a3b4c5d6e7f";
+    let id = format!("{:064x}", 0xc0ffee_u64 + u64::from(std::process::id()));
+    let (in_pod, children, _) = workload("w-pod");
+    let all: Vec<u32> = std::iter::once(in_pod.pid)
+        .chain(children.iter().copied())
+        .collect();
+    let outside = Workload::spawn_program(&resload_bin(), "w-nopod");
+    let _cg = ContainerCgroup::new(&format!("kubepods/burstable/pod{pod}/{id}"), &all);
+    let agent = Agent::start(&["--comm", "^w-(no)?pod$", "--collectors", "resources"]);
+    let m = agent.metrics();
+    let labels = [
+        ("service", "w-pod"),
+        ("pod_uid", pod),
+        ("container_id", id.as_str()),
+    ];
+    assert_eq!(
+        m.get("ws1_probe_service_container_processes", &labels),
+        Some((1 + CHILDREN) as f64)
+    );
+    // Exactly one container series, and none for the process outside any container.
+    let series = m
+        .text
+        .lines()
+        .filter(|l| l.starts_with("ws1_probe_service_container_processes{"))
+        .count();
+    assert_eq!(series, 1, "{}", m.text);
+    assert_eq!(
+        m.get("ws1_probe_service_processes", &[("service", "w-nopod")]),
+        Some(1.0)
+    );
+    drop(outside);
+}

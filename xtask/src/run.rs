@@ -133,6 +133,8 @@ fn privileged_tests(args: &[String]) -> Result<(u64, u64)> {
     tools::ensure_alerting()?;
     // The web config tests make certificates and bcrypt hashes and ask with curl.
     tools::ensure_web_tools()?;
+    // The Kubernetes manifests are validated against the API schemas.
+    let kube_validate = tools::ensure_kubernetes_validate()?;
     let mut build = cargo();
     build.args([
         "build",
@@ -155,7 +157,8 @@ fn privileged_tests(args: &[String]) -> Result<(u64, u64)> {
             .args(extra)
             .env("WS1_PROBE_BIN", release.join("ws1-probe"))
             .env("WS1_WORKLOAD_BIN", release.join("ws1-workload"))
-            .env("WS1_PPROF_BIN", &pprof);
+            .env("WS1_PPROF_BIN", &pprof)
+            .env("WS1_KUBE_VALIDATE_BIN", &kube_validate);
         cmd
     };
     let mut counts =

@@ -122,6 +122,45 @@ pub fn ensure_web_tools() -> Result<()> {
     ensure_debian_packages(WEB_PACKAGES)
 }
 
+/// The Kubernetes schema checker the manifest test runs: `kubernetes-validate` from PyPI (it
+/// carries the API schemas, so it validates offline), pinned, in a venv of Debian's Python.
+const KUBERNETES_VALIDATE: &str = "kubernetes-validate==1.37.0";
+const PYTHON_PACKAGES: &[&str] = &["python3", "python3-venv"];
+
+/// Returns `<target>/tools/kubernetes-validate/bin/kubernetes-validate`, installing it once.
+pub fn ensure_kubernetes_validate() -> Result<PathBuf> {
+    let venv = util::target_dir().join("tools/kubernetes-validate");
+    let bin = venv.join("bin/kubernetes-validate");
+    if is_executable(&bin) {
+        report(
+            "kubernetes-validate",
+            &format!("already installed ({})", bin.display()),
+        );
+        return Ok(bin);
+    }
+    report(
+        "kubernetes-validate",
+        "missing, will install it from PyPI into a venv",
+    );
+    ensure_debian_packages(PYTHON_PACKAGES)?;
+    // A half-made venv from an interrupted run is made again.
+    let _ = fs::remove_dir_all(&venv);
+    run_cmd(
+        Command::new("/usr/bin/python3")
+            .args(["-m", "venv"])
+            .arg(&venv),
+    )
+    .context("cannot create the kubernetes-validate venv")?;
+    run_cmd(Command::new(venv.join("bin/pip")).args([
+        "install",
+        "--quiet",
+        "--disable-pip-version-check",
+        KUBERNETES_VALIDATE,
+    ]))
+    .with_context(|| format!("cannot install {KUBERNETES_VALIDATE}: check access to PyPI"))?;
+    Ok(bin)
+}
+
 fn is_executable(path: &Path) -> bool {
     fs::metadata(path).is_ok_and(|meta| meta.is_file() && meta.permissions().mode() & 0o111 != 0)
 }

@@ -7,13 +7,13 @@
 //! - `threads K`: start K threads that sleep; replies `ok`
 //! - `open N`: open /dev/null N times and keep the descriptors; replies `ok FDS`, the number of
 //!   open descriptors now (from /proc/self/fd)
-//! - `spin MS`: burn CPU for MS milliseconds in this thread
+//! - `spin MS`: burn MS milliseconds of CPU time in this thread
 //! - `spin-thread`: burn CPU in a new thread until exit
 //! - `exit`: exit 0
 
 use std::{
     io::{BufRead, Write},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 fn open_fds() -> usize {
@@ -21,10 +21,23 @@ fn open_fds() -> usize {
     std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count().saturating_sub(1))
 }
 
+/// This thread's CPU time.
+fn thread_cpu() -> Duration {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes into the valid timespec.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+}
+
+/// Burns MS milliseconds of this thread's CPU time (not wall time: on a loaded host the
+/// amount stays what the tests expect).
 fn spin(ms: u64) {
-    let until = Instant::now() + Duration::from_millis(ms);
+    let until = thread_cpu() + Duration::from_millis(ms);
     let mut x = 0u64;
-    while Instant::now() < until {
+    while thread_cpu() < until {
         for i in 0..10_000u64 {
             x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(i));
         }

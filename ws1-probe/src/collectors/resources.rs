@@ -20,6 +20,8 @@ use std::{
     time::{Duration, Instant},
 };
 
+use crate::targeting::container::{self, ContainerRef};
+
 /// Minimum time between two samples in the agent (scrapes and ticks in between reuse the last).
 pub const SAMPLE_EVERY: Duration = Duration::from_secs(5);
 
@@ -77,7 +79,13 @@ pub struct Reading {
     /// `memory.max` of cgroup v2, or v1's `memory.limit_in_bytes` where the v1 memory
     /// controller is mounted.
     pub memory_limit: Option<u64>,
+    /// The container (and pod) its cgroup path names.
+    pub container: Option<ContainerRef>,
 }
+
+/// Containers listed per service (processes of further containers still count in the other
+/// figures): bounds `ws1_probe_service_container_processes`.
+pub const MAX_CONTAINERS_PER_SERVICE: usize = 32;
 
 /// Per-service figures at the last sample.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -92,6 +100,8 @@ pub struct ServiceResources {
     /// The largest cgroup memory limit among the service's processes, only when every process
     /// has one (a process without a limit makes the service unlimited).
     pub memory_limit: Option<u64>,
+    /// Live processes per container, at most [`MAX_CONTAINERS_PER_SERVICE`] containers.
+    pub containers: BTreeMap<ContainerRef, u64>,
 }
 
 /// What the resources collector knows at a scrape, per service id.
@@ -185,6 +195,9 @@ impl Ledger {
                 (_, Some(a), Some(b)) => Some(a.max(b)),
                 _ => None,
             };
+            if let Some(c) = r.container {
+                add_container(&mut s.containers, c, 1);
+            }
             seen.insert(*pid, state);
         }
         // What is left exited since the previous sample.
@@ -411,13 +424,23 @@ fn read_process(
         });
         switches.cgroup = Some((Instant::now(), path));
     }
-    reading.memory_limit = switches
+    let path = switches
         .cgroup
         .as_ref()
-        .and_then(|(_, path)| path.as_deref())
-        .and_then(|path| limits.of(path));
+        .and_then(|(_, path)| path.as_deref());
+    reading.memory_limit = path.and_then(|path| limits.of(path));
+    reading.container = path.and_then(container::from_cgroup_path);
     reading.fd_limit = soft_nofile(pid);
     Some(reading)
+}
+
+/// Counts `n` processes of container `c`, within the per-service bound.
+pub fn add_container(into: &mut BTreeMap<ContainerRef, u64>, c: ContainerRef, n: u64) {
+    if let Some(count) = into.get_mut(&c) {
+        *count += n;
+    } else if into.len() < MAX_CONTAINERS_PER_SERVICE {
+        into.insert(c, n);
+    }
 }
 
 /// Run time (ns) and times switched in of a process's main thread, from /proc/PID/schedstat
@@ -624,6 +647,7 @@ mod tests {
             fds,
             fd_limit: Some(1024 + fds),
             memory_limit: None,
+            container: None,
         }
     }
 

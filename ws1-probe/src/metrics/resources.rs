@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use prometheus::proto::{MetricFamily, MetricType};
 
 use super::{counter, family, gauge};
-use crate::collectors::resources::{ResourcesSnapshot, ServiceResources};
+use crate::collectors::resources::{ResourcesSnapshot, ServiceResources, add_container};
 
 pub const CPU_SECONDS: &str = "ws1_probe_service_cpu_seconds_total";
 pub const THREADS: &str = "ws1_probe_service_threads";
@@ -15,6 +15,7 @@ pub const FD_LIMIT: &str = "ws1_probe_service_fd_limit";
 pub const CONTEXT_SWITCHES: &str = "ws1_probe_service_context_switches_total";
 pub const IO_BYTES: &str = "ws1_probe_service_io_bytes_total";
 pub const MEMORY_LIMIT: &str = "ws1_probe_service_memory_limit_bytes";
+pub const CONTAINER_PROCESSES: &str = "ws1_probe_service_container_processes";
 
 /// Services folded into one label: counters and counts add up, the fd limit is the smallest
 /// and the memory limit the largest (as within a service, and as host mode folds them).
@@ -30,6 +31,9 @@ fn fold(into: &mut ServiceResources, s: &ServiceResources) {
         return;
     }
     let first = into.processes == 0;
+    for (c, n) in &s.containers {
+        add_container(&mut into.containers, *c, *n);
+    }
     into.processes += s.processes;
     into.threads += s.threads;
     into.fds += s.fds;
@@ -55,6 +59,7 @@ pub fn families<'a>(snap: &ResourcesSnapshot, label: impl Fn(u32) -> &'a str) ->
     let (mut cpu, mut switches, mut io) = (Vec::new(), Vec::new(), Vec::new());
     let (mut threads, mut processes, mut fds, mut fd_limit, mut mem_limit) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let mut containers = Vec::new();
     for (service, s) in &by {
         let c = &s.counters;
         let service = *service;
@@ -94,6 +99,17 @@ pub fn families<'a>(snap: &ResourcesSnapshot, label: impl Fn(u32) -> &'a str) ->
         }
         if let Some(v) = s.memory_limit {
             mem_limit.push(gauge(&l, v as f64));
+        }
+        for (c, n) in &s.containers {
+            let (pod, id) = (c.pod_uid_text(), c.to_string());
+            containers.push(gauge(
+                &[
+                    ("service", service),
+                    ("pod_uid", &pod),
+                    ("container_id", &id),
+                ],
+                *n as f64,
+            ));
         }
     }
     vec![
@@ -145,13 +161,21 @@ pub fn families<'a>(snap: &ResourcesSnapshot, label: impl Fn(u32) -> &'a str) ->
             MetricType::GAUGE,
             mem_limit,
         ),
+        family(
+            CONTAINER_PROCESSES,
+            "Live processes of the service per container, from their cgroup paths: pod_uid (Kubernetes pods only, else empty) and the 64-hex container_id, to join with kube-state-metrics' kube_pod_info{uid} or cAdvisor; at most 32 containers per service.",
+            MetricType::GAUGE,
+            containers,
+        ),
     ]
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{collectors::resources::Counters, metrics::encode};
+    use crate::{
+        collectors::resources::Counters, metrics::encode, targeting::container::ContainerRef,
+    };
 
     #[test]
     fn folded_services() {
@@ -166,6 +190,14 @@ mod tests {
             fds,
             fd_limit: Some(limit),
             memory_limit: Some(limit << 20),
+            containers: [(
+                ContainerRef {
+                    pod_uid: Some(0x1b2c3d4e_0f1a_4b2c_8d3e_4f5a6b7c8d9e),
+                    id: [0xab; 32],
+                },
+                2,
+            )]
+            .into(),
         };
         let snap = ResourcesSnapshot {
             services: [(1, s(100, 5, 1024)), (2, s(50, 7, 4096))].into(),
@@ -179,6 +211,10 @@ mod tests {
             "ws1_probe_service_open_fds{service=\"other\"} 12",
             "ws1_probe_service_fd_limit{service=\"other\"} 1024",
             "ws1_probe_service_memory_limit_bytes{service=\"other\"} 4294967296",
+            &format!(
+                "ws1_probe_service_container_processes{{service=\"other\",pod_uid=\"1b2c3d4e-0f1a-4b2c-8d3e-4f5a6b7c8d9e\",container_id=\"{}\"}} 4",
+                "ab".repeat(32)
+            ),
         ] {
             assert!(
                 text.lines().any(|l| l == line),

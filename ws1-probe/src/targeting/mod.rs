@@ -5,6 +5,7 @@
 //! kernel side (tgid → service id map) is kept by `collectors::targets`.
 
 pub mod config;
+pub mod container;
 pub mod matcher;
 pub mod process;
 pub mod selector;
