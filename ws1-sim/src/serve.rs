@@ -409,7 +409,7 @@ fn serve_one(ctx: &Ctx, ups: &mut Ups, kind: u8, body: &[u8], n: u64) -> Option<
             if f.errors.load(Relaxed) && n % 20 == 7 {
                 return None;
             }
-            if f.latency.load(Relaxed) && n % 10 == 0 {
+            if f.latency.load(Relaxed) && n.is_multiple_of(10) {
                 std::thread::sleep(Duration::from_millis(SPIKE_MS));
                 ctx.spiked.fetch_add(1, Relaxed);
             }
@@ -477,7 +477,7 @@ fn serve_one(ctx: &Ctx, ups: &mut Ups, kind: u8, body: &[u8], n: u64) -> Option<
 fn order(ctx: &Ctx, ups: &mut Ups, churn: bool) -> u8 {
     let k = ctx.orders.fetch_add(1, Relaxed);
     if ctx.faults.errors.load(Relaxed)
-        && k % 10 == 0
+        && k.is_multiple_of(10)
         && let Some(dead) = ups.dead.as_mut()
     {
         let _ = dead.call(&ctx.stats, b'R', 0, 96, true, &mut ups.reply);

@@ -75,6 +75,10 @@ pub struct RunArgs {
     /// The cpu fault's CPU seconds in all (default: until stop).
     #[arg(long)]
     pub hog_seconds: Option<f64>,
+    /// Seconds between the services' start and the users' (time for an agent to decide the
+    /// new processes before their first connection).
+    #[arg(long, default_value_t = 0.0)]
+    pub warmup: f64,
     /// Seconds between summary lines.
     #[arg(long, default_value_t = 5.0)]
     pub report_every: f64,
@@ -293,6 +297,7 @@ fn supervise(args: &RunArgs, db_port: Option<u16>, dir: &Path) -> Result<()> {
             }
         }
         if role == "users" {
+            std::thread::sleep(Duration::from_secs_f64(args.warmup.max(0.0)));
             a.extend(["--rps".to_owned(), args.rps.to_string()]);
             a.extend(["--users".to_owned(), args.users.to_string()]);
         }
