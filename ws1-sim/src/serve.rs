@@ -65,6 +65,9 @@ pub struct ServeArgs {
     pub hog_threads: Option<usize>,
     #[arg(long)]
     pub hog_seconds: Option<f64>,
+    /// Bound on what the leak keeps, in MiB.
+    #[arg(long, default_value_t = LEAK_MAX_MIB)]
+    pub leak_max_mib: u64,
 }
 
 /// Extra delay of one in ten of risk's requests under the latency fault: over the plan's
@@ -72,7 +75,7 @@ pub struct ServeArgs {
 pub const SPIKE_MS: u64 = 150;
 /// Bytes memory-ops keeps (touched) per request under the leak fault, and the bound in all.
 pub const LEAK_PER_REQUEST: usize = 256 * 1024;
-pub const LEAK_MAX: u64 = 2 << 30;
+pub const LEAK_MAX_MIB: u64 = 2048;
 
 #[derive(Default)]
 struct Faults {
@@ -406,7 +409,7 @@ fn serve_one(ctx: &Ctx, ups: &mut Ups, kind: u8, body: &[u8], n: u64) -> Option<
     let f = &ctx.faults;
     match ctx.args.role.as_str() {
         "risk" => {
-            if f.errors.load(Relaxed) && n % 20 == 7 {
+            if f.errors.load(Relaxed) && n % 10 == 7 {
                 return None;
             }
             if f.latency.load(Relaxed) && n.is_multiple_of(10) {
@@ -417,7 +420,10 @@ fn serve_one(ctx: &Ctx, ups: &mut Ups, kind: u8, body: &[u8], n: u64) -> Option<
             Some((0, 16))
         }
         "memory-ops" => {
-            if f.leak.load(Relaxed) && ctx.leaked_bytes.load(Relaxed) < LEAK_MAX {
+            if f.leak.load(Relaxed)
+                && ctx.leaked_bytes.load(Relaxed) + LEAK_PER_REQUEST as u64
+                    <= ctx.args.leak_max_mib << 20
+            {
                 // Touched, so it is resident: a cache that is never evicted.
                 let block = vec![1u8; LEAK_PER_REQUEST];
                 ctx.leaked
@@ -472,12 +478,12 @@ fn serve_one(ctx: &Ctx, ups: &mut Ups, kind: u8, body: &[u8], n: u64) -> Option<
     }
 }
 
-/// An order: (errors fault: every tenth tries the risk replica that is down first), a risk
+/// An order: (errors fault: every second one tries the risk replica that is down first), a risk
 /// check (retried on a new connection after a reset, up to 3 times), then the DB transaction.
 fn order(ctx: &Ctx, ups: &mut Ups, churn: bool) -> u8 {
     let k = ctx.orders.fetch_add(1, Relaxed);
     if ctx.faults.errors.load(Relaxed)
-        && k.is_multiple_of(10)
+        && k.is_multiple_of(2)
         && let Some(dead) = ups.dead.as_mut()
     {
         let _ = dead.call(&ctx.stats, b'R', 0, 96, true, &mut ups.reply);

@@ -61,8 +61,8 @@ pub struct RunArgs {
     pub db_conns: usize,
     /// Faults to switch on (repeatable): latency (risk: one request in ten 150 ms slower),
     /// leak (memory-ops keeps 256 KiB per request), cpu (trading-engine burns CPU), errors
-    /// (trading-engine: one order in ten first tries a risk replica that is down, refused;
-    /// risk aborts one request in twenty with a reset), churn (every client connects per
+    /// (trading-engine: one order in two first tries a risk replica that is down, refused;
+    /// risk aborts one request in ten with a reset), churn (every client connects per
     /// request: no pooling).
     #[arg(long = "fault", value_parser = clap::builder::PossibleValuesParser::new(FAULTS))]
     pub faults: Vec<String>,
@@ -75,6 +75,9 @@ pub struct RunArgs {
     /// The cpu fault's CPU seconds in all (default: until stop).
     #[arg(long)]
     pub hog_seconds: Option<f64>,
+    /// The leak fault's bound, in MiB (it stops growing there).
+    #[arg(long)]
+    pub leak_max_mib: Option<u64>,
     /// Seconds between the services' start and the users' (time for an agent to decide the
     /// new processes before their first connection).
     #[arg(long, default_value_t = 0.0)]
@@ -263,6 +266,9 @@ fn supervise(args: &RunArgs, db_port: Option<u16>, dir: &Path) -> Result<()> {
     ];
     if let Some(t) = args.hog_threads {
         common.extend(["--hog-threads".to_owned(), t.to_string()]);
+    }
+    if let Some(m) = args.leak_max_mib {
+        common.extend(["--leak-max-mib".to_owned(), m.to_string()]);
     }
     if let Some(s) = args.hog_seconds {
         common.extend(["--hog-seconds".to_owned(), s.to_string()]);
