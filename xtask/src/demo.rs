@@ -225,24 +225,40 @@ pub fn demo_config(example: &str, pg_port: u16) -> String {
 /// Returns the cgroup directory to remove at the end.
 fn limit_memory(pid: u32, limit: u64) -> Result<PathBuf> {
     let own = std::fs::read_to_string("/proc/self/cgroup")?;
-    let (dir, file) = if let Some(path) = own.lines().find_map(|l| l.strip_prefix("0::")) {
-        let base = Path::new("/sys/fs/cgroup").join(path.trim_start_matches('/'));
-        (base, "memory.max")
+    let v1 = own
+        .lines()
+        .find_map(|l| l.split_once(":memory:").map(|(_, p)| p.to_owned()));
+    // A v1 memory controller wins (hybrid hosts also list an empty unified `0::` line);
+    // otherwise cgroup v2, where /sys/fs/cgroup itself must be the cgroup2 mount.
+    let (dir, file) = if let Some(path) = v1 {
+        let base = Path::new("/sys/fs/cgroup/memory").join(path.trim_start_matches('/'));
+        (base, "memory.limit_in_bytes")
     } else {
         let path = own
             .lines()
-            .find_map(|l| l.split_once(":memory:").map(|(_, p)| p.to_owned()))
+            .find_map(|l| l.strip_prefix("0::"))
             .context("no memory cgroup")?;
-        let base = Path::new("/sys/fs/cgroup/memory").join(path.trim_start_matches('/'));
-        (base, "memory.limit_in_bytes")
+        if !Path::new("/sys/fs/cgroup/cgroup.controllers").exists() {
+            bail!("/sys/fs/cgroup is not a cgroup2 mount");
+        }
+        let base = Path::new("/sys/fs/cgroup").join(path.trim_start_matches('/'));
+        (base, "memory.max")
     };
+    if !base_is_cgroup(&dir) {
+        bail!("{} is not a cgroup directory", dir.display());
+    }
     let dir = dir.join(format!("ws1-demo-memory-ops-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    std::fs::create_dir(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
     std::fs::write(dir.join(file), limit.to_string())
         .with_context(|| format!("cannot write {}/{file}", dir.display()))?;
     std::fs::write(dir.join("cgroup.procs"), pid.to_string())
         .with_context(|| format!("cannot move memory-ops into {}", dir.display()))?;
     Ok(dir)
+}
+
+/// A cgroup directory has `cgroup.procs` (a plain directory on the tmpfs above does not).
+fn base_is_cgroup(dir: &Path) -> bool {
+    dir.join("cgroup.procs").is_file()
 }
 
 pub fn run(args: &DemoArgs) -> Result<()> {
