@@ -31,7 +31,7 @@ use clap::Args;
 use crate::{
     pg::{self, PgConn},
     proto::{self, CallError, Upstream},
-    stats::{SLOW_MS, Side, Stats, render_endpoints},
+    stats::{Hist, SLOW_MS, Side, Stats, render_endpoints},
 };
 
 #[derive(Args, Clone, Debug)]
@@ -100,6 +100,8 @@ struct Ctx {
     hog_ns: AtomicU64,
     /// Requests the latency fault delayed.
     spiked: AtomicU64,
+    /// Server-side latency (request read → reply written); the users' is end to end.
+    latency: Hist,
     db: DbPool,
     /// memory-ops' store: a bounded ring of 1 KiB records.
     memory: Mutex<(Vec<Vec<u8>>, usize)>,
@@ -219,6 +221,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
         leaked_bytes: AtomicU64::new(0),
         hog_ns: AtomicU64::new(0),
         spiked: AtomicU64::new(0),
+        latency: Hist::default(),
         db: DbPool::default(),
         memory: Mutex::new((Vec::new(), 0)),
     });
@@ -395,7 +398,9 @@ fn handle(ctx: &Ctx, mut stream: TcpStream, port: u16) {
         if proto::write_frame(&mut stream, status, 0, len, &mut out).is_err() {
             return;
         }
-        let slow = started.elapsed() > Duration::from_millis(SLOW_MS);
+        let took = started.elapsed();
+        ctx.latency.record(took.as_nanos() as u64);
+        let slow = took > Duration::from_millis(SLOW_MS);
         ctx.stats.add(Side::Server, port, |c| {
             c.requests += 1;
             c.slow += u64::from(slow);
@@ -555,11 +560,14 @@ fn user(ctx: &Ctx, port: u16, id: u64, first: Instant, interval: Duration) {
         let op = [0u8, 0, 1, 2, 3][(k % 5) as usize];
         k += 1;
         // The op travels as the body's first byte (the body is otherwise filler).
+        let started = Instant::now();
         if up
             .call(&ctx.stats, b'A', op, 200, ctx.churn(), &mut reply)
             .is_err()
         {
             ctx.stats.add(Side::Client, port, |c| c.failed += 1);
+        } else {
+            ctx.latency.record(started.elapsed().as_nanos() as u64);
         }
     }
 }
@@ -590,6 +598,9 @@ fn report(ctx: &Ctx, what: &str) {
         ctx.hog_ns.load(Relaxed) as f64 / 1e9,
         ctx.spiked.load(Relaxed)
     );
+    if let (Some(p50), Some(p99)) = (ctx.latency.quantile(0.5), ctx.latency.quantile(0.99)) {
+        let _ = writeln!(out, "x p50_ms={:.4} p99_ms={:.4}", p50 / 1e6, p99 / 1e6);
+    }
     let _ = writeln!(out, "end");
     let _ = out.flush();
 }

@@ -6,6 +6,7 @@ mod bench;
 mod bench_alloc;
 mod bench_block;
 mod bench_health;
+mod bench_load;
 mod bench_net;
 mod bench_profile;
 mod bench_sched;
