@@ -224,6 +224,36 @@ fn bench(o: &Opts, probe: &Path, sim: &Path, logs: &Path, pg_port: u16) -> Resul
         }
     }
 
+    // BPF run time per program over the run, largest first.
+    let per_program = |text: &str| -> BTreeMap<String, f64> {
+        let mut m = BTreeMap::new();
+        for l in text
+            .lines()
+            .filter(|l| l.starts_with("ws1_probe_bpf_program_run_seconds_total{"))
+        {
+            let name = l
+                .split("program=\"")
+                .nth(1)
+                .and_then(|r| r.split('"').next());
+            let value = l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok());
+            if let (Some(n), Some(v)) = (name, value) {
+                *m.entry(n.to_owned()).or_insert(0.0) += v;
+            }
+        }
+        m
+    };
+    let (p0, p1) = (per_program(&before), per_program(&after));
+    let mut programs: Vec<(String, f64)> = p1
+        .iter()
+        .map(|(n, v)| {
+            (
+                n.clone(),
+                (v - p0.get(n).copied().unwrap_or(0.0)) / wall * 100.0,
+            )
+        })
+        .filter(|(_, pct)| *pct > 0.0)
+        .collect();
+    programs.sort_by(|a, b| b.1.total_cmp(&a.1));
     let agent_cpu = (cpu1 - cpu0) / wall * 100.0;
     let bpf = (bpf1 - bpf0) / wall * 100.0;
     println!();
