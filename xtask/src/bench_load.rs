@@ -280,6 +280,12 @@ fn bench(o: &Opts, probe: &Path, sim: &Path, logs: &Path, pg_port: u16) -> Resul
         if rss < 100 * 1024 { "PASS" } else { "MISS" },
         agent.ready.as_secs_f64() * 1e3
     );
+    let top: Vec<String> = programs
+        .iter()
+        .take(6)
+        .map(|(n, pct)| format!("{n} {pct:.2} %"))
+        .collect();
+    println!("agent: BPF time by program: {}", top.join(", "));
     println!();
     println!(
         "{:<16} {:>12} {:>12} {:>12} {:>12}",
