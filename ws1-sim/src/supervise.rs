@@ -416,6 +416,13 @@ fn summary(
         }
         let prev = last.insert(p.role, total.requests).unwrap_or(0);
         let rate = (total.requests - prev.min(total.requests)) as f64 / every.as_secs_f64();
+        // Client-side exchanges of the services (their calls to others and to the DB).
+        let client: u64 = r
+            .endpoints
+            .iter()
+            .filter(|((s, _), _)| p.role != "users" && *s == Side::Client)
+            .map(|(_, c)| c.requests)
+            .sum();
         let mut part = format!(
             "{} {} req {:.0}/s cpu {:.1}s",
             service(p.role),
@@ -423,6 +430,9 @@ fn summary(
             rate,
             r.extras.get("cpu_seconds").copied().unwrap_or(0.0)
         );
+        if client > 0 {
+            part.push_str(&format!(" calls {client}"));
+        }
         if total.slow > 0 {
             part.push_str(&format!(" slow {}", total.slow));
         }

@@ -448,7 +448,7 @@ fn demo(args: &DemoArgs, release: &Path, root: &Path, dir: &Path, pg: &Path) -> 
         }
         if Instant::now() >= next {
             next += every;
-            summary(prom_port, started.elapsed());
+            summary(prom_port, am_port, started.elapsed());
         }
     }
     eprintln!("demo: stopping");
@@ -462,7 +462,7 @@ fn demo(args: &DemoArgs, release: &Path, root: &Path, dir: &Path, pg: &Path) -> 
     Ok(())
 }
 
-fn summary(prom: u16, at: Duration) {
+fn summary(prom: u16, am: u16, at: Duration) {
     let w = "30s";
     let rps = by_service(
         prom,
@@ -525,6 +525,27 @@ fn summary(prom: u16, at: Duration) {
             "none".to_owned()
         } else {
             alerts.join(", ")
+        }
+    );
+    // What reached Alertmanager (and so its receivers: team for warnings, pager for critical).
+    let received: Vec<String> = http_get(am, "/api/v2/alerts?active=true")
+        .ok()
+        .and_then(|b| serde_json::from_str::<serde_json::Value>(&b).ok())
+        .and_then(|v| v.as_array().cloned())
+        .unwrap_or_default()
+        .iter()
+        .map(|a| {
+            let l = &a["labels"];
+            let s = |k: &str| l[k].as_str().unwrap_or("").to_owned();
+            format!("{}{{{}}} {}", s("alertname"), s("service"), s("severity"))
+        })
+        .collect();
+    println!(
+        "        alertmanager: {}",
+        if received.is_empty() {
+            "none".to_owned()
+        } else {
+            received.join(", ")
         }
     );
     let _ = std::io::stdout().flush();
