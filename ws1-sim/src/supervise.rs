@@ -112,6 +112,9 @@ struct Proc {
 
 /// Makes `dir/<comm>` a hard link to this executable (a copy across filesystems), so the
 /// child's command name is the role's and so is its `/proc/PID/exe` name (`exe` selectors).
+/// Renaming after the exec (`prctl(PR_SET_NAME)`) would not do: the agent decides a process
+/// at its exec, by the name the kernel gives it then (the executed file's), and a symlink
+/// would leave `/proc/PID/exe` pointing at `ws1-sim`.
 fn link(dir: &Path, comm: &str) -> Result<PathBuf> {
     let exe = std::env::current_exe().context("cannot find this executable")?;
     let path = dir.join(comm);
