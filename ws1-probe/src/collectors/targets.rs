@@ -144,7 +144,10 @@ impl Targets {
         }
         if decision != Some(event.prev_service) || event.prev_service == SERVICE_NONE {
             self.set(event.tgid, decision);
-            if decision.is_some() {
+            // Only a process nobody observed before: one that inherited a service had its
+            // `listen()` recorded in the kernel already (and host mode, where every process
+            // has one, reads no /proc per exec).
+            if decision.is_some() && event.prev_service == SERVICE_NONE {
                 self.exec_targeted.push(event.tgid);
             }
         }
