@@ -446,6 +446,22 @@ impl Probe {
         }
     }
 
+    /// Drains exec events, then registers the listening ports of the processes they moved into
+    /// a service. The decision is in `TARGETS` before /proc is read, so a `listen()` that raced
+    /// with the exec is seen by the kernel (after the decision) or found here (before it).
+    pub fn drain_execs(&mut self, ring: &mut aya::maps::RingBuf<aya::maps::MapData>) -> usize {
+        let n = self.targets.drain(ring);
+        let pids = self.targets.take_exec_targeted();
+        if !pids.is_empty() {
+            self.net.seed_listeners(
+                std::path::Path::new("/proc"),
+                &pids,
+                self.targets.matcher().clone(),
+            );
+        }
+        n
+    }
+
     /// Samples resources per service from procfs, when a sample is due.
     pub fn sample_resources(&mut self) {
         if self.resources.due() {

@@ -29,8 +29,9 @@ pub fn run(what: &str, args: &[String]) -> Result<()> {
         "health" => crate::bench_health::run(args),
         "health-sched" => crate::bench_sched::run(args),
         "health-block" => crate::bench_block::run(args),
+        "load" => crate::bench_load::run(args),
         _ => bail!(
-            "unknown benchmark {what}: available: syscalls, net, alloc, profile, scrape, soak, health, health-sched, health-block"
+            "unknown benchmark {what}: available: syscalls, net, alloc, profile, scrape, soak, health, health-sched, health-block, load"
         ),
     }
 }

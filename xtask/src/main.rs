@@ -1,4 +1,4 @@
-//! Developer tasks for ws1-probe: `cargo xtask <bootstrap|build|run|test|bench>`.
+//! Developer tasks for ws1-probe: `cargo xtask <bootstrap|build|run|test|demo|bench>`.
 //! Every subcommand bootstraps the toolchain first, so a fresh checkout needs only rustup.
 
 mod apt;
@@ -6,6 +6,7 @@ mod bench;
 mod bench_alloc;
 mod bench_block;
 mod bench_health;
+mod bench_load;
 mod bench_net;
 mod bench_profile;
 mod bench_sched;
@@ -13,6 +14,7 @@ mod bench_scrape;
 mod bench_soak;
 mod bench_util;
 mod bootstrap;
+mod demo;
 mod run;
 mod tools;
 mod util;
@@ -57,6 +59,8 @@ enum Cmd {
         #[arg(last = true)]
         args: Vec<String>,
     },
+    /// The WS1 workload simulator under the agent, with Prometheus and Alertmanager (as root).
+    Demo(demo::DemoArgs),
     /// Run a benchmark as root.
     Bench {
         /// Which benchmark (e.g. syscalls).
@@ -90,17 +94,27 @@ fn dispatch(command: Cmd) -> Result<()> {
         Cmd::Build { release } => run::build(release),
         Cmd::Run { debug, args } => run::run(debug, &args),
         Cmd::Test { args } => run::test(&args),
+        Cmd::Demo(args) => {
+            bootstrap::run()?;
+            as_root()?;
+            demo::run(&args)
+        }
         Cmd::Bench { what, args } => {
             bootstrap::run()?;
-            if !util::is_root()? {
-                // Re-run this same xtask command as root; the marker skips a second bootstrap,
-                // whose toolchain belongs to this user and may not exist for root.
-                let exe = env::current_exe()?;
-                let args: Vec<OsString> = env::args_os().skip(1).collect();
-                let marker = (util::BOOTSTRAPPED_ENV, OsString::from("1"));
-                return Err(util::exec_as_root(&exe, &args, &[marker]));
-            }
+            as_root()?;
             bench::run(&what, &args)
         }
     }
+}
+
+/// Re-runs this same xtask command as root unless it is root; the marker skips a second
+/// bootstrap, whose toolchain belongs to this user and may not exist for root.
+fn as_root() -> Result<()> {
+    if !util::is_root()? {
+        let exe = env::current_exe()?;
+        let args: Vec<OsString> = env::args_os().skip(1).collect();
+        let marker = (util::BOOTSTRAPPED_ENV, OsString::from("1"));
+        return Err(util::exec_as_root(&exe, &args, &[marker]));
+    }
+    Ok(())
 }

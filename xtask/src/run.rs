@@ -143,6 +143,8 @@ fn privileged_tests(args: &[String]) -> Result<(u64, u64)> {
         "ws1-probe",
         "-p",
         "ws1-probe-tests",
+        "-p",
+        "ws1-sim",
         "--bins",
     ]);
     run_cmd(&mut build).context("xtask test: building binaries for privileged tests failed")?;

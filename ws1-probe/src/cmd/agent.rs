@@ -264,7 +264,7 @@ pub fn run(args: AgentArgs) -> anyhow::Result<()> {
                         guard = fd.readable_mut() => {
                             let Ok(mut guard) = guard else { return };
                             if let Some(probe) = lock(&follow_state).as_mut() {
-                                probe.targets.drain(guard.get_inner_mut());
+                                probe.drain_execs(guard.get_inner_mut());
                             }
                             guard.clear_ready();
                         }

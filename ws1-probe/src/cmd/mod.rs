@@ -117,7 +117,7 @@ pub fn collect(
                     // Exec events are rare: polling them every 100 ms is cheap and keeps the
                     // one-shot commands single-threaded.
                     if let Some(ring) = ring.as_mut() {
-                        probe.targets.drain(ring);
+                        probe.drain_execs(ring);
                     }
                     probe.poll_streams();
                     if tty && last_progress.elapsed() >= Duration::from_secs(1) {
@@ -135,7 +135,7 @@ pub fn collect(
         }
     });
     if let Some(ring) = ring.as_mut() {
-        probe.targets.drain(ring);
+        probe.drain_execs(ring);
     }
     if tty {
         eprint!("\r\x1b[K");

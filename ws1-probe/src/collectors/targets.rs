@@ -32,6 +32,10 @@ pub struct Targets {
     /// Starts decided here (service id → execs that moved a process into it) since the last
     /// [`Targets::take_exec_starts`]; the kernel counts forks and the execs it decides.
     exec_starts: std::collections::BTreeMap<u32, u64>,
+    /// Processes an exec event moved into a service since the last
+    /// [`Targets::take_exec_targeted`]: a `listen()` they made before the decision reached the
+    /// kernel was not seen there, so their listening ports are read from /proc.
+    exec_targeted: Vec<u32>,
 }
 
 impl Targets {
@@ -58,6 +62,7 @@ impl Targets {
                 comm_services,
                 drops,
                 exec_starts: std::collections::BTreeMap::new(),
+                exec_targeted: Vec::new(),
             },
             ring,
         ))
@@ -139,6 +144,12 @@ impl Targets {
         }
         if decision != Some(event.prev_service) || event.prev_service == SERVICE_NONE {
             self.set(event.tgid, decision);
+            // Only a process nobody observed before: one that inherited a service had its
+            // `listen()` recorded in the kernel already (and host mode, where every process
+            // has one, reads no /proc per exec).
+            if decision.is_some() && event.prev_service == SERVICE_NONE {
+                self.exec_targeted.push(event.tgid);
+            }
         }
         if self.matcher.comm_only() {
             // Later execs of this name are decided in the kernel.
@@ -146,6 +157,11 @@ impl Targets {
                 .comm_services
                 .insert(event.comm, decision.unwrap_or(SERVICE_NONE), 0);
         }
+    }
+
+    /// Processes targeted by exec decisions since the last call (see `exec_targeted`).
+    pub fn take_exec_targeted(&mut self) -> Vec<u32> {
+        std::mem::take(&mut self.exec_targeted)
     }
 
     /// Starts decided by the agent since the last call (see `collectors/sched.rs`).
