@@ -169,6 +169,42 @@ pub fn try_return_posix_memalign(ctx: &RetProbeContext) -> Result<u32, i32> {
     Ok(0)
 }
 
+/// Return of jemalloc's `xallocx`, which resizes `ptr` in place and returns its real size
+/// (the old one when it could not grow): the tracked block takes that size.
+pub fn try_return_xallocx(ctx: &RetProbeContext) -> Result<u32, i32> {
+    let Some((tid, tgid, service)) = targeted() else {
+        return Ok(0);
+    };
+    let Some(p) = take_pending(tid) else {
+        return Ok(0);
+    };
+    let size: u64 = ctx.ret();
+    let key = AllocKey {
+        tgid,
+        _pad: 0,
+        addr: p.old_ptr,
+    };
+    let Some(info) = ALLOCS.get_ptr_mut(&key) else {
+        return Ok(0);
+    };
+    // SAFETY: pointer from a successful lookup; only this process's threads touch its blocks,
+    // and a block is resized by one call at a time.
+    let old = unsafe { (*info).size };
+    if size == 0 || size == old {
+        return Ok(0);
+    }
+    // SAFETY: as above.
+    unsafe { (*info).size = size };
+    update_stats(service, |s| {
+        if size > old {
+            s.alloc_bytes += size - old;
+        } else {
+            s.free_bytes += old - size;
+        }
+    });
+    Ok(0)
+}
+
 pub fn try_free(ctx: &ProbeContext) -> Result<u32, i32> {
     let Some((_, tgid, service)) = targeted() else {
         return Ok(0);

@@ -16,11 +16,13 @@ use ws1_probe_common::alloc::AllocStats;
 
 use super::{CommonArgs, collect};
 
-/// Which allocator to trace, when not the C library's malloc.
+/// Which allocator to trace, when the one found by itself (glibc, jemalloc, tcmalloc, mimalloc,
+/// shared or static) is not the right one.
 #[derive(clap::Args, Debug, Clone, Default)]
 pub struct AllocatorArgs {
     /// Binary holding the allocator, as the process sees it (a statically linked program, or
-    /// e.g. /usr/lib/libjemalloc.so.2); `exe` for the program itself. Default: its libc
+    /// e.g. /usr/lib/libjemalloc.so.2); `exe` for the program itself. Default: found from the
+    /// libraries it maps and the symbols of its executable
     #[arg(long, value_name = "PATH")]
     pub alloc_lib: Option<String>,
     /// Prefix of the allocator's function names (e.g. `je_` for je_malloc/je_free)
@@ -172,6 +174,8 @@ pub fn run(args: LeaksArgs) -> anyhow::Result<()> {
             .collect();
         let out = serde_json::json!({
             "targets": session.what,
+            "allocators": allocators_json(allocs),
+            "observed": leaks::any_observed(allocs.processes.values()),
             "duration_seconds": session.elapsed.as_secs_f64(),
             "interrupted": session.interrupted,
             "min_age_seconds": args.min_age.as_secs_f64(),
@@ -184,7 +188,12 @@ pub fn run(args: LeaksArgs) -> anyhow::Result<()> {
         });
         println!("{out}");
     } else {
-        print!("{}", leaks::render(&reports, stacks, min_age_ns, 12));
+        print!("{}", leaks::render_allocators(&allocs.processes));
+        let observed = leaks::any_observed(allocs.processes.values());
+        print!(
+            "{}",
+            leaks::render(&reports, stacks, min_age_ns, 12, observed)
+        );
         if mapped.0 > 0 {
             println!(
                 "\nanonymous mappings made outside the allocator and still mapped: {} in {} regions",
@@ -194,4 +203,19 @@ pub fn run(args: LeaksArgs) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Per pid, the allocators hooked (kind, binary, prefix, entry points) or why not.
+pub(super) fn allocators_json(allocs: &AllocCollector) -> serde_json::Value {
+    allocs
+        .processes
+        .iter()
+        .map(|(pid, found)| {
+            (
+                pid.to_string(),
+                serde_json::to_value(found).unwrap_or_default(),
+            )
+        })
+        .collect::<serde_json::Map<_, _>>()
+        .into()
 }

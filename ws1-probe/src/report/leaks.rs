@@ -8,6 +8,7 @@ use crate::{
     units::format_ns,
 };
 
+use crate::allocator::Inspection;
 pub use crate::collectors::alloc::{LeakGroup, group};
 
 /// A group with its symbolized stack and service name, as printed.
@@ -67,16 +68,63 @@ pub fn format_bytes(bytes: u64) -> String {
     }
 }
 
-/// The text report, at most `depth` frames per stack.
+/// The header of `leaks` and `allocs`: per process, the allocators hooked and their entry
+/// points, or why its allocations are not observed.
+pub fn render_allocators<'a>(
+    processes: impl IntoIterator<Item = (&'a u32, &'a Inspection)>,
+) -> String {
+    let mut out = String::new();
+    for (pid, inspection) in processes {
+        match inspection {
+            Inspection::Observed { allocators } => {
+                for plan in allocators {
+                    // C++ operators are counted, not listed: their mangled names are long.
+                    let (cxx, names): (Vec<&str>, Vec<&str>) = plan
+                        .hooks
+                        .iter()
+                        .map(|h| h.symbol.as_str())
+                        .partition(|s| s.starts_with("_Z"));
+                    let cxx = if cxx.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" +{} C++ operator new/delete", cxx.len())
+                    };
+                    out.push_str(&format!(
+                        "pid {pid}: {}, hooked: {}{cxx}\n",
+                        plan.describe(),
+                        names.join(" ")
+                    ));
+                }
+            }
+            Inspection::NotObserved { reason } => {
+                out.push_str(&format!("pid {pid}: allocations not observed: {reason}\n"));
+            }
+        }
+    }
+    out
+}
+
+/// Whether any process's allocations are observed.
+pub fn any_observed<'a>(mut processes: impl Iterator<Item = &'a Inspection>) -> bool {
+    processes.any(|p| matches!(p, Inspection::Observed { .. }))
+}
+
+/// The text report, at most `depth` frames per stack. `observed` is false when no process's
+/// allocations could be seen: then nothing outstanding means nothing, and the report says so.
 pub fn render(
     reports: &[LeakReport],
     total_groups: usize,
     min_age_ns: u64,
     depth: usize,
+    observed: bool,
 ) -> String {
     let bytes: u64 = reports.iter().map(|r| r.bytes).sum();
     let count: u64 = reports.iter().map(|r| r.count).sum();
     let mut out = String::new();
+    if !observed {
+        out.push_str("allocations not observed: no selected process's allocator could be hooked\n");
+        return out;
+    }
     if reports.is_empty() {
         out.push_str(&format!(
             "no outstanding allocations older than {}\n",
@@ -113,6 +161,8 @@ pub fn render(
 #[cfg(test)]
 mod tests {
     use ws1_probe_common::alloc::{AllocInfo, AllocKey};
+
+    use crate::allocator::{Binary, Hook, Kind, Plan};
 
     use super::*;
 
@@ -168,7 +218,7 @@ mod tests {
                 location: Some("src/main.rs:12".into()),
             }],
         }];
-        let text = render(&reports, 1, 5_000_000_000, 8);
+        let text = render(&reports, 1, 5_000_000_000, 8, true);
         assert!(
             text.starts_with("7.0 KiB in 7 blocks outstanding for at least 5.00s, from 1 stacks\n"),
             "{text}"
@@ -179,8 +229,50 @@ mod tests {
         );
         assert!(text.contains("    leak_here (src/main.rs:12)\n"), "{text}");
         assert_eq!(
-            render(&[], 0, 1_000, 8),
+            render(&[], 0, 1_000, 8, true),
             "no outstanding allocations older than 1.00µs\n"
         );
+        assert_eq!(
+            render(&[], 0, 1_000, 8, false),
+            "allocations not observed: no selected process's allocator could be hooked\n"
+        );
+    }
+
+    #[test]
+    fn renders_allocator_header() {
+        let plan = Plan {
+            kind: Kind::Jemalloc,
+            binary: Binary::Lib("/usr/lib/x86_64-linux-gnu/libjemalloc.so.2".into()),
+            prefix: String::new(),
+            hooks: ["malloc", "sdallocx", "_Znwm", "_ZdlPvm"]
+                .iter()
+                .map(|s| Hook {
+                    program: "alloc_malloc",
+                    symbol: (*s).into(),
+                    offset: 0,
+                })
+                .collect(),
+        };
+        let processes = std::collections::BTreeMap::from([
+            (
+                7,
+                Inspection::Observed {
+                    allocators: vec![plan],
+                },
+            ),
+            (
+                9,
+                Inspection::NotObserved {
+                    reason: "no known allocator".into(),
+                },
+            ),
+        ]);
+        assert_eq!(
+            render_allocators(&processes),
+            "pid 7: jemalloc in libjemalloc.so.2, hooked: malloc sdallocx +2 C++ operator new/delete\n\
+             pid 9: allocations not observed: no known allocator\n"
+        );
+        assert!(any_observed(processes.values()));
+        assert!(!any_observed(processes.values().skip(1)));
     }
 }
