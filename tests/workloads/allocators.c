@@ -2,17 +2,18 @@
  * A workload for tests/tests/allocators.rs, built by the test against one allocator:
  * -DUSE_JEMALLOC (Debian's libjemalloc), -DUSE_RJEM (a static jemalloc whose API carries the
  * `_rjem_` prefix, as Rust's tikv-jemallocator exports it), -DUSE_TCMALLOC (gperftools),
- * -DUSE_MIMALLOC.
+ * -DUSE_MIMALLOC, or -DUSE_LIBC (the C library's malloc; the tests link it statically).
  *
- * Protocol on stdin/stdout: prints "ready", waits for a line; then leaks K blocks of S bytes in
- * leak_plain (through malloc, which the allocator interposes, or its prefixed malloc) and K more
- * in leak_special (through the allocator's own API), allocates and frees N blocks through the
- * allocator-specific entry points (balanced churn), prints "done" and waits for a line to exit.
- * Usage: allocators K S N
+ * Line protocol on stdin/stdout, as the other workloads: prints "ready PID"; `go` leaks K blocks
+ * of S bytes in leak_plain (through malloc, which the allocator interposes, or its prefixed
+ * malloc) and K more in leak_special (through the allocator's own API), then allocates and frees
+ * N rounds of blocks through the allocator-specific entry points (balanced churn), and answers
+ * "ok"; `exit` exits. Usage: allocators K S N
  */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #if defined(USE_JEMALLOC)
 #include <jemalloc/jemalloc.h>
@@ -40,6 +41,7 @@ void *tc_newarray(size_t size);
 void tc_deletearray_sized(void *p, size_t size);
 #elif defined(USE_MIMALLOC)
 #include <mimalloc.h>
+#elif defined(USE_LIBC)
 #else
 #error "choose an allocator"
 #endif
@@ -67,8 +69,10 @@ __attribute__((noinline)) void leak_special(size_t k, size_t s) {
         void *p = mallocx(s, 0);
 #elif defined(USE_TCMALLOC)
         void *p = tc_new(s);
-#else
+#elif defined(USE_MIMALLOC)
         void *p = mi_malloc(s);
+#else
+        void *p = calloc(1, s);
 #endif
         keep(p, s);
     }
@@ -97,7 +101,7 @@ __attribute__((noinline)) void balanced_churn(size_t n, size_t s) {
         tc_deletearray_sized(c, s);
         void *d = malloc(s);
         tc_free(d);
-#else
+#elif defined(USE_MIMALLOC)
         void *a = mi_malloc(s);
         memset(a, 2, s);
         mi_free(a);
@@ -108,6 +112,11 @@ __attribute__((noinline)) void balanced_churn(size_t n, size_t s) {
         mi_free_aligned(c, 64);
         void *d = malloc(s);
         mi_free(d);
+#else
+        void *a = malloc(s);
+        memset(a, 2, s);
+        a = realloc(a, 2 * s);
+        free(a);
 #endif
     }
 }
@@ -126,16 +135,18 @@ int main(int argc, char **argv) {
     }
     char line[64];
     setvbuf(stdout, NULL, _IONBF, 0);
-    printf("ready\n");
-    if (!fgets(line, sizeof line, stdin)) {
-        return 1;
-    }
-    leak_plain(k, s);
-    leak_special(k, s);
-    balanced_churn(n, s);
-    printf("done\n");
-    if (!fgets(line, sizeof line, stdin)) {
-        return 1;
+    printf("ready %d\n", (int)getpid());
+    while (fgets(line, sizeof line, stdin)) {
+        if (strcmp(line, "go\n") == 0) {
+            leak_plain(k, s);
+            leak_special(k, s);
+            balanced_churn(n, s);
+            printf("ok\n");
+        } else if (strcmp(line, "exit\n") == 0) {
+            return 0;
+        } else {
+            printf("error: unknown command\n");
+        }
     }
     return 0;
 }
