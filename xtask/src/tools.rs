@@ -111,6 +111,22 @@ pub fn ensure_alerting() -> Result<()> {
     ensure_debian_packages(ALERTING_PACKAGES)
 }
 
+/// The allocators `tests/tests/allocators.rs` builds its C workload against (shared jemalloc,
+/// tcmalloc, mimalloc; jemalloc's static archive, renamed with objcopy from binutils; the static
+/// C library).
+const ALLOCATOR_PACKAGES: &[&str] = &[
+    "libjemalloc-dev",
+    "libgoogle-perftools-dev",
+    "libmimalloc-dev",
+    "libc6-dev",
+    "binutils",
+];
+
+/// Makes sure the allocator libraries and headers are installed for the allocator tests.
+pub fn ensure_allocators() -> Result<()> {
+    ensure_debian_packages(ALLOCATOR_PACKAGES)
+}
+
 fn is_executable(path: &Path) -> bool {
     fs::metadata(path).is_ok_and(|meta| meta.is_file() && meta.permissions().mode() & 0o111 != 0)
 }
