@@ -323,6 +323,16 @@ fn shared_jemalloc_is_found_and_its_sized_frees_count() {
         return;
     };
     assert_exact_leaks(&report, "a-je");
+    // The cost line's trapped calls are the session's allocator calls.
+    let stats = &report["stats"]["a-je"];
+    let calls = stats["allocs"].as_f64().unwrap_or(0.0) + stats["frees"].as_f64().unwrap_or(0.0);
+    let per_second = report["cost"]["allocator_calls_per_second"].as_f64();
+    let seconds = report["duration_seconds"].as_f64().unwrap_or(0.0);
+    assert!(
+        per_second.is_some_and(|r| (r * seconds - calls).abs() <= calls * 0.01),
+        "{report}"
+    );
+    assert!(report["cost"]["before"]["cpu"].is_number(), "{report}");
     let hooked = hooked(&report, pid);
     assert_eq!(hooked.len(), 1, "{hooked:?}");
     let (kind, binary, symbols) = &hooked[0];
@@ -461,6 +471,10 @@ fn a_stripped_static_program_is_reported_not_observed() {
         "{stdout}"
     );
     assert!(!stdout.contains("no outstanding allocations"), "{stdout}");
+    assert!(
+        stdout.contains("\ncost: 0 allocator calls/s trapped"),
+        "{stdout}"
+    );
 }
 
 #[test]

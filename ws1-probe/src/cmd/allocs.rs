@@ -58,6 +58,7 @@ pub fn run(args: AllocsArgs) -> anyhow::Result<()> {
         let out = serde_json::json!({
             "targets": session.what,
             "allocators": allocators_json(&session.allocs),
+            "cost": session.cost_json(),
             "duration_seconds": seconds,
             "interrupted": session.interrupted,
             "alloc_bytes": total.alloc_bytes,
@@ -75,6 +76,7 @@ pub fn run(args: AllocsArgs) -> anyhow::Result<()> {
             "{}",
             ws1_probe::report::leaks::render_allocators(&session.allocs.processes)
         );
+        print!("{}", session.cost());
         print!("{}", allocs::render(&total, seconds, &sites, 12));
     }
     Ok(())

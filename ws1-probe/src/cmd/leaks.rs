@@ -6,9 +6,9 @@ use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 use ws1_probe::{
-    collectors::alloc::AllocCollector,
+    collectors::alloc::{self as alloccollector, AllocCollector},
     probe::Probe,
-    report::leaks::{self, format_bytes},
+    report::leaks::{self, Rates, format_bytes},
     targeting::config::{AllocatorConfig, Collectors, FlagOverrides, PreciseAlloc},
     units,
 };
@@ -65,6 +65,31 @@ pub(super) struct Session {
     pub what: String,
     pub elapsed: Duration,
     pub interrupted: bool,
+    /// The observed processes' activity before tracing and during it (precise mode's cost).
+    pub before: Rates,
+    pub during: Rates,
+}
+
+/// How long the observed processes are watched before tracing, for the cost line.
+const BASELINE: Duration = Duration::from_secs(1);
+
+impl Session {
+    /// The cost line (see [`leaks::render_cost`]).
+    pub fn cost(&self) -> String {
+        let total = self.total();
+        let calls = (total.allocs + total.frees) as f64 / self.elapsed.as_secs_f64().max(1e-3);
+        leaks::render_cost(self.before, self.during, calls)
+    }
+
+    pub fn cost_json(&self) -> serde_json::Value {
+        let total = self.total();
+        let calls = (total.allocs + total.frees) as f64 / self.elapsed.as_secs_f64().max(1e-3);
+        serde_json::json!({
+            "before": self.before,
+            "during": self.during,
+            "allocator_calls_per_second": calls,
+        })
+    }
 }
 
 impl Session {
@@ -106,9 +131,21 @@ pub(super) fn trace(
     if probe.targets.targeted_pids().is_empty() {
         bail!("no running process matches {}", settings.targets.describe());
     }
+    // The yardstick of the cost: what the processes do untraced, then traced.
+    let pids = probe.targets.targeted_pids();
+    let baseline_at = std::time::Instant::now();
+    let a0 = alloccollector::activity(&pids);
+    std::thread::sleep(BASELINE);
+    let before = Rates::between(
+        a0,
+        alloccollector::activity(&pids),
+        baseline_at.elapsed().as_secs_f64(),
+    );
     probe
         .attach_precise_alloc(&settings.precise_alloc)
         .context("cannot attach the allocation probes")?;
+    let during_at = std::time::Instant::now();
+    let d0 = alloccollector::activity(&pids);
     let traced = probe.alloc.as_ref().map_or(0, |a| a.pids.len());
     let what = settings.targets.describe();
     let start_line = format!(
@@ -126,6 +163,11 @@ pub(super) fn trace(
             format_bytes(total.free_bytes)
         )
     })?;
+    let during = Rates::between(
+        d0,
+        alloccollector::activity(&pids),
+        during_at.elapsed().as_secs_f64(),
+    );
     let Some(allocs) = probe.alloc.take() else {
         bail!("no allocation probe was attached");
     };
@@ -135,6 +177,8 @@ pub(super) fn trace(
         what,
         elapsed: collected.elapsed,
         interrupted: collected.interrupted,
+        before,
+        during,
     })
 }
 
@@ -175,6 +219,7 @@ pub fn run(args: LeaksArgs) -> anyhow::Result<()> {
         let out = serde_json::json!({
             "targets": session.what,
             "allocators": allocators_json(allocs),
+            "cost": session.cost_json(),
             "observed": leaks::any_observed(allocs.processes.values()),
             "duration_seconds": session.elapsed.as_secs_f64(),
             "interrupted": session.interrupted,
@@ -189,6 +234,7 @@ pub fn run(args: LeaksArgs) -> anyhow::Result<()> {
         println!("{out}");
     } else {
         print!("{}", leaks::render_allocators(&allocs.processes));
+        print!("{}", session.cost());
         let observed = leaks::any_observed(allocs.processes.values());
         print!(
             "{}",

@@ -328,6 +328,35 @@ fn attach_one(
         .map_err(|err| attach_reason(&err)))
 }
 
+/// What a set of processes has done so far, from procfs: the yardstick of precise mode's cost,
+/// read before attaching and while attached.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Activity {
+    /// CPU time (user + system), seconds.
+    pub cpu_seconds: f64,
+    /// read/write-family system calls (`syscr` + `syscw` of /proc/PID/io): requests served, for
+    /// a server.
+    pub syscalls: u64,
+}
+
+/// The summed activity of `pids` (processes that cannot be read count nothing).
+pub fn activity(pids: &[u32]) -> Activity {
+    let ticks = procfs::ticks_per_second().max(1) as f64;
+    let mut total = Activity::default();
+    for &pid in pids {
+        let Ok(process) = procfs::process::Process::new(pid as i32) else {
+            continue;
+        };
+        if let Ok(stat) = process.stat() {
+            total.cpu_seconds += (stat.utime + stat.stime) as f64 / ticks;
+        }
+        if let Ok(io) = process.io() {
+            total.syscalls += io.syscr + io.syscw;
+        }
+    }
+    total
+}
+
 /// A leak suspect exported as `ws1_probe_leak_suspect_bytes`.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Suspect {

@@ -8,8 +8,8 @@ use crate::{
     units::format_ns,
 };
 
-use crate::allocator::Inspection;
 pub use crate::collectors::alloc::{LeakGroup, group};
+use crate::{allocator::Inspection, collectors::alloc::Activity};
 
 /// A group with its symbolized stack and service name, as printed.
 #[derive(Clone, Debug, Serialize)]
@@ -102,6 +102,55 @@ pub fn render_allocators<'a>(
         }
     }
     out
+}
+
+/// Activity per second over a window, from two [`Activity`] readings.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize)]
+pub struct Rates {
+    /// Share of one CPU.
+    pub cpu: f64,
+    pub syscalls_per_second: f64,
+}
+
+impl Rates {
+    pub fn between(a: Activity, b: Activity, seconds: f64) -> Self {
+        let seconds = seconds.max(1e-3);
+        Self {
+            cpu: (b.cpu_seconds - a.cpu_seconds).max(0.0) / seconds,
+            syscalls_per_second: b.syscalls.saturating_sub(a.syscalls) as f64 / seconds,
+        }
+    }
+}
+
+/// The cost line of `leaks`/`allocs`: the observed processes' activity before tracing and
+/// during it, and the allocator calls trapped per second. A server serving fewer requests
+/// (read/write calls) during tracing, or needing more CPU for the same, shows the slowdown.
+pub fn render_cost(before: Rates, during: Rates, calls_per_second: f64) -> String {
+    let ratio = if during.syscalls_per_second > 0.0 && before.syscalls_per_second > 0.0 {
+        format!(
+            " ({:.1}x {})",
+            if before.syscalls_per_second >= during.syscalls_per_second {
+                before.syscalls_per_second / during.syscalls_per_second
+            } else {
+                during.syscalls_per_second / before.syscalls_per_second
+            },
+            if before.syscalls_per_second >= during.syscalls_per_second {
+                "fewer"
+            } else {
+                "more"
+            }
+        )
+    } else {
+        String::new()
+    };
+    format!(
+        "cost: {calls:.0} allocator calls/s trapped; observed processes did {b_sys:.0} read/write calls/s at {b_cpu:.0}% CPU before tracing, {d_sys:.0}/s{ratio} at {d_cpu:.0}% CPU during\n",
+        calls = calls_per_second,
+        b_sys = before.syscalls_per_second,
+        b_cpu = before.cpu * 100.0,
+        d_sys = during.syscalls_per_second,
+        d_cpu = during.cpu * 100.0,
+    )
 }
 
 /// Whether any process's allocations are observed.
@@ -236,6 +285,35 @@ mod tests {
             render(&[], 0, 1_000, 8, false),
             "allocations not observed: no selected process's allocator could be hooked\n"
         );
+    }
+
+    #[test]
+    fn cost_compares_before_and_during() {
+        let a = Activity {
+            cpu_seconds: 10.0,
+            syscalls: 1_000,
+        };
+        let b = Activity {
+            cpu_seconds: 10.5,
+            syscalls: 41_000,
+        };
+        let before = Rates::between(a, b, 2.0);
+        assert_eq!(
+            before,
+            Rates {
+                cpu: 0.25,
+                syscalls_per_second: 20_000.0
+            }
+        );
+        let during = Rates {
+            cpu: 0.98,
+            syscalls_per_second: 4_000.0,
+        };
+        assert_eq!(
+            render_cost(before, during, 90_000.0),
+            "cost: 90000 allocator calls/s trapped; observed processes did 20000 read/write calls/s at 25% CPU before tracing, 4000/s (5.0x fewer) at 98% CPU during\n"
+        );
+        assert!(!render_cost(Rates::default(), during, 1.0).contains("fewer"));
     }
 
     #[test]
