@@ -188,6 +188,11 @@ fn spawn(build: Build, comm: &str) -> Option<Workload> {
 /// Starts `ws1-probe leaks` on `pid` (no allocator flags) and returns once it is attached,
 /// with the lines it printed on stderr until then.
 fn start_leaks(pid: u32, json: bool) -> (Child, Vec<String>) {
+    start_leaks_with(pid, json, &[])
+}
+
+/// [`start_leaks`] with more arguments.
+fn start_leaks_with(pid: u32, json: bool, extra: &[&str]) -> (Child, Vec<String>) {
     let pid = pid.to_string();
     let mut args = vec![
         "leaks",
@@ -203,6 +208,7 @@ fn start_leaks(pid: u32, json: bool) -> (Child, Vec<String>) {
     if json {
         args.push("--json");
     }
+    args.extend_from_slice(extra);
     let mut child = Command::new(probe_bin())
         .args(&args)
         .stdin(Stdio::null())
@@ -474,6 +480,31 @@ fn a_stripped_static_program_is_reported_not_observed() {
     assert!(
         stdout.contains("\ncost: 0 allocator calls/s trapped"),
         "{stdout}"
+    );
+}
+
+#[test]
+fn stacks_without_room_keep_their_calling_function() {
+    if !privileged() {
+        return;
+    }
+    let Some(mut w) = spawn(Build::Jemalloc, "a-top") else {
+        return;
+    };
+    // One bucket for full stacks: every stack but the first collides and falls back to the
+    // calling function alone (what programs without frame pointers flood the map with).
+    let (leaks, _) = start_leaks_with(w.pid, true, &["--map-entries", "ALLOC_STACKS=1"]);
+    w.cmd("go");
+    let report: Value = serde_json::from_slice(&finish(leaks)).expect("leaks prints JSON");
+    assert_exact_leaks(&report, "a-top");
+    assert_eq!(report["stack_unavailable_bytes"], 0, "{report}");
+    let depths: Vec<usize> = ["leak_plain", "leak_special"]
+        .iter()
+        .map(|f| at(&report, f)[0]["stack"].as_array().map_or(0, Vec::len))
+        .collect();
+    assert!(
+        depths.contains(&1),
+        "one stack is its top frame only: {report}"
     );
 }
 

@@ -10,8 +10,9 @@
 use aya_ebpf::{
     EbpfContext,
     bindings::{BPF_F_NO_PREALLOC, BPF_F_USER_STACK, BPF_NOEXIST},
+    btf_maps::StackTrace as BtfStackTrace,
     helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_user},
-    macros::map,
+    macros::{btf_map, map},
     maps::{HashMap, PerCpuHashMap, StackTrace},
     programs::{ProbeContext, RetProbeContext, TracePointContext, tracing::StackIdContext},
 };
@@ -19,7 +20,7 @@ use ws1_probe_common::{
     alloc::{
         ALLOC_ENTRIES, AllocInfo, AllocKey, AllocSite, AllocSiteKey, AllocStats, MAP_ANONYMOUS,
         MMAP_ENTRIES, MmapOffsets, PRECISE_ENTRIES, PendingAlloc, SITE_ENTRIES, STACK_ENTRIES,
-        size_bucket,
+        size_bucket, top_stack_id,
     },
     targets::DropReason,
 };
@@ -41,6 +42,11 @@ static ALLOC_PENDING: HashMap<u32, PendingAlloc> = HashMap::with_max_entries(16_
 /// User stacks of allocations.
 #[map]
 static ALLOC_STACKS: StackTrace = StackTrace::with_max_entries(STACK_ENTRIES, 0);
+
+/// The calling function only, for allocations whose full stack finds no room in `ALLOC_STACKS`
+/// (see `top_stack_id`).
+#[btf_map]
+static ALLOC_TOP_STACKS: BtfStackTrace<{ STACK_ENTRIES as usize }, 0, 1> = BtfStackTrace::new();
 
 /// Bytes and calls per (service, allocation stack), freed or not: the top allocating stacks.
 /// Shared by all CPUs and updated with atomic adds.
@@ -244,12 +250,16 @@ fn finish<C: EbpfContext + StackIdContext>(
         update_stats(service, |s| s.failed += 1);
         return;
     }
-    let stack_id = match ctx.get_stackid(&ALLOC_STACKS, u64::from(BPF_F_USER_STACK)) {
+    let user = u64::from(BPF_F_USER_STACK);
+    let stack_id = match ctx.get_stackid(&ALLOC_STACKS, user) {
         Ok(id) => id as i32,
-        Err(_) => {
-            count_drop(DropReason::AllocStackLost);
-            -1
-        }
+        Err(_) => match ctx.get_stackid(&ALLOC_TOP_STACKS, user) {
+            Ok(id) => top_stack_id(id as u32),
+            Err(_) => {
+                count_drop(DropReason::AllocStackLost);
+                -1
+            }
+        },
     };
     let info = AllocInfo {
         size: p.size,

@@ -28,6 +28,10 @@ pub struct AllocatorArgs {
     /// Prefix of the allocator's function names (e.g. `je_` for je_malloc/je_free)
     #[arg(long, value_name = "PREFIX", default_value = "")]
     pub alloc_prefix: String,
+    /// Capacity of a kernel map, e.g. ALLOC_STACKS=65536 when allocations lose their stacks
+    /// (repeatable)
+    #[arg(long, value_name = "NAME=ENTRIES", value_parser = ws1_probe::drops::parse_map_entries)]
+    pub map_entries: Vec<(String, u32)>,
 }
 
 /// Find memory leaks: allocations still outstanding after --min-age, by stack
@@ -125,6 +129,9 @@ pub(super) fn trace(
         );
     }
     settings.precise_alloc = PreciseAlloc::All;
+    settings
+        .map_entries
+        .extend(allocator.map_entries.iter().cloned());
     // The allocation uprobes attach after start; no other collector runs.
     settings.collectors = Collectors::NONE;
     let mut probe = Probe::start(&settings).context("cannot start the collectors")?;
@@ -198,6 +205,12 @@ pub fn run(args: LeaksArgs) -> anyhow::Result<()> {
     let allocs = &session.allocs;
     let mut reports = leaks::symbolize(&groups, |id| services.name(id), |id| allocs.stack(id));
     let stacks = reports.len();
+    let unavailable = leaks::render_unavailable(&reports);
+    let unavailable_bytes: u64 = reports
+        .iter()
+        .filter(|r| r.stack.is_empty())
+        .map(|r| r.bytes)
+        .sum();
     reports.truncate(args.top);
     if args.json {
         let per_service: serde_json::Map<String, serde_json::Value> = allocs
@@ -228,6 +241,7 @@ pub fn run(args: LeaksArgs) -> anyhow::Result<()> {
             "exited_blocks_removed": swept,
             "mapped_regions": mapped.0,
             "mapped_bytes": mapped.1,
+            "stack_unavailable_bytes": unavailable_bytes,
             "leaks": reports,
             "stats": per_service,
         });
@@ -240,6 +254,7 @@ pub fn run(args: LeaksArgs) -> anyhow::Result<()> {
             "{}",
             leaks::render(&reports, stacks, min_age_ns, 12, observed)
         );
+        print!("{unavailable}");
         if mapped.0 > 0 {
             println!(
                 "\nanonymous mappings made outside the allocator and still mapped: {} in {} regions",

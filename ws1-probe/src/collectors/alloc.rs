@@ -16,7 +16,9 @@ use aya::{
         uprobe::{UProbeLinkId, UProbeScope},
     },
 };
-use ws1_probe_common::alloc::{AllocInfo, AllocKey, AllocSite, AllocSiteKey, AllocStats};
+use ws1_probe_common::alloc::{
+    AllocInfo, AllocKey, AllocSite, AllocSiteKey, AllocStats, top_stack_index,
+};
 
 use super::{take_map, typed};
 use crate::{
@@ -84,6 +86,8 @@ pub type ProcessAllocators = Inspection;
 pub struct AllocCollector {
     allocs: HashMap<MapData, AllocKey, AllocInfo>,
     stacks: StackTraceMap<MapData>,
+    /// Calling functions only, where `stacks` had no room (`top_stack_id`).
+    top_stacks: StackTraceMap<MapData>,
     stats: PerCpuHashMap<MapData, u32, AllocStats>,
     sites: HashMap<MapData, AllocSiteKey, AllocSite>,
     precise_pids: HashMap<MapData, u32, u32>,
@@ -106,6 +110,7 @@ impl AllocCollector {
         let mut collector = Self {
             allocs: typed("ALLOCS", take_map(ebpf, "ALLOCS")?)?,
             stacks: typed("ALLOC_STACKS", take_map(ebpf, "ALLOC_STACKS")?)?,
+            top_stacks: typed("ALLOC_TOP_STACKS", take_map(ebpf, "ALLOC_TOP_STACKS")?)?,
             stats: typed("ALLOC_STATS", take_map(ebpf, "ALLOC_STATS")?)?,
             sites: typed("ALLOC_SITES", take_map(ebpf, "ALLOC_SITES")?)?,
             precise_pids: typed("PRECISE_PIDS", take_map(ebpf, "PRECISE_PIDS")?)?,
@@ -255,11 +260,12 @@ impl AllocCollector {
 
     /// Return addresses of a stack, innermost first; empty when unknown.
     pub fn stack(&self, stack_id: i32) -> Vec<u64> {
-        let Ok(id) = u32::try_from(stack_id) else {
-            return Vec::new();
+        let (map, id) = match (u32::try_from(stack_id), top_stack_index(stack_id)) {
+            (Ok(id), _) => (&self.stacks, id),
+            (_, Some(id)) => (&self.top_stacks, id),
+            _ => return Vec::new(),
         };
-        self.stacks
-            .get(&id, 0)
+        map.get(&id, 0)
             .map(|trace| trace.frames().iter().map(|f| f.ip).collect())
             .unwrap_or_default()
     }

@@ -153,6 +153,24 @@ pub fn render_cost(before: Rates, during: Rates, calls_per_second: f64) -> Strin
     )
 }
 
+/// The share of outstanding bytes whose stack is unknown, as a line (empty when none): what is
+/// left of "(stack unavailable)" for the user to weigh.
+pub fn render_unavailable(reports: &[LeakReport]) -> String {
+    let total: u64 = reports.iter().map(|r| r.bytes).sum();
+    let (bytes, blocks) = reports
+        .iter()
+        .filter(|r| r.stack.is_empty())
+        .fold((0, 0), |(b, n), r| (b + r.bytes, n + r.count));
+    if bytes == 0 || total == 0 {
+        return String::new();
+    }
+    format!(
+        "stack unavailable for {:.1}% of these bytes ({} in {blocks} blocks)\n",
+        bytes as f64 * 100.0 / total as f64,
+        format_bytes(bytes)
+    )
+}
+
 /// Whether any process's allocations are observed.
 pub fn any_observed<'a>(mut processes: impl Iterator<Item = &'a Inspection>) -> bool {
     processes.any(|p| matches!(p, Inspection::Observed { .. }))
@@ -285,6 +303,32 @@ mod tests {
             render(&[], 0, 1_000, 8, false),
             "allocations not observed: no selected process's allocator could be hooked\n"
         );
+    }
+
+    #[test]
+    fn unavailable_share_is_stated() {
+        let report = |bytes, count, stack: Vec<Frame>| LeakReport {
+            service: "s".into(),
+            bytes,
+            count,
+            oldest_age_seconds: 1.0,
+            pid: 1,
+            stack,
+        };
+        let frame = Frame {
+            addr: 1,
+            function: Some("f".into()),
+            location: None,
+        };
+        let reports = vec![
+            report(3072, 3, vec![frame.clone()]),
+            report(1024, 2, vec![]),
+        ];
+        assert_eq!(
+            render_unavailable(&reports),
+            "stack unavailable for 25.0% of these bytes (1.0 KiB in 2 blocks)\n"
+        );
+        assert_eq!(render_unavailable(&reports[..1]), "");
     }
 
     #[test]
