@@ -529,3 +529,34 @@ fn check_names_the_allocator_of_a_pid() {
         "{text}"
     );
 }
+
+#[test]
+fn the_agent_hooks_found_allocators_and_names_unobservable_processes_once() {
+    if !privileged() {
+        return;
+    }
+    let Some(mut stripped) = spawn(Build::StaticLibcStripped, "a-agstrip") else {
+        return;
+    };
+    let Some(mut mi) = spawn(Build::Mimalloc, "a-agmi") else {
+        return;
+    };
+    let (p1, p2) = (stripped.pid.to_string(), mi.pid.to_string());
+    let agent =
+        ws1_probe_tests::Agent::start_logged(&["--pid", &p1, "--pid", &p2, "--precise-alloc"]);
+    let warning = format!("pid {p1}: allocations not observed: no known allocator");
+    agent.wait_for_log(&warning, std::time::Duration::from_secs(10));
+    mi.cmd("go");
+    stripped.cmd("go");
+    let m = agent.metrics();
+    assert_eq!(
+        m.get(
+            "ws1_probe_alloc_outstanding_bytes",
+            &[("service", "a-agmi")]
+        ),
+        Some((2 * K * S) as f64)
+    );
+    // Two more ticks of the agent (every 5 s) retry nothing and say nothing again.
+    std::thread::sleep(std::time::Duration::from_secs(11));
+    assert_eq!(agent.log_lines(&warning).len(), 1);
+}
