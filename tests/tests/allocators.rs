@@ -188,23 +188,13 @@ fn spawn(build: Build, comm: &str) -> Option<Workload> {
 /// Starts `ws1-probe leaks` on `pid` (no allocator flags) and returns once it is attached,
 /// with the lines it printed on stderr until then.
 fn start_leaks(pid: u32, json: bool) -> (Child, Vec<String>) {
-    start_leaks_with(pid, json, &[])
+    start_leaks_with(pid, json, &["--duration", "3s", "--min-age", "0s"])
 }
 
-/// [`start_leaks`] with more arguments.
+/// [`start_leaks`] with other arguments than its duration and minimum age.
 fn start_leaks_with(pid: u32, json: bool, extra: &[&str]) -> (Child, Vec<String>) {
     let pid = pid.to_string();
-    let mut args = vec![
-        "leaks",
-        "--pid",
-        &pid,
-        "--duration",
-        "3s",
-        "--min-age",
-        "0s",
-        "--top",
-        "50",
-    ];
+    let mut args = vec!["leaks", "--pid", &pid, "--top", "50"];
     if json {
         args.push("--json");
     }
@@ -493,7 +483,18 @@ fn stacks_without_room_keep_their_calling_function() {
     };
     // One bucket for full stacks: every stack but the first collides and falls back to the
     // calling function alone (what programs without frame pointers flood the map with).
-    let (leaks, _) = start_leaks_with(w.pid, true, &["--map-entries", "ALLOC_STACKS=1"]);
+    let (leaks, _) = start_leaks_with(
+        w.pid,
+        true,
+        &[
+            "--duration",
+            "3s",
+            "--min-age",
+            "0s",
+            "--map-entries",
+            "ALLOC_STACKS=1",
+        ],
+    );
     w.cmd("go");
     let report: Value = serde_json::from_slice(&finish(leaks)).expect("leaks prints JSON");
     assert_exact_leaks(&report, "a-top");
@@ -559,4 +560,125 @@ fn the_agent_hooks_found_allocators_and_names_unobservable_processes_once() {
     // Two more ticks of the agent (every 5 s) retry nothing and say nothing again.
     std::thread::sleep(std::time::Duration::from_secs(11));
     assert_eq!(agent.log_lines(&warning).len(), 1);
+}
+
+/// A private redis-server on a loopback port, killed on drop.
+struct Redis {
+    child: Child,
+    port: u16,
+}
+
+impl Redis {
+    /// Starts Debian's redis-server (no persistence) under `dir`; `None` when skipped.
+    fn start(dir: &Path) -> Option<Redis> {
+        for tool in [
+            "/usr/bin/redis-server",
+            "/usr/bin/redis-cli",
+            "/usr/bin/redis-benchmark",
+        ] {
+            if !Path::new(tool).exists() {
+                fail_or_skip(&format!(
+                    "{tool} missing: install redis-server and redis-tools"
+                ))?;
+            }
+        }
+        std::fs::create_dir_all(dir).expect("redis dir");
+        let port = ws1_probe_tests::free_port();
+        let child = Command::new("/usr/bin/redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
+            .arg("--dir")
+            .arg(dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start redis-server");
+        let redis = Redis { child, port };
+        let started = std::time::Instant::now();
+        while redis.cli(&["ping"]).trim() != "PONG" {
+            assert!(
+                started.elapsed() < std::time::Duration::from_secs(10),
+                "redis-server not answering after 10 s"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        Some(redis)
+    }
+
+    fn cli(&self, args: &[&str]) -> String {
+        let out = Command::new("/usr/bin/redis-cli")
+            .args(["-p", &self.port.to_string()])
+            .args(args)
+            .output()
+            .expect("run redis-cli");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// redis' own `used_memory`, bytes.
+    fn used_memory(&self) -> u64 {
+        self.cli(&["info", "memory"])
+            .lines()
+            .find_map(|l| l.strip_prefix("used_memory:"))
+            .and_then(|v| v.trim().parse().ok())
+            .expect("used_memory in INFO")
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn redis_new_keys_are_found_at_zmalloc_without_allocator_flags() {
+    if !privileged() {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("ws1-probe-tests-redis-{}", std::process::id()));
+    let Some(redis) = Redis::start(&dir) else {
+        return;
+    };
+    let pid = redis.child.id();
+    // Stopped with Ctrl-C (SIGINT) once the load is done, however long it took.
+    let (leaks, _) = start_leaks_with(pid, true, &["--duration", "10m", "--min-age", "1s"]);
+    let before = redis.used_memory();
+    // 20 000 new keys of 100 bytes (random keys from 10^9: collisions are negligible).
+    let status = Command::new("/usr/bin/redis-benchmark")
+        .args(["-p", &redis.port.to_string(), "-t", "set", "-n", "20000"])
+        .args(["-r", "1000000000", "-d", "100", "-c", "4", "-q"])
+        .stdout(Stdio::null())
+        .status()
+        .expect("run redis-benchmark");
+    assert!(status.success(), "redis-benchmark: {status}");
+    let growth = redis.used_memory() - before;
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(leaks.id() as libc::pid_t, libc::SIGINT) };
+    let report: Value = serde_json::from_slice(&finish(leaks)).expect("leaks prints JSON");
+    let _ = std::fs::remove_dir_all(&dir);
+    assert_eq!(
+        report["allocators"][pid.to_string()]["allocators"][0]["kind"],
+        "jemalloc",
+        "{report}"
+    );
+    let groups = report["leaks"].as_array().expect("leaks");
+    let outstanding: u64 = groups.iter().filter_map(|g| g["bytes"].as_u64()).sum();
+    eprintln!("redis: {outstanding} B outstanding against {growth} B of used_memory growth");
+    assert!(
+        outstanding >= growth / 2 && outstanding <= growth * 2,
+        "{outstanding} B outstanding against {growth} B of used_memory growth: {report}"
+    );
+    let top = groups[0]["stack"][0]["function"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(
+        top.starts_with("zmalloc") || top.starts_with("zcalloc"),
+        "{report}"
+    );
+    let unavailable = report["stack_unavailable_bytes"]
+        .as_u64()
+        .unwrap_or(u64::MAX);
+    assert!(unavailable <= outstanding / 4, "{report}");
 }

@@ -120,6 +120,9 @@ const ALLOCATOR_PACKAGES: &[&str] = &[
     "libmimalloc-dev",
     "libc6-dev",
     "binutils",
+    // A real program on jemalloc, found without flags: redis-server, driven by redis-benchmark.
+    "redis-server",
+    "redis-tools",
 ];
 
 /// Makes sure the allocator libraries and headers are installed for the allocator tests.
