@@ -19,3 +19,4 @@ pub mod slo;
 pub mod symbolize;
 pub mod targeting;
 pub mod units;
+pub mod webconfig;

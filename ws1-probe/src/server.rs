@@ -22,16 +22,23 @@ use std::{
 };
 
 use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
+    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
     net::{TcpListener, TcpStream},
 };
 
-use crate::metrics::CONTENT_TYPE;
+use crate::{
+    metrics::CONTENT_TYPE,
+    webconfig::{AuthVerdict, UNAUTHENTICATED_PATHS, WebConfig},
+};
 
 /// Largest request head accepted.
 const MAX_HEAD: usize = 8 * 1024;
-/// Time a client has to send its request head.
+/// Time a client has to send its request head (and to finish a TLS handshake).
 const READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// bcrypt checks running at once: wrong passwords cannot take more of the blocking pool.
+const AUTH_CHECKS: usize = 2;
+/// The first byte of a TLS record carrying a handshake.
+const TLS_HANDSHAKE: u8 = 0x16;
 
 #[derive(Debug, PartialEq, Eq)]
 pub struct Response {
@@ -39,6 +46,8 @@ pub struct Response {
     pub content_type: &'static str,
     /// `Content-Encoding` of the body, if any (`gzip`).
     pub encoding: Option<&'static str>,
+    /// Extra header lines (each ending in CRLF), e.g. `WWW-Authenticate`.
+    pub headers: &'static str,
     pub body: Vec<u8>,
 }
 
@@ -48,6 +57,7 @@ impl Response {
             status,
             content_type: "text/plain; charset=utf-8",
             encoding: None,
+            headers: "",
             body: body.as_bytes().to_vec(),
         }
     }
@@ -222,6 +232,7 @@ fn reason(status: u16) -> &'static str {
     match status {
         200 => "OK",
         400 => "Bad Request",
+        401 => "Unauthorized",
         404 => "Not Found",
         405 => "Method Not Allowed",
         500 => "Internal Server Error",
@@ -230,35 +241,60 @@ fn reason(status: u16) -> &'static str {
     }
 }
 
+/// What a connection handler shares with the others.
+struct Shared {
+    ready: Arc<AtomicBool>,
+    scrapes: Scrapes,
+    profile: Option<Arc<ProfileFn>>,
+    web: Arc<WebConfig>,
+    auth_checks: tokio::sync::Semaphore,
+}
+
 /// Accepts connections until `shutdown` completes. `render` produces the `/metrics` body; it
-/// runs on the blocking pool, one render at a time, shared by concurrent scrapes.
+/// runs on the blocking pool, one render at a time, shared by concurrent scrapes. `web` adds TLS
+/// and basic authentication (`--web-config`); [`WebConfig::default`] serves plain HTTP.
 pub async fn serve<R>(
     listener: TcpListener,
     ready: Arc<AtomicBool>,
     render: R,
     profile: Option<Arc<ProfileFn>>,
+    web: Arc<WebConfig>,
     shutdown: impl Future<Output = ()>,
 ) where
     R: Fn() -> String + Send + Sync + 'static,
 {
-    let scrapes = Arc::new(Scrapes::new(render));
+    let shared = Arc::new(Shared {
+        ready,
+        scrapes: Scrapes::new(render),
+        profile,
+        web,
+        auth_checks: tokio::sync::Semaphore::new(AUTH_CHECKS),
+    });
+    let tls = shared
+        .web
+        .tls
+        .as_ref()
+        .map(|c| tokio_rustls::TlsAcceptor::from(Arc::clone(c)));
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
             () = &mut shutdown => return,
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => {
-                    let scrapes = Arc::clone(&scrapes);
-                    let ready = Arc::clone(&ready);
-                    let profile = profile.clone();
+                    let shared = Arc::clone(&shared);
+                    let tls = tls.clone();
                     tokio::spawn(async move {
-                        if let Err(err) = handle(stream, &ready, &scrapes, profile.as_deref()).await {
+                        let result = match tls {
+                            None => handle(stream, &shared).await,
+                            Some(tls) => handle_tls(stream, tls, &shared).await,
+                        };
+                        if let Err(err) = result {
                             tracing::debug!("http connection: {err}");
                         }
                     });
                 }
                 Err(err) => {
-                    tracing::warn!("accept failed: {err}");
+                    tracing::warn!("accept failed: {err}; the agent keeps listening");
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
             },
@@ -266,11 +302,57 @@ pub async fn serve<R>(
     }
 }
 
-async fn handle(
+/// A TLS connection: a client speaking plain HTTP gets a 400 in plain text saying so (as Go's
+/// servers answer), never metrics; a failed handshake closes the connection.
+async fn handle_tls(
     mut stream: TcpStream,
-    ready: &AtomicBool,
-    scrapes: &Scrapes,
-    profile: Option<&ProfileFn>,
+    tls: tokio_rustls::TlsAcceptor,
+    shared: &Shared,
+) -> std::io::Result<()> {
+    let mut first = [0u8; 1];
+    let n = tokio::time::timeout(READ_TIMEOUT, stream.peek(&mut first))
+        .await
+        .unwrap_or(Ok(0))?;
+    if n == 0 {
+        return Ok(());
+    }
+    if first[0] != TLS_HANDSHAKE {
+        let r = Response::text(
+            400,
+            "client sent an HTTP request to an HTTPS server: use https://\n",
+        );
+        let len = r.body.len();
+        return write_response(&mut stream, &r, len, false).await;
+    }
+    let stream = tokio::time::timeout(READ_TIMEOUT, tls.accept(stream))
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "tls handshake"))??;
+    handle(stream, shared).await
+}
+
+/// Whether a request may proceed: always for the probe endpoints and without `basic_auth_users`;
+/// otherwise its credentials are checked off the async workers, a few at a time.
+async fn authorized(shared: &Shared, head: &[u8], path: &str) -> bool {
+    if shared.web.auth.is_none() || UNAUTHENTICATED_PATHS.contains(&path) {
+        return true;
+    }
+    let header = crate::webconfig::authorization(head).map(str::to_owned);
+    let Ok(_permit) = shared.auth_checks.acquire().await else {
+        return false;
+    };
+    let web = Arc::clone(&shared.web);
+    tokio::task::spawn_blocking(move || {
+        web.auth
+            .as_ref()
+            .is_some_and(|a| a.check(header.as_deref()) == AuthVerdict::Allowed)
+    })
+    .await
+    .unwrap_or(false)
+}
+
+async fn handle<S: AsyncRead + AsyncWrite + Unpin>(
+    mut stream: S,
+    shared: &Shared,
 ) -> std::io::Result<()> {
     let mut head = Vec::with_capacity(1024);
     let mut buf = [0u8; 1024];
@@ -292,9 +374,26 @@ async fn handle(
     .await
     .unwrap_or(Ok(false))?;
     let arrived = Instant::now();
-    let (response, head_only) = match parse_request_line(&head).filter(|_| complete) {
+    let request = parse_request_line(&head).filter(|_| complete);
+    if let Some((_, path)) = request
+        && !authorized(shared, &head, path).await
+    {
+        let r = Response {
+            headers: "WWW-Authenticate: Basic realm=\"ws1-probe\", charset=\"UTF-8\"\r\n",
+            ..Response::text(
+                401,
+                "unauthorized: send the user and password of the agent's --web-config\n",
+            )
+        };
+        let len = r.body.len();
+        return write_response(&mut stream, &r, len, false).await;
+    }
+    let (response, head_only) = match request {
         Some(("GET", "/debug/pprof/profile")) => {
-            let r = match (profile, profile_seconds(request_query(&head))) {
+            let r = match (
+                shared.profile.as_deref(),
+                profile_seconds(request_query(&head)),
+            ) {
                 (None, _) => Response::text(
                     404,
                     "profiling is off: start the agent with --collectors including profile and --profile-frequency above 0\n",
@@ -306,7 +405,7 @@ async fn handle(
         }
         Some((method @ ("GET" | "HEAD"), "/metrics")) => {
             let gzip = accepts_gzip(&head);
-            let rendered = scrapes.get(arrived, gzip).await;
+            let rendered = shared.scrapes.get(arrived, gzip).await;
             let body = if gzip {
                 rendered.gzipped().to_vec()
             } else {
@@ -316,12 +415,13 @@ async fn handle(
                 status: 200,
                 content_type: CONTENT_TYPE,
                 encoding: gzip.then_some("gzip"),
+                headers: "",
                 body,
             };
             (r, method == "HEAD")
         }
         Some((method, path)) => (
-            route(method, path, ready.load(Ordering::Acquire)),
+            route(method, path, shared.ready.load(Ordering::Acquire)),
             method == "HEAD",
         ),
         None => (Response::text(400, "bad request\n"), false),
@@ -331,8 +431,8 @@ async fn handle(
     write_response(&mut stream, &response, len, head_only).await
 }
 
-async fn write_response(
-    stream: &mut TcpStream,
+async fn write_response<S: AsyncWrite + Unpin>(
+    stream: &mut S,
     r: &Response,
     len: usize,
     head_only: bool,
@@ -342,10 +442,11 @@ async fn write_response(
         .map(|e| format!("Content-Encoding: {e}\r\nVary: Accept-Encoding\r\n"))
         .unwrap_or_default();
     let head = format!(
-        "HTTP/1.1 {} {}\r\nContent-Type: {}\r\n{encoding}Content-Length: {len}\r\nConnection: close\r\n\r\n",
+        "HTTP/1.1 {} {}\r\nContent-Type: {}\r\n{encoding}{}Content-Length: {len}\r\nConnection: close\r\n\r\n",
         r.status,
         reason(r.status),
-        r.content_type
+        r.content_type,
+        r.headers
     );
     stream.write_all(head.as_bytes()).await?;
     if !head_only {
@@ -454,6 +555,7 @@ mod tests {
             Arc::clone(&ready),
             || "x 1\n".to_owned(),
             None,
+            Arc::new(WebConfig::default()),
             async {
                 let _ = rx.await;
             },

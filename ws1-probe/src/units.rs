@@ -59,6 +59,13 @@ pub fn monotonic_ns() -> u64 {
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
+/// An I/O error's text without the `(os error N)` suffix: `No such file or directory` rather
+/// than `No such file or directory (os error 2)`.
+pub fn os_text(err: &std::io::Error) -> String {
+    let text = err.to_string();
+    text.split(" (os error").next().unwrap_or(&text).to_owned()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -133,6 +133,8 @@ fn privileged_tests(args: &[String]) -> Result<(u64, u64)> {
     tools::ensure_alerting()?;
     // The allocator tests build a C workload against jemalloc, tcmalloc and mimalloc.
     tools::ensure_allocators()?;
+    // The web config tests make certificates and bcrypt hashes and ask with curl.
+    tools::ensure_web_tools()?;
     let mut build = cargo();
     build.args([
         "build",

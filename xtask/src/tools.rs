@@ -130,6 +130,15 @@ pub fn ensure_allocators() -> Result<()> {
     ensure_debian_packages(ALLOCATOR_PACKAGES)
 }
 
+/// What `tests/tests/webconfig.rs` makes its certificates (openssl), bcrypt hashes (htpasswd)
+/// and TLS requests (curl) with.
+const WEB_PACKAGES: &[&str] = &["openssl", "apache2-utils", "curl"];
+
+/// Makes sure the TLS and basic-auth test's tools are installed.
+pub fn ensure_web_tools() -> Result<()> {
+    ensure_debian_packages(WEB_PACKAGES)
+}
+
 fn is_executable(path: &Path) -> bool {
     fs::metadata(path).is_ok_and(|meta| meta.is_file() && meta.permissions().mode() & 0o111 != 0)
 }

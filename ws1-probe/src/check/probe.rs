@@ -256,11 +256,7 @@ fn sources<'a>(err: &'a (dyn Error + 'static)) -> impl Iterator<Item = &'a (dyn 
     std::iter::successors(Some(err), |&e| e.source())
 }
 
-/// `Operation not permitted` rather than `Operation not permitted (os error 1)`.
-fn os_text(err: &io::Error) -> String {
-    let text = err.to_string();
-    text.split(" (os error").next().unwrap_or(&text).to_owned()
-}
+use crate::units::os_text;
 
 /// An error and its sources on one line, without the repeats `#[error(transparent)]` makes.
 pub(super) fn chain(err: &(dyn Error + 'static)) -> String {

@@ -30,6 +30,10 @@ pub struct AgentArgs {
     /// [default: 127.0.0.1:9479]
     #[arg(long, value_name = "ADDR")]
     pub listen: Option<String>,
+    /// TLS and basic authentication for the endpoint, in the web config format of Prometheus'
+    /// exporters (tls_server_config, basic_auth_users with bcrypt hashes)
+    #[arg(long, value_name = "FILE", env = "WS1_PROBE_WEB_CONFIG")]
+    pub web_config: Option<std::path::PathBuf>,
     /// Turn on kernel BPF run-time statistics (kernel.bpf_stats_enabled) while the agent runs,
     /// so per-program run time and count are exported; costs ~20 ns per program run
     #[arg(long)]
@@ -154,6 +158,22 @@ pub fn run(args: AgentArgs) -> anyhow::Result<()> {
         );
     }
     let settings = resolve(&args)?;
+    let web = match &args.web_config {
+        Some(path) => ws1_probe::webconfig::WebConfig::load(path)?,
+        None => ws1_probe::webconfig::WebConfig::default(),
+    };
+    for name in &web.ignored {
+        tracing::warn!(
+            "web config: {name} is accepted for compatibility but has no effect here (rustls keeps its own safe defaults); remove it to silence this"
+        );
+    }
+    let scheme = if web.tls.is_some() { "https" } else { "http" };
+    let protection = match (&web.tls, &web.auth, web.client_cert_required) {
+        (_, _, true) => ", client certificates required",
+        (_, Some(_), _) => ", basic authentication",
+        _ => "",
+    };
+    let web = Arc::new(web);
     let profiling = settings.collectors.profile && args.profile_frequency > 0;
     // Two workers, so `/healthz` is answered while the other waits for the probe's lock; map
     // reads and renders run on the (small) blocking pool.
@@ -194,6 +214,7 @@ pub fn run(args: AgentArgs) -> anyhow::Result<()> {
             Arc::clone(&ready),
             move || render(&render_state),
             profile,
+            Arc::clone(&web),
             async move {
                 let _ = server_stop.wait_for(|stop| *stop).await;
             },
@@ -297,7 +318,7 @@ pub fn run(args: AgentArgs) -> anyhow::Result<()> {
         ready.store(true, Ordering::Release);
         let rss = own_usage().map_or(0, |(_, rss)| rss);
         tracing::info!(
-            "ready in {} ms: serving http://{}/metrics (agent RSS {:.1} MiB)",
+            "ready in {} ms: serving {scheme}://{}/metrics{protection} (agent RSS {:.1} MiB)",
             started.elapsed().as_millis(),
             settings.listen,
             rss as f64 / (1 << 20) as f64
@@ -351,6 +372,7 @@ async fn profile_window(state: Shared, seconds: u64) -> Response {
             status: 200,
             content_type: "application/octet-stream",
             encoding: None,
+            headers: "",
             body,
         },
         Err(err) => Response::text(500, &format!("cannot encode the profile: {err}\n")),

@@ -210,11 +210,7 @@ pub enum ConfigError {
     },
 }
 
-/// `No such file or directory` rather than `No such file or directory (os error 2)`.
-fn os_text(err: &std::io::Error) -> String {
-    let text = err.to_string();
-    text.split(" (os error").next().unwrap_or(&text).to_owned()
-}
+use crate::units::os_text;
 
 /// Settings given on the command line; `None` means "not given".
 #[derive(Clone, Debug, Default)]
