@@ -17,7 +17,8 @@ pub struct AllocInfo {
     /// `bpf_ktime_get_ns` when the allocation returned.
     pub ts_ns: u64,
     pub service: u32,
-    /// Id in `ALLOC_STACKS`, or negative when the stack could not be taken.
+    /// Id in `ALLOC_STACKS`; or, at most -2, an id in `ALLOC_TOP_STACKS` (the calling function
+    /// only, see [`top_stack_id`]); -1 when no stack could be taken.
     pub stack_id: i32,
 }
 
@@ -184,8 +185,26 @@ pub const PRECISE_ENTRIES: u32 = 16_384;
 
 /// Capacity of `ALLOCS` (outstanding allocations; not preallocated).
 pub const ALLOC_ENTRIES: u32 = 1 << 20;
-/// Capacity of `ALLOC_STACKS`.
+/// Capacity of `ALLOC_STACKS` and `ALLOC_TOP_STACKS`.
 pub const STACK_ENTRIES: u32 = 16_384;
+
+/// The `stack_id` of a stack kept in `ALLOC_TOP_STACKS` (depth 1) under `id`: the fallback when
+/// `ALLOC_STACKS` has no room. Full stacks of programs without frame pointers end in garbage
+/// frames that make nearly every stack distinct, so that map's buckets collide; their first
+/// frame, all a report can show of them, fits in a map of one frame per stack.
+#[inline(always)]
+pub const fn top_stack_id(id: u32) -> i32 {
+    -2 - (id & 0x3fff_ffff) as i32
+}
+
+/// The `ALLOC_TOP_STACKS` id of a `stack_id` made by [`top_stack_id`].
+pub const fn top_stack_index(stack_id: i32) -> Option<u32> {
+    if stack_id <= -2 {
+        Some((-2 - stack_id) as u32)
+    } else {
+        None
+    }
+}
 
 #[cfg(feature = "user")]
 crate::impl_pod!(
@@ -201,6 +220,17 @@ crate::impl_pod!(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn top_stack_ids_round_trip() {
+        for id in [0, 1, 16_383] {
+            assert!(top_stack_id(id) <= -2);
+            assert_eq!(top_stack_index(top_stack_id(id)), Some(id));
+        }
+        assert_eq!(top_stack_index(-1), None);
+        assert_eq!(top_stack_index(0), None);
+        assert_eq!(top_stack_index(7), None);
+    }
 
     #[test]
     fn size_buckets_are_le() {

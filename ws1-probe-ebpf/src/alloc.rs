@@ -10,8 +10,9 @@
 use aya_ebpf::{
     EbpfContext,
     bindings::{BPF_F_NO_PREALLOC, BPF_F_USER_STACK, BPF_NOEXIST},
+    btf_maps::StackTrace as BtfStackTrace,
     helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_user},
-    macros::map,
+    macros::{btf_map, map},
     maps::{HashMap, PerCpuHashMap, StackTrace},
     programs::{ProbeContext, RetProbeContext, TracePointContext, tracing::StackIdContext},
 };
@@ -19,7 +20,7 @@ use ws1_probe_common::{
     alloc::{
         ALLOC_ENTRIES, AllocInfo, AllocKey, AllocSite, AllocSiteKey, AllocStats, MAP_ANONYMOUS,
         MMAP_ENTRIES, MmapOffsets, PRECISE_ENTRIES, PendingAlloc, SITE_ENTRIES, STACK_ENTRIES,
-        size_bucket,
+        size_bucket, top_stack_id,
     },
     targets::DropReason,
 };
@@ -41,6 +42,11 @@ static ALLOC_PENDING: HashMap<u32, PendingAlloc> = HashMap::with_max_entries(16_
 /// User stacks of allocations.
 #[map]
 static ALLOC_STACKS: StackTrace = StackTrace::with_max_entries(STACK_ENTRIES, 0);
+
+/// The calling function only, for allocations whose full stack finds no room in `ALLOC_STACKS`
+/// (see `top_stack_id`).
+#[btf_map]
+static ALLOC_TOP_STACKS: BtfStackTrace<{ STACK_ENTRIES as usize }, 0, 1> = BtfStackTrace::new();
 
 /// Bytes and calls per (service, allocation stack), freed or not: the top allocating stacks.
 /// Shared by all CPUs and updated with atomic adds.
@@ -169,6 +175,42 @@ pub fn try_return_posix_memalign(ctx: &RetProbeContext) -> Result<u32, i32> {
     Ok(0)
 }
 
+/// Return of jemalloc's `xallocx`, which resizes `ptr` in place and returns its real size
+/// (the old one when it could not grow): the tracked block takes that size.
+pub fn try_return_xallocx(ctx: &RetProbeContext) -> Result<u32, i32> {
+    let Some((tid, tgid, service)) = targeted() else {
+        return Ok(0);
+    };
+    let Some(p) = take_pending(tid) else {
+        return Ok(0);
+    };
+    let size: u64 = ctx.ret();
+    let key = AllocKey {
+        tgid,
+        _pad: 0,
+        addr: p.old_ptr,
+    };
+    let Some(info) = ALLOCS.get_ptr_mut(&key) else {
+        return Ok(0);
+    };
+    // SAFETY: pointer from a successful lookup; only this process's threads touch its blocks,
+    // and a block is resized by one call at a time.
+    let old = unsafe { (*info).size };
+    if size == 0 || size == old {
+        return Ok(0);
+    }
+    // SAFETY: as above.
+    unsafe { (*info).size = size };
+    update_stats(service, |s| {
+        if size > old {
+            s.alloc_bytes += size - old;
+        } else {
+            s.free_bytes += old - size;
+        }
+    });
+    Ok(0)
+}
+
 pub fn try_free(ctx: &ProbeContext) -> Result<u32, i32> {
     let Some((_, tgid, service)) = targeted() else {
         return Ok(0);
@@ -208,12 +250,16 @@ fn finish<C: EbpfContext + StackIdContext>(
         update_stats(service, |s| s.failed += 1);
         return;
     }
-    let stack_id = match ctx.get_stackid(&ALLOC_STACKS, u64::from(BPF_F_USER_STACK)) {
+    let user = u64::from(BPF_F_USER_STACK);
+    let stack_id = match ctx.get_stackid(&ALLOC_STACKS, user) {
         Ok(id) => id as i32,
-        Err(_) => {
-            count_drop(DropReason::AllocStackLost);
-            -1
-        }
+        Err(_) => match ctx.get_stackid(&ALLOC_TOP_STACKS, user) {
+            Ok(id) => top_stack_id(id as u32),
+            Err(_) => {
+                count_drop(DropReason::AllocStackLost);
+                -1
+            }
+        },
     };
     let info = AllocInfo {
         size: p.size,

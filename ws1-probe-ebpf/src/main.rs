@@ -283,6 +283,17 @@ pub fn alloc_return_posix_memalign(ctx: RetProbeContext) -> u32 {
     alloc::try_return_posix_memalign(&ctx).unwrap_or(0)
 }
 
+/// jemalloc's `xallocx(ptr, size, extra, flags)`: resizes in place.
+#[uprobe]
+pub fn alloc_xallocx(ctx: ProbeContext) -> u32 {
+    alloc::try_entry(&ctx, alloc::Entry::Realloc).unwrap_or(0)
+}
+
+#[uretprobe]
+pub fn alloc_return_xallocx(ctx: RetProbeContext) -> u32 {
+    alloc::try_return_xallocx(&ctx).unwrap_or(0)
+}
+
 #[uprobe]
 pub fn alloc_free(ctx: ProbeContext) -> u32 {
     alloc::try_free(&ctx).unwrap_or(0)

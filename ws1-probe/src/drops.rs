@@ -24,6 +24,7 @@ pub const RESIZABLE: &[&str] = &[
     "ALLOC_PENDING",
     "ALLOC_SITES",
     "ALLOC_STACKS",
+    "ALLOC_TOP_STACKS",
     "PAGE_FAULTS",
     "OFFCPU_START",
     "RUNQ_HIST",

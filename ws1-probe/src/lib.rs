@@ -1,5 +1,6 @@
 //! ws1-probe library: everything the `ws1-probe` binary does, as testable pieces.
 
+pub mod allocator;
 pub mod btf;
 pub mod check;
 pub mod collectors;

@@ -131,6 +131,8 @@ fn privileged_tests(args: &[String]) -> Result<(u64, u64)> {
     tools::ensure_postgres()?;
     // The alerting tests check the shipped rules and configs with promtool and amtool.
     tools::ensure_alerting()?;
+    // The allocator tests build a C workload against jemalloc, tcmalloc and mimalloc.
+    tools::ensure_allocators()?;
     // The web config tests make certificates and bcrypt hashes and ask with curl.
     tools::ensure_web_tools()?;
     // The Kubernetes manifests are validated against the API schemas.

@@ -113,6 +113,25 @@ pub fn ensure_alerting() -> Result<()> {
     ensure_debian_packages(ALERTING_PACKAGES)
 }
 
+/// The allocators `tests/tests/allocators.rs` builds its C workload against (shared jemalloc,
+/// tcmalloc, mimalloc; jemalloc's static archive, renamed with objcopy from binutils; the static
+/// C library).
+const ALLOCATOR_PACKAGES: &[&str] = &[
+    "libjemalloc-dev",
+    "libgoogle-perftools-dev",
+    "libmimalloc-dev",
+    "libc6-dev",
+    "binutils",
+    // A real program on jemalloc, found without flags: redis-server, driven by redis-benchmark.
+    "redis-server",
+    "redis-tools",
+];
+
+/// Makes sure the allocator libraries and headers are installed for the allocator tests.
+pub fn ensure_allocators() -> Result<()> {
+    ensure_debian_packages(ALLOCATOR_PACKAGES)
+}
+
 /// What `tests/tests/webconfig.rs` makes its certificates (openssl), bcrypt hashes (htpasswd)
 /// and TLS requests (curl) with.
 const WEB_PACKAGES: &[&str] = &["openssl", "apache2-utils", "curl"];

@@ -10,7 +10,7 @@ use ws1_probe::{
 
 use super::{
     CommonArgs,
-    leaks::{AllocatorArgs, trace},
+    leaks::{AllocatorArgs, allocators_json, trace},
 };
 
 /// Show allocation rate, size histogram and top allocating stacks
@@ -57,6 +57,8 @@ pub fn run(args: AllocsArgs) -> anyhow::Result<()> {
             .collect();
         let out = serde_json::json!({
             "targets": session.what,
+            "allocators": allocators_json(&session.allocs),
+            "cost": session.cost_json(),
             "duration_seconds": seconds,
             "interrupted": session.interrupted,
             "alloc_bytes": total.alloc_bytes,
@@ -70,6 +72,11 @@ pub fn run(args: AllocsArgs) -> anyhow::Result<()> {
         });
         println!("{out}");
     } else {
+        print!(
+            "{}",
+            ws1_probe::report::leaks::render_allocators(&session.allocs.processes)
+        );
+        print!("{}", session.cost());
         print!("{}", allocs::render(&total, seconds, &sites, 12));
     }
     Ok(())

@@ -4,7 +4,11 @@ use std::{io::Write as _, process::ExitCode};
 
 use anyhow::Context as _;
 use serde::Serialize;
-use ws1_probe::check::{self, CheckReport};
+use ws1_probe::{
+    allocator::{self, Inspection},
+    check::{self, CheckReport},
+    report::leaks::render_allocators,
+};
 
 /// Report which hooks this kernel allows
 #[derive(clap::Args, Debug)]
@@ -12,6 +16,10 @@ pub struct CheckArgs {
     /// Print JSON instead of a table
     #[arg(long)]
     pub json: bool,
+    /// Also say which allocator this process uses and which of its entry points precise
+    /// allocation tracing (`leaks`, `allocs`, `--precise-alloc`) would hook; repeatable
+    #[arg(long = "pid", value_name = "PID")]
+    pub pids: Vec<u32>,
 }
 
 /// The JSON form: the report's fields, then the verdict.
@@ -21,21 +29,46 @@ struct JsonReport<'a> {
     report: &'a CheckReport,
     can_run: bool,
     problem: Option<String>,
+    #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    allocators: std::collections::BTreeMap<u32, Inspection>,
+}
+
+/// The allocator of each pid, or why it cannot be inspected.
+fn allocators(pids: &[u32]) -> std::collections::BTreeMap<u32, Inspection> {
+    pids.iter()
+        .map(|&pid| {
+            let found =
+                allocator::inspect(pid, &allocator::Override::default()).unwrap_or_else(|err| {
+                    Inspection::NotObserved {
+                        reason: format!("{err}: is pid {pid} running?"),
+                    }
+                });
+            (pid, found)
+        })
+        .collect()
 }
 
 /// Prints the report; exit code 0 when the agent can run here, 1 otherwise.
 pub fn run(args: CheckArgs) -> anyhow::Result<ExitCode> {
     let report = check::run_checks();
     let verdict = report.can_run();
+    let allocators = allocators(&args.pids);
     let text = if args.json {
         let json = JsonReport {
             report: &report,
             can_run: verdict.is_ok(),
             problem: verdict.clone().err(),
+            allocators,
         };
         serde_json::to_string_pretty(&json).context("cannot encode the report")? + "\n"
-    } else {
+    } else if allocators.is_empty() {
         report.render_text()
+    } else {
+        format!(
+            "{}\nallocators (precise allocation tracing):\n{}",
+            report.render_text(),
+            render_allocators(&allocators)
+        )
     };
     let mut out = std::io::stdout().lock();
     match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {

@@ -6,9 +6,9 @@ use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 use ws1_probe::{
-    collectors::alloc::AllocCollector,
+    collectors::alloc::{self as alloccollector, AllocCollector},
     probe::Probe,
-    report::leaks::{self, format_bytes},
+    report::leaks::{self, Rates, format_bytes},
     targeting::config::{AllocatorConfig, Collectors, FlagOverrides, PreciseAlloc},
     units,
 };
@@ -16,16 +16,22 @@ use ws1_probe_common::alloc::AllocStats;
 
 use super::{CommonArgs, collect};
 
-/// Which allocator to trace, when not the C library's malloc.
+/// Which allocator to trace, when the one found by itself (glibc, jemalloc, tcmalloc, mimalloc,
+/// shared or static) is not the right one.
 #[derive(clap::Args, Debug, Clone, Default)]
 pub struct AllocatorArgs {
     /// Binary holding the allocator, as the process sees it (a statically linked program, or
-    /// e.g. /usr/lib/libjemalloc.so.2); `exe` for the program itself. Default: its libc
+    /// e.g. /usr/lib/libjemalloc.so.2); `exe` for the program itself. Default: found from the
+    /// libraries it maps and the symbols of its executable
     #[arg(long, value_name = "PATH")]
     pub alloc_lib: Option<String>,
     /// Prefix of the allocator's function names (e.g. `je_` for je_malloc/je_free)
     #[arg(long, value_name = "PREFIX", default_value = "")]
     pub alloc_prefix: String,
+    /// Capacity of a kernel map, e.g. ALLOC_STACKS=65536 when allocations lose their stacks
+    /// (repeatable)
+    #[arg(long, value_name = "NAME=ENTRIES", value_parser = ws1_probe::drops::parse_map_entries)]
+    pub map_entries: Vec<(String, u32)>,
 }
 
 /// Find memory leaks: allocations still outstanding after --min-age, by stack
@@ -63,6 +69,31 @@ pub(super) struct Session {
     pub what: String,
     pub elapsed: Duration,
     pub interrupted: bool,
+    /// The observed processes' activity before tracing and during it (precise mode's cost).
+    pub before: Rates,
+    pub during: Rates,
+}
+
+/// How long the observed processes are watched before tracing, for the cost line.
+const BASELINE: Duration = Duration::from_secs(1);
+
+impl Session {
+    /// The cost line (see [`leaks::render_cost`]).
+    pub fn cost(&self) -> String {
+        let total = self.total();
+        let calls = (total.allocs + total.frees) as f64 / self.elapsed.as_secs_f64().max(1e-3);
+        leaks::render_cost(self.before, self.during, calls)
+    }
+
+    pub fn cost_json(&self) -> serde_json::Value {
+        let total = self.total();
+        let calls = (total.allocs + total.frees) as f64 / self.elapsed.as_secs_f64().max(1e-3);
+        serde_json::json!({
+            "before": self.before,
+            "during": self.during,
+            "allocator_calls_per_second": calls,
+        })
+    }
 }
 
 impl Session {
@@ -98,15 +129,30 @@ pub(super) fn trace(
         );
     }
     settings.precise_alloc = PreciseAlloc::All;
+    settings
+        .map_entries
+        .extend(allocator.map_entries.iter().cloned());
     // The allocation uprobes attach after start; no other collector runs.
     settings.collectors = Collectors::NONE;
     let mut probe = Probe::start(&settings).context("cannot start the collectors")?;
     if probe.targets.targeted_pids().is_empty() {
         bail!("no running process matches {}", settings.targets.describe());
     }
+    // The yardstick of the cost: what the processes do untraced, then traced.
+    let pids = probe.targets.targeted_pids();
+    let baseline_at = std::time::Instant::now();
+    let a0 = alloccollector::activity(&pids);
+    std::thread::sleep(BASELINE);
+    let before = Rates::between(
+        a0,
+        alloccollector::activity(&pids),
+        baseline_at.elapsed().as_secs_f64(),
+    );
     probe
         .attach_precise_alloc(&settings.precise_alloc)
         .context("cannot attach the allocation probes")?;
+    let during_at = std::time::Instant::now();
+    let d0 = alloccollector::activity(&pids);
     let traced = probe.alloc.as_ref().map_or(0, |a| a.pids.len());
     let what = settings.targets.describe();
     let start_line = format!(
@@ -124,6 +170,11 @@ pub(super) fn trace(
             format_bytes(total.free_bytes)
         )
     })?;
+    let during = Rates::between(
+        d0,
+        alloccollector::activity(&pids),
+        during_at.elapsed().as_secs_f64(),
+    );
     let Some(allocs) = probe.alloc.take() else {
         bail!("no allocation probe was attached");
     };
@@ -133,6 +184,8 @@ pub(super) fn trace(
         what,
         elapsed: collected.elapsed,
         interrupted: collected.interrupted,
+        before,
+        during,
     })
 }
 
@@ -152,6 +205,12 @@ pub fn run(args: LeaksArgs) -> anyhow::Result<()> {
     let allocs = &session.allocs;
     let mut reports = leaks::symbolize(&groups, |id| services.name(id), |id| allocs.stack(id));
     let stacks = reports.len();
+    let unavailable = leaks::render_unavailable(&reports);
+    let unavailable_bytes: u64 = reports
+        .iter()
+        .filter(|r| r.stack.is_empty())
+        .map(|r| r.bytes)
+        .sum();
     reports.truncate(args.top);
     if args.json {
         let per_service: serde_json::Map<String, serde_json::Value> = allocs
@@ -172,6 +231,9 @@ pub fn run(args: LeaksArgs) -> anyhow::Result<()> {
             .collect();
         let out = serde_json::json!({
             "targets": session.what,
+            "allocators": allocators_json(allocs),
+            "cost": session.cost_json(),
+            "observed": leaks::any_observed(allocs.processes.values()),
             "duration_seconds": session.elapsed.as_secs_f64(),
             "interrupted": session.interrupted,
             "min_age_seconds": args.min_age.as_secs_f64(),
@@ -179,12 +241,20 @@ pub fn run(args: LeaksArgs) -> anyhow::Result<()> {
             "exited_blocks_removed": swept,
             "mapped_regions": mapped.0,
             "mapped_bytes": mapped.1,
+            "stack_unavailable_bytes": unavailable_bytes,
             "leaks": reports,
             "stats": per_service,
         });
         println!("{out}");
     } else {
-        print!("{}", leaks::render(&reports, stacks, min_age_ns, 12));
+        print!("{}", leaks::render_allocators(&allocs.processes));
+        print!("{}", session.cost());
+        let observed = leaks::any_observed(allocs.processes.values());
+        print!(
+            "{}",
+            leaks::render(&reports, stacks, min_age_ns, 12, observed)
+        );
+        print!("{unavailable}");
         if mapped.0 > 0 {
             println!(
                 "\nanonymous mappings made outside the allocator and still mapped: {} in {} regions",
@@ -194,4 +264,19 @@ pub fn run(args: LeaksArgs) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Per pid, the allocators hooked (kind, binary, prefix, entry points) or why not.
+pub(super) fn allocators_json(allocs: &AllocCollector) -> serde_json::Value {
+    allocs
+        .processes
+        .iter()
+        .map(|(pid, found)| {
+            (
+                pid.to_string(),
+                serde_json::to_value(found).unwrap_or_default(),
+            )
+        })
+        .collect::<serde_json::Map<_, _>>()
+        .into()
 }

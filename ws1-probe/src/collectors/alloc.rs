@@ -16,71 +16,35 @@ use aya::{
         uprobe::{UProbeLinkId, UProbeScope},
     },
 };
-use ws1_probe_common::alloc::{AllocInfo, AllocKey, AllocSite, AllocSiteKey, AllocStats};
+use ws1_probe_common::alloc::{
+    AllocInfo, AllocKey, AllocSite, AllocSiteKey, AllocStats, top_stack_index,
+};
 
 use super::{take_map, typed};
-use crate::ebpf::{LoadError, attach_reason, load_error};
-
-/// Entry programs and the allocator symbols each is attached to.
-const ENTRIES: [(&str, &[&str]); 6] = [
-    ("alloc_malloc", &["malloc", "valloc", "pvalloc"]),
-    ("alloc_calloc", &["calloc"]),
-    ("alloc_realloc", &["realloc"]),
-    ("alloc_reallocarray", &["reallocarray"]),
-    ("alloc_aligned", &["aligned_alloc", "memalign"]),
-    ("alloc_posix_memalign", &["posix_memalign"]),
-];
-/// Return programs and their symbols.
-const RETURNS: [(&str, &[&str]); 2] = [
-    (
-        "alloc_return",
-        &[
-            "malloc",
-            "valloc",
-            "pvalloc",
-            "calloc",
-            "realloc",
-            "reallocarray",
-            "aligned_alloc",
-            "memalign",
-        ],
-    ),
-    ("alloc_return_posix_memalign", &["posix_memalign"]),
-];
-/// Without these two the report would be wrong, so failing to attach them is an error (with
-/// or without a prefix).
-const REQUIRED: [&str; 2] = ["malloc", "free"];
+use crate::{
+    allocator::{self, Inspection, Plan},
+    ebpf::{LoadError, attach_reason, load_error},
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum AllocError {
     #[error(transparent)]
     Load(#[from] LoadError),
-    #[error(
-        "pid {pid} maps no C allocator (libc.so): is it statically linked or using a custom allocator?"
-    )]
-    NoAllocator { pid: u32 },
-    #[error(
-        "allocator binary {lib} not found for pid {pid}: give its path as the process sees it, or `exe`"
-    )]
-    NoLibrary { pid: u32, lib: String },
     #[error("cannot read /proc/{pid}/maps: {source}")]
     Maps {
         pid: u32,
         #[source]
         source: std::io::Error,
     },
-    #[error("cannot attach {program} to {symbol} in {lib}: {reason}")]
-    Attach {
-        program: String,
-        symbol: String,
-        lib: String,
-        reason: String,
-    },
+    #[error(
+        "pid {pid} maps no C allocator (libc.so): is it statically linked or using a custom allocator?"
+    )]
+    NoAllocator { pid: u32 },
 }
 
-/// Which allocator to trace: the process's C library by default, or a named binary (a
-/// statically linked program, or a library such as jemalloc) whose allocator functions carry a
-/// prefix (`je_malloc`).
+/// Which allocator to trace: found by itself ([`crate::allocator::inspect`]) unless a binary
+/// (`--alloc-lib`: a statically linked program, or a library such as jemalloc) or a prefix of
+/// its function names (`--alloc-prefix je_`) is named.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct AllocatorSpec {
     /// Path of the binary holding the allocator, as the process sees it; `exe` means the
@@ -91,28 +55,15 @@ pub struct AllocatorSpec {
 }
 
 impl AllocatorSpec {
-    /// The binary to attach to for `pid`, as seen from this mount namespace.
-    pub fn path(&self, pid: u32) -> Result<PathBuf, AllocError> {
-        match self.lib.as_deref() {
-            None => allocator_path(pid),
-            Some("exe") => Ok(PathBuf::from(format!("/proc/{pid}/exe"))),
-            Some(lib) => {
-                let path =
-                    Path::new(&format!("/proc/{pid}/root")).join(lib.trim_start_matches('/'));
-                if path.exists() {
-                    Ok(path)
-                } else {
-                    Err(AllocError::NoLibrary {
-                        pid,
-                        lib: lib.to_owned(),
-                    })
-                }
-            }
+    fn to_override(&self) -> allocator::Override {
+        allocator::Override {
+            lib: self.lib.clone(),
+            prefix: self.prefix.clone(),
         }
     }
 }
 
-/// Where a process's allocator lives, as seen from this mount namespace.
+/// Where a process's C library lives, as seen from this mount namespace.
 pub fn allocator_path(pid: u32) -> Result<PathBuf, AllocError> {
     let maps = std::fs::read_to_string(format!("/proc/{pid}/maps"))
         .map_err(|source| AllocError::Maps { pid, source })?;
@@ -125,21 +76,26 @@ pub fn allocator_path(pid: u32) -> Result<PathBuf, AllocError> {
 pub fn find_libc(maps: &str) -> Option<&str> {
     maps.lines()
         .filter_map(|line| line.split_whitespace().nth(5))
-        .find(|path| {
-            let name = path.rsplit('/').next().unwrap_or(path);
-            name.starts_with("libc.so") || (name.starts_with("libc-") && name.ends_with(".so"))
-        })
+        .find(|path| allocator::lib_kind(path) == Some(allocator::Kind::Glibc))
 }
+
+/// What precise mode does with one process: the allocators hooked, or why its allocations are
+/// not observed.
+pub type ProcessAllocators = Inspection;
 
 pub struct AllocCollector {
     allocs: HashMap<MapData, AllocKey, AllocInfo>,
     stacks: StackTraceMap<MapData>,
+    /// Calling functions only, where `stacks` had no room (`top_stack_id`).
+    top_stacks: StackTraceMap<MapData>,
     stats: PerCpuHashMap<MapData, u32, AllocStats>,
     sites: HashMap<MapData, AllocSiteKey, AllocSite>,
     precise_pids: HashMap<MapData, u32, u32>,
     mmaps: HashMap<MapData, AllocKey, u64>,
-    /// Processes the uprobes are attached to.
+    /// Processes whose allocators are hooked.
     pub pids: Vec<u32>,
+    /// What was found in each process handled (hooked or not), until it exits.
+    pub processes: BTreeMap<u32, ProcessAllocators>,
     /// Every attachment, to detach those of exited processes.
     links: Vec<(u32, &'static str, UProbeLinkId)>,
 }
@@ -154,11 +110,13 @@ impl AllocCollector {
         let mut collector = Self {
             allocs: typed("ALLOCS", take_map(ebpf, "ALLOCS")?)?,
             stacks: typed("ALLOC_STACKS", take_map(ebpf, "ALLOC_STACKS")?)?,
+            top_stacks: typed("ALLOC_TOP_STACKS", take_map(ebpf, "ALLOC_TOP_STACKS")?)?,
             stats: typed("ALLOC_STATS", take_map(ebpf, "ALLOC_STATS")?)?,
             sites: typed("ALLOC_SITES", take_map(ebpf, "ALLOC_SITES")?)?,
             precise_pids: typed("PRECISE_PIDS", take_map(ebpf, "PRECISE_PIDS")?)?,
             mmaps: typed("ALLOC_MMAPS", take_map(ebpf, "ALLOC_MMAPS")?)?,
             pids: Vec::new(),
+            processes: BTreeMap::new(),
             links: Vec::new(),
         };
         // The syscall side: anonymous mmap/munmap and brk outside the allocator. Kernels built
@@ -188,33 +146,87 @@ impl AllocCollector {
     ) -> Result<usize, AllocError> {
         let mut added = 0;
         for &pid in pids {
-            if self.pids.contains(&pid) {
+            if self.processes.contains_key(&pid) {
                 continue;
             }
-            let spec = spec(pid);
-            let lib = match spec.path(pid) {
-                Ok(lib) => lib,
-                Err(AllocError::Maps { .. }) => continue,
-                Err(err) => return Err(err),
+            let found = match allocator::inspect(pid, &spec(pid).to_override()) {
+                Ok(found) => found,
+                // Exited meanwhile.
+                Err(_) => continue,
             };
-            let all = ENTRIES
-                .iter()
-                .chain(RETURNS.iter())
-                .copied()
-                .chain([("alloc_free", &["free"][..])]);
-            for (program, symbols) in all {
-                for symbol in symbols {
-                    let symbol = format!("{}{symbol}", spec.prefix);
-                    if let Some(link) = attach_one(ebpf, program, &symbol, &lib, pid)? {
-                        self.links.push((pid, program, link));
-                    }
+            let outcome = match found {
+                Inspection::Observed { allocators } => self.hook(ebpf, pid, allocators)?,
+                not => not,
+            };
+            match &outcome {
+                Inspection::Observed { allocators } => {
+                    let what: Vec<String> = allocators.iter().map(Plan::describe).collect();
+                    tracing::debug!("pid {pid}: allocations hooked in {}", what.join(", "));
+                    let _ = self.precise_pids.insert(pid, 1, 0);
+                    self.pids.push(pid);
+                    added += 1;
+                }
+                Inspection::NotObserved { reason } => {
+                    tracing::warn!("pid {pid}: allocations not observed: {reason}");
                 }
             }
-            let _ = self.precise_pids.insert(pid, 1, 0);
-            self.pids.push(pid);
-            added += 1;
+            self.processes.insert(pid, outcome);
         }
         Ok(added)
+    }
+
+    /// Attaches every planned hook of `pid`; keeps the allocators with at least one allocating
+    /// and one freeing hook attached.
+    fn hook(
+        &mut self,
+        ebpf: &mut Ebpf,
+        pid: u32,
+        allocators: Vec<Plan>,
+    ) -> Result<Inspection, AllocError> {
+        let mut hooked = Vec::new();
+        let mut failures = Vec::new();
+        for mut plan in allocators {
+            let path = plan.binary.open_path(pid);
+            let mut attached = Vec::new();
+            for hook in std::mem::take(&mut plan.hooks) {
+                let link = match attach_one(ebpf, hook.program, hook.offset, &path, pid)? {
+                    Ok(link) => link,
+                    Err(reason) => {
+                        failures.push(format!("{}: {reason}", hook.symbol));
+                        continue;
+                    }
+                };
+                if let Some(ret) = allocator::return_program(hook.program) {
+                    match attach_one(ebpf, ret, hook.offset, &path, pid)? {
+                        Ok(ret_link) => self.links.push((pid, ret, ret_link)),
+                        Err(reason) => {
+                            detach(ebpf, hook.program, link);
+                            failures.push(format!("{}: {reason}", hook.symbol));
+                            continue;
+                        }
+                    }
+                }
+                self.links.push((pid, hook.program, link));
+                attached.push(hook);
+            }
+            plan.hooks = attached;
+            if plan.usable() {
+                hooked.push(plan);
+            }
+        }
+        for failure in &failures {
+            tracing::debug!("pid {pid}: not hooked: {failure}");
+        }
+        Ok(if hooked.is_empty() {
+            Inspection::NotObserved {
+                reason: format!(
+                    "its allocator's entry points could not be attached ({})",
+                    failures.first().map_or("none found", String::as_str)
+                ),
+            }
+        } else {
+            Inspection::Observed { allocators: hooked }
+        })
     }
 
     /// Detaches the probes of processes that have exited (each holds a perf event open).
@@ -224,15 +236,12 @@ impl AllocCollector {
             let _ = self.precise_pids.remove(pid);
         }
         self.pids.retain(|pid| alive(*pid));
+        self.processes.retain(|pid, _| alive(*pid));
         let (keep, gone): (Vec<_>, Vec<_>) =
             self.links.drain(..).partition(|(pid, _, _)| alive(*pid));
         self.links = keep;
         for (_, program, link) in gone {
-            let prog: Option<&mut UProbe> =
-                ebpf.program_mut(program).and_then(|p| p.try_into().ok());
-            if let Some(prog) = prog {
-                let _ = prog.detach(link);
-            }
+            detach(ebpf, program, link);
         }
     }
 
@@ -251,11 +260,12 @@ impl AllocCollector {
 
     /// Return addresses of a stack, innermost first; empty when unknown.
     pub fn stack(&self, stack_id: i32) -> Vec<u64> {
-        let Ok(id) = u32::try_from(stack_id) else {
-            return Vec::new();
+        let (map, id) = match (u32::try_from(stack_id), top_stack_index(stack_id)) {
+            (Ok(id), _) => (&self.stacks, id),
+            (_, Some(id)) => (&self.top_stacks, id),
+            _ => return Vec::new(),
         };
-        self.stacks
-            .get(&id, 0)
+        map.get(&id, 0)
             .map(|trace| trace.frames().iter().map(|f| f.ip).collect())
             .unwrap_or_default()
     }
@@ -292,13 +302,22 @@ impl AllocCollector {
     }
 }
 
+fn detach(ebpf: &mut Ebpf, program: &str, link: UProbeLinkId) {
+    let prog: Option<&mut UProbe> = ebpf.program_mut(program).and_then(|p| p.try_into().ok());
+    if let Some(prog) = prog {
+        let _ = prog.detach(link);
+    }
+}
+
+/// Attaches `program` at `offset` of `lib`, scoped to `pid`. The outer error is a broken
+/// object; the inner one why this function could not be hooked.
 fn attach_one(
     ebpf: &mut Ebpf,
     program: &str,
-    symbol: &str,
+    offset: u64,
     lib: &Path,
     pid: u32,
-) -> Result<Option<UProbeLinkId>, AllocError> {
+) -> Result<Result<UProbeLinkId, String>, AllocError> {
     let prog: &mut UProbe = ebpf
         .program_mut(program)
         .ok_or_else(|| LoadError::MissingProgram {
@@ -310,24 +329,38 @@ fn attach_one(
         prog.load().map_err(|e| load_error(program, e))?;
     }
     let scope = NonZeroU32::new(pid).map_or(UProbeScope::AllProcesses, UProbeScope::OneProcess);
-    match prog.attach(symbol, lib, scope) {
-        Ok(link) => Ok(Some(link)),
-        Err(err) if !REQUIRED.iter().any(|r| symbol.ends_with(r)) => {
-            // Older or newer C libraries lack some of these (pvalloc, reallocarray).
-            tracing::debug!(
-                "{symbol} not attached in {}: {}",
-                lib.display(),
-                attach_reason(&err)
-            );
-            Ok(None)
+    Ok(prog
+        .attach(offset, lib, scope)
+        .map_err(|err| attach_reason(&err)))
+}
+
+/// What a set of processes has done so far, from procfs: the yardstick of precise mode's cost,
+/// read before attaching and while attached.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Activity {
+    /// CPU time (user + system), seconds.
+    pub cpu_seconds: f64,
+    /// read/write-family system calls (`syscr` + `syscw` of /proc/PID/io): requests served, for
+    /// a server.
+    pub syscalls: u64,
+}
+
+/// The summed activity of `pids` (processes that cannot be read count nothing).
+pub fn activity(pids: &[u32]) -> Activity {
+    let ticks = procfs::ticks_per_second().max(1) as f64;
+    let mut total = Activity::default();
+    for &pid in pids {
+        let Ok(process) = procfs::process::Process::new(pid as i32) else {
+            continue;
+        };
+        if let Ok(stat) = process.stat() {
+            total.cpu_seconds += (stat.utime + stat.stime) as f64 / ticks;
         }
-        Err(err) => Err(AllocError::Attach {
-            program: program.to_owned(),
-            symbol: symbol.to_owned(),
-            lib: lib.display().to_string(),
-            reason: attach_reason(&err),
-        }),
+        if let Ok(io) = process.io() {
+            total.syscalls += io.syscr + io.syscw;
+        }
     }
+    total
 }
 
 /// A leak suspect exported as `ws1_probe_leak_suspect_bytes`.

@@ -9,6 +9,7 @@ use crate::{
 };
 
 pub use crate::collectors::alloc::{LeakGroup, group};
+use crate::{allocator::Inspection, collectors::alloc::Activity};
 
 /// A group with its symbolized stack and service name, as printed.
 #[derive(Clone, Debug, Serialize)]
@@ -67,16 +68,130 @@ pub fn format_bytes(bytes: u64) -> String {
     }
 }
 
-/// The text report, at most `depth` frames per stack.
+/// The header of `leaks` and `allocs`: per process, the allocators hooked and their entry
+/// points, or why its allocations are not observed.
+pub fn render_allocators<'a>(
+    processes: impl IntoIterator<Item = (&'a u32, &'a Inspection)>,
+) -> String {
+    let mut out = String::new();
+    for (pid, inspection) in processes {
+        match inspection {
+            Inspection::Observed { allocators } => {
+                for plan in allocators {
+                    // C++ operators are counted, not listed: their mangled names are long.
+                    let (cxx, names): (Vec<&str>, Vec<&str>) = plan
+                        .hooks
+                        .iter()
+                        .map(|h| h.symbol.as_str())
+                        .partition(|s| s.starts_with("_Z"));
+                    let cxx = if cxx.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" +{} C++ operator new/delete", cxx.len())
+                    };
+                    out.push_str(&format!(
+                        "pid {pid}: {}, hooked: {}{cxx}\n",
+                        plan.describe(),
+                        names.join(" ")
+                    ));
+                }
+            }
+            Inspection::NotObserved { reason } => {
+                out.push_str(&format!("pid {pid}: allocations not observed: {reason}\n"));
+            }
+        }
+    }
+    out
+}
+
+/// Activity per second over a window, from two [`Activity`] readings.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize)]
+pub struct Rates {
+    /// Share of one CPU.
+    pub cpu: f64,
+    pub syscalls_per_second: f64,
+}
+
+impl Rates {
+    pub fn between(a: Activity, b: Activity, seconds: f64) -> Self {
+        let seconds = seconds.max(1e-3);
+        Self {
+            cpu: (b.cpu_seconds - a.cpu_seconds).max(0.0) / seconds,
+            syscalls_per_second: b.syscalls.saturating_sub(a.syscalls) as f64 / seconds,
+        }
+    }
+}
+
+/// The cost line of `leaks`/`allocs`: the observed processes' activity before tracing and
+/// during it, and the allocator calls trapped per second. A server serving fewer requests
+/// (read/write calls) during tracing, or needing more CPU for the same, shows the slowdown.
+pub fn render_cost(before: Rates, during: Rates, calls_per_second: f64) -> String {
+    let ratio = if during.syscalls_per_second > 0.0 && before.syscalls_per_second > 0.0 {
+        format!(
+            " ({:.1}x {})",
+            if before.syscalls_per_second >= during.syscalls_per_second {
+                before.syscalls_per_second / during.syscalls_per_second
+            } else {
+                during.syscalls_per_second / before.syscalls_per_second
+            },
+            if before.syscalls_per_second >= during.syscalls_per_second {
+                "fewer"
+            } else {
+                "more"
+            }
+        )
+    } else {
+        String::new()
+    };
+    format!(
+        "cost: {calls:.0} allocator calls/s trapped; observed processes did {b_sys:.0} read/write calls/s at {b_cpu:.0}% CPU before tracing, {d_sys:.0}/s{ratio} at {d_cpu:.0}% CPU during\n",
+        calls = calls_per_second,
+        b_sys = before.syscalls_per_second,
+        b_cpu = before.cpu * 100.0,
+        d_sys = during.syscalls_per_second,
+        d_cpu = during.cpu * 100.0,
+    )
+}
+
+/// The share of outstanding bytes whose stack is unknown, as a line (empty when none): what is
+/// left of "(stack unavailable)" for the user to weigh.
+pub fn render_unavailable(reports: &[LeakReport]) -> String {
+    let total: u64 = reports.iter().map(|r| r.bytes).sum();
+    let (bytes, blocks) = reports
+        .iter()
+        .filter(|r| r.stack.is_empty())
+        .fold((0, 0), |(b, n), r| (b + r.bytes, n + r.count));
+    if bytes == 0 || total == 0 {
+        return String::new();
+    }
+    format!(
+        "stack unavailable for {:.1}% of these bytes ({} in {blocks} blocks)\n",
+        bytes as f64 * 100.0 / total as f64,
+        format_bytes(bytes)
+    )
+}
+
+/// Whether any process's allocations are observed.
+pub fn any_observed<'a>(mut processes: impl Iterator<Item = &'a Inspection>) -> bool {
+    processes.any(|p| matches!(p, Inspection::Observed { .. }))
+}
+
+/// The text report, at most `depth` frames per stack. `observed` is false when no process's
+/// allocations could be seen: then nothing outstanding means nothing, and the report says so.
 pub fn render(
     reports: &[LeakReport],
     total_groups: usize,
     min_age_ns: u64,
     depth: usize,
+    observed: bool,
 ) -> String {
     let bytes: u64 = reports.iter().map(|r| r.bytes).sum();
     let count: u64 = reports.iter().map(|r| r.count).sum();
     let mut out = String::new();
+    if !observed {
+        out.push_str("allocations not observed: no selected process's allocator could be hooked\n");
+        return out;
+    }
     if reports.is_empty() {
         out.push_str(&format!(
             "no outstanding allocations older than {}\n",
@@ -113,6 +228,8 @@ pub fn render(
 #[cfg(test)]
 mod tests {
     use ws1_probe_common::alloc::{AllocInfo, AllocKey};
+
+    use crate::allocator::{Binary, Hook, Kind, Plan};
 
     use super::*;
 
@@ -168,7 +285,7 @@ mod tests {
                 location: Some("src/main.rs:12".into()),
             }],
         }];
-        let text = render(&reports, 1, 5_000_000_000, 8);
+        let text = render(&reports, 1, 5_000_000_000, 8, true);
         assert!(
             text.starts_with("7.0 KiB in 7 blocks outstanding for at least 5.00s, from 1 stacks\n"),
             "{text}"
@@ -179,8 +296,105 @@ mod tests {
         );
         assert!(text.contains("    leak_here (src/main.rs:12)\n"), "{text}");
         assert_eq!(
-            render(&[], 0, 1_000, 8),
+            render(&[], 0, 1_000, 8, true),
             "no outstanding allocations older than 1.00µs\n"
         );
+        assert_eq!(
+            render(&[], 0, 1_000, 8, false),
+            "allocations not observed: no selected process's allocator could be hooked\n"
+        );
+    }
+
+    #[test]
+    fn unavailable_share_is_stated() {
+        let report = |bytes, count, stack: Vec<Frame>| LeakReport {
+            service: "s".into(),
+            bytes,
+            count,
+            oldest_age_seconds: 1.0,
+            pid: 1,
+            stack,
+        };
+        let frame = Frame {
+            addr: 1,
+            function: Some("f".into()),
+            location: None,
+        };
+        let reports = vec![
+            report(3072, 3, vec![frame.clone()]),
+            report(1024, 2, vec![]),
+        ];
+        assert_eq!(
+            render_unavailable(&reports),
+            "stack unavailable for 25.0% of these bytes (1.0 KiB in 2 blocks)\n"
+        );
+        assert_eq!(render_unavailable(&reports[..1]), "");
+    }
+
+    #[test]
+    fn cost_compares_before_and_during() {
+        let a = Activity {
+            cpu_seconds: 10.0,
+            syscalls: 1_000,
+        };
+        let b = Activity {
+            cpu_seconds: 10.5,
+            syscalls: 41_000,
+        };
+        let before = Rates::between(a, b, 2.0);
+        assert_eq!(
+            before,
+            Rates {
+                cpu: 0.25,
+                syscalls_per_second: 20_000.0
+            }
+        );
+        let during = Rates {
+            cpu: 0.98,
+            syscalls_per_second: 4_000.0,
+        };
+        assert_eq!(
+            render_cost(before, during, 90_000.0),
+            "cost: 90000 allocator calls/s trapped; observed processes did 20000 read/write calls/s at 25% CPU before tracing, 4000/s (5.0x fewer) at 98% CPU during\n"
+        );
+        assert!(!render_cost(Rates::default(), during, 1.0).contains("fewer"));
+    }
+
+    #[test]
+    fn renders_allocator_header() {
+        let plan = Plan {
+            kind: Kind::Jemalloc,
+            binary: Binary::Lib("/usr/lib/x86_64-linux-gnu/libjemalloc.so.2".into()),
+            prefix: String::new(),
+            hooks: ["malloc", "sdallocx", "_Znwm", "_ZdlPvm"]
+                .iter()
+                .map(|s| Hook {
+                    program: "alloc_malloc",
+                    symbol: (*s).into(),
+                    offset: 0,
+                })
+                .collect(),
+        };
+        let processes = std::collections::BTreeMap::from([
+            (
+                7,
+                Inspection::Observed {
+                    allocators: vec![plan],
+                },
+            ),
+            (
+                9,
+                Inspection::NotObserved {
+                    reason: "no known allocator".into(),
+                },
+            ),
+        ]);
+        assert_eq!(
+            render_allocators(&processes),
+            "pid 7: jemalloc in libjemalloc.so.2, hooked: malloc sdallocx +2 C++ operator new/delete\n\
+             pid 9: allocations not observed: no known allocator\n"
+        );
+        assert!(any_observed(processes.values()));
+        assert!(!any_observed(processes.values().skip(1)));
     }
 }

@@ -108,8 +108,8 @@ pub struct ServiceSection {
     /// Trace this service's allocations with uprobes (leak suspects and allocation metrics).
     #[serde(default)]
     pub precise_alloc: bool,
-    /// Binary holding the allocator when it is not the C library (a statically linked program,
-    /// or e.g. libjemalloc), as the process sees it; `exe` for the program itself.
+    /// Binary holding the allocator, as the process sees it (a statically linked program, or e.g.
+    /// libjemalloc); `exe` for the program itself. Overrides the allocator found by itself.
     pub alloc_lib: Option<String>,
     /// Prefix of the allocator's function names, e.g. `je_` for jemalloc built with a prefix.
     pub alloc_prefix: Option<String>,
@@ -167,7 +167,7 @@ pub fn peer_name<'a>(deps: &'a [Dependency], service: &str, port: u16) -> Option
     find(true).or_else(|| find(false)).map(|d| d.name.as_str())
 }
 
-/// The allocator of a precise-mode service, when not the C library's plain malloc.
+/// The allocator of a precise-mode service, when the one found by itself is not the right one.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct AllocatorConfig {
     pub lib: Option<String>,
