@@ -187,19 +187,19 @@ pub fn kernel_offsets() -> KernelOffsets {
                 };
                 if offsets.tcp_sock_srtt_us == u32::MAX {
                     tracing::warn!(
-                        "kernel BTF has no tcp_sock.srtt_us: accept-side handshake latency is not measured"
+                        "kernel BTF has no tcp_sock.srtt_us: accept-side handshake latency is not measured (a kernel built with CONFIG_DEBUG_INFO_BTF=y and a newer release has it)"
                     );
                 }
                 if offsets.skb_gso_segs == u32::MAX {
                     tracing::warn!(
-                        "kernel BTF has no sk_buff.cb or tcp_skb_cb.tcp_gso_segs: retransmits count one segment per retransmitted packet"
+                        "kernel BTF has no sk_buff.cb or tcp_skb_cb.tcp_gso_segs: retransmits count one segment per retransmitted packet (exact segment counts need a kernel whose BTF has these fields)"
                     );
                 }
                 offsets
             }
             Err(err) => {
                 tracing::warn!(
-                    "accept-side handshake latency is not measured, RTT and off-CPU use the classic tracepoints, retransmits count one segment per retransmitted packet: {err}"
+                    "accept-side handshake latency is not measured, RTT and off-CPU use the classic tracepoints, retransmits count one segment per retransmitted packet: {err}; make /sys/kernel/btf/vmlinux readable (a kernel built with CONFIG_DEBUG_INFO_BTF=y) and run `ws1-probe check`"
                 );
                 KernelOffsets {
                     tcp_sock_srtt_us: u32::MAX,
@@ -512,7 +512,9 @@ pub fn read_offsets(tracefs: &Path) -> TracepointOffsets {
             }
         }
         None => {
-            tracing::warn!("cannot read task:task_newtask format; assuming the Linux 6.x layout")
+            tracing::warn!(
+                "cannot read task:task_newtask format; assuming the Linux 6.x layout (mount tracefs at /sys/kernel/tracing and run `ws1-probe check`)"
+            )
         }
     }
     match read("sched/sched_process_exit") {
@@ -520,7 +522,7 @@ pub fn read_offsets(tracefs: &Path) -> TracepointOffsets {
             off.exit_group_dead = parse_format_offset(&fmt, "group_dead").unwrap_or(u32::MAX);
         }
         None => tracing::warn!(
-            "cannot read sched:sched_process_exit format; assuming the Linux 6.x layout"
+            "cannot read sched:sched_process_exit format; assuming the Linux 6.x layout (mount tracefs at /sys/kernel/tracing and run `ws1-probe check`)"
         ),
     }
     off

@@ -18,3 +18,4 @@ pub mod slo;
 pub mod symbolize;
 pub mod targeting;
 pub mod units;
+pub mod untrusted;

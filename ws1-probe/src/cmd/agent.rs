@@ -128,7 +128,7 @@ async fn reload(args: &AgentArgs, shared: &Shared) {
             );
             if !r.needs_restart.is_empty() {
                 tracing::warn!(
-                    "changed but not applied until the agent restarts: {}",
+                    "changed but not applied until the agent restarts: {}; restart the agent to apply them",
                     r.needs_restart.join(", ")
                 );
             }
@@ -136,7 +136,9 @@ async fn reload(args: &AgentArgs, shared: &Shared) {
         Ok(Some(Err(err))) => {
             tracing::error!("reload failed, keeping the running configuration: {err}");
         }
-        Ok(None) => tracing::warn!("reload ignored: the collectors are still starting"),
+        Ok(None) => tracing::warn!(
+            "reload ignored: the collectors are still starting; send SIGHUP again once /readyz answers 200"
+        ),
         Err(err) => tracing::error!("reload failed: {err}"),
     }
 }

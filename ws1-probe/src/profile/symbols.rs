@@ -39,8 +39,9 @@ use super::{
     ProfFrame,
     binary::{BinaryId, ByteLru, CacheBudgets, CacheStat},
     kallsyms::KallsymsIndex,
-    perfmap::{self, PerfMapError, PerfMapReader},
+    perfmap::{self, PerfMapError, PerfMapLimits, PerfMapReader},
 };
+use crate::untrusted;
 
 /// Binaries kept open (with their parsed symbols and DWARF) at once. blazesym keeps a file
 /// descriptor for each, so this stays well under the usual limit of 1024.
@@ -701,6 +702,8 @@ impl ProfileSymbolizer {
             );
             drop(evicted);
         }
+        let limits =
+            PerfMapLimits::keeping(self.perf_maps.budget().saturating_sub(PERF_MAP_STATE_BYTES));
         let state = self.perf_maps.get_mut(&pid)?;
         let mut failed = None;
         let mut resized = None;
@@ -711,18 +714,35 @@ impl ProfileSymbolizer {
             state.checked = Some(now);
             // Recomputed each time: the namespace pid in the path belongs to whichever process
             // has this pid now.
-            let path = perfmap::path_for(pid);
-            match state.reader.update(&path) {
+            let (path, uids) = perfmap::locate(pid);
+            match state.reader.update(&path, &uids, &limits) {
                 Ok(true) => {
                     resized = Some(PERF_MAP_STATE_BYTES + state.reader.map().bytes());
                 }
                 Ok(false) => {}
-                Err(err) => {
+                Err(PerfMapError::Refused {
+                    path,
+                    reason,
+                    detail,
+                }) => {
+                    // The reader keeps the refusal (and nothing else), so this file is not
+                    // read, counted or logged again.
+                    resized = Some(PERF_MAP_STATE_BYTES);
+                    untrusted::refuse(
+                        untrusted::Kind::PerfMap,
+                        reason,
+                        &format!("{} of pid {pid}", path.display()),
+                        &detail,
+                        PerfMapError::advice(reason),
+                    );
+                }
+                Err(err @ PerfMapError::Read { .. }) => {
                     state.reader = PerfMapReader::default();
                     resized = Some(PERF_MAP_STATE_BYTES);
                     // Most processes have no perf map; that is not an error.
-                    let PerfMapError::Read { source, .. } = &err;
-                    if source.kind() != ErrorKind::NotFound {
+                    if let PerfMapError::Read { source, .. } = &err
+                        && source.kind() != ErrorKind::NotFound
+                    {
                         failed = Some(err);
                     }
                 }
