@@ -120,7 +120,7 @@ pub fn refuse(kind: Kind, reason: Reason, file: &str, detail: &str, advice: &str
     let Ok(mut log) = LOG.lock() else {
         return;
     };
-    let key = format!("{}:{file}", kind.label());
+    let key = format!("{}:{}:{file}", kind.label(), reason.label());
     if log.logged.contains(&key) {
         return;
     }

@@ -230,9 +230,35 @@ pub struct PerfMapReader {
     lines: u64,
     /// Size and mtime when last read, to skip reading an unchanged file.
     stamp: Option<(u64, Option<SystemTime>)>,
-    /// Device and inode (of the path itself, not followed) of a file refused: it is not looked
-    /// at again, nor refused (counted, logged) again, until the path names another file.
-    refused: Option<(u64, u64)>,
+    /// The file refused, as the path itself (not followed) was then: it is not looked at
+    /// again, nor refused (counted, logged) again, until the path names another file.
+    refused: Option<Refused>,
+}
+
+/// What is kept of a refused file to know it again: device, inode and type of the path, and
+/// its size then. A file that only grew since (a runtime appending) is the same file; one of
+/// another type or smaller is another file (a deleted file's inode is soon reused).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Refused {
+    dev: u64,
+    ino: u64,
+    mode: u32,
+    size: u64,
+}
+
+impl Refused {
+    fn of(md: &fs::Metadata) -> Self {
+        Self {
+            dev: md.dev(),
+            ino: md.ino(),
+            mode: md.mode() & libc::S_IFMT,
+            size: md.len(),
+        }
+    }
+
+    fn same_file(&self, now: &Refused) -> bool {
+        (self.dev, self.ino, self.mode) == (now.dev, now.ino, now.mode) && now.size >= self.size
+    }
 }
 
 impl PerfMapReader {
@@ -260,8 +286,8 @@ impl PerfMapReader {
             source,
         };
         let link = fs::symlink_metadata(path).map_err(err)?;
-        let link_id = (link.dev(), link.ino());
-        if self.refused == Some(link_id) {
+        let link_id = Refused::of(&link);
+        if self.refused.is_some_and(|r| r.same_file(&link_id)) {
             return Ok(false);
         }
         let refuse = |this: &mut Self, reason: Reason, detail: String| {
