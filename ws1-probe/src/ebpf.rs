@@ -831,4 +831,53 @@ format:
         assert_eq!(&OBJECT[..4], b"\x7fELF");
         assert_eq!(u16::from_le_bytes([OBJECT[18], OBJECT[19]]), 247);
     }
+
+    /// Property tests: tracefs format files are the kernel's, but a reader must not trust any
+    /// file's shape.
+    mod fuzz {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn format_line() -> impl Strategy<Value = String> {
+            prop_oneof![
+                (0u8..26, 0u32..512, 1u32..16).prop_map(|(c, off, size)| format!(
+                    "\tfield:int {}x;\toffset:{off};\tsize:{size};\tsigned:1;",
+                    char::from(b'a' + c)
+                )),
+                proptest::collection::vec(any::<u8>(), 0..60)
+                    .prop_map(|b| String::from_utf8_lossy(&b).replace('\n', " ")),
+                Just("\tfield:char comm[16];\toffset:8;\tsize:16;\tsigned:0;".to_owned()),
+                Just("field:;offset:;".to_owned()),
+            ]
+        }
+
+        proptest! {
+            #![proptest_config(crate::untrusted::fuzz::config(256))]
+
+            /// Any text: no panic, and a well-formed line's offset is found as written (the
+            /// first line naming the field wins).
+            #[test]
+            fn format_offsets(lines in proptest::collection::vec(format_line(), 0..20), c in 0u8..26) {
+                let text = lines.join("\n");
+                let field = format!("{}x", char::from(b'a' + c));
+                let got = parse_format_offset(&text, &field);
+                let want = lines.iter().find_map(|l| {
+                    let rest = l.strip_prefix(&format!("\tfield:int {field};\toffset:"))?;
+                    rest.split(';').next()?.parse::<u32>().ok()
+                });
+                if let Some(w) = want {
+                    // A garbage line before it may name the field too; when none does, the
+                    // well-formed one is what is found.
+                    let earlier_garbage = lines
+                        .iter()
+                        .take_while(|l| !l.starts_with(&format!("\tfield:int {field};")))
+                        .any(|l| l.contains(&field));
+                    if !earlier_garbage {
+                        prop_assert_eq!(got, Some(w));
+                    }
+                }
+                let _ = parse_format_offset(&text, "comm");
+            }
+        }
+    }
 }

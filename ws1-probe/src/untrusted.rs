@@ -218,6 +218,31 @@ pub fn open(path: &Path, uids: &[u32]) -> Result<File, OpenError> {
     Ok(file)
 }
 
+/// Opens a binary a process mapped, reached by a path the process controls (through its root):
+/// `O_NONBLOCK`, so a FIFO put in its place cannot block the agent, and refused unless a regular
+/// file. The error is an `io::Error` for callers that report open failures as such; a refusal
+/// is counted and logged here.
+pub fn open_binary(path: &Path) -> io::Result<File> {
+    let file = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC | libc::O_NOCTTY)
+        .open(path)?;
+    if !file.metadata()?.file_type().is_file() {
+        refuse(
+            Kind::Elf,
+            Reason::NotRegularFile,
+            &path.display().to_string(),
+            "it is not a regular file",
+            "frames in it stay unnamed; nothing to do unless the process replaced a mapped binary on purpose",
+        );
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "not a regular file",
+        ));
+    }
+    Ok(file)
+}
+
 /// The checks of [`open`] on a descriptor's metadata.
 pub fn check_metadata(md: &std::fs::Metadata, uids: &[u32]) -> Result<(), OpenError> {
     if !md.file_type().is_file() {
@@ -257,6 +282,67 @@ pub fn status_uids(status: &str) -> Vec<u32> {
                 .collect()
         })
         .unwrap_or_default()
+}
+
+/// Shared by the property tests of every parser of such input: a fixed seed (the same cases on
+/// every run: a failure is reproducible and never flaky) and no persistence files.
+#[cfg(test)]
+pub(crate) mod fuzz {
+    use proptest::{
+        prelude::*,
+        test_runner::{Config, RngSeed},
+    };
+
+    pub fn config(cases: u32) -> Config {
+        Config {
+            cases,
+            rng_seed: RngSeed::Fixed(0x0077_5331),
+            failure_persistence: None,
+            ..Config::default()
+        }
+    }
+
+    /// A small real ELF executable to mutate (coreutils' `true`, on every Linux system).
+    pub fn small_elf() -> Vec<u8> {
+        std::fs::read("/usr/bin/true").expect("/usr/bin/true")
+    }
+
+    /// `base` truncated at a random length and with up to 24 random bytes overwritten, half of
+    /// them in the ELF header and program headers (the first 512 bytes) or the section headers
+    /// (the last 4 KiB), where a parser's trust in offsets and counts is tested.
+    pub fn mutated(base: Vec<u8>) -> impl Strategy<Value = Vec<u8>> {
+        let len = base.len();
+        (
+            prop_oneof![2 => Just(len), 1 => 0..=len],
+            proptest::collection::vec(
+                (any::<bool>(), any::<prop::sample::Index>(), any::<u8>()),
+                0..24,
+            ),
+        )
+            .prop_map(move |(keep, edits)| {
+                let mut bytes = base[..keep].to_vec();
+                for (headers, at, value) in edits {
+                    if bytes.is_empty() {
+                        break;
+                    }
+                    let i = if headers {
+                        let at = at.index(512 + 4096);
+                        if at < 512 {
+                            at.min(bytes.len() - 1)
+                        } else {
+                            bytes
+                                .len()
+                                .saturating_sub(4096 + 512 - at)
+                                .min(bytes.len() - 1)
+                        }
+                    } else {
+                        at.index(bytes.len())
+                    };
+                    bytes[i] = value;
+                }
+                bytes
+            })
+    }
 }
 
 #[cfg(test)]

@@ -359,4 +359,22 @@ int main(int argc, char **argv) {
         }
         std::fs::remove_dir_all(&dir).ok();
     }
+
+    mod fuzz {
+        use super::*;
+        use crate::untrusted::fuzz::{config, mutated, small_elf};
+        use proptest::prelude::*;
+
+        proptest! {
+            #![proptest_config(config(256))]
+
+            /// A damaged or truncated executable is an error or an answer, never a panic.
+            #[test]
+            fn damaged_elf_never_panics(bytes in mutated(small_elf())) {
+                if let Ok((sampled, with_fp)) = count_prologues(&bytes[..]) {
+                    prop_assert!(with_fp <= sampled && sampled <= MAX_SAMPLE);
+                }
+            }
+        }
+    }
 }

@@ -494,6 +494,21 @@ impl ProfileSymbolizer {
             path: reached.clone(),
             source,
         })?;
+        if !md.file_type().is_file() {
+            // A FIFO or device where the process's root path names its binary: blazesym, the
+            // build id and the cost estimate would block on it or read without end.
+            untrusted::refuse(
+                untrusted::Kind::Elf,
+                untrusted::Reason::NotRegularFile,
+                &reached.display().to_string(),
+                "it is not a regular file",
+                "frames in it stay unnamed; nothing to do unless the process replaced a mapped binary on purpose",
+            );
+            return Err(SymbolsError::Open {
+                path: reached,
+                source: std::io::Error::new(ErrorKind::InvalidInput, "not a regular file"),
+            });
+        }
         let id = FileId::from(&md);
         // A path can come back naming another file: a new process got the old one's pid and
         // maps something else at the same range. blazesym must not answer from the old file.
@@ -1591,5 +1606,35 @@ mod tests {
             "{:?}",
             cold.iter().find(|f| f[0].function.contains("+0x"))
         );
+    }
+
+    /// Property tests: the binaries blazesym, the build-id reader and the cost estimate open
+    /// are files observed processes may have written.
+    mod fuzz {
+        use super::*;
+        use crate::untrusted::fuzz::{config, mutated, small_elf};
+        use proptest::prelude::*;
+
+        proptest! {
+            #![proptest_config(config(64))]
+
+            #[test]
+            fn damaged_elf_never_panics(bytes in mutated(small_elf())) {
+                let path = std::env::temp_dir().join(format!(
+                    "ws1-fuzz-elf-{}-{:?}",
+                    std::process::id(),
+                    std::thread::current().id()
+                ));
+                fs::write(&path, &bytes).unwrap();
+                let _ = parse_cost(&path);
+                let _ = read_build_id(&path);
+                let blaze = Blaze::new();
+                let mut elf = Elf::new(&path);
+                elf.debug_syms = true;
+                let offsets = [0x0u64, 0x1000, 0x2000, 0x3000, 0x4000];
+                let _ = blaze.symbolize(&Source::Elf(elf), Input::FileOffset(&offsets));
+                fs::remove_file(&path).unwrap();
+            }
+        }
     }
 }

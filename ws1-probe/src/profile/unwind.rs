@@ -598,8 +598,9 @@ impl Loader {
             mapping.start, mapping.end
         ));
         let fallback = PathBuf::from(format!("/proc/{pid}/root{path}"));
-        let file = File::open(&primary)
-            .or_else(|_| File::open(&fallback))
+        // The fallback path goes through the process's root, which it controls.
+        let file = crate::untrusted::open_binary(&primary)
+            .or_else(|_| crate::untrusted::open_binary(&fallback))
             .map_err(|source| UnwindError::Open {
                 path: primary,
                 fallback,
@@ -1328,5 +1329,80 @@ __attribute__((noinline)) long unwind_c_frame(callback cb, void *arg, long n) {
              cached rules, {cold:?} each without",
             out.frames.len()
         );
+    }
+
+    /// Property tests: `/proc/PID/maps` lines and ELF files are what observed processes make.
+    mod fuzz {
+        use super::*;
+        use crate::untrusted::fuzz::{config, mutated, small_elf};
+        use proptest::prelude::*;
+
+        proptest! {
+            #![proptest_config(config(256))]
+
+            #[test]
+            fn maps_lines_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..160)) {
+                let _ = parse_maps_line(&String::from_utf8_lossy(&bytes));
+            }
+
+            #[test]
+            fn maps_lines_round_trip(
+                start in any::<u64>(),
+                end in any::<u64>(),
+                x in any::<bool>(),
+                offset in any::<u64>(),
+                major in 0u64..0x1000,
+                minor in 0u64..0x100000,
+                inode in any::<u64>(),
+                path in proptest::collection::vec(0x20u8..0x7f, 0..60),
+            ) {
+                let path = String::from_utf8(path).unwrap();
+                let path = path.trim_start_matches(' ');
+                let perms = if x { "r-xp" } else { "rw-p" };
+                let line = format!(
+                    "{start:08x}-{end:08x} {perms} {offset:08x} {major:02x}:{minor:02x} {inode}    {path}"
+                );
+                let parsed = parse_maps_line(&line).unwrap();
+                prop_assert_eq!(
+                    parsed,
+                    MapsLine { start, end, executable: x, offset, dev: (major << 32) | minor, inode, path }
+                );
+            }
+
+            /// A damaged or truncated ELF file is an error or a binary with sections inside the
+            /// image; unwinding through it ends, never panics.
+            #[test]
+            fn damaged_elf_never_panics(bytes in mutated(small_elf())) {
+                let image = Arc::new(Image::Owned(bytes));
+                let Ok(binary) = Binary::parse(&image) else {
+                    return Ok(());
+                };
+                let _ = binary.bytes();
+                let Some(base) = binary.base_avma(0x5555_0000_0000, 0) else {
+                    return Ok(());
+                };
+                let text = binary.text_svma.clone().unwrap_or(0..0x1000);
+                let avma = 0x5555_0000_0000..0x5555_0000_0000 + text.end.max(0x1000).min(1 << 30);
+                let mut unwinder = UnwinderX86_64::new();
+                unwinder.add_module(binary.module("fuzz", avma, base));
+                let mut cache = CacheX86_64::new();
+                let stack = [0u8; 256];
+                let sp = 0x7fff_0000_0000u64;
+                let mut read_stack = |addr: u64| -> Result<u64, ()> {
+                    let at = usize::try_from(addr.checked_sub(sp).ok_or(())?).map_err(|_| ())?;
+                    let b = stack.get(at..at + 8).ok_or(())?;
+                    Ok(u64::from_le_bytes(b.try_into().map_err(|_| ())?))
+                };
+                for pc in [text.start, text.start + (text.end - text.start) / 2] {
+                    let mut regs = UnwindRegsX86_64::new(base.wrapping_add(pc), sp, sp);
+                    let _ = unwinder.unwind_frame(
+                        FrameAddress::from_instruction_pointer(base.wrapping_add(pc)),
+                        &mut regs,
+                        &mut cache,
+                        &mut read_stack,
+                    );
+                }
+            }
+        }
     }
 }
