@@ -1382,7 +1382,7 @@ __attribute__((noinline)) long unwind_c_frame(callback cb, void *arg, long n) {
                     return Ok(());
                 };
                 let text = binary.text_svma.clone().unwrap_or(0..0x1000);
-                let avma = 0x5555_0000_0000..0x5555_0000_0000 + text.end.max(0x1000).min(1 << 30);
+                let avma = 0x5555_0000_0000..0x5555_0000_0000 + text.end.clamp(0x1000, 1 << 30);
                 let mut unwinder = UnwinderX86_64::new();
                 unwinder.add_module(binary.module("fuzz", avma, base));
                 let mut cache = CacheX86_64::new();
