@@ -10,6 +10,7 @@ pub mod hostlabels;
 pub mod metrics;
 pub mod names;
 pub mod preflight;
+pub mod privileges;
 pub mod probe;
 pub mod profile;
 pub mod report;

@@ -44,6 +44,11 @@ pub struct AgentArgs {
     /// label); needs a selector. Per service: `remote_addresses = true` in the config
     #[arg(long)]
     pub remote_addresses: bool,
+    /// Keep every capability after start-up (by default the agent keeps only those it uses at
+    /// run time: CAP_BPF, CAP_PERFMON, CAP_SYS_PTRACE, CAP_DAC_READ_SEARCH,
+    /// CAP_CHECKPOINT_RESTORE, CAP_SYSLOG)
+    #[arg(long)]
+    pub keep_capabilities: bool,
     /// Collectors to run, comma-separated: syscalls, net, memory, profile, sched, block,
     /// resources, host (or all)
     #[arg(long, default_value = "all", value_parser = Collectors::parse)]
@@ -218,6 +223,9 @@ pub fn run(args: AgentArgs) -> anyhow::Result<()> {
         // pointers); give the freed heap back instead of keeping it in the allocator's arenas.
         // SAFETY: malloc_trim only releases free memory; it has no preconditions.
         unsafe { libc::malloc_trim(0) };
+        if !args.keep_capabilities {
+            drop_capabilities();
+        }
         tracing::info!(
             "observing {}: {} of {} processes targeted",
             settings.targets.describe(),
@@ -411,5 +419,23 @@ impl Signals {
                 }
             }
         }
+    }
+}
+
+/// Keeps only the capabilities the agent uses at run time, in every thread
+/// ([`ws1_probe::privileges`]); a failure is logged, not fatal (the agent works, with more
+/// privilege than it needs).
+fn drop_capabilities() {
+    use ws1_probe::privileges;
+    let last = privileges::last_cap();
+    let mask = privileges::kept_mask(last);
+    match privileges::drop_all_threads(mask, last) {
+        Ok(()) => tracing::info!(
+            "dropped capabilities; kept {}",
+            privileges::names(mask).join(", ")
+        ),
+        Err(err) => tracing::warn!(
+            "{err}; the agent runs with more privilege than it needs (report this; --keep-capabilities silences it)"
+        ),
     }
 }
