@@ -124,3 +124,24 @@ fn keep_capabilities_keeps_them() {
         assert_eq!(eff, caps(&own, "CapEff:"), "thread {tid}");
     }
 }
+
+#[test]
+fn precise_mode_keeps_cap_sys_admin_for_later_uprobes() {
+    if !privileged() {
+        return;
+    }
+    // Opening a uprobe perf event needs CAP_SYS_ADMIN here even with CAP_PERFMON, and precise
+    // mode attaches uprobes to processes that start later (tests/tests/alloc.rs
+    // agent_precise_mode_follows_new_processes runs that).
+    let agent = Agent::start(&[
+        "--comm",
+        "^w-priv-pa$",
+        "--precise-alloc",
+        "--collectors",
+        "syscalls",
+    ]);
+    for (tid, [eff, prm, ..]) in thread_caps(agent.child.id()) {
+        assert_eq!(eff, KEPT | (1 << 21), "thread {tid} CapEff {eff:x}");
+        assert_eq!(prm, KEPT | (1 << 21), "thread {tid} CapPrm {prm:x}");
+    }
+}

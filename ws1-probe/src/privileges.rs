@@ -15,8 +15,13 @@
 //! - `CAP_SYSLOG`: addresses in `/proc/kallsyms`, re-read when kernel frames name modules or BPF
 //!   programs loaded since.
 //!
-//! Everything else goes: `CAP_SYS_ADMIN` (only needed to load on kernels without `CAP_BPF`,
-//! which keep it), `CAP_NET_BIND_SERVICE` (the listener is bound), `CAP_SYS_RESOURCE` (the
+//! - `CAP_SYS_ADMIN`, only with precise allocation tracing (and on kernels without `CAP_BPF`,
+//!   before 5.8, where loading needs it): opening a uprobe perf event was refused with `EACCES`
+//!   on this project's 6.18 kernel with `CAP_BPF` and `CAP_PERFMON` but without it (measured
+//!   with `capsh --drop=cap_sys_admin -- -c 'ws1-probe check'`: `missing: uprobe`). Precise
+//!   mode cannot be turned on by a reload, so without it at start-up it goes.
+//!
+//! Everything else goes: `CAP_NET_BIND_SERVICE` (the listener is bound), `CAP_SYS_RESOURCE` (the
 //! memlock limit is lifted), `CAP_SETPCAP` and the rest.
 //!
 //! Capabilities are per thread, and the agent has runtime and blocking-pool threads by then. The
@@ -62,16 +67,16 @@ pub const KEPT: [(Cap, &str); 6] = [
 ];
 
 /// The capabilities to keep on this kernel as a bit mask: [`KEPT`] that the kernel knows, plus
-/// `CAP_SYS_ADMIN` where it does not know `CAP_BPF` (before 5.8, where that is what loading and
-/// attaching need).
-pub fn kept_mask(last_cap: u32) -> u64 {
+/// `CAP_SYS_ADMIN` when uprobes are attached later (`uprobes`: precise allocation tracing) or the
+/// kernel does not know `CAP_BPF` (before 5.8, where that is what loading and attaching need).
+pub fn kept_mask(last_cap: u32, uprobes: bool) -> u64 {
     let mut mask = 0u64;
     for ((cap, _), _) in KEPT {
         if cap <= last_cap {
             mask |= 1 << cap;
         }
     }
-    if last_cap < 39 {
+    if last_cap < 39 || uprobes {
         mask |= 1 << CAP_SYS_ADMIN.0;
     }
     mask
@@ -139,11 +144,14 @@ struct CapData {
 /// effective and permitted to `mask` (within what the thread has), inheritable to none. Only
 /// raw system calls on the stack: safe in a signal handler.
 fn apply(mask: u64, last_cap: u32) -> bool {
-    let mut ok = true;
+    // The bounding set only limits what an exec could gain back; reducing it needs
+    // CAP_SETPCAP, which a unit's own CapabilityBoundingSet may already have taken. So it is
+    // best effort, and success is the capset below.
     for cap in 0..=last_cap.min(63) {
         if mask & (1 << cap) == 0 {
-            // SAFETY: prctl with integer arguments only; EINVAL for an unknown cap is harmless.
-            let rc = unsafe {
+            // SAFETY: prctl with integer arguments only; EINVAL or EPERM leave things as they
+            // were.
+            unsafe {
                 libc::prctl(
                     libc::PR_CAPBSET_DROP,
                     libc::c_ulong::from(cap),
@@ -152,7 +160,6 @@ fn apply(mask: u64, last_cap: u32) -> bool {
                     0 as libc::c_ulong,
                 )
             };
-            ok &= rc == 0;
         }
     }
     // SAFETY: as above.
@@ -186,8 +193,7 @@ fn apply(mask: u64, last_cap: u32) -> bool {
     }
     header.pid = 0;
     // SAFETY: capset reads the header and two CapData records.
-    ok &= unsafe { libc::syscall(libc::SYS_capset, &header, data.as_ptr()) } == 0;
-    ok
+    unsafe { libc::syscall(libc::SYS_capset, &header, data.as_ptr()) == 0 }
 }
 
 extern "C" fn on_signal(_: c_int) {
@@ -311,13 +317,14 @@ mod tests {
 
     #[test]
     fn keeps_what_the_collectors_use_on_this_kernel() {
-        let mask = kept_mask(40);
+        let mask = kept_mask(40, false);
         assert_eq!(
             mask,
             (1 << 39) | (1 << 38) | (1 << 19) | (1 << 2) | (1 << 40) | (1 << 34)
         );
         // Before CAP_BPF existed, loading needed CAP_SYS_ADMIN; it stays.
-        let old = kept_mask(37);
+        assert_eq!(kept_mask(40, true), mask | (1 << 21));
+        let old = kept_mask(37, false);
         assert_eq!(old, (1 << 19) | (1 << 2) | (1 << 34) | (1 << 21));
         assert_eq!(
             names(old),

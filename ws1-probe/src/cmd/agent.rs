@@ -46,7 +46,7 @@ pub struct AgentArgs {
     pub remote_addresses: bool,
     /// Keep every capability after start-up (by default the agent keeps only those it uses at
     /// run time: CAP_BPF, CAP_PERFMON, CAP_SYS_PTRACE, CAP_DAC_READ_SEARCH,
-    /// CAP_CHECKPOINT_RESTORE, CAP_SYSLOG)
+    /// CAP_CHECKPOINT_RESTORE, CAP_SYSLOG, and CAP_SYS_ADMIN with precise allocation tracing)
     #[arg(long)]
     pub keep_capabilities: bool,
     /// Collectors to run, comma-separated: syscalls, net, memory, profile, sched, block,
@@ -224,7 +224,9 @@ pub fn run(args: AgentArgs) -> anyhow::Result<()> {
         // SAFETY: malloc_trim only releases free memory; it has no preconditions.
         unsafe { libc::malloc_trim(0) };
         if !args.keep_capabilities {
-            drop_capabilities();
+            drop_capabilities(
+                settings.precise_alloc != ws1_probe::targeting::config::PreciseAlloc::Off,
+            );
         }
         tracing::info!(
             "observing {}: {} of {} processes targeted",
@@ -425,10 +427,10 @@ impl Signals {
 /// Keeps only the capabilities the agent uses at run time, in every thread
 /// ([`ws1_probe::privileges`]); a failure is logged, not fatal (the agent works, with more
 /// privilege than it needs).
-fn drop_capabilities() {
+fn drop_capabilities(uprobes: bool) {
     use ws1_probe::privileges;
     let last = privileges::last_cap();
-    let mask = privileges::kept_mask(last);
+    let mask = privileges::kept_mask(last, uprobes);
     match privileges::drop_all_threads(mask, last) {
         Ok(()) => tracing::info!(
             "dropped capabilities; kept {}",
