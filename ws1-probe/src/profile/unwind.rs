@@ -15,7 +15,7 @@
 use std::{
     collections::HashMap,
     fs::File,
-    io::{self, Read},
+    io,
     ops::Range,
     os::unix::fs::FileExt,
     path::PathBuf,
@@ -57,6 +57,8 @@ const MODULE_OVERHEAD: usize = 320;
 /// code, a library loaded since) would otherwise re-read the maps on every sample.
 const RELOAD_INTERVAL: Duration = Duration::from_secs(1);
 
+/// Lines of `/proc/PID/maps` read at most (the kernel's default `vm.max_map_count` is 65530).
+const MAX_MAPS_LINES: usize = 1 << 20;
 /// x86_64 page size: mappings start at page-aligned file offsets.
 const PAGE_SIZE: u64 = 4096;
 
@@ -493,42 +495,61 @@ impl Process {
     /// added. Returns how many mappings have modules.
     fn refresh(&mut self, pid: u32, loader: &mut Loader) -> Result<usize, UnwindError> {
         self.last_load = Instant::now();
-        let mut maps = std::mem::take(&mut loader.maps_buf);
-        maps.clear();
-        let read = File::open(format!("/proc/{pid}/maps"))
-            .and_then(|mut f| f.read_to_string(&mut maps))
-            .map_err(|source| UnwindError::ReadMaps { pid, source });
-        if let Err(e) = read {
-            loader.maps_buf = maps;
-            return Err(e);
-        }
-
+        // Streamed line by line: a process decides how big its maps file is (up to
+        // vm.max_map_count mappings with paths of up to PATH_MAX bytes, hundreds of MiB), and
+        // only its executable file mappings are kept.
+        let file = File::open(format!("/proc/{pid}/maps"))
+            .map_err(|source| UnwindError::ReadMaps { pid, source })?;
+        let mut reader = io::BufReader::with_capacity(64 * 1024, file);
+        let mut line = std::mem::take(&mut loader.maps_buf);
         let mut fresh = Vec::with_capacity(self.mappings.len());
-        let mut new = Vec::new();
-        for line in maps.lines().filter_map(parse_maps_line) {
-            if !line.executable || !(line.path.starts_with('/') || line.path == "[vdso]") {
+        let mut new: Vec<(usize, String)> = Vec::new();
+        let mut lines = 0usize;
+        loop {
+            line.clear();
+            match io::BufRead::read_line(&mut reader, &mut line) {
+                Ok(0) => break,
+                Ok(_) => {}
+                Err(source) => {
+                    loader.maps_buf = line;
+                    return Err(UnwindError::ReadMaps { pid, source });
+                }
+            }
+            lines += 1;
+            if lines > MAX_MAPS_LINES {
+                break;
+            }
+            let Some(parsed) = parse_maps_line(line.trim_end_matches('\n')) else {
+                continue;
+            };
+            if !parsed.executable || !(parsed.path.starts_with('/') || parsed.path == "[vdso]") {
                 continue;
             }
             let mut mapping = Mapping {
-                start: line.start,
-                end: line.end,
-                offset: line.offset,
-                dev: line.dev,
-                inode: line.inode,
+                start: parsed.start,
+                end: parsed.end,
+                offset: parsed.offset,
+                dev: parsed.dev,
+                inode: parsed.inode,
                 has_module: false,
             };
             match self.mappings.iter().find(|old| old.same_as(&mapping)) {
                 Some(old) => mapping.has_module = old.has_module,
-                None => new.push((fresh.len(), line.path)),
+                None => new.push((fresh.len(), parsed.path.to_owned())),
             }
             fresh.push(mapping);
         }
+        // The line buffer is reused, but not kept large.
+        line.clear();
+        line.shrink_to(4096);
+        loader.maps_buf = line;
         for old in self.mappings.iter().filter(|m| m.has_module) {
             if !fresh.iter().any(|m| m.same_as(old)) {
                 self.unwinder.remove_module(old.start);
             }
         }
         for (i, path) in new {
+            let path = path.as_str();
             let mapping = &mut fresh[i];
             match loader.module(pid, mapping, path) {
                 Ok(module) => {
@@ -539,7 +560,6 @@ impl Process {
             }
         }
         self.mappings = fresh;
-        loader.maps_buf = maps;
         Ok(self.mappings.iter().filter(|m| m.has_module).count())
     }
 }
