@@ -249,3 +249,61 @@ fn a_bad_log_format_is_a_clear_error() {
     );
     assert!(stderr.contains("[possible values: text, json]"), "{stderr}");
 }
+
+#[test]
+fn an_unprivileged_process_gets_its_own_map_and_not_another_users() {
+    if !privileged() {
+        return;
+    }
+    use std::io::{BufRead, BufReader, Write};
+    use std::os::unix::process::CommandExt;
+    // The JIT runs as nobody and writes its own map: owned by its user, so it is read.
+    let mut child = std::process::Command::new(jitload_bin())
+        .uid(65534)
+        .gid(65534)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("start ws1-jitload as nobody");
+    let mut stdin = child.stdin.take().unwrap();
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    stdout.read_line(&mut line).unwrap();
+    let words: Vec<&str> = line.split_whitespace().collect();
+    assert_eq!(words.first(), Some(&"ready"), "{line}");
+    let pid: u32 = words[1].parse().unwrap();
+    let code = u64::from_str_radix(words[2], 16).unwrap();
+    let map = PathBuf::from(format!("/tmp/perf-{pid}.map"));
+    struct Cleanup(std::process::Child, PathBuf);
+    impl Drop for Cleanup {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+            let _ = std::fs::remove_file(&self.1);
+        }
+    }
+    writeln!(stdin, "map ws1_nobody_jit").unwrap();
+    line.clear();
+    stdout.read_line(&mut line).unwrap();
+    assert_eq!(line.trim(), "ok");
+    let _guard = Cleanup(child, map.clone());
+
+    let agent = Agent::start(&["--pid", &pid.to_string(), "--collectors", "profile"]);
+    let text = profile(&agent, 3);
+    assert!(text.contains("ws1_nobody_jit"), "own perf map not used");
+
+    // Another user's file in its place (here uid 1, made by root, as a planted file would be):
+    // refused, and what it names never shows.
+    std::fs::remove_file(&map).unwrap();
+    std::fs::write(&map, format!("{code:x} 40 ws1_planted_by_uid_1\n")).unwrap();
+    let c = std::ffi::CString::new(map.to_str().unwrap()).unwrap();
+    // SAFETY: a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::chown(c.as_ptr(), 1, 1) }, 0);
+    let text = profile(&agent, 3);
+    assert!(!text.contains("ws1_planted_by_uid_1"));
+    assert!(
+        text.contains(&unnamed_code(code)),
+        "JIT code was not sampled"
+    );
+    assert_eq!(refused(&agent, "foreign_owner"), 1.0);
+}
