@@ -284,6 +284,34 @@ pub fn status_uids(status: &str) -> Vec<u32> {
         .unwrap_or_default()
 }
 
+/// Estimated bytes of a binary's symbol tables past which it is not parsed at all (Chromium's,
+/// among the largest, are about 100 MiB). The file is the process's own (a library it wrote and
+/// loaded can claim gigabytes of symbols, sparse on disk): parsers that copy what they read
+/// (the `object` crate through a `ReadCache`) would hold all of it.
+pub const MAX_ELF_SYMBOL_TABLE_BYTES: u64 = 512 << 20;
+
+/// Bytes the symbol and string tables of a 64-bit ELF file claim, from its section headers
+/// alone: through a `ReadCache`, only the headers are read. `None` when it is not a 64-bit ELF
+/// file or its headers are damaged (the parsers that follow then fail on their own).
+pub fn elf_symbol_table_bytes<'a, R: object::ReadRef<'a>>(data: R) -> Option<u64> {
+    use object::read::elf::{FileHeader as _, SectionHeader as _};
+    let header = object::elf::FileHeader64::<object::Endianness>::parse(data).ok()?;
+    let endian = header.endian().ok()?;
+    let sections = header.section_headers(endian, data).ok()?;
+    Some(
+        sections
+            .iter()
+            .filter(|s| {
+                matches!(
+                    s.sh_type(endian),
+                    object::elf::SHT_SYMTAB | object::elf::SHT_DYNSYM | object::elf::SHT_STRTAB
+                )
+            })
+            .map(|s| s.sh_size(endian))
+            .fold(0u64, u64::saturating_add),
+    )
+}
+
 /// Shared by the property tests of every parser of such input: a fixed seed (the same cases on
 /// every run: a failure is reproducible and never flaky) and no persistence files.
 #[cfg(test)]

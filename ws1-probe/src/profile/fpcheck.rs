@@ -50,6 +50,8 @@ pub enum FpCheckError {
         #[source]
         source: object::Error,
     },
+    #[error("{path} claims {bytes} bytes of symbol tables; not parsed")]
+    TooLarge { path: PathBuf, bytes: u64 },
 }
 
 /// Whether `code` (the first bytes of a function) sets up a frame pointer: an optional
@@ -75,6 +77,22 @@ pub fn has_frame_pointers(path: &Path) -> Result<bool, FpCheckError> {
     })?;
     // Only headers, symbols and the sampled prologues are read, not the whole file.
     let cache = ReadCache::new(file);
+    // Parsing reads the symbol table into the cache: look at what it claims first.
+    if let Some(bytes) = crate::untrusted::elf_symbol_table_bytes(&cache)
+        && bytes > crate::untrusted::MAX_ELF_SYMBOL_TABLE_BYTES
+    {
+        crate::untrusted::refuse(
+            crate::untrusted::Kind::Elf,
+            crate::untrusted::Reason::TooLarge,
+            &path.display().to_string(),
+            &format!("it claims {bytes} bytes of symbol tables"),
+            "its stacks are unwound with DWARF (the safe choice without evidence of frame pointers)",
+        );
+        return Err(FpCheckError::TooLarge {
+            path: path.to_owned(),
+            bytes,
+        });
+    }
     let (sampled, with_fp) = count_prologues(&cache).map_err(|source| FpCheckError::Parse {
         path: path.to_owned(),
         source,

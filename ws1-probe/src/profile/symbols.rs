@@ -60,6 +60,10 @@ const KALLSYMS_REFRESH: Duration = Duration::from_secs(60);
 const KALLSYMS: &str = "/proc/kallsyms";
 /// Estimated bytes of a process's perf map state without its map.
 const PERF_MAP_STATE_BYTES: usize = 128;
+/// See [`untrusted::MAX_ELF_SYMBOL_TABLE_BYTES`].
+const MAX_SYMBOL_TABLE_BYTES: usize = untrusted::MAX_ELF_SYMBOL_TABLE_BYTES as usize;
+/// Binaries refused as too large remembered at once (so each is refused and logged once).
+const MAX_REFUSED: usize = 1024;
 /// Module of frames named by a perf map.
 const PERF_MAP_MODULE: &str = "[perf-map]";
 /// Module of kernel frames.
@@ -208,6 +212,8 @@ pub struct ProfileSymbolizer {
     /// small that way (parsed DWARF of a large binary is tens of MiB).
     debug_syms: bool,
     perf_maps: ByteLru<u32, PerfMapState>,
+    /// Binaries refused for their size ([`MAX_SYMBOL_TABLE_BYTES`]).
+    refused: std::collections::HashSet<FileId>,
     stats: SymbolizerStats,
 }
 
@@ -249,6 +255,7 @@ impl ProfileSymbolizer {
             last_sweep: Instant::now(),
             cache: ByteLru::new("symbol_frames", budgets.frames),
             perf_maps: ByteLru::new("perf_maps", budgets.perf_maps),
+            refused: std::collections::HashSet::new(),
             stats: SymbolizerStats::default(),
         }
     }
@@ -527,6 +534,31 @@ impl ProfileSymbolizer {
                     .unwrap_or_else(|_| file_name(path))
             };
             let (symbols, dwarf) = parse_cost(&reached);
+            if symbols > MAX_SYMBOL_TABLE_BYTES {
+                // The file is the process's (a library it wrote and loaded): a symbol table of
+                // gigabytes would become an index of gigabytes. Refused once per file.
+                if self.refused.len() >= MAX_REFUSED {
+                    self.refused.clear();
+                }
+                if self.refused.insert(id) {
+                    untrusted::refuse(
+                        untrusted::Kind::Elf,
+                        untrusted::Reason::TooLarge,
+                        &reached.display().to_string(),
+                        &format!(
+                            "its symbol tables would take about {symbols} bytes, more than the {MAX_SYMBOL_TABLE_BYTES} the agent parses of one binary"
+                        ),
+                        "frames in it keep [build-id]+offset; symbolize them offline with the binary",
+                    );
+                }
+                return Err(SymbolsError::Open {
+                    path: reached,
+                    source: std::io::Error::new(
+                        ErrorKind::InvalidData,
+                        "symbol tables too large to parse",
+                    ),
+                });
+            }
             let debug = self.debug_syms && symbols + dwarf <= self.binaries.budget();
             let bytes = if debug { symbols + dwarf } else { symbols };
             let evicted = self.binaries.insert(
@@ -859,6 +891,12 @@ fn parse_cost(path: &Path) -> (usize, usize) {
         return (FLOOR, 0);
     };
     let cache = object::ReadCache::new(file);
+    // Parsing reads the symbol table into the cache: look at what it claims first.
+    if let Some(claimed) = untrusted::elf_symbol_table_bytes(&cache)
+        && claimed > untrusted::MAX_ELF_SYMBOL_TABLE_BYTES
+    {
+        return (usize::try_from(claimed).unwrap_or(usize::MAX), 0);
+    }
     let Ok(elf) = object::File::parse(&cache) else {
         return (FLOOR, 0);
     };
@@ -1606,6 +1644,86 @@ mod tests {
             "{:?}",
             cold.iter().find(|f| f[0].function.contains("+0x"))
         );
+    }
+
+    /// A minimal x86-64 ELF whose `.symtab` (at offset 4096, zeros) takes `symtab_size` bytes:
+    /// a sparse file, so a gigabyte of it costs no disk.
+    fn write_elf_with_symtab(path: &Path, symtab_size: u64) {
+        let mut out = Vec::new();
+        out.extend_from_slice(&[0x7f, b'E', b'L', b'F', 2, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+        out.extend_from_slice(&3u16.to_le_bytes()); // ET_DYN
+        out.extend_from_slice(&62u16.to_le_bytes()); // x86-64
+        out.extend_from_slice(&1u32.to_le_bytes());
+        out.extend_from_slice(&0u64.to_le_bytes()); // entry
+        out.extend_from_slice(&0u64.to_le_bytes()); // phoff
+        out.extend_from_slice(&64u64.to_le_bytes()); // shoff
+        out.extend_from_slice(&0u32.to_le_bytes());
+        for v in [64u16, 56, 0, 64, 3, 2] {
+            out.extend_from_slice(&v.to_le_bytes());
+        }
+        let section =
+            |out: &mut Vec<u8>,
+             (name, ty, offset, size, link, entsize): (u32, u32, u64, u64, u32, u64)| {
+                out.extend_from_slice(&name.to_le_bytes());
+                out.extend_from_slice(&ty.to_le_bytes());
+                out.extend_from_slice(&0u64.to_le_bytes()); // flags
+                out.extend_from_slice(&0u64.to_le_bytes()); // addr
+                out.extend_from_slice(&offset.to_le_bytes());
+                out.extend_from_slice(&size.to_le_bytes());
+                out.extend_from_slice(&link.to_le_bytes());
+                out.extend_from_slice(&0u32.to_le_bytes()); // info
+                out.extend_from_slice(&8u64.to_le_bytes()); // addralign
+                out.extend_from_slice(&entsize.to_le_bytes());
+            };
+        out.extend_from_slice(&[0u8; 64]);
+        section(&mut out, (1, 2, 4096, symtab_size, 2, 24));
+        let names = b"\0.symtab\0.shstrtab\0";
+        section(&mut out, (9, 3, 256, names.len() as u64, 0, 0));
+        out.extend_from_slice(names);
+        let f = fs::File::create(path).unwrap();
+        std::io::Write::write_all(&mut &f, &out).unwrap();
+        f.set_len(4096 + symtab_size).unwrap();
+    }
+
+    fn peak_rss() -> u64 {
+        let status = fs::read_to_string("/proc/self/status").unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse::<u64>().ok())
+            .unwrap()
+            * 1024
+    }
+
+    #[test]
+    fn a_binary_with_gigantic_symbol_tables_is_refused_once() {
+        let path = std::env::temp_dir().join(format!("ws1-huge-symtab-{}", std::process::id()));
+        // 1 GiB of (sparse) symbols.
+        write_elf_with_symtab(&path, 1 << 30);
+        let peak = peak_rss();
+        let (symbols, _) = parse_cost(&path);
+        assert!(symbols > MAX_SYMBOL_TABLE_BYTES, "{symbols}");
+        let mut s = ProfileSymbolizer::new();
+        let before = untrusted::refused(untrusted::Kind::Elf, untrusted::Reason::TooLarge);
+        for _ in 0..3 {
+            assert!(matches!(
+                s.binary(std::process::id(), &path, true),
+                Err(SymbolsError::Open { .. })
+            ));
+        }
+        // Nothing read the table (other tests run meanwhile, hence the margin).
+        let grew = peak_rss().saturating_sub(peak);
+        assert!(grew < 256 << 20, "peak RSS grew {grew} bytes");
+        // The counter is process-wide (other tests may refuse too), but this file is refused
+        // once.
+        assert!(untrusted::refused(untrusted::Kind::Elf, untrusted::Reason::TooLarge) > before);
+        assert_eq!(s.refused.len(), 1);
+        assert!(s.binaries.is_empty());
+        // A normal table is parsed as before.
+        write_elf_with_symtab(&path, 24 * 100);
+        let (symbols, _) = parse_cost(&path);
+        assert!(symbols < 64 * 1024, "{symbols}");
+        fs::remove_file(&path).unwrap();
     }
 
     /// Property tests: the binaries blazesym, the build-id reader and the cost estimate open
