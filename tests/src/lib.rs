@@ -38,6 +38,12 @@ pub fn allocload_bin() -> PathBuf {
     workload_bin().with_file_name("ws1-allocload")
 }
 
+/// The JIT workload (code in an anonymous executable mapping, a perf map the test shapes), next
+/// to the syscall workload.
+pub fn jitload_bin() -> PathBuf {
+    workload_bin().with_file_name("ws1-jitload")
+}
+
 /// The resources workload (fds, threads, processes, CPU), next to the syscall workload.
 pub fn resload_bin() -> PathBuf {
     workload_bin().with_file_name("ws1-resload")
@@ -291,6 +297,8 @@ pub fn run_probe(args: &[&str]) -> Output {
 pub struct Workload {
     pub child: Child,
     pub pid: u32,
+    /// The workload's first line, `ready ...`.
+    pub ready: String,
     stdin: ChildStdin,
     stdout: BufReader<ChildStdout>,
 }
@@ -337,6 +345,7 @@ impl Workload {
         Workload {
             child,
             pid,
+            ready: line.trim_end().to_owned(),
             stdin,
             stdout,
         }

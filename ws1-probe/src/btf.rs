@@ -318,4 +318,39 @@ mod tests {
         // `end_seq` (include/net/tcp.h, since 4.x).
         assert_eq!(got[2], Some(8));
     }
+
+    /// Property tests: a BTF blob is trusted as far as its header and record counts go, no
+    /// further.
+    mod fuzz {
+        use super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            #![proptest_config(crate::untrusted::fuzz::config(512))]
+
+            #[test]
+            fn damaged_blob_never_panics(
+                keep in any::<prop::sample::Index>(),
+                edits in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 0..12),
+            ) {
+                let mut data = blob();
+                data.truncate(keep.index(data.len() + 1));
+                for (at, value) in edits {
+                    if !data.is_empty() {
+                        let i = at.index(data.len());
+                        data[i] = value;
+                    }
+                }
+                let _ = member_offsets(&data, &[("s", "a"), ("u", "f"), ("t", "c"), ("u", "e")]);
+            }
+
+            #[test]
+            fn random_bytes_never_panic(mut data in proptest::collection::vec(any::<u8>(), 0..512)) {
+                if data.len() >= 2 {
+                    data[..2].copy_from_slice(&MAGIC.to_le_bytes());
+                }
+                let _ = member_offsets(&data, &[("s", "a")]);
+            }
+        }
+    }
 }

@@ -187,19 +187,19 @@ pub fn kernel_offsets() -> KernelOffsets {
                 };
                 if offsets.tcp_sock_srtt_us == u32::MAX {
                     tracing::warn!(
-                        "kernel BTF has no tcp_sock.srtt_us: accept-side handshake latency is not measured"
+                        "kernel BTF has no tcp_sock.srtt_us: accept-side handshake latency is not measured (a kernel built with CONFIG_DEBUG_INFO_BTF=y and a newer release has it)"
                     );
                 }
                 if offsets.skb_gso_segs == u32::MAX {
                     tracing::warn!(
-                        "kernel BTF has no sk_buff.cb or tcp_skb_cb.tcp_gso_segs: retransmits count one segment per retransmitted packet"
+                        "kernel BTF has no sk_buff.cb or tcp_skb_cb.tcp_gso_segs: retransmits count one segment per retransmitted packet (exact segment counts need a kernel whose BTF has these fields)"
                     );
                 }
                 offsets
             }
             Err(err) => {
                 tracing::warn!(
-                    "accept-side handshake latency is not measured, RTT and off-CPU use the classic tracepoints, retransmits count one segment per retransmitted packet: {err}"
+                    "accept-side handshake latency is not measured, RTT and off-CPU use the classic tracepoints, retransmits count one segment per retransmitted packet: {err}; make /sys/kernel/btf/vmlinux readable (a kernel built with CONFIG_DEBUG_INFO_BTF=y) and run `ws1-probe check`"
                 );
                 KernelOffsets {
                     tcp_sock_srtt_us: u32::MAX,
@@ -512,7 +512,9 @@ pub fn read_offsets(tracefs: &Path) -> TracepointOffsets {
             }
         }
         None => {
-            tracing::warn!("cannot read task:task_newtask format; assuming the Linux 6.x layout")
+            tracing::warn!(
+                "cannot read task:task_newtask format; assuming the Linux 6.x layout (mount tracefs at /sys/kernel/tracing and run `ws1-probe check`)"
+            )
         }
     }
     match read("sched/sched_process_exit") {
@@ -520,7 +522,7 @@ pub fn read_offsets(tracefs: &Path) -> TracepointOffsets {
             off.exit_group_dead = parse_format_offset(&fmt, "group_dead").unwrap_or(u32::MAX);
         }
         None => tracing::warn!(
-            "cannot read sched:sched_process_exit format; assuming the Linux 6.x layout"
+            "cannot read sched:sched_process_exit format; assuming the Linux 6.x layout (mount tracefs at /sys/kernel/tracing and run `ws1-probe check`)"
         ),
     }
     off
@@ -828,5 +830,54 @@ format:
         // An ELF file for the BPF machine (EM_BPF = 247).
         assert_eq!(&OBJECT[..4], b"\x7fELF");
         assert_eq!(u16::from_le_bytes([OBJECT[18], OBJECT[19]]), 247);
+    }
+
+    /// Property tests: tracefs format files are the kernel's, but a reader must not trust any
+    /// file's shape.
+    mod fuzz {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn format_line() -> impl Strategy<Value = String> {
+            prop_oneof![
+                (0u8..26, 0u32..512, 1u32..16).prop_map(|(c, off, size)| format!(
+                    "\tfield:int {}x;\toffset:{off};\tsize:{size};\tsigned:1;",
+                    char::from(b'a' + c)
+                )),
+                proptest::collection::vec(any::<u8>(), 0..60)
+                    .prop_map(|b| String::from_utf8_lossy(&b).replace('\n', " ")),
+                Just("\tfield:char comm[16];\toffset:8;\tsize:16;\tsigned:0;".to_owned()),
+                Just("field:;offset:;".to_owned()),
+            ]
+        }
+
+        proptest! {
+            #![proptest_config(crate::untrusted::fuzz::config(256))]
+
+            /// Any text: no panic, and a well-formed line's offset is found as written (the
+            /// first line naming the field wins).
+            #[test]
+            fn format_offsets(lines in proptest::collection::vec(format_line(), 0..20), c in 0u8..26) {
+                let text = lines.join("\n");
+                let field = format!("{}x", char::from(b'a' + c));
+                let got = parse_format_offset(&text, &field);
+                let want = lines.iter().find_map(|l| {
+                    let rest = l.strip_prefix(&format!("\tfield:int {field};\toffset:"))?;
+                    rest.split(';').next()?.parse::<u32>().ok()
+                });
+                if let Some(w) = want {
+                    // A garbage line before it may name the field too; when none does, the
+                    // well-formed one is what is found.
+                    let earlier_garbage = lines
+                        .iter()
+                        .take_while(|l| !l.starts_with(&format!("\tfield:int {field};")))
+                        .any(|l| l.contains(&field));
+                    if !earlier_garbage {
+                        prop_assert_eq!(got, Some(w));
+                    }
+                }
+                let _ = parse_format_offset(&text, "comm");
+            }
+        }
     }
 }

@@ -16,6 +16,22 @@ struct Cli {
     /// Log filter (tracing EnvFilter syntax), e.g. `debug` or `ws1_probe=trace`
     #[arg(long, global = true, env = "WS1_PROBE_LOG", default_value = "info")]
     log: String,
+    /// Log line format on stderr: `text` for people, `json` for log shippers (one object per
+    /// line with timestamp, level, target and fields)
+    #[arg(
+        long,
+        global = true,
+        env = "WS1_PROBE_LOG_FORMAT",
+        value_enum,
+        default_value_t = LogFormat::Text
+    )]
+    log_format: LogFormat,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Subcommand, Debug)]
@@ -63,12 +79,25 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let filter = tracing_subscriber::EnvFilter::try_new(&cli.log)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_target(false)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    let json = cli.log_format == LogFormat::Json;
+    if json {
+        // One object per line: {"timestamp","level","fields":{"message",...},"target"}.
+        tracing_subscriber::fmt()
+            .json()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .with_target(true)
+            .with_current_span(false)
+            .with_span_list(false)
+            .init();
+    } else {
+        tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .with_target(false)
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init();
+    }
     let result = match cli.command {
         Command::Agent(args) => cmd::agent::run(args).map(|()| ExitCode::SUCCESS),
         Command::Syscalls(args) => cmd::syscalls::run(args).map(|()| ExitCode::SUCCESS),
@@ -89,8 +118,13 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => code,
         Err(err) => {
-            // One line: the context chain joined with ": ".
-            eprintln!("error: {err:#}");
+            // One line: the context chain joined with ": " (in JSON mode an error event, so
+            // every stderr line stays one JSON object).
+            if json {
+                tracing::error!("{err:#}");
+            } else {
+                eprintln!("error: {err:#}");
+            }
             ExitCode::FAILURE
         }
     }

@@ -374,7 +374,9 @@ impl Probe {
                 match alloc.add_pids(&mut self.ebpf, &pids, &spec) {
                     Ok(0) => {}
                     Ok(n) => tracing::info!("precise allocation tracing on {n} new process(es)"),
-                    Err(err) => tracing::warn!("cannot trace allocations of a new process: {err}"),
+                    Err(err) => tracing::warn!(
+                        "cannot trace allocations of a new process: {err}; its allocations are not counted (`ws1-probe check` lists what this kernel allows)"
+                    ),
                 }
             }
         }
@@ -394,7 +396,10 @@ impl Probe {
     pub fn log_crashes(&mut self) {
         let services = self.targets.matcher().services();
         for crash in self.sched.crashes() {
-            tracing::warn!("{}", crash.line(services.name(crash.service)));
+            tracing::warn!(
+                "{}; its own log or core dump tells why",
+                crash.line(services.name(crash.service))
+            );
         }
     }
 

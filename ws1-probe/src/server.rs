@@ -294,7 +294,9 @@ pub async fn serve<R>(
                     });
                 }
                 Err(err) => {
-                    tracing::warn!("accept failed: {err}; the agent keeps listening");
+                    tracing::warn!(
+                        "accept failed: {err}; retrying in 100 ms (on EMFILE raise the agent's open-file limit, LimitNOFILE in the unit)"
+                    );
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
             },

@@ -48,6 +48,11 @@ pub struct AgentArgs {
     /// label); needs a selector. Per service: `remote_addresses = true` in the config
     #[arg(long)]
     pub remote_addresses: bool,
+    /// Keep every capability after start-up (by default the agent keeps only those it uses at
+    /// run time: CAP_BPF, CAP_PERFMON, CAP_SYS_PTRACE, CAP_DAC_READ_SEARCH,
+    /// CAP_CHECKPOINT_RESTORE, CAP_SYSLOG, and CAP_SYS_ADMIN with precise allocation tracing)
+    #[arg(long)]
+    pub keep_capabilities: bool,
     /// Collectors to run, comma-separated: syscalls, net, memory, profile, sched, block,
     /// resources, host (or all)
     #[arg(long, default_value = "all", value_parser = Collectors::parse)]
@@ -132,7 +137,7 @@ async fn reload(args: &AgentArgs, shared: &Shared) {
             );
             if !r.needs_restart.is_empty() {
                 tracing::warn!(
-                    "changed but not applied until the agent restarts: {}",
+                    "changed but not applied until the agent restarts: {}; restart the agent to apply them",
                     r.needs_restart.join(", ")
                 );
             }
@@ -140,7 +145,9 @@ async fn reload(args: &AgentArgs, shared: &Shared) {
         Ok(Some(Err(err))) => {
             tracing::error!("reload failed, keeping the running configuration: {err}");
         }
-        Ok(None) => tracing::warn!("reload ignored: the collectors are still starting"),
+        Ok(None) => tracing::warn!(
+            "reload ignored: the collectors are still starting; send SIGHUP again once /readyz answers 200"
+        ),
         Err(err) => tracing::error!("reload failed: {err}"),
     }
 }
@@ -237,6 +244,11 @@ pub fn run(args: AgentArgs) -> anyhow::Result<()> {
         // pointers); give the freed heap back instead of keeping it in the allocator's arenas.
         // SAFETY: malloc_trim only releases free memory; it has no preconditions.
         unsafe { libc::malloc_trim(0) };
+        if !args.keep_capabilities {
+            drop_capabilities(
+                settings.precise_alloc != ws1_probe::targeting::config::PreciseAlloc::Off,
+            );
+        }
         tracing::info!(
             "observing {}: {} of {} processes targeted",
             settings.targets.describe(),
@@ -431,5 +443,23 @@ impl Signals {
                 }
             }
         }
+    }
+}
+
+/// Keeps only the capabilities the agent uses at run time, in every thread
+/// ([`ws1_probe::privileges`]); a failure is logged, not fatal (the agent works, with more
+/// privilege than it needs).
+fn drop_capabilities(uprobes: bool) {
+    use ws1_probe::privileges;
+    let last = privileges::last_cap();
+    let mask = privileges::kept_mask(last, uprobes);
+    match privileges::drop_all_threads(mask, last) {
+        Ok(()) => tracing::info!(
+            "dropped capabilities; kept {}",
+            privileges::names(mask).join(", ")
+        ),
+        Err(err) => tracing::warn!(
+            "{err}; the agent runs with more privilege than it needs (report this; --keep-capabilities silences it)"
+        ),
     }
 }

@@ -128,7 +128,9 @@ impl AllocCollector {
             ("alloc_brk_exit", "sys_exit_brk"),
         ] {
             if let Err(err) = crate::ebpf::attach_tracepoint(ebpf, program, "syscalls", event) {
-                tracing::warn!("mmap/munmap/brk are not counted: {err}");
+                tracing::warn!(
+                    "mmap/munmap/brk are not counted: {err}; malloc-family tracing goes on (`ws1-probe check` lists what this kernel allows)"
+                );
                 break;
             }
         }

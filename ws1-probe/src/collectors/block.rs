@@ -285,7 +285,7 @@ fn attach_hooks(ebpf: &mut Ebpf, setting: BlockHooks) -> Result<&'static str, Lo
     }
     if !off.tracepoints_usable() {
         tracing::warn!(
-            "block: this kernel lacks tracepoint block:block_io_start or block:block_rq_complete (or their fields; block_io_start is Linux 6.5+); block I/O is not measured"
+            "block: this kernel lacks tracepoint block:block_io_start or block:block_rq_complete (or their fields; block_io_start is Linux 6.5+); block I/O is not measured (leave block out of --collectors to silence this)"
         );
         return Ok("off");
     }
@@ -295,7 +295,9 @@ fn attach_hooks(ebpf: &mut Ebpf, setting: BlockHooks) -> Result<&'static str, Lo
             // Without the merge hook a merged request's entry stays until its slot is reused
             // or the map fills (counted as drops).
             Err(LoadError::Attach { reason, .. }) if i == 2 => {
-                tracing::warn!("block: cannot attach block:{tp}: {reason}; skipped");
+                tracing::warn!(
+                    "block: cannot attach block:{tp}: {reason}; skipped, the other block hooks run (`ws1-probe check` lists what this kernel allows)"
+                );
             }
             Err(err) => return Err(err),
         }

@@ -144,7 +144,9 @@ impl MemoryCollector {
         }
         match attach_faults(ebpf) {
             Ok(faults) => collector.faults = Some(faults),
-            Err(err) => tracing::warn!("page faults are not sampled: {err}"),
+            Err(err) => tracing::warn!(
+                "page faults are not sampled: {err}; resident memory still is (`ws1-probe check` lists what this kernel allows)"
+            ),
         }
         Ok(collector)
     }

@@ -241,7 +241,7 @@ impl NetCollector {
         if enabled && !remote_services.is_empty() {
             if offsets.state_daddr_v6 == u32::MAX {
                 tracing::warn!(
-                    "network: tracepoint sock:inet_sock_set_state has no daddr_v6 field on this kernel; remote addresses are not exported"
+                    "network: tracepoint sock:inet_sock_set_state has no daddr_v6 field on this kernel; remote addresses are not exported (drop --remote-addresses and `remote_addresses` from the config to silence this)"
                 );
             } else {
                 // Before the hooks attach, so every observed connection has its address.
@@ -299,7 +299,7 @@ impl NetCollector {
             let hook = format!("{category}:{name}");
             if !net_hook_usable(&offsets, program) {
                 tracing::warn!(
-                    "network: this kernel lacks tracepoint {hook} (or its fields); its metrics are not collected"
+                    "network: this kernel lacks tracepoint {hook} (or its fields); its metrics are not collected (`ws1-probe check` lists what this kernel allows)"
                 );
                 skipped.push((hook, "tracepoint or fields missing".to_owned()));
                 continue;
@@ -321,14 +321,16 @@ impl NetCollector {
             }
             if name == "tcp_retransmit_skb" && offsets.retransmit_skbaddr == u32::MAX {
                 tracing::warn!(
-                    "network: tracepoint {hook} has no skbaddr field on this kernel; retransmits count one segment per retransmitted packet"
+                    "network: tracepoint {hook} has no skbaddr field on this kernel; retransmits count one segment per retransmitted packet (exact segment counts need a newer kernel)"
                 );
             }
             match attach_tracepoint(ebpf, program, category, name) {
                 Ok(()) => attached.push(hook),
                 // A kernel without the hook; anything else (verifier, permissions) is fatal.
                 Err(LoadError::Attach { reason, .. }) => {
-                    tracing::warn!("network: cannot attach {hook}: {reason}; skipped");
+                    tracing::warn!(
+                        "network: cannot attach {hook}: {reason}; skipped, the other network hooks run (`ws1-probe check` lists what this kernel allows)"
+                    );
                     skipped.push((hook, reason));
                 }
                 Err(err) => return Err(err),
@@ -439,7 +441,9 @@ impl NetCollector {
                 match self.listen.insert(u32::from(port), service, 0) {
                     Ok(()) => seeded += 1,
                     Err(err) => {
-                        tracing::warn!("network: cannot register listening port {port}: {err}")
+                        tracing::warn!(
+                            "network: cannot register listening port {port}: {err}; connections accepted on it are not observed (raise --map-entries NET_LISTEN=N)"
+                        )
                     }
                 }
             }

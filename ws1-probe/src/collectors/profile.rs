@@ -119,7 +119,7 @@ impl ProfileCollector {
                 && let Err(err) = attach_raw_tracepoint(ebpf, "profile_sys_exit", "sys_exit")
             {
                 tracing::warn!(
-                    "off-CPU: cannot attach raw_tp sys_exit ({err}); blocks of binaries without frame pointers use frame-pointer stacks"
+                    "off-CPU: cannot attach raw_tp sys_exit ({err}); blocks of binaries without frame pointers use frame-pointer stacks (`ws1-probe check` lists what this kernel allows)"
                 );
             }
         }
@@ -178,7 +178,9 @@ impl ProfileCollector {
                 },
             };
             if dwarf && let Err(err) = self.dwarf_pids.insert(pid, 1, 0) {
-                tracing::warn!("pid {pid}: cannot switch to DWARF unwinding: {err}");
+                tracing::warn!(
+                    "pid {pid}: cannot switch to DWARF unwinding: {err}; its stacks use frame pointers and may be cut short (rebuild it with -fno-omit-frame-pointer for full stacks)"
+                );
                 self.modes.insert(*pid, false);
                 continue;
             }

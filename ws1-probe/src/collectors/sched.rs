@@ -200,7 +200,7 @@ fn read_kernel_settings() -> SchedSettings {
         }
         Err(err) => {
             tracing::warn!(
-                "process exits and run-queue latency are not measured (no task_struct offsets): {err}"
+                "process exits and run-queue latency are not measured (no task_struct offsets): {err}; make /sys/kernel/btf/vmlinux readable (a kernel built with CONFIG_DEBUG_INFO_BTF=y), or leave sched out of --collectors to silence this"
             );
             SchedSettings::UNKNOWN
         }
@@ -214,7 +214,7 @@ fn attach_runqueue(ebpf: &mut Ebpf, first: RunqueueHooks) -> Option<RunqueueHook
     let settings = kernel_settings();
     if settings.task_tgid == u32::MAX || settings.task_pid == u32::MAX {
         tracing::warn!(
-            "run-queue latency is not measured: kernel BTF has no task_struct.tgid or .pid"
+            "run-queue latency is not measured: kernel BTF has no task_struct.tgid or .pid (leave sched out of --collectors to silence this)"
         );
         return None;
     }

@@ -190,13 +190,17 @@ impl Targets {
         match service {
             Some(service) => {
                 if let Err(err) = self.targets.insert(tgid, service, 0) {
-                    tracing::warn!("cannot target pid {tgid}: {err} (TARGETS full?)");
+                    tracing::warn!(
+                        "cannot target pid {tgid}: {err}; it is not observed (if TARGETS is full, raise --map-entries TARGETS=N)"
+                    );
                     return;
                 }
                 // Service ids are capped at COMM_ENTRIES, far below u16::MAX.
                 let slot = u16::try_from(service + 1).unwrap_or(u16::MAX);
                 if let Err(err) = self.filter.set(tgid, slot, 0) {
-                    tracing::warn!("cannot target pid {tgid}: {err} (above kernel.pid_max?)");
+                    tracing::warn!(
+                        "cannot target pid {tgid}: {err}; it is not observed (a pid above kernel.pid_max as it was at start-up: restart the agent after raising pid_max)"
+                    );
                 }
             }
             None => {

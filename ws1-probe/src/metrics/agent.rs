@@ -130,6 +130,15 @@ pub fn families<'a>(
             .map(|(reason, n)| counter(&[("reason", reason)], *n as f64))
             .collect(),
     ));
+    out.push(family(
+        "ws1_probe_untrusted_input_refused_total",
+        "Files controlled by observed processes (perf maps, binaries) the agent refused to read, by kind and reason; each refusal is logged once per file.",
+        MetricType::COUNTER,
+        crate::untrusted::refused_counts()
+            .iter()
+            .map(|(kind, reason, n)| counter(&[("kind", kind), ("reason", reason)], *n as f64))
+            .collect(),
+    ));
     let mut by_label: BTreeMap<&str, u64> = BTreeMap::new();
     for (id, n) in targeted {
         *by_label.entry(label(*id)).or_insert(0) += n;
@@ -178,6 +187,7 @@ mod tests {
             "process_max_fds ",
             "process_start_time_seconds ",
             "ws1_probe_build_info{version=\"",
+            "ws1_probe_untrusted_input_refused_total{kind=\"perf_map\",reason=\"symlink\"} ",
         ] {
             assert!(
                 text.lines().any(|l| l.starts_with(name)),

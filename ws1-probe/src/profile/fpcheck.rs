@@ -50,6 +50,8 @@ pub enum FpCheckError {
         #[source]
         source: object::Error,
     },
+    #[error("{path} claims {bytes} bytes of symbol tables; not parsed")]
+    TooLarge { path: PathBuf, bytes: u64 },
 }
 
 /// Whether `code` (the first bytes of a function) sets up a frame pointer: an optional
@@ -75,6 +77,22 @@ pub fn has_frame_pointers(path: &Path) -> Result<bool, FpCheckError> {
     })?;
     // Only headers, symbols and the sampled prologues are read, not the whole file.
     let cache = ReadCache::new(file);
+    // Parsing reads the symbol table into the cache: look at what it claims first.
+    if let Some(bytes) = crate::untrusted::elf_symbol_table_bytes(&cache)
+        && bytes > crate::untrusted::MAX_ELF_SYMBOL_TABLE_BYTES
+    {
+        crate::untrusted::refuse(
+            crate::untrusted::Kind::Elf,
+            crate::untrusted::Reason::TooLarge,
+            &path.display().to_string(),
+            &format!("it claims {bytes} bytes of symbol tables"),
+            "its stacks are unwound with DWARF (the safe choice without evidence of frame pointers)",
+        );
+        return Err(FpCheckError::TooLarge {
+            path: path.to_owned(),
+            bytes,
+        });
+    }
     let (sampled, with_fp) = count_prologues(&cache).map_err(|source| FpCheckError::Parse {
         path: path.to_owned(),
         source,
@@ -358,5 +376,23 @@ int main(int argc, char **argv) {
             child.wait().expect("test program exits");
         }
         std::fs::remove_dir_all(&dir).ok();
+    }
+
+    mod fuzz {
+        use super::*;
+        use crate::untrusted::fuzz::{config, mutated, small_elf};
+        use proptest::prelude::*;
+
+        proptest! {
+            #![proptest_config(config(256))]
+
+            /// A damaged or truncated executable is an error or an answer, never a panic.
+            #[test]
+            fn damaged_elf_never_panics(bytes in mutated(small_elf())) {
+                if let Ok((sampled, with_fp)) = count_prologues(&bytes[..]) {
+                    prop_assert!(with_fp <= sampled && sampled <= MAX_SAMPLE);
+                }
+            }
+        }
     }
 }

@@ -39,8 +39,9 @@ use super::{
     ProfFrame,
     binary::{BinaryId, ByteLru, CacheBudgets, CacheStat},
     kallsyms::KallsymsIndex,
-    perfmap::{self, PerfMapError, PerfMapReader},
+    perfmap::{self, PerfMapError, PerfMapLimits, PerfMapReader},
 };
+use crate::untrusted;
 
 /// Binaries kept open (with their parsed symbols and DWARF) at once. blazesym keeps a file
 /// descriptor for each, so this stays well under the usual limit of 1024.
@@ -59,6 +60,10 @@ const KALLSYMS_REFRESH: Duration = Duration::from_secs(60);
 const KALLSYMS: &str = "/proc/kallsyms";
 /// Estimated bytes of a process's perf map state without its map.
 const PERF_MAP_STATE_BYTES: usize = 128;
+/// See [`untrusted::MAX_ELF_SYMBOL_TABLE_BYTES`].
+const MAX_SYMBOL_TABLE_BYTES: usize = untrusted::MAX_ELF_SYMBOL_TABLE_BYTES as usize;
+/// Binaries refused as too large remembered at once (so each is refused and logged once).
+const MAX_REFUSED: usize = 1024;
 /// Module of frames named by a perf map.
 const PERF_MAP_MODULE: &str = "[perf-map]";
 /// Module of kernel frames.
@@ -207,6 +212,8 @@ pub struct ProfileSymbolizer {
     /// small that way (parsed DWARF of a large binary is tens of MiB).
     debug_syms: bool,
     perf_maps: ByteLru<u32, PerfMapState>,
+    /// Binaries refused for their size ([`MAX_SYMBOL_TABLE_BYTES`]).
+    refused: std::collections::HashSet<FileId>,
     stats: SymbolizerStats,
 }
 
@@ -248,6 +255,7 @@ impl ProfileSymbolizer {
             last_sweep: Instant::now(),
             cache: ByteLru::new("symbol_frames", budgets.frames),
             perf_maps: ByteLru::new("perf_maps", budgets.perf_maps),
+            refused: std::collections::HashSet::new(),
             stats: SymbolizerStats::default(),
         }
     }
@@ -493,6 +501,21 @@ impl ProfileSymbolizer {
             path: reached.clone(),
             source,
         })?;
+        if !md.file_type().is_file() {
+            // A FIFO or device where the process's root path names its binary: blazesym, the
+            // build id and the cost estimate would block on it or read without end.
+            untrusted::refuse(
+                untrusted::Kind::Elf,
+                untrusted::Reason::NotRegularFile,
+                &reached.display().to_string(),
+                "it is not a regular file",
+                "frames in it stay unnamed; nothing to do unless the process replaced a mapped binary on purpose",
+            );
+            return Err(SymbolsError::Open {
+                path: reached,
+                source: std::io::Error::new(ErrorKind::InvalidInput, "not a regular file"),
+            });
+        }
         let id = FileId::from(&md);
         // A path can come back naming another file: a new process got the old one's pid and
         // maps something else at the same range. blazesym must not answer from the old file.
@@ -511,6 +534,31 @@ impl ProfileSymbolizer {
                     .unwrap_or_else(|_| file_name(path))
             };
             let (symbols, dwarf) = parse_cost(&reached);
+            if symbols > MAX_SYMBOL_TABLE_BYTES {
+                // The file is the process's (a library it wrote and loaded): a symbol table of
+                // gigabytes would become an index of gigabytes. Refused once per file.
+                if self.refused.len() >= MAX_REFUSED {
+                    self.refused.clear();
+                }
+                if self.refused.insert(id) {
+                    untrusted::refuse(
+                        untrusted::Kind::Elf,
+                        untrusted::Reason::TooLarge,
+                        &reached.display().to_string(),
+                        &format!(
+                            "its symbol tables would take about {symbols} bytes, more than the {MAX_SYMBOL_TABLE_BYTES} the agent parses of one binary"
+                        ),
+                        "frames in it keep [build-id]+offset; symbolize them offline with the binary",
+                    );
+                }
+                return Err(SymbolsError::Open {
+                    path: reached,
+                    source: std::io::Error::new(
+                        ErrorKind::InvalidData,
+                        "symbol tables too large to parse",
+                    ),
+                });
+            }
             let debug = self.debug_syms && symbols + dwarf <= self.binaries.budget();
             let bytes = if debug { symbols + dwarf } else { symbols };
             let evicted = self.binaries.insert(
@@ -701,6 +749,8 @@ impl ProfileSymbolizer {
             );
             drop(evicted);
         }
+        let limits =
+            PerfMapLimits::keeping(self.perf_maps.budget().saturating_sub(PERF_MAP_STATE_BYTES));
         let state = self.perf_maps.get_mut(&pid)?;
         let mut failed = None;
         let mut resized = None;
@@ -711,18 +761,35 @@ impl ProfileSymbolizer {
             state.checked = Some(now);
             // Recomputed each time: the namespace pid in the path belongs to whichever process
             // has this pid now.
-            let path = perfmap::path_for(pid);
-            match state.reader.update(&path) {
+            let (path, uids) = perfmap::locate(pid);
+            match state.reader.update(&path, &uids, &limits) {
                 Ok(true) => {
                     resized = Some(PERF_MAP_STATE_BYTES + state.reader.map().bytes());
                 }
                 Ok(false) => {}
-                Err(err) => {
+                Err(PerfMapError::Refused {
+                    path,
+                    reason,
+                    detail,
+                }) => {
+                    // The reader keeps the refusal (and nothing else), so this file is not
+                    // read, counted or logged again.
+                    resized = Some(PERF_MAP_STATE_BYTES);
+                    untrusted::refuse(
+                        untrusted::Kind::PerfMap,
+                        reason,
+                        &format!("{} of pid {pid}", path.display()),
+                        &detail,
+                        PerfMapError::advice(reason),
+                    );
+                }
+                Err(err @ PerfMapError::Read { .. }) => {
                     state.reader = PerfMapReader::default();
                     resized = Some(PERF_MAP_STATE_BYTES);
                     // Most processes have no perf map; that is not an error.
-                    let PerfMapError::Read { source, .. } = &err;
-                    if source.kind() != ErrorKind::NotFound {
+                    if let PerfMapError::Read { source, .. } = &err
+                        && source.kind() != ErrorKind::NotFound
+                    {
                         failed = Some(err);
                     }
                 }
@@ -824,6 +891,12 @@ fn parse_cost(path: &Path) -> (usize, usize) {
         return (FLOOR, 0);
     };
     let cache = object::ReadCache::new(file);
+    // Parsing reads the symbol table into the cache: look at what it claims first.
+    if let Some(claimed) = untrusted::elf_symbol_table_bytes(&cache)
+        && claimed > untrusted::MAX_ELF_SYMBOL_TABLE_BYTES
+    {
+        return (usize::try_from(claimed).unwrap_or(usize::MAX), 0);
+    }
     let Ok(elf) = object::File::parse(&cache) else {
         return (FLOOR, 0);
     };
@@ -1571,5 +1644,115 @@ mod tests {
             "{:?}",
             cold.iter().find(|f| f[0].function.contains("+0x"))
         );
+    }
+
+    /// A minimal x86-64 ELF whose `.symtab` (at offset 4096, zeros) takes `symtab_size` bytes:
+    /// a sparse file, so a gigabyte of it costs no disk.
+    fn write_elf_with_symtab(path: &Path, symtab_size: u64) {
+        let mut out = Vec::new();
+        out.extend_from_slice(&[0x7f, b'E', b'L', b'F', 2, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+        out.extend_from_slice(&3u16.to_le_bytes()); // ET_DYN
+        out.extend_from_slice(&62u16.to_le_bytes()); // x86-64
+        out.extend_from_slice(&1u32.to_le_bytes());
+        out.extend_from_slice(&0u64.to_le_bytes()); // entry
+        out.extend_from_slice(&0u64.to_le_bytes()); // phoff
+        out.extend_from_slice(&64u64.to_le_bytes()); // shoff
+        out.extend_from_slice(&0u32.to_le_bytes());
+        for v in [64u16, 56, 0, 64, 3, 2] {
+            out.extend_from_slice(&v.to_le_bytes());
+        }
+        let section =
+            |out: &mut Vec<u8>,
+             (name, ty, offset, size, link, entsize): (u32, u32, u64, u64, u32, u64)| {
+                out.extend_from_slice(&name.to_le_bytes());
+                out.extend_from_slice(&ty.to_le_bytes());
+                out.extend_from_slice(&0u64.to_le_bytes()); // flags
+                out.extend_from_slice(&0u64.to_le_bytes()); // addr
+                out.extend_from_slice(&offset.to_le_bytes());
+                out.extend_from_slice(&size.to_le_bytes());
+                out.extend_from_slice(&link.to_le_bytes());
+                out.extend_from_slice(&0u32.to_le_bytes()); // info
+                out.extend_from_slice(&8u64.to_le_bytes()); // addralign
+                out.extend_from_slice(&entsize.to_le_bytes());
+            };
+        out.extend_from_slice(&[0u8; 64]);
+        section(&mut out, (1, 2, 4096, symtab_size, 2, 24));
+        let names = b"\0.symtab\0.shstrtab\0";
+        section(&mut out, (9, 3, 256, names.len() as u64, 0, 0));
+        out.extend_from_slice(names);
+        let f = fs::File::create(path).unwrap();
+        std::io::Write::write_all(&mut &f, &out).unwrap();
+        f.set_len(4096 + symtab_size).unwrap();
+    }
+
+    fn peak_rss() -> u64 {
+        let status = fs::read_to_string("/proc/self/status").unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse::<u64>().ok())
+            .unwrap()
+            * 1024
+    }
+
+    #[test]
+    fn a_binary_with_gigantic_symbol_tables_is_refused_once() {
+        let path = std::env::temp_dir().join(format!("ws1-huge-symtab-{}", std::process::id()));
+        // 1 GiB of (sparse) symbols.
+        write_elf_with_symtab(&path, 1 << 30);
+        let peak = peak_rss();
+        let (symbols, _) = parse_cost(&path);
+        assert!(symbols > MAX_SYMBOL_TABLE_BYTES, "{symbols}");
+        let mut s = ProfileSymbolizer::new();
+        let before = untrusted::refused(untrusted::Kind::Elf, untrusted::Reason::TooLarge);
+        for _ in 0..3 {
+            assert!(matches!(
+                s.binary(std::process::id(), &path, true),
+                Err(SymbolsError::Open { .. })
+            ));
+        }
+        // Nothing read the table (other tests run meanwhile, hence the margin).
+        let grew = peak_rss().saturating_sub(peak);
+        assert!(grew < 256 << 20, "peak RSS grew {grew} bytes");
+        // The counter is process-wide (other tests may refuse too), but this file is refused
+        // once.
+        assert!(untrusted::refused(untrusted::Kind::Elf, untrusted::Reason::TooLarge) > before);
+        assert_eq!(s.refused.len(), 1);
+        assert!(s.binaries.is_empty());
+        // A normal table is parsed as before.
+        write_elf_with_symtab(&path, 24 * 100);
+        let (symbols, _) = parse_cost(&path);
+        assert!(symbols < 64 * 1024, "{symbols}");
+        fs::remove_file(&path).unwrap();
+    }
+
+    /// Property tests: the binaries blazesym, the build-id reader and the cost estimate open
+    /// are files observed processes may have written.
+    mod fuzz {
+        use super::*;
+        use crate::untrusted::fuzz::{config, mutated, small_elf};
+        use proptest::prelude::*;
+
+        proptest! {
+            #![proptest_config(config(64))]
+
+            #[test]
+            fn damaged_elf_never_panics(bytes in mutated(small_elf())) {
+                let path = std::env::temp_dir().join(format!(
+                    "ws1-fuzz-elf-{}-{:?}",
+                    std::process::id(),
+                    std::thread::current().id()
+                ));
+                fs::write(&path, &bytes).unwrap();
+                let _ = parse_cost(&path);
+                let _ = read_build_id(&path);
+                let blaze = Blaze::new();
+                let mut elf = Elf::new(&path);
+                elf.debug_syms = true;
+                let offsets = [0x0u64, 0x1000, 0x2000, 0x3000, 0x4000];
+                let _ = blaze.symbolize(&Source::Elf(elf), Input::FileOffset(&offsets));
+                fs::remove_file(&path).unwrap();
+            }
+        }
     }
 }

@@ -15,7 +15,7 @@
 use std::{
     collections::HashMap,
     fs::File,
-    io::{self, Read},
+    io,
     ops::Range,
     os::unix::fs::FileExt,
     path::PathBuf,
@@ -57,6 +57,8 @@ const MODULE_OVERHEAD: usize = 320;
 /// code, a library loaded since) would otherwise re-read the maps on every sample.
 const RELOAD_INTERVAL: Duration = Duration::from_secs(1);
 
+/// Lines of `/proc/PID/maps` read at most (the kernel's default `vm.max_map_count` is 65530).
+const MAX_MAPS_LINES: usize = 1 << 20;
 /// x86_64 page size: mappings start at page-aligned file offsets.
 const PAGE_SIZE: u64 = 4096;
 
@@ -493,42 +495,61 @@ impl Process {
     /// added. Returns how many mappings have modules.
     fn refresh(&mut self, pid: u32, loader: &mut Loader) -> Result<usize, UnwindError> {
         self.last_load = Instant::now();
-        let mut maps = std::mem::take(&mut loader.maps_buf);
-        maps.clear();
-        let read = File::open(format!("/proc/{pid}/maps"))
-            .and_then(|mut f| f.read_to_string(&mut maps))
-            .map_err(|source| UnwindError::ReadMaps { pid, source });
-        if let Err(e) = read {
-            loader.maps_buf = maps;
-            return Err(e);
-        }
-
+        // Streamed line by line: a process decides how big its maps file is (up to
+        // vm.max_map_count mappings with paths of up to PATH_MAX bytes, hundreds of MiB), and
+        // only its executable file mappings are kept.
+        let file = File::open(format!("/proc/{pid}/maps"))
+            .map_err(|source| UnwindError::ReadMaps { pid, source })?;
+        let mut reader = io::BufReader::with_capacity(64 * 1024, file);
+        let mut line = std::mem::take(&mut loader.maps_buf);
         let mut fresh = Vec::with_capacity(self.mappings.len());
-        let mut new = Vec::new();
-        for line in maps.lines().filter_map(parse_maps_line) {
-            if !line.executable || !(line.path.starts_with('/') || line.path == "[vdso]") {
+        let mut new: Vec<(usize, String)> = Vec::new();
+        let mut lines = 0usize;
+        loop {
+            line.clear();
+            match io::BufRead::read_line(&mut reader, &mut line) {
+                Ok(0) => break,
+                Ok(_) => {}
+                Err(source) => {
+                    loader.maps_buf = line;
+                    return Err(UnwindError::ReadMaps { pid, source });
+                }
+            }
+            lines += 1;
+            if lines > MAX_MAPS_LINES {
+                break;
+            }
+            let Some(parsed) = parse_maps_line(line.trim_end_matches('\n')) else {
+                continue;
+            };
+            if !parsed.executable || !(parsed.path.starts_with('/') || parsed.path == "[vdso]") {
                 continue;
             }
             let mut mapping = Mapping {
-                start: line.start,
-                end: line.end,
-                offset: line.offset,
-                dev: line.dev,
-                inode: line.inode,
+                start: parsed.start,
+                end: parsed.end,
+                offset: parsed.offset,
+                dev: parsed.dev,
+                inode: parsed.inode,
                 has_module: false,
             };
             match self.mappings.iter().find(|old| old.same_as(&mapping)) {
                 Some(old) => mapping.has_module = old.has_module,
-                None => new.push((fresh.len(), line.path)),
+                None => new.push((fresh.len(), parsed.path.to_owned())),
             }
             fresh.push(mapping);
         }
+        // The line buffer is reused, but not kept large.
+        line.clear();
+        line.shrink_to(4096);
+        loader.maps_buf = line;
         for old in self.mappings.iter().filter(|m| m.has_module) {
             if !fresh.iter().any(|m| m.same_as(old)) {
                 self.unwinder.remove_module(old.start);
             }
         }
         for (i, path) in new {
+            let path = path.as_str();
             let mapping = &mut fresh[i];
             match loader.module(pid, mapping, path) {
                 Ok(module) => {
@@ -539,7 +560,6 @@ impl Process {
             }
         }
         self.mappings = fresh;
-        loader.maps_buf = maps;
         Ok(self.mappings.iter().filter(|m| m.has_module).count())
     }
 }
@@ -598,8 +618,9 @@ impl Loader {
             mapping.start, mapping.end
         ));
         let fallback = PathBuf::from(format!("/proc/{pid}/root{path}"));
-        let file = File::open(&primary)
-            .or_else(|_| File::open(&fallback))
+        // The fallback path goes through the process's root, which it controls.
+        let file = crate::untrusted::open_binary(&primary)
+            .or_else(|_| crate::untrusted::open_binary(&fallback))
             .map_err(|source| UnwindError::Open {
                 path: primary,
                 fallback,
@@ -1328,5 +1349,80 @@ __attribute__((noinline)) long unwind_c_frame(callback cb, void *arg, long n) {
              cached rules, {cold:?} each without",
             out.frames.len()
         );
+    }
+
+    /// Property tests: `/proc/PID/maps` lines and ELF files are what observed processes make.
+    mod fuzz {
+        use super::*;
+        use crate::untrusted::fuzz::{config, mutated, small_elf};
+        use proptest::prelude::*;
+
+        proptest! {
+            #![proptest_config(config(256))]
+
+            #[test]
+            fn maps_lines_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..160)) {
+                let _ = parse_maps_line(&String::from_utf8_lossy(&bytes));
+            }
+
+            #[test]
+            fn maps_lines_round_trip(
+                start in any::<u64>(),
+                end in any::<u64>(),
+                x in any::<bool>(),
+                offset in any::<u64>(),
+                major in 0u64..0x1000,
+                minor in 0u64..0x100000,
+                inode in any::<u64>(),
+                path in proptest::collection::vec(0x20u8..0x7f, 0..60),
+            ) {
+                let path = String::from_utf8(path).unwrap();
+                let path = path.trim_start_matches(' ');
+                let perms = if x { "r-xp" } else { "rw-p" };
+                let line = format!(
+                    "{start:08x}-{end:08x} {perms} {offset:08x} {major:02x}:{minor:02x} {inode}    {path}"
+                );
+                let parsed = parse_maps_line(&line).unwrap();
+                prop_assert_eq!(
+                    parsed,
+                    MapsLine { start, end, executable: x, offset, dev: (major << 32) | minor, inode, path }
+                );
+            }
+
+            /// A damaged or truncated ELF file is an error or a binary with sections inside the
+            /// image; unwinding through it ends, never panics.
+            #[test]
+            fn damaged_elf_never_panics(bytes in mutated(small_elf())) {
+                let image = Arc::new(Image::Owned(bytes));
+                let Ok(binary) = Binary::parse(&image) else {
+                    return Ok(());
+                };
+                let _ = binary.bytes();
+                let Some(base) = binary.base_avma(0x5555_0000_0000, 0) else {
+                    return Ok(());
+                };
+                let text = binary.text_svma.clone().unwrap_or(0..0x1000);
+                let avma = 0x5555_0000_0000..0x5555_0000_0000 + text.end.clamp(0x1000, 1 << 30);
+                let mut unwinder = UnwinderX86_64::new();
+                unwinder.add_module(binary.module("fuzz", avma, base));
+                let mut cache = CacheX86_64::new();
+                let stack = [0u8; 256];
+                let sp = 0x7fff_0000_0000u64;
+                let mut read_stack = |addr: u64| -> Result<u64, ()> {
+                    let at = usize::try_from(addr.checked_sub(sp).ok_or(())?).map_err(|_| ())?;
+                    let b = stack.get(at..at + 8).ok_or(())?;
+                    Ok(u64::from_le_bytes(b.try_into().map_err(|_| ())?))
+                };
+                for pc in [text.start, text.start + (text.end - text.start) / 2] {
+                    let mut regs = UnwindRegsX86_64::new(base.wrapping_add(pc), sp, sp);
+                    let _ = unwinder.unwind_frame(
+                        FrameAddress::from_instruction_pointer(base.wrapping_add(pc)),
+                        &mut regs,
+                        &mut cache,
+                        &mut read_stack,
+                    );
+                }
+            }
+        }
     }
 }

@@ -1305,4 +1305,47 @@ match = { exe = "/opt/ws1/bin/risk$", pid = 77 }
         );
         std::fs::remove_file(p).unwrap();
     }
+
+    /// Property tests: the config file is the operator's, but a typo must give an error line,
+    /// never a panic.
+    mod fuzz {
+        use super::*;
+        use proptest::prelude::*;
+
+        const EXAMPLE: &str = include_str!("../../../config/ws1-services.example.toml");
+
+        proptest! {
+            #![proptest_config(crate::untrusted::fuzz::config(256))]
+
+            #[test]
+            fn damaged_config_never_panics(
+                keep in any::<prop::sample::Index>(),
+                edits in proptest::collection::vec(
+                    (any::<prop::sample::Index>(), prop_oneof![
+                        Just('"'), Just('='), Just('['), Just(']'), Just('\n'), Just('é'),
+                        Just('#'), Just('0'), Just(' '), Just('\\'), any::<char>(),
+                    ]),
+                    0..8,
+                ),
+            ) {
+                let mut text: Vec<char> = EXAMPLE.chars().collect();
+                text.truncate(keep.index(text.len() + 1));
+                for (at, c) in edits {
+                    if !text.is_empty() {
+                        let i = at.index(text.len());
+                        text[i] = c;
+                    }
+                }
+                let text: String = text.into_iter().collect();
+                let path = Path::new("/etc/ws1.toml");
+                if let Ok(cfg) = parse(path, &text) {
+                    let _ = service_rules(path, &text, &cfg);
+                } else {
+                    let err = parse(path, &text).unwrap_err().to_string();
+                    prop_assert!(err.starts_with("/etc/ws1.toml:"), "{}", err);
+                    prop_assert!(!err.contains('\n'), "{}", err);
+                }
+            }
+        }
+    }
 }
