@@ -101,7 +101,10 @@ pub const COLLECTORS: &[CollectorNeeds] = &[
     },
     CollectorNeeds {
         name: "alloc",
-        hooks: &["uprobe libc malloc family", "uprobe libc free"],
+        hooks: &[
+            "uprobe allocation entry points of the detected allocator (`check --pid N` names them)",
+            "uprobe its free entry points",
+        ],
         optional: &[],
         essential: true,
     },
