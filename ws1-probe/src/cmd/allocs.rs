@@ -10,7 +10,7 @@ use ws1_probe::{
 
 use super::{
     CommonArgs,
-    leaks::{AllocatorArgs, allocators_json, trace},
+    leaks::{AllocatorArgs, MapEntriesArgs, allocators_json, trace},
 };
 
 /// Show allocation rate, size histogram and top allocating stacks
@@ -20,6 +20,8 @@ pub struct AllocsArgs {
     pub common: CommonArgs,
     #[command(flatten)]
     pub allocator: AllocatorArgs,
+    #[command(flatten)]
+    pub maps: MapEntriesArgs,
     /// How long to trace (e.g. 10s, 1m); Ctrl-C stops early
     #[arg(long, short = 'd', default_value = "10s", value_parser = units::parse_duration)]
     pub duration: Duration,
@@ -32,7 +34,7 @@ pub struct AllocsArgs {
 }
 
 pub fn run(args: AllocsArgs) -> anyhow::Result<()> {
-    let session = trace(&args.common, &args.allocator, args.duration, "")?;
+    let session = trace(&args.common, &args.allocator, &args.maps, args.duration, "")?;
     let total = session.total();
     let services = session.probe.targets.matcher().services();
     let pairs = session.probe.targets.targeted_pairs();

@@ -28,6 +28,11 @@ pub struct AllocatorArgs {
     /// Prefix of the allocator's function names (e.g. `je_` for je_malloc/je_free)
     #[arg(long, value_name = "PREFIX", default_value = "")]
     pub alloc_prefix: String,
+}
+
+/// `--map-entries` of the one-shot tracing commands (the agent has its own, for every map).
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct MapEntriesArgs {
     /// Capacity of a kernel map, e.g. ALLOC_STACKS=65536 when allocations lose their stacks
     /// (repeatable)
     #[arg(long, value_name = "NAME=ENTRIES", value_parser = ws1_probe::drops::parse_map_entries)]
@@ -41,6 +46,8 @@ pub struct LeaksArgs {
     pub common: CommonArgs,
     #[command(flatten)]
     pub allocator: AllocatorArgs,
+    #[command(flatten)]
+    pub maps: MapEntriesArgs,
     /// How long to trace (e.g. 60s, 2m); Ctrl-C stops early and reports what was seen
     #[arg(long, short = 'd', default_value = "60s", value_parser = units::parse_duration)]
     pub duration: Duration,
@@ -112,6 +119,7 @@ impl Session {
 pub(super) fn trace(
     common: &CommonArgs,
     allocator: &AllocatorArgs,
+    maps: &MapEntriesArgs,
     duration: Duration,
     note: &str,
 ) -> anyhow::Result<Session> {
@@ -131,7 +139,7 @@ pub(super) fn trace(
     settings.precise_alloc = PreciseAlloc::All;
     settings
         .map_entries
-        .extend(allocator.map_entries.iter().cloned());
+        .extend(maps.map_entries.iter().cloned());
     // The allocation uprobes attach after start; no other collector runs.
     settings.collectors = Collectors::NONE;
     let mut probe = Probe::start(&settings).context("cannot start the collectors")?;
@@ -194,7 +202,13 @@ pub fn run(args: LeaksArgs) -> anyhow::Result<()> {
         "; leaks are blocks outstanding for {:.1}s or more",
         args.min_age.as_secs_f64()
     );
-    let mut session = trace(&args.common, &args.allocator, args.duration, &note)?;
+    let mut session = trace(
+        &args.common,
+        &args.allocator,
+        &args.maps,
+        args.duration,
+        &note,
+    )?;
     let swept = session.allocs.sweep_exited();
     let now = units::monotonic_ns();
     let outstanding = session.allocs.outstanding();
