@@ -137,11 +137,30 @@ impl Cluster {
 
     /// pgbench, run under command name `comm` (a symlink), with `args` after the connection
     /// options; returns the transactions it reports as processed.
-    fn pgbench(&self, comm: &str, script: &str, args: &[&str]) -> u64 {
+    /// pgbench under the command name `comm` (a symlink).
+    fn exe(&self, comm: &str) -> PathBuf {
         let exe = self.dir.join(comm);
         if !exe.exists() {
             std::os::unix::fs::symlink(self.bin.join("pgbench"), &exe).expect("symlink pgbench");
         }
+        exe
+    }
+
+    /// Makes the agent decide `comm` before the measured run: the first exec of a command name
+    /// is decided by the agent, a few milliseconds later, and pgbench connects before that;
+    /// once decided, later execs of a name-only match are decided in the kernel at exec.
+    /// `pgbench --version` makes no connection. Waits for the agent to count that exec as a
+    /// start of the service, which it does when it decides.
+    fn warm_up(&self, agent: &Agent, comm: &str) {
+        run(Command::new(self.exe(comm)).arg("--version"));
+        agent.wait_for(&format!("{comm}'s first exec decided"), |m| {
+            m.get("ws1_probe_process_starts_total", &[("service", comm)])
+                .is_some_and(|v| v >= 1.0)
+        });
+    }
+
+    fn pgbench(&self, comm: &str, script: &str, args: &[&str]) -> u64 {
+        let exe = self.exe(comm);
         let file = self.dir.join(format!("{comm}.sql"));
         std::fs::write(&file, script).expect("write pgbench script");
         let out = run(Command::new(&exe)
@@ -238,6 +257,7 @@ fn dependency_label_names_postgres_and_counts_match_pgbench() {
         ),
     );
     let agent = Agent::start(&["--config", &config]);
+    pg.warm_up(&agent, "pg-dep-cli");
     // Three statements per transaction, two pooled clients.
     let txns = pg.pgbench(
         "pg-dep-cli",
@@ -324,6 +344,8 @@ fn pooled_and_unpooled_pgbench_told_apart() {
         ),
     );
     let agent = Agent::start(&["--config", &config, "--comm", "^pg-(un)?pooled$"]);
+    pg.warm_up(&agent, "pg-pooled");
+    pg.warm_up(&agent, "pg-unpooled");
     // One statement per transaction: two pooled clients of 100 transactions each, and one
     // client that connects for every transaction (-C) 20 times.
     let script = "SELECT 1;\n";

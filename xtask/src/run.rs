@@ -155,14 +155,21 @@ fn privileged_tests(args: &[String]) -> Result<(u64, u64)> {
     // One at a time: the tests attach kernel programs and share tracefs/perf state.
     let tests = |which: &[&str], extra: &[String]| {
         let mut cmd = cargo();
-        cmd.args(["test", "--release", "-p", "ws1-probe-tests"])
-            .args(which)
-            .args(["--", "--test-threads=1"])
-            .args(extra)
-            .env("WS1_PROBE_BIN", release.join("ws1-probe"))
-            .env("WS1_WORKLOAD_BIN", release.join("ws1-workload"))
-            .env("WS1_PPROF_BIN", &pprof)
-            .env("WS1_KUBE_VALIDATE_BIN", &kube_validate);
+        // Every test file runs even after one fails, so one run shows every failure.
+        cmd.args([
+            "test",
+            "--release",
+            "--no-fail-fast",
+            "-p",
+            "ws1-probe-tests",
+        ])
+        .args(which)
+        .args(["--", "--test-threads=1"])
+        .args(extra)
+        .env("WS1_PROBE_BIN", release.join("ws1-probe"))
+        .env("WS1_WORKLOAD_BIN", release.join("ws1-workload"))
+        .env("WS1_PPROF_BIN", &pprof)
+        .env("WS1_KUBE_VALIDATE_BIN", &kube_validate);
         cmd
     };
     let mut counts =
