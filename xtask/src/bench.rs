@@ -30,8 +30,9 @@ pub fn run(what: &str, args: &[String]) -> Result<()> {
         "health-sched" => crate::bench_sched::run(args),
         "health-block" => crate::bench_block::run(args),
         "load" => crate::bench_load::run(args),
+        "scale" => crate::bench_scale::run(args),
         _ => bail!(
-            "unknown benchmark {what}: available: syscalls, net, alloc, profile, scrape, soak, health, health-sched, health-block, load"
+            "unknown benchmark {what}: available: syscalls, net, alloc, profile, scrape, soak, health, health-sched, health-block, load, scale"
         ),
     }
 }

@@ -9,6 +9,7 @@ mod bench_health;
 mod bench_load;
 mod bench_net;
 mod bench_profile;
+mod bench_scale;
 mod bench_sched;
 mod bench_scrape;
 mod bench_soak;
@@ -69,6 +70,9 @@ enum Cmd {
         #[arg(last = true)]
         args: Vec<String>,
     },
+    /// A load process of `bench scale` (started by it, not by hand).
+    #[command(hide = true)]
+    ScaleWorker { args: Vec<String> },
 }
 
 fn main() -> ExitCode {
@@ -104,6 +108,7 @@ fn dispatch(command: Cmd) -> Result<()> {
             as_root()?;
             bench::run(&what, &args)
         }
+        Cmd::ScaleWorker { args } => bench_scale::worker(&args),
     }
 }
 
