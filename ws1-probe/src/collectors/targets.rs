@@ -36,6 +36,11 @@ pub struct Targets {
     /// [`Targets::take_exec_targeted`]: a `listen()` they made before the decision reached the
     /// kernel was not seen there, so their listening ports are read from /proc.
     exec_targeted: Vec<u32>,
+    /// Processes the agent could not add to `TARGETS` (full, or refused otherwise), counted with
+    /// the kernel's `TargetsFull` drops so the drop warning (one per interval, naming
+    /// `--map-entries TARGETS=N`) covers them: a scan of 10,000 processes into a full map logs
+    /// one line, not 10,000.
+    refused: u64,
 }
 
 impl Targets {
@@ -63,6 +68,7 @@ impl Targets {
                 drops,
                 exec_starts: std::collections::BTreeMap::new(),
                 exec_targeted: Vec::new(),
+                refused: 0,
             },
             ring,
         ))
@@ -190,9 +196,8 @@ impl Targets {
         match service {
             Some(service) => {
                 if let Err(err) = self.targets.insert(tgid, service, 0) {
-                    tracing::warn!(
-                        "cannot target pid {tgid}: {err}; it is not observed (if TARGETS is full, raise --map-entries TARGETS=N)"
-                    );
+                    self.refused += 1;
+                    tracing::debug!("cannot target pid {tgid}: {err}; it is not observed");
                     return;
                 }
                 // Service ids are capped at COMM_ENTRIES, far below u16::MAX.
@@ -244,7 +249,11 @@ impl Targets {
                     .get(&(*reason as u32), 0)
                     .map(|per_cpu| per_cpu.iter().sum())
                     .unwrap_or(0);
-                (*reason, total)
+                let refused = match reason {
+                    DropReason::TargetsFull => self.refused,
+                    _ => 0,
+                };
+                (*reason, total + refused)
             })
             .collect()
     }
