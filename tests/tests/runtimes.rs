@@ -215,7 +215,7 @@ fn node_functions_are_named_by_its_perf_map_with_their_callers() {
     );
     // Same loop body, 3:1 iterations, both optimized after the warm-up: at 997 Hz for 6 s of
     // one busy thread the split is measured on thousands of samples taken at a fixed period
-    // over requests of a few ms, so ±10 % holds with margin (measured: 2.98–3.05).
+    // over requests of a few ms, so ±10 % holds with margin (measured over 5 runs: 2.93–3.06).
     let ratio = heavy as f64 / light as f64;
     eprintln!(
         "node: {total} samples, spinHeavy:spinLight = {heavy}:{light} = {ratio:.2}, {under} under their callers"
@@ -421,7 +421,7 @@ fn jvm_methods_are_named_by_the_map_jcmd_writes() {
         "only {under} of {} leaf samples are under Hot.handleRequest:\n{text}",
         heavy + light
     );
-    // As for node (measured: 2.99–3.05).
+    // As for node (measured over 5 runs: 2.97–3.05).
     let ratio = heavy as f64 / light as f64;
     eprintln!(
         "jvm: {total} samples, Hot.spinHeavy:Hot.spinLight = {heavy}:{light} = {ratio:.2}, {under} under their caller"
