@@ -899,6 +899,30 @@ mod tests {
     }
 
     #[test]
+    fn profile_ratios_stay_per_runtime_when_ids_fold() {
+        use crate::profile::{runtime::Runtime, windows::Totals};
+        let t = |samples, truncated| Totals { samples, truncated };
+        // Ids 1 and 2 fold into `other`; each runtime keeps its own series and ratio.
+        let totals = std::collections::BTreeMap::from([
+            ((1, Runtime::Go), t(10, 10)),
+            ((2, Runtime::Go), t(30, 0)),
+            ((2, Runtime::Native), t(20, 5)),
+        ]);
+        let ids = ["0", "1", "2"];
+        let fams = crate::metrics::profile::families(&totals, 0, |id| ids[id as usize]);
+        let text = encode(&Accumulator::default().apply(fams, |_| "other".to_owned()));
+        for line in [
+            "ws1_probe_profile_samples_total{service=\"other\",runtime=\"go\"} 40",
+            "ws1_probe_profile_truncated_samples_total{service=\"other\",runtime=\"go\"} 10",
+            "ws1_probe_profile_truncated_stack_ratio{service=\"other\",runtime=\"go\"} 0.25",
+            "ws1_probe_profile_truncated_stack_ratio{service=\"other\",runtime=\"native\"} 0.25",
+            "ws1_probe_profile_samples_total{service=\"other\",runtime=\"native\"} 20",
+        ] {
+            assert!(text.contains(line), "missing {line} in\n{text}");
+        }
+    }
+
+    #[test]
     fn histograms_accumulate_and_gauges_sum() {
         use crate::{histogram::Histogram, metrics::histogram};
         let bounds = [1_000u64, 1_000_000];

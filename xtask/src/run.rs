@@ -135,6 +135,8 @@ fn privileged_tests(args: &[String]) -> Result<(u64, u64)> {
     tools::ensure_allocators()?;
     // The web config tests make certificates and bcrypt hashes and ask with curl.
     tools::ensure_web_tools()?;
+    // The runtime tests profile Node.js and a JVM through their perf maps.
+    tools::ensure_runtimes()?;
     // The Kubernetes manifests are validated against the API schemas.
     let kube_validate = tools::ensure_kubernetes_validate()?;
     let mut build = cargo();

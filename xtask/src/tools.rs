@@ -141,6 +141,15 @@ pub fn ensure_web_tools() -> Result<()> {
     ensure_debian_packages(WEB_PACKAGES)
 }
 
+/// The managed runtimes `tests/tests/runtimes.rs` profiles: Node.js (`--perf-basic-prof`) and
+/// a JDK 17 (javac for its program, jcmd for `Compiler.perfmap`).
+const RUNTIME_PACKAGES: &[&str] = &["nodejs", "openjdk-17-jdk-headless"];
+
+/// Makes sure Node.js and the JDK are installed for the runtime tests.
+pub fn ensure_runtimes() -> Result<()> {
+    ensure_debian_packages(RUNTIME_PACKAGES)
+}
+
 /// The Kubernetes schema checker the manifest test runs: `kubernetes-validate` from PyPI (it
 /// carries the API schemas, so it validates offline), pinned, in a venv of Debian's Python.
 const KUBERNETES_VALIDATE: &str = "kubernetes-validate==1.37.0";

@@ -21,6 +21,7 @@ use crate::{
     profile::{
         binary::{CacheBudgets, CacheStat},
         fpcheck::FpCache,
+        runtime::{self, Runtime},
         unwind::{DwarfUnwinder, MAX_FRAMES, Unwound, UserRegs},
     },
 };
@@ -88,6 +89,8 @@ pub struct ProfileCollector {
     fp: FpCache,
     /// Processes seen, and whether they are unwound with DWARF.
     modes: HashMap<u32, bool>,
+    /// The runtime of each process seen, decided while it runs (see [`runtime::detect`]).
+    runtimes: HashMap<u32, Runtime>,
     /// Kernel values already reported, so each drain reports what is new.
     seen_cpu: HashMap<ProfileKey, u64>,
     seen_off: HashMap<ProfileKey, OffCpuValue>,
@@ -137,6 +140,7 @@ impl ProfileCollector {
             unwound: Unwound::default(),
             fp: FpCache::default(),
             modes: HashMap::new(),
+            runtimes: HashMap::new(),
             seen_cpu: HashMap::new(),
             seen_off: HashMap::new(),
             stack_cache: HashMap::new(),
@@ -162,13 +166,21 @@ impl ProfileCollector {
             }
             self.unwinder.forget(*pid);
         }
+        self.runtimes.retain(|pid, _| live.contains(pid));
         for (pid, _) in targets {
             if self.modes.contains_key(pid) {
                 continue;
             }
+            let runtime = runtime::detect(*pid);
+            self.runtimes.insert(*pid, runtime);
             let dwarf = match self.options.unwind {
                 UnwindMode::Fp => false,
                 UnwindMode::Dwarf => true,
+                // The `java` launcher is built without frame pointers, but the JVM's own code
+                // keeps them, and JIT-compiled Java code has no CFI at all: DWARF unwinding
+                // would stop at the first Java frame, frame pointers (with
+                // -XX:+PreserveFramePointer) walk through it.
+                UnwindMode::Auto if runtime == Runtime::Jvm => false,
                 UnwindMode::Auto => match self.fp.process_main_binary_has_frame_pointers(*pid) {
                     Ok(fp) => !fp,
                     Err(err) => {
@@ -353,6 +365,15 @@ impl ProfileCollector {
         let capacity = ws1_probe_common::profile::PROFILE_ENTRIES as usize;
         if cpu.len() > capacity / 2 || off.len() > capacity / 2 {
             self.reset();
+        }
+        // Processes sampled before the target list named them are classified now, while
+        // (most likely) still running.
+        for s in out.cpu.iter().chain(&out.off_cpu) {
+            let runtime = *self
+                .runtimes
+                .entry(s.tgid)
+                .or_insert_with(|| runtime::detect(s.tgid));
+            out.runtimes.insert(s.tgid, runtime);
         }
         out
     }

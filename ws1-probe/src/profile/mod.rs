@@ -13,6 +13,7 @@ pub mod kallsyms;
 pub mod perfmap;
 pub mod pprof;
 pub mod raw;
+pub mod runtime;
 pub mod symbols;
 pub mod top;
 pub mod unwind;

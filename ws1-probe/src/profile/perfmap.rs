@@ -226,6 +226,9 @@ pub struct PerfMapReader {
     /// Bytes parsed so far: whole lines only, so a line still being written is read when it is
     /// complete rather than counted as malformed.
     consumed: u64,
+    /// The last bytes parsed (at most [`TAIL_BYTES`], ending with a line end), to tell a file
+    /// that grew by an append from one rewritten in place to a larger size.
+    tail: Vec<u8>,
     /// Lines parsed so far.
     lines: u64,
     /// Size and mtime when last read, to skip reading an unchanged file.
@@ -328,7 +331,7 @@ impl PerfMapReader {
         let grew = self.file == Some(id)
             && self.stamp.is_some_and(|(size, _)| md.len() > size)
             && md.len() >= self.consumed;
-        if !(grew && follows_a_line_end(&mut file, self.consumed).map_err(err)?) {
+        if !(grew && same_tail(&mut file, self.consumed, &self.tail).map_err(err)?) {
             *self = PerfMapReader::default();
         }
         file.seek(SeekFrom::Start(self.consumed)).map_err(err)?;
@@ -392,22 +395,42 @@ impl PerfMapReader {
                 );
             }
         }
+        let mut file = reader.into_inner().into_inner();
+        self.tail = read_tail(&mut file, self.consumed).map_err(err)?;
         self.file = Some(id);
         self.stamp = Some(stamp);
         Ok(true)
     }
 }
 
-/// Whether the byte before `offset` ends a line (true at offset 0): when it does not, the file
-/// was rewritten under us and reading on from `offset` would start mid-line.
-fn follows_a_line_end(file: &mut File, offset: u64) -> std::io::Result<bool> {
+/// Bytes kept of the end of what was parsed, see [`PerfMapReader::tail`].
+const TAIL_BYTES: u64 = 128;
+
+/// The up to [`TAIL_BYTES`] bytes before `offset`.
+fn read_tail(file: &mut File, offset: u64) -> std::io::Result<Vec<u8>> {
+    let n = offset.min(TAIL_BYTES);
+    let mut tail = vec![0u8; n as usize];
+    file.seek(SeekFrom::Start(offset - n))?;
+    file.read_exact(&mut tail)?;
+    Ok(tail)
+}
+
+/// Whether the bytes before `offset` are still `tail`, the end of what was parsed (true at
+/// offset 0). A file that grew is usually a runtime appending; but a map rewritten in place
+/// (`jcmd PID Compiler.perfmap` truncates and writes the whole map again) can grow too, and
+/// reading on from `offset` would then keep stale lines and start mid-line or at a line that
+/// only happens to be there. `tail` ends with a line end, so this also checks that `offset`
+/// still starts a line. A rewrite that leaves the last [`TAIL_BYTES`] bytes read unchanged at
+/// the same offset is taken for an append (lines of a rewritten map that shift by even one byte
+/// are noticed).
+fn same_tail(file: &mut File, offset: u64, tail: &[u8]) -> std::io::Result<bool> {
     if offset == 0 {
         return Ok(true);
     }
-    file.seek(SeekFrom::Start(offset - 1))?;
-    let mut last = [0u8];
-    file.read_exact(&mut last)?;
-    Ok(last[0] == b'\n')
+    if tail.len() as u64 != offset.min(TAIL_BYTES) {
+        return Ok(false);
+    }
+    Ok(read_tail(file, offset)? == tail)
 }
 
 /// Splits one line into START, SIZE and name; `None` when it is malformed.
@@ -655,6 +678,48 @@ mod tests {
                 .update(&path, &uids(), &PerfMapLimits::DEFAULT)
                 .is_err()
         );
+    }
+
+    #[test]
+    fn a_map_rewritten_larger_in_place_is_read_again() {
+        let path = temp_map("rewrite", b"1000 10 aaaa\n");
+        let mut reader = PerfMapReader::default();
+        assert!(
+            reader
+                .update(&path, &uids(), &PerfMapLimits::DEFAULT)
+                .unwrap()
+        );
+        assert_eq!(reader.map().lookup(0x1000), Some("aaaa"));
+        // Truncated and written again (same file, larger), with a line end exactly where the
+        // old content ended: an append would read on from there and keep `aaaa`.
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .truncate(true)
+            .open(&path)
+            .unwrap();
+        std::io::Write::write_all(&mut f, b"2000 10 bbbb\n1000 10 cccc\n").unwrap();
+        drop(f);
+        assert!(
+            reader
+                .update(&path, &uids(), &PerfMapLimits::DEFAULT)
+                .unwrap()
+        );
+        assert_eq!(reader.map().lookup(0x2000), Some("bbbb"));
+        assert_eq!(reader.map().lookup(0x1000), Some("cccc"));
+        assert_eq!(reader.map().len(), 2);
+        // A true append after that is still read as one.
+        let mut f = fs::OpenOptions::new().append(true).open(&path).unwrap();
+        std::io::Write::write_all(&mut f, b"3000 10 dddd\n").unwrap();
+        drop(f);
+        assert!(
+            reader
+                .update(&path, &uids(), &PerfMapLimits::DEFAULT)
+                .unwrap()
+        );
+        assert_eq!(reader.map().lookup(0x3000), Some("dddd"));
+        assert_eq!(reader.map().lookup(0x1000), Some("cccc"));
+        assert_eq!(reader.map().len(), 3);
+        fs::remove_file(&path).unwrap();
     }
 
     #[test]

@@ -8,7 +8,7 @@
 
 use std::collections::HashMap;
 
-use super::{ProfFrame, StackSample, symbols::ProfileSymbolizer};
+use super::{ProfFrame, StackSample, runtime::Runtime, symbols::ProfileSymbolizer};
 use crate::symbolize::cut_at_first_unknown;
 
 /// A stack with its totals, before symbolization. Addresses are lookup addresses (the sampled
@@ -31,6 +31,8 @@ pub struct RawStack {
 pub struct RawProfile {
     pub cpu: Vec<RawStack>,
     pub off_cpu: Vec<RawStack>,
+    /// The runtime of each process in the stacks (absent: [`Runtime::Unknown`]).
+    pub runtimes: HashMap<u32, Runtime>,
 }
 
 /// Functions a complete user stack ends in: the process entry and thread entries of glibc and

@@ -1251,6 +1251,12 @@ mod tests {
             map: PathBuf::from(format!("/tmp/perf-{pid}.map")),
         };
         let start = base as u64;
+        let _ = fs::remove_file(&jit.map);
+        // Profiling starts before the runtime wrote its map (a JIT writes it as it compiles):
+        // the code is unnamed, and no error, since most processes have no map at all.
+        let mut s = ProfileSymbolizer::new();
+        let frames = s.user(pid, &[start + 0x140]);
+        assert_eq!(frames[0], vec![unnamed_nowhere(start + 0x140)]);
         fs::write(
             &jit.map,
             format!(
@@ -1260,7 +1266,8 @@ mod tests {
             ),
         )
         .unwrap();
-        let mut s = ProfileSymbolizer::new();
+        // The missing map is looked for again once PERF_MAP_RECHECK has passed.
+        sleep(PERF_MAP_RECHECK + Duration::from_millis(100));
         let frames = s.user(pid, &[start + 0x140, start + 0x1000]);
         assert_eq!(
             frames[0],
@@ -1272,7 +1279,19 @@ mod tests {
             }]
         );
         assert_eq!(frames[1], vec![unnamed_nowhere(start + 0x1000)]);
-        assert_eq!(s.errors(), 1);
+        assert_eq!(s.errors(), 2);
+
+        // The runtime compiles more code and appends its line: the new code is named at the
+        // next look, the earlier lines stay (only the appended bytes are read).
+        {
+            use std::io::Write as _;
+            let mut f = fs::OpenOptions::new().append(true).open(&jit.map).unwrap();
+            writeln!(f, "{:x} 40 JS:*render /srv/app.js:3:1", start + 0x1000).unwrap();
+        }
+        sleep(PERF_MAP_RECHECK + Duration::from_millis(100));
+        let frames = s.user(pid, &[start + 0x140, start + 0x1010]);
+        assert_eq!(frames[0][0].function, "py::handle:/srv/app.py");
+        assert_eq!(frames[1][0].function, "JS:*render /srv/app.js:3:1");
 
         // The runtime recompiles into the same range; the map is re-read once a second has
         // passed since it was last looked at.

@@ -10,7 +10,7 @@
 //! start says so through its shorter duration.
 
 use std::{
-    collections::{BTreeMap, VecDeque},
+    collections::{BTreeMap, HashMap, VecDeque},
     time::{Duration, Instant, SystemTime},
 };
 
@@ -18,6 +18,7 @@ use super::{
     Profile, ProfileKind,
     binary::{CacheBudgets, CacheStat},
     raw::{RawProfile, symbolize},
+    runtime::{Runtime, Shares},
     symbols::ProfileSymbolizer,
 };
 
@@ -25,6 +26,9 @@ use super::{
 pub const HISTORY: Duration = Duration::from_secs(600);
 /// Estimated bytes of the windows kept, at most.
 pub const MAX_WINDOW_BYTES: usize = 4 << 20;
+/// Processes whose runtime is remembered for [`Windows::runtime_shares`], at most; past it only
+/// those of the latest drain are kept.
+const MAX_RUNTIME_PIDS: usize = 4096;
 
 /// One drain's profiles.
 pub struct Window {
@@ -105,8 +109,10 @@ pub struct Windows {
     /// Open readers by id, with the instant they wait from.
     readers: BTreeMap<u64, Instant>,
     next_reader: u64,
-    /// On-CPU totals by service id, since start (monotonic).
-    pub totals: BTreeMap<u32, Totals>,
+    /// On-CPU totals by service id and runtime, since start (monotonic).
+    pub totals: BTreeMap<(u32, Runtime), Totals>,
+    /// The runtime of the processes in recent windows, by pid.
+    runtimes: HashMap<u32, Runtime>,
     last_end: Instant,
 }
 
@@ -128,6 +134,7 @@ impl Windows {
             readers: BTreeMap::new(),
             next_reader: 0,
             totals: BTreeMap::new(),
+            runtimes: HashMap::new(),
             last_end: Instant::now(),
         }
     }
@@ -218,8 +225,18 @@ impl Windows {
         let start = self.last_end;
         self.last_end = end;
         let cpu_stacks = symbolize(&raw.cpu, &mut self.sym, service_name);
+        if self.runtimes.len() + raw.runtimes.len() > MAX_RUNTIME_PIDS {
+            self.runtimes.clear();
+        }
+        self.runtimes
+            .extend(raw.runtimes.iter().map(|(pid, r)| (*pid, *r)));
         for (r, s) in raw.cpu.iter().zip(&cpu_stacks) {
-            let t = self.totals.entry(r.service).or_default();
+            let runtime = raw
+                .runtimes
+                .get(&r.tgid)
+                .copied()
+                .unwrap_or(Runtime::Unknown);
+            let t = self.totals.entry((r.service, runtime)).or_default();
             t.samples += s.samples;
             if s.truncated {
                 t.truncated += s.samples;
@@ -246,6 +263,21 @@ impl Windows {
         });
         self.prune(end);
         release_free_memory();
+    }
+
+    /// Samples and truncated samples of `profile`'s stacks by the runtime of their process, as
+    /// the processes were classified while they ran.
+    pub fn runtime_shares(&self, profile: &Profile) -> Shares {
+        let mut shares = Shares::default();
+        for s in &profile.stacks {
+            let runtime = self
+                .runtimes
+                .get(&s.pid)
+                .copied()
+                .unwrap_or(Runtime::Unknown);
+            shares.add(runtime, s.samples, s.truncated);
+        }
+        shares
     }
 
     /// The windows that ended after `since`, merged into one on-CPU and one off-CPU profile.
