@@ -10,6 +10,7 @@ pub mod flame;
 pub mod fold;
 pub mod fpcheck;
 pub mod kallsyms;
+pub mod leaf;
 pub mod perfmap;
 pub mod pprof;
 pub mod raw;

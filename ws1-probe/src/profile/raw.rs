@@ -34,7 +34,9 @@ pub struct RawProfile {
 }
 
 /// Functions a complete user stack ends in: the process entry and thread entries of glibc and
-/// musl.
+/// musl, and Go's: every goroutine's stack ends in `runtime.goexit` (the return address its
+/// first function was started with), the main goroutine's in `runtime.main` above it, and the
+/// scheduler's system stacks in `runtime.mstart` / `runtime.rt0_go`.
 const ROOT_FUNCTIONS: &[&str] = &[
     "_start",
     "__libc_start_main",
@@ -45,6 +47,10 @@ const ROOT_FUNCTIONS: &[&str] = &[
     "__clone",
     "__clone3",
     "thread_start",
+    "runtime.goexit",
+    "runtime.main",
+    "runtime.mstart",
+    "runtime.rt0_go",
 ];
 
 /// Whether a frame-pointer user stack (leaf first) reached an outermost function.
@@ -116,6 +122,14 @@ mod tests {
             f("__libc_start_call_main")
         ]));
         assert!(!reaches_root(&[f("work"), f("main")]));
+        assert!(reaches_root(&[
+            f("main.matchOrders"),
+            f("main.main"),
+            f("runtime.main"),
+            f("runtime.goexit")
+        ]));
+        assert!(reaches_root(&[f("main.main"), f("runtime.main")]));
+        assert!(!reaches_root(&[f("main.matchOrders"), f("main.main")]));
         assert!(!reaches_root(&[]));
         let mut frames = vec![f("a"), f("[unknown]+0x10"), f("b"), f("[unknown]+0x20")];
         cut_at_first_unknown(&mut frames, |f: &ProfFrame| {

@@ -242,7 +242,7 @@ impl Binary {
                     binary.eh_frame_hdr_svma = Some(svma);
                     binary.eh_frame_hdr = bytes()?;
                 }
-                b".debug_frame" => debug_frame = Some(section.index()),
+                b".debug_frame" | b".zdebug_frame" => debug_frame = Some(section.index()),
                 _ => {}
             }
         }
@@ -254,6 +254,12 @@ impl Binary {
             let section = file.section_by_index(index)?;
             if section.compressed_file_range()?.format == CompressionFormat::None {
                 binary.debug_frame = SectionBytes::within(image, section.data()?);
+            } else {
+                // Go binaries carry only `.debug_frame`, zlib-compressed: an owned copy,
+                // bounded like every call frame section read from an observed process's file.
+                binary.debug_frame = super::leaf::section_data(&section)
+                    .ok()
+                    .map(|data| SectionBytes::owned(data.into_owned()));
             }
         }
         Ok(binary)
@@ -388,6 +394,17 @@ impl SectionBytes {
     }
 }
 
+impl SectionBytes {
+    /// Bytes held in memory (a decompressed section).
+    fn owned(bytes: Vec<u8>) -> Self {
+        let len = bytes.len();
+        Self {
+            image: Arc::new(Image::Owned(bytes)),
+            range: 0..len,
+        }
+    }
+}
+
 /// No bytes (framehop's section info has a default for sections a binary lacks).
 impl Default for SectionBytes {
     fn default() -> Self {
@@ -416,17 +433,17 @@ impl std::fmt::Debug for SectionBytes {
 
 /// One line of `/proc/PID/maps`.
 #[derive(Debug, PartialEq, Eq)]
-struct MapsLine<'a> {
-    start: u64,
-    end: u64,
-    executable: bool,
-    offset: u64,
-    dev: u64,
-    inode: u64,
-    path: &'a str,
+pub(crate) struct MapsLine<'a> {
+    pub start: u64,
+    pub end: u64,
+    pub executable: bool,
+    pub offset: u64,
+    pub dev: u64,
+    pub inode: u64,
+    pub path: &'a str,
 }
 
-fn parse_maps_line(line: &str) -> Option<MapsLine<'_>> {
+pub(crate) fn parse_maps_line(line: &str) -> Option<MapsLine<'_>> {
     let mut rest = line;
     let mut field = || {
         rest = rest.trim_start_matches(' ');
