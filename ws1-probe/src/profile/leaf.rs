@@ -15,9 +15,9 @@
 //! address becomes the leaf's caller, between the leaf and the rest of the walk.
 //!
 //! The rule comes from `.eh_frame` and `.debug_frame` (Go binaries carry only the second,
-//! usually zlib-compressed: `SHF_COMPRESSED`, or `.zdebug_frame` from older linkers). Binaries
-//! with neither (a Go binary built with `-ldflags=-w`) are not handled: `.gopclntab`'s SP
-//! deltas would say the same, but are not read yet. Leaves that pushed registers (CFA =
+//! usually zlib-compressed: `SHF_COMPRESSED`, or `.zdebug_frame` from older linkers), or for a
+//! Go binary without `.debug_frame` (linked with `-w`) from the SP deltas of `.gopclntab`
+//! ([`gopclntab`](super::gopclntab), Go 1.18+). Leaves that pushed registers (CFA =
 //! `rsp + N`, N > 8) are not handled in frame-pointer mode either: the kernel reads one word,
 //! at `rsp`; those stacks stay as the walk found them. DWARF mode unwinds every frame from CFI
 //! and needs none of this.
@@ -142,20 +142,38 @@ impl FramelessRanges {
         }
         let mut eh_frame = None;
         let mut debug_frame = None;
+        let mut pclntab = None;
         let mut text_svma = 0;
         for section in file.sections() {
             match section.name_bytes()? {
                 b".text" => text_svma = section.address(),
                 b".eh_frame" => eh_frame = Some((section_data(&section)?, section.address())),
                 b".debug_frame" | b".zdebug_frame" => debug_frame = Some(section_data(&section)?),
+                b".gopclntab" => pclntab = Some(section.index()),
                 _ => {}
             }
         }
-        Ok(Self::from_sections(
+        let mut found = Self::from_sections(
             eh_frame.as_ref().map(|(d, a)| (d.as_ref(), *a)),
             debug_frame.as_deref(),
             text_svma,
-        ))
+        );
+        // A Go binary without `.debug_frame` (linked with `-w`): the same facts from the
+        // runtime's own table.
+        if debug_frame.is_none()
+            && let Some(index) = pclntab
+        {
+            let section = file.section_by_index(index)?;
+            let data = section_data(&section)?;
+            match super::gopclntab::frameless_ranges(&data, text_svma, MAX_RANGES) {
+                Ok(ranges) => {
+                    found.ranges.extend(ranges);
+                    found = Self::from_ranges(found.ranges);
+                }
+                Err(e) => tracing::debug!("no frameless ranges from .gopclntab: {e}"),
+            }
+        }
+        Ok(found)
     }
 
     /// Whether `svma` (an address of the binary) is frameless.
@@ -175,6 +193,37 @@ impl FramelessRanges {
     fn bytes(&self) -> usize {
         self.ranges.len() * std::mem::size_of::<Range<u64>>()
     }
+}
+
+/// Bytes of code the FDEs of an `.eh_frame` (with its address) or a `.debug_frame` describe;
+/// the DWARF unwinder gives framehop the section that describes more.
+pub(crate) fn fde_coverage(eh_frame: Option<(&[u8], u64)>, debug_frame: Option<&[u8]>) -> u64 {
+    fn sum<'a, S>(section: &S, bases: &BaseAddresses) -> u64
+    where
+        S: UnwindSection<gimli::EndianSlice<'a, LittleEndian>>,
+    {
+        let mut total = 0u64;
+        let mut entries = section.entries(bases);
+        while let Ok(Some(entry)) = entries.next() {
+            if let CieOrFde::Fde(partial) = entry
+                && let Ok(fde) = partial.parse(|s, b, o| s.cie_from_offset(b, o))
+            {
+                total = total.saturating_add(fde.len());
+            }
+        }
+        total
+    }
+    let mut total = 0;
+    if let Some((data, svma)) = eh_frame {
+        let bases = BaseAddresses::default().set_eh_frame(svma);
+        total += sum(&EhFrame::new(data, LittleEndian), &bases);
+    }
+    if let Some(data) = debug_frame {
+        let mut section = DebugFrame::new(data, LittleEndian);
+        section.set_address_size(8);
+        total += sum(&section, &BaseAddresses::default());
+    }
+    total
 }
 
 /// Adds the rows of every FDE of `section` whose CFA is `rsp + 8` to `out`.
@@ -578,6 +627,81 @@ mod tests {
         let r = FramelessRanges::from_sections(None, Some(&debug_frame()), 0);
         assert_eq!(r.ranges, vec![0x1000..0x1020, 0x2000..0x2001]);
         assert!(r.contains(0x1010) && r.contains(0x2000) && !r.contains(0x2001));
+    }
+
+    const C_LEAVES: &str = r#"
+__attribute__((noinline)) unsigned long leaf(unsigned long n) {
+    unsigned long s = 0;
+    for (unsigned long i = 0; i < n; i++) { s += i ^ (s >> 3); __asm__ volatile("" : "+r"(s)); }
+    return s;
+}
+__attribute__((noinline)) unsigned long framed(unsigned long n) {
+    volatile unsigned long buf[64];
+    for (unsigned long i = 0; i < 64; i++) buf[i] = leaf(n + i);
+    return buf[n % 64] + leaf(n);
+}
+int main(int argc, char **argv) { (void)argv; return (int)framed((unsigned long)argc); }
+"#;
+
+    /// (address, size) of the function `name` in the ELF file at `path`.
+    fn function(path: &std::path::Path, name: &str) -> (u64, u64) {
+        use object::ObjectSymbol;
+        let data = std::fs::read(path).unwrap();
+        let file = object::File::parse(&*data).unwrap();
+        let sym = file.symbols().find(|s| s.name() == Ok(name)).unwrap();
+        (sym.address(), sym.size())
+    }
+
+    /// The frameless leaf and the body of a framed function, as `.eh_frame` and as compressed
+    /// `.debug_frame` tell them.
+    #[test]
+    fn c_leaves_from_eh_frame_and_compressed_debug_frame() {
+        let dir = std::env::temp_dir().join(format!("ws1-leaf-unit-{}", std::process::id()));
+        let common = [
+            "-O2",
+            "-g",
+            "-fno-omit-frame-pointer",
+            "-momit-leaf-frame-pointer",
+        ];
+        let eh = [&common[..], &["-fasynchronous-unwind-tables"]].concat();
+        let debug = [
+            &common[..],
+            &[
+                "-fno-asynchronous-unwind-tables",
+                "-fno-unwind-tables",
+                "-gz=zlib",
+            ],
+        ]
+        .concat();
+        for (name, args, compressed) in [("eh", eh, false), ("dbg", debug, true)] {
+            let Some(bin) = crate::profile::fpcheck::compile_c(&dir, name, C_LEAVES, &args) else {
+                return;
+            };
+            let data = std::fs::read(&bin).unwrap();
+            let file = object::File::parse(&*data).unwrap();
+            let (leaf, leaf_size) = function(&bin, "leaf");
+            if compressed {
+                let s = file.section_by_name(".debug_frame").expect(".debug_frame");
+                assert_eq!(
+                    s.compressed_file_range().unwrap().format,
+                    CompressionFormat::Zlib
+                );
+                // Only the compressed section describes the program's own functions.
+                let eh = file
+                    .section_by_name(".eh_frame")
+                    .map(|s| (s.data().unwrap(), s.address()));
+                assert!(!FramelessRanges::from_sections(eh, None, 0).contains(leaf));
+            }
+            let r = FramelessRanges::from_elf(&*data).unwrap();
+            let (framed, framed_size) = function(&bin, "framed");
+            for at in [leaf, leaf + leaf_size / 2, leaf + leaf_size - 1] {
+                assert!(r.contains(at), "{name}: leaf+{:#x}", at - leaf);
+            }
+            // At its entry a framed function has pushed nothing either; in its body it has.
+            assert!(r.contains(framed), "{name}: framed entry");
+            assert!(!r.contains(framed + framed_size / 2), "{name}: framed body");
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

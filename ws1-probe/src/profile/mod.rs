@@ -9,6 +9,7 @@ pub mod binary;
 pub mod flame;
 pub mod fold;
 pub mod fpcheck;
+pub mod gopclntab;
 pub mod kallsyms;
 pub mod leaf;
 pub mod perfmap;
