@@ -3,8 +3,9 @@
 //! -momit-leaf-frame-pointer`, both built here from the sources below, each with two leaves
 //! under one caller doing 3:1 of the work. Frame-pointer unwinding alone skips that caller in
 //! every sample; the profile must name it in ≥ 95 % of samples and split the leaves 3:1 within
-//! ±10 %, with frame pointers (`--unwind fp`: the kernel's word at the stack pointer, confirmed
-//! by CFI) and with the agent's own choice (`--unwind auto`, DWARF for these binaries).
+//! ±10 %, with frame pointers (the kernel's word at the stack pointer, confirmed by CFI from
+//! `.eh_frame`, compressed `.debug_frame` or, for a Go binary linked with `-w`, `.gopclntab`)
+//! and with DWARF unwinding.
 
 use std::{
     path::{Path, PathBuf},
@@ -153,11 +154,22 @@ fn go_command(go: &Path, tmp: &Path) -> Command {
     cmd
 }
 
-fn go_program(go: &Path) -> PathBuf {
+/// The Go program, with DWARF (and so `.debug_frame`) or, with `strip_dwarf`, linked with
+/// `-ldflags=-w`, which leaves `.gopclntab` as the only record of the frame sizes.
+fn go_program(go: &Path, strip_dwarf: bool) -> PathBuf {
     let tmp = temp_dir("go");
-    let bin = build_cached("ws1-leaf-go", "go", GO_SOURCE, |src, out| {
-        let status = go_command(go, &tmp)
-            .arg("build")
+    let name = if strip_dwarf {
+        "ws1-leaf-go-w"
+    } else {
+        "ws1-leaf-go"
+    };
+    let bin = build_cached(name, "go", GO_SOURCE, |src, out| {
+        let mut cmd = go_command(go, &tmp);
+        cmd.arg("build");
+        if strip_dwarf {
+            cmd.arg("-ldflags=-w");
+        }
+        let status = cmd
             .arg("-o")
             .arg(out)
             .arg(src)
@@ -165,6 +177,18 @@ fn go_program(go: &Path) -> PathBuf {
             .expect("run go build");
         assert!(status.success(), "go build failed");
     });
+    let sections = Command::new("readelf")
+        .args(["-S", "-W"])
+        .arg(&bin)
+        .output()
+        .expect("run readelf");
+    let sections = String::from_utf8_lossy(&sections.stdout);
+    assert!(sections.contains(".gopclntab"), "{sections}");
+    assert_eq!(
+        sections.contains(".debug_frame"),
+        !strip_dwarf,
+        "{sections}"
+    );
     // The leaves really set up no frame: no stack adjustment, no saved frame pointer.
     for leaf in ["main.matchOrders", "main.settleTrades"] {
         let out = go_command(go, &tmp)
@@ -260,13 +284,15 @@ fn truncated_share(stderr: &str) -> f64 {
     stderr[start..at].parse().expect("a percentage")
 }
 
-/// Profiles `bin` (run as `comm`) for 5 s with `--unwind unwind` and checks that `caller` is
-/// the parent of `three` and `one` in ≥ 95 % of all samples, that they split 3:1 within ±10 %
-/// and that no more than 5 % of stacks are truncated.
+/// Profiles `bin` (run as `comm`) for 5 s with `--unwind unwind` and checks that it was
+/// unwound with DWARF when `dwarf` says so, that `caller` is the parent of `three` and `one`
+/// in ≥ 95 % of all samples, that they split 3:1 within ±10 % and that no more than 5 % of
+/// stacks are truncated.
 fn leaves_keep_their_caller(
     bin: &Path,
     comm: &str,
     unwind: &str,
+    dwarf: bool,
     caller: &str,
     three: &str,
     one: &str,
@@ -289,6 +315,8 @@ fn leaves_keep_their_caller(
     drop(target);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "profile failed: {stderr}");
+    let mode = format!("1 processes, {} unwound with DWARF", u32::from(dwarf));
+    assert!(stderr.contains(&mode), "expected `{mode}`:\n{stderr}");
     let text = std::fs::read_to_string(&folded_path).expect("folded output");
     let folded = parse_folded(&text);
     let total: u64 = folded.iter().map(|(_, v)| v).sum();
@@ -325,11 +353,12 @@ fn go_frameless_leaves_keep_main_main_with_frame_pointers() {
         return;
     }
     let Some(go) = debian_go() else { return };
-    let bin = go_program(&go);
+    // Go binaries are profiled with frame pointers by default.
     leaves_keep_their_caller(
-        &bin,
+        &go_program(&go, false),
         "w-leaf-go-fp",
-        "fp",
+        "auto",
+        false,
         "main.main",
         "main.matchOrders",
         "main.settleTrades",
@@ -337,16 +366,34 @@ fn go_frameless_leaves_keep_main_main_with_frame_pointers() {
 }
 
 #[test]
-fn go_frameless_leaves_keep_main_main_unwound_as_chosen() {
+fn go_frameless_leaves_keep_main_main_without_debug_frame() {
     if !privileged() {
         return;
     }
     let Some(go) = debian_go() else { return };
-    let bin = go_program(&go);
     leaves_keep_their_caller(
-        &bin,
-        "w-leaf-go-auto",
+        &go_program(&go, true),
+        "w-leaf-go-w",
         "auto",
+        false,
+        "main.main",
+        "main.matchOrders",
+        "main.settleTrades",
+    );
+}
+
+#[test]
+fn go_frameless_leaves_keep_main_main_with_dwarf_unwinding() {
+    if !privileged() {
+        return;
+    }
+    let Some(go) = debian_go() else { return };
+    // framehop reads the compressed `.debug_frame`.
+    leaves_keep_their_caller(
+        &go_program(&go, false),
+        "w-leaf-go-dw",
+        "dwarf",
+        true,
         "main.main",
         "main.matchOrders",
         "main.settleTrades",
@@ -362,6 +409,7 @@ fn c_frameless_leaves_keep_their_caller_with_frame_pointers() {
         &c_program(),
         "w-leaf-c-fp",
         "fp",
+        false,
         "ws1_leaf_drive",
         "ws1_leaf_three",
         "ws1_leaf_one",
@@ -369,14 +417,15 @@ fn c_frameless_leaves_keep_their_caller_with_frame_pointers() {
 }
 
 #[test]
-fn c_frameless_leaves_keep_their_caller_unwound_as_chosen() {
+fn c_frameless_leaves_keep_their_caller_with_dwarf_unwinding() {
     if !privileged() {
         return;
     }
     leaves_keep_their_caller(
         &c_program(),
-        "w-leaf-c-auto",
-        "auto",
+        "w-leaf-c-dw",
+        "dwarf",
+        true,
         "ws1_leaf_drive",
         "ws1_leaf_three",
         "ws1_leaf_one",

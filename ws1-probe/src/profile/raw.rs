@@ -51,6 +51,10 @@ const ROOT_FUNCTIONS: &[&str] = &[
     "runtime.main",
     "runtime.mstart",
     "runtime.rt0_go",
+    // The symbol table's names of Go's assembly functions (what a binary without DWARF shows).
+    "runtime.goexit.abi0",
+    "runtime.mstart.abi0",
+    "runtime.rt0_go.abi0",
 ];
 
 /// Whether a frame-pointer user stack (leaf first) reached an outermost function.
