@@ -142,8 +142,8 @@ mod tests {
         let functab_len = 3 * 8;
         let func_at = functab_len; // two _func of 20 bytes (up to and with pcsp)
         let pctab = pcln + functab_len + 2 * 20;
-        for w in [2, 0, 0x40_1000, 0, 0, 0, pctab, pcln] {
-            t.extend((w as u64).to_le_bytes());
+        for w in [2u64, 0, 0x40_1000, 0, 0, 0, pctab, pcln] {
+            t.extend(w.to_le_bytes());
         }
         // functab: (entryoff, funcoff) × 2, then the end.
         for (e, f) in [(0u32, func_at), (0x10, func_at + 20), (0x40, 0)] {

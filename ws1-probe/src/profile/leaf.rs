@@ -391,7 +391,7 @@ impl LeafResolver {
         let mut text = LeafText::default();
         let mut n = 0;
         for m in process.mappings.iter().filter(|m| m.main) {
-            if !m.binary.as_ref().is_some_and(|b| !b.frameless.is_empty()) {
+            if m.binary.as_ref().is_none_or(|b| b.frameless.is_empty()) {
                 continue;
             }
             if n == LEAF_RANGES {
@@ -609,7 +609,7 @@ mod tests {
             body.extend(start.to_le_bytes());
             body.extend(len.to_le_bytes());
             body.extend(insns);
-            while (body.len() + 4) % 8 != 0 {
+            while !(body.len() + 4).is_multiple_of(8) {
                 body.push(0);
             }
             let mut f = (body.len() as u32).to_le_bytes().to_vec();
@@ -712,7 +712,7 @@ int main(int argc, char **argv) { (void)argv; return (int)framed((unsigned long)
             assert!(r.len() <= 2);
         }
         let junk: Vec<u8> = (0..4096u32)
-            .map(|i| (i * 2_654_435_761 >> 13) as u8)
+            .map(|i| ((i * 2_654_435_761) >> 13) as u8)
             .collect();
         let r = FramelessRanges::from_sections(Some((&junk, 0)), Some(&junk), 0);
         assert!(r.len() <= MAX_RANGES);
