@@ -284,7 +284,7 @@ fn truncated_share(stderr: &str) -> f64 {
     stderr[start..at].parse().expect("a percentage")
 }
 
-/// Profiles `bin` (run as `comm`) for 5 s with `--unwind unwind` and checks that it was
+/// Profiles `bin` (run as `comm`) for 6 s with `--unwind unwind` and checks that it was
 /// unwound with DWARF when `dwarf` says so, that `caller` is the parent of `three` and `one`
 /// in ≥ 95 % of all samples, that they split 3:1 within ±10 % and that no more than 5 % of
 /// stacks are truncated.
@@ -306,7 +306,7 @@ fn leaves_keep_their_caller(
         "--unwind",
         unwind,
         "--duration",
-        "5s",
+        "6s",
         "--frequency",
         "997",
         "-o",
