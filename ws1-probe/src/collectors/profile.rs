@@ -136,13 +136,13 @@ impl ProfileCollector {
             dwarf_pids: typed("PROFILE_DWARF", take_map(ebpf, "PROFILE_DWARF")?)?,
             leaf_pids: typed("PROFILE_LEAF", take_map(ebpf, "PROFILE_LEAF")?)?,
             // Frameless ranges are 16 bytes per function at most: an eighth of the unwind
-            // budget holds those of hundreds of large binaries.
+            // share holds those of hundreds of large binaries (the unwinder keeps the rest).
             leaf: LeafResolver::new(CacheBudgets::split(options.cache_bytes).unwind_binaries / 8),
             ring: typed("PROFILE_SAMPLES", take_map(ebpf, "PROFILE_SAMPLES")?)?,
             options: options.clone(),
             unwinder: DwarfUnwinder::with_budget(
                 MAX_FRAMES,
-                CacheBudgets::split(options.cache_bytes).unwind_binaries,
+                CacheBudgets::split(options.cache_bytes).unwind_binaries / 8 * 7,
             ),
             unwound: Unwound::default(),
             fp: FpCache::default(),

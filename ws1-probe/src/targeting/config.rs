@@ -872,7 +872,8 @@ pub const DEFAULT_OFFCPU_MIN_NS: u64 = 1_000_000;
 /// How user stacks are walked.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
 pub enum UnwindMode {
-    /// Frame pointers where the main binary keeps them, DWARF (`.eh_frame`, `.debug_frame`) otherwise; Go binaries keep them.
+    /// Frame pointers where the main binary keeps them (Go binaries do), DWARF (`.eh_frame`,
+    /// `.debug_frame`) otherwise.
     #[default]
     Auto,
     /// Frame pointers only (cheapest; broken stacks for binaries built without them).
