@@ -89,9 +89,27 @@ __attribute__((noinline)) unsigned long ws1_leaf_drive(void) {
     return total;
 }
 
-int main(void) {
+/* A frameless leaf that blocks: nanosleep(2) by a raw system call, no call instruction. */
+__attribute__((noinline)) long ws1_leaf_nap(const struct timespec *ts) {
+    long ret;
+    __asm__ volatile("syscall" : "=a"(ret) : "a"(35L), "D"(ts), "S"(0L) : "rcx", "r11", "memory");
+    return ret;
+}
+
+__attribute__((noinline)) void ws1_leaf_naps(void) {
+    struct timespec ts = {0, 20 * 1000 * 1000};
+    for (int i = 0; i < 6000; i++) /* 120 s at most */
+        ws1_leaf_nap(&ts);
+}
+
+int main(int argc, char **argv) {
+    (void)argv;
     printf("ready %d\n", (int)getpid());
     fflush(stdout);
+    if (argc > 1) {
+        ws1_leaf_naps();
+        return 0;
+    }
     return (int)(ws1_leaf_drive() & 1);
 }
 "#;
@@ -233,7 +251,7 @@ fn c_program() -> PathBuf {
         .output()
         .expect("run objdump");
     let text = String::from_utf8_lossy(&out.stdout);
-    for leaf in ["ws1_leaf_three", "ws1_leaf_one"] {
+    for leaf in ["ws1_leaf_three", "ws1_leaf_one", "ws1_leaf_nap"] {
         let body: String = text
             .split(&format!("<{leaf}>:\n"))
             .nth(1)
@@ -242,10 +260,12 @@ fn c_program() -> PathBuf {
             .next()
             .unwrap_or_default()
             .to_owned();
-        assert!(
-            !body.contains("push") && !body.contains("call") && !body.contains("%rbp"),
-            "{leaf} has a frame or calls:\n{body}"
-        );
+        // Mnemonics: the text after the address's tab (`syscall` is not a call).
+        let framed = body.lines().any(|line| {
+            let insn = line.split('\t').nth(1).unwrap_or_default();
+            insn.starts_with("push") || insn.starts_with("call") || insn.contains("%rbp")
+        });
+        assert!(!framed, "{leaf} has a frame or calls:\n{body}");
     }
     bin
 }
@@ -429,5 +449,57 @@ fn c_frameless_leaves_keep_their_caller_with_dwarf_unwinding() {
         "ws1_leaf_drive",
         "ws1_leaf_three",
         "ws1_leaf_one",
+    );
+}
+
+/// Off-CPU time with frame pointers: the block starts in a frameless leaf (a raw system call,
+/// like Go's `runtime.futex`), so its caller comes from the word at the user stack pointer the
+/// kernel saved on entry.
+#[test]
+fn c_frameless_leaf_that_blocks_keeps_its_caller_off_cpu() {
+    if !privileged() {
+        return;
+    }
+    let target = Workload::spawn_args(&c_program(), "w-leaf-c-nap", &["nap"]);
+    let folded_path = temp_dir("out").join("w-leaf-c-nap.folded");
+    let out = run_probe(&[
+        "profile",
+        "--pid",
+        &target.pid.to_string(),
+        "--off-cpu",
+        "--unwind",
+        "fp",
+        "--duration",
+        "3s",
+        "-o",
+        folded_path.to_str().expect("utf-8 path"),
+    ]);
+    drop(target);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "profile --off-cpu failed: {stderr}");
+    let text = std::fs::read_to_string(&folded_path).expect("folded output");
+    let folded = parse_folded(&text);
+    let nap_us: u64 = folded
+        .iter()
+        .filter(|(f, _)| user_leaf(f) == "ws1_leaf_nap")
+        .map(|(_, v)| v)
+        .sum();
+    // 3 s of 20 ms naps; blocks cut by the window's edges are counted in part or not at all.
+    assert!(
+        (2_500_000..=3_100_000).contains(&nap_us),
+        "{nap_us} us asleep in ws1_leaf_nap\n{text}\n{stderr}"
+    );
+    let under_caller: u64 = folded
+        .iter()
+        .filter(|(f, _)| {
+            user_leaf(f) == "ws1_leaf_nap"
+                && f.windows(2)
+                    .any(|w| w[0] == "ws1_leaf_naps" && w[1] == "ws1_leaf_nap")
+        })
+        .map(|(_, v)| v)
+        .sum();
+    assert!(
+        under_caller * 100 >= nap_us * 95,
+        "{under_caller} of {nap_us} us under ws1_leaf_naps\n{text}"
     );
 }

@@ -338,10 +338,12 @@ impl ProfileCollector {
             if count == 0 {
                 continue;
             }
+            let mut user = self.stack(key.user_stack);
+            self.leaf.fix(key.tgid, &mut user, key.leaf_ret);
             let stack = RawStack {
                 tgid: key.tgid,
                 service: key.service,
-                user: self.stack(key.user_stack),
+                user,
                 dwarf_complete: None,
                 kernel: self.stack(key.kernel_stack),
                 samples: count,
