@@ -11,6 +11,11 @@ pub struct ProfileKey {
     /// a DWARF-mode process whose user stack travels in the sample instead).
     pub user_stack: i32,
     pub kernel_stack: i32,
+    /// The word at the user stack pointer when the process is in `PROFILE_LEAF` and the word
+    /// falls in one of its [`LeafText`] ranges, else 0: the return address of a sampled leaf
+    /// function that set up no frame, which the frame-pointer walk skips (see
+    /// `ws1-probe/src/profile/leaf.rs`).
+    pub leaf_ret: u64,
 }
 
 /// Value of `OFFCPU_TIME`: blocked time and the number of blocked intervals.
@@ -98,6 +103,20 @@ impl ProfileSettings {
     };
 }
 
+/// Text ranges kept per process in `PROFILE_LEAF`.
+pub const LEAF_RANGES: usize = 4;
+/// Processes whose frameless leaves' callers are recovered.
+pub const LEAF_PIDS: u32 = 4_096;
+
+/// Value of `PROFILE_LEAF`, per frame-pointer-mode process: the executable address ranges
+/// (`[start, end)`, unused ones `0, 0`) a return address read at the user stack pointer must
+/// fall in to be recorded in [`ProfileKey::leaf_ret`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LeafText {
+    pub ranges: [[u64; 2]; LEAF_RANGES],
+}
+
 /// Capacity of `PROFILE_COUNTS` and `OFFCPU_TIME`.
 pub const PROFILE_ENTRIES: u32 = 16_384;
 /// Capacity of `PROFILE_STACKS` (user and kernel stacks).
@@ -116,5 +135,6 @@ crate::impl_pod!(
     OffCpuValue,
     OffCpuStart,
     OffCpuPending,
-    ProfileSettings
+    ProfileSettings,
+    LeafText
 );

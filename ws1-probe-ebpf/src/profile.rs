@@ -19,9 +19,9 @@ use aya_ebpf::{
 };
 use ws1_probe_common::{
     profile::{
-        DWARF_PIDS, OFFCPU_THREADS, OffCpuPending, OffCpuStart, OffCpuValue, PROFILE_ENTRIES,
-        PROFILE_STACK_ENTRIES, ProfileKey, ProfileSettings, SAMPLE_CPU, SAMPLE_OFFCPU,
-        SAMPLE_RINGBUF_BYTES, STACK_COPY_BYTES, StackSampleEvent,
+        DWARF_PIDS, LEAF_PIDS, LEAF_RANGES, LeafText, OFFCPU_THREADS, OffCpuPending, OffCpuStart,
+        OffCpuValue, PROFILE_ENTRIES, PROFILE_STACK_ENTRIES, ProfileKey, ProfileSettings,
+        SAMPLE_CPU, SAMPLE_OFFCPU, SAMPLE_RINGBUF_BYTES, STACK_COPY_BYTES, StackSampleEvent,
     },
     targets::DropReason,
 };
@@ -47,6 +47,13 @@ static PROFILE_STACKS: StackTrace = StackTrace::with_max_entries(PROFILE_STACK_E
 /// Processes (tgid → 1) whose user stacks are copied for DWARF unwinding.
 #[map]
 static PROFILE_DWARF: HashMap<u32, u32> = HashMap::with_max_entries(DWARF_PIDS, 0);
+
+/// Frame-pointer-mode processes (tgid → text ranges) whose samples record the word at the user
+/// stack pointer when it is an address in those ranges: the return address of a leaf function
+/// that set up no frame, which the frame-pointer walk skips. Userspace decides from the call
+/// frame information at the sampled ip whether it is one (`ws1-probe/src/profile/leaf.rs`).
+#[map]
+static PROFILE_LEAF: HashMap<u32, LeafText> = HashMap::with_max_entries(LEAF_PIDS, 0);
 
 /// Samples of DWARF-mode processes: registers and the top of the user stack.
 #[map]
@@ -225,6 +232,61 @@ fn emit_sample(key: &ProfileKey, kind: u32, value_ns: u64, regs: &UserRegs) -> b
     true
 }
 
+/// The text ranges of a `PROFILE_LEAF` process.
+#[inline(always)]
+fn leaf_text(tgid: u32) -> Option<LeafText> {
+    // SAFETY: a read-only lookup; the value is copied out.
+    unsafe { PROFILE_LEAF.get(&tgid) }.copied()
+}
+
+/// The word at the user stack pointer `sp` when it is an address in one of `text`'s ranges,
+/// else 0. With the lookup in [`leaf_text`], O(1): one 8-byte user read, four range checks.
+/// Only addresses into code go into the key, so a sample in a function with a frame (where the
+/// word is data) adds no key; what does get in is bounded by the call sites in the text, and
+/// userspace keeps it only where the sampled ip's CFI says the return address is at the stack
+/// pointer. Measured: no extra key for a frame-pointer C program, 2 distinct words for a Go
+/// program with two hot frameless leaves.
+#[inline(always)]
+fn word_in_text(text: &LeafText, sp: u64) -> u64 {
+    // SAFETY: bpf_probe_read_user checks the address; a bad one gives an error.
+    let Ok(word) = (unsafe { aya_ebpf::helpers::bpf_probe_read_user(sp as *const u64) }) else {
+        return 0;
+    };
+    let mut i = 0;
+    while i < LEAF_RANGES {
+        let [start, end] = text.ranges[i];
+        if start <= word && word < end {
+            return word;
+        }
+        i += 1;
+    }
+    0
+}
+
+/// [`word_in_text`] for a cpu-clock sample.
+#[inline(always)]
+fn leaf_return(ctx: &PerfEventContext, tgid: u32) -> u64 {
+    let Some(text) = leaf_text(tgid) else {
+        return 0;
+    };
+    perf_user_regs(ctx).map_or(0, |regs| word_in_text(&text, regs.sp))
+}
+
+/// [`word_in_text`] for the current task leaving the CPU: its user registers are those the
+/// kernel saved on entry (a frameless leaf that made a system call, such as Go's
+/// `runtime.futex`).
+#[inline(always)]
+fn current_leaf_return(tgid: u32) -> u64 {
+    let Some(text) = leaf_text(tgid) else {
+        return 0;
+    };
+    // SAFETY: helpers available to tracing programs; the task pointer is the current task.
+    let saved = unsafe {
+        generated::bpf_task_pt_regs(generated::bpf_get_current_task_btf()) as *const pt_regs
+    };
+    read_regs(saved).map_or(0, |regs| word_in_text(&text, regs.sp))
+}
+
 /// One cpu-clock sample.
 pub fn try_cpu_sample(ctx: &PerfEventContext) -> Result<u32, i32> {
     let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
@@ -240,6 +302,7 @@ pub fn try_cpu_sample(ctx: &PerfEventContext) -> Result<u32, i32> {
         service,
         user_stack: -1,
         kernel_stack: stack_id(ctx, 0),
+        leaf_ret: 0,
     };
     if dwarf_mode(tgid) {
         if let Some(regs) = perf_user_regs(ctx) {
@@ -248,6 +311,7 @@ pub fn try_cpu_sample(ctx: &PerfEventContext) -> Result<u32, i32> {
         }
     }
     key.user_stack = stack_id(ctx, BPF_F_USER_STACK);
+    key.leaf_ret = leaf_return(ctx, tgid);
     add_sample(&key);
     Ok(0)
 }
@@ -314,6 +378,7 @@ fn switch<C: StackIdContext>(
                     service,
                     user_stack: stack_id(ctx, BPF_F_USER_STACK),
                     kernel_stack: stack_id(ctx, 0),
+                    leaf_ret: current_leaf_return(tgid),
                 },
                 voluntary: u32::from(voluntary),
                 _pad: 0,

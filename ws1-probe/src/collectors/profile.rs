@@ -11,7 +11,8 @@ use aya::{
     programs::perf_event::{SamplePolicy, SoftwareEvent},
 };
 use ws1_probe_common::profile::{
-    OffCpuValue, ProfileKey, ProfileSettings, SAMPLE_OFFCPU, STACK_COPY_BYTES, StackSampleEvent,
+    LeafText, OffCpuValue, ProfileKey, ProfileSettings, SAMPLE_OFFCPU, STACK_COPY_BYTES,
+    StackSampleEvent,
 };
 
 use super::{MapUsage, take_map, typed};
@@ -21,6 +22,7 @@ use crate::{
     profile::{
         binary::{CacheBudgets, CacheStat},
         fpcheck::FpCache,
+        leaf::LeafResolver,
         runtime::{self, Runtime},
         unwind::{DwarfUnwinder, MAX_FRAMES, Unwound, UserRegs},
     },
@@ -81,6 +83,10 @@ pub struct ProfileCollector {
     offcpu: BpfHashMap<MapData, ProfileKey, OffCpuValue>,
     stacks: StackTraceMap<MapData>,
     dwarf_pids: BpfHashMap<MapData, u32, u32>,
+    /// Frame-pointer-mode processes with frameless code: their main executable's text.
+    leaf_pids: BpfHashMap<MapData, u32, LeafText>,
+    /// Callers of frameless leaves (`profile/leaf.rs`).
+    leaf: LeafResolver,
     ring: RingBuf<MapData>,
     pub options: ProfileOptions,
     unwinder: DwarfUnwinder,
@@ -131,11 +137,15 @@ impl ProfileCollector {
             offcpu: typed("OFFCPU_TIME", take_map(ebpf, "OFFCPU_TIME")?)?,
             stacks: typed("PROFILE_STACKS", take_map(ebpf, "PROFILE_STACKS")?)?,
             dwarf_pids: typed("PROFILE_DWARF", take_map(ebpf, "PROFILE_DWARF")?)?,
+            leaf_pids: typed("PROFILE_LEAF", take_map(ebpf, "PROFILE_LEAF")?)?,
+            // Frameless ranges are 16 bytes per function at most: an eighth of the unwind
+            // share holds those of hundreds of large binaries (the unwinder keeps the rest).
+            leaf: LeafResolver::new(CacheBudgets::split(options.cache_bytes).unwind_binaries / 8),
             ring: typed("PROFILE_SAMPLES", take_map(ebpf, "PROFILE_SAMPLES")?)?,
             options: options.clone(),
             unwinder: DwarfUnwinder::with_budget(
                 MAX_FRAMES,
-                CacheBudgets::split(options.cache_bytes).unwind_binaries,
+                CacheBudgets::split(options.cache_bytes).unwind_binaries / 8 * 7,
             ),
             unwound: Unwound::default(),
             fp: FpCache::default(),
@@ -161,10 +171,17 @@ impl ProfileCollector {
             .copied()
             .collect();
         for pid in &gone {
-            if self.modes.remove(pid) == Some(true) {
-                let _ = self.dwarf_pids.remove(pid);
+            match self.modes.remove(pid) {
+                Some(true) => {
+                    let _ = self.dwarf_pids.remove(pid);
+                }
+                Some(false) => {
+                    let _ = self.leaf_pids.remove(pid);
+                }
+                None => {}
             }
             self.unwinder.forget(*pid);
+            self.leaf.forget(*pid);
         }
         self.runtimes.retain(|pid, _| live.contains(pid));
         for (pid, _) in targets {
@@ -195,6 +212,12 @@ impl ProfileCollector {
                 );
                 self.modes.insert(*pid, false);
                 continue;
+            }
+            if !dwarf
+                && let Some(text) = self.leaf.text_ranges(*pid)
+                && let Err(err) = self.leaf_pids.insert(pid, text, 0)
+            {
+                tracing::debug!("pid {pid}: callers of frameless leaves not recovered: {err}");
             }
             self.modes.insert(*pid, dwarf);
         }
@@ -307,10 +330,12 @@ impl ProfileCollector {
             if delta == 0 {
                 continue;
             }
+            let mut user = self.stack(key.user_stack);
+            self.leaf.fix(key.tgid, &mut user, key.leaf_ret);
             let stack = RawStack {
                 tgid: key.tgid,
                 service: key.service,
-                user: self.stack(key.user_stack),
+                user,
                 dwarf_complete: None,
                 kernel: self.stack(key.kernel_stack),
                 samples: delta,
@@ -325,10 +350,12 @@ impl ProfileCollector {
             if count == 0 {
                 continue;
             }
+            let mut user = self.stack(key.user_stack);
+            self.leaf.fix(key.tgid, &mut user, key.leaf_ret);
             let stack = RawStack {
                 tgid: key.tgid,
                 service: key.service,
-                user: self.stack(key.user_stack),
+                user,
                 dwarf_complete: None,
                 kernel: self.stack(key.kernel_stack),
                 samples: count,
@@ -398,6 +425,7 @@ impl ProfileCollector {
     pub fn cache_stats(&self) -> Vec<CacheStat> {
         let mut stats = self.unwinder.cache_stats();
         stats.push(self.fp.stat());
+        stats.push(self.leaf.stat());
         stats
     }
 

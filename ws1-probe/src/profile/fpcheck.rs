@@ -64,7 +64,8 @@ fn has_fp_prologue(code: &[u8]) -> bool {
     )
 }
 
-/// Whether the binary at `path` keeps frame pointers: true when at least half of its functions
+/// Whether the binary at `path` keeps frame pointers: true for Go binaries ([`is_go`]), and
+/// otherwise when at least half of its functions
 /// of 16 bytes or more (and at least 8 of them) begin with a frame-pointer prologue.
 ///
 /// Functions come from the symbol table, else from the dynamic symbol table. A stripped binary
@@ -97,7 +98,16 @@ pub fn has_frame_pointers(path: &Path) -> Result<bool, FpCheckError> {
         path: path.to_owned(),
         source,
     })?;
-    Ok(sampled >= MIN_SAMPLE && with_fp * 2 >= sampled)
+    Ok(is_go(&cache) || (sampled >= MIN_SAMPLE && with_fp * 2 >= sampled))
+}
+
+/// Whether the binary was linked by Go's toolchain (it has `.gopclntab`). Go keeps frame
+/// pointers on x86-64 in every function that has a frame (since Go 1.7), with a prologue the
+/// sampled bytes do not show (`sub $n,%rsp; mov %rbp,n-8(%rsp); lea n-8(%rsp),%rbp` after the
+/// stack check); its frameless leaves get their callers back from `leaf.rs`. Frame pointers
+/// spare every Go sample a stack copy.
+fn is_go<'a, R: ReadRef<'a>>(data: R) -> bool {
+    object::File::parse(data).is_ok_and(|f| f.section_by_name(".gopclntab").is_some())
 }
 
 /// Returns (functions sampled, of which with a frame-pointer prologue).

@@ -36,7 +36,9 @@ pub struct RawProfile {
 }
 
 /// Functions a complete user stack ends in: the process entry and thread entries of glibc and
-/// musl.
+/// musl, and Go's: every goroutine's stack ends in `runtime.goexit` (the return address its
+/// first function was started with), the main goroutine's in `runtime.main` above it, and the
+/// scheduler's system stacks in `runtime.mstart` / `runtime.rt0_go`.
 const ROOT_FUNCTIONS: &[&str] = &[
     "_start",
     "__libc_start_main",
@@ -47,6 +49,14 @@ const ROOT_FUNCTIONS: &[&str] = &[
     "__clone",
     "__clone3",
     "thread_start",
+    "runtime.goexit",
+    "runtime.main",
+    "runtime.mstart",
+    "runtime.rt0_go",
+    // The symbol table's names of Go's assembly functions (what a binary without DWARF shows).
+    "runtime.goexit.abi0",
+    "runtime.mstart.abi0",
+    "runtime.rt0_go.abi0",
 ];
 
 /// Whether a frame-pointer user stack (leaf first) reached an outermost function.
@@ -118,6 +128,14 @@ mod tests {
             f("__libc_start_call_main")
         ]));
         assert!(!reaches_root(&[f("work"), f("main")]));
+        assert!(reaches_root(&[
+            f("main.matchOrders"),
+            f("main.main"),
+            f("runtime.main"),
+            f("runtime.goexit")
+        ]));
+        assert!(reaches_root(&[f("main.main"), f("runtime.main")]));
+        assert!(!reaches_root(&[f("main.matchOrders"), f("main.main")]));
         assert!(!reaches_root(&[]));
         let mut frames = vec![f("a"), f("[unknown]+0x10"), f("b"), f("[unknown]+0x20")];
         cut_at_first_unknown(&mut frames, |f: &ProfFrame| {

@@ -225,7 +225,7 @@ impl Binary {
         for section in file.sections() {
             let svma = section.address()..section.address().saturating_add(section.size());
             let bytes = || -> Result<Option<SectionBytes>, object::Error> {
-                // Compressed sections would need a decompressor this build does not have.
+                // Loaded sections (`.eh_frame*`) are never compressed.
                 if section.compressed_file_range()?.format != CompressionFormat::None {
                     return Ok(None);
                 }
@@ -242,18 +242,42 @@ impl Binary {
                     binary.eh_frame_hdr_svma = Some(svma);
                     binary.eh_frame_hdr = bytes()?;
                 }
-                b".debug_frame" => debug_frame = Some(section.index()),
+                b".debug_frame" | b".zdebug_frame" => debug_frame = Some(section.index()),
                 _ => {}
             }
         }
-        // framehop only reads `.debug_frame` when there is no `.eh_frame`; copying it otherwise
-        // would only cost memory.
-        if binary.eh_frame.is_none()
-            && let Some(index) = debug_frame
-        {
+        // framehop reads one of the two sections: `.eh_frame` when there is one. A binary
+        // built with `-fno-asynchronous-unwind-tables -g` has both, `.eh_frame` holding only
+        // the C runtime's few functions and `.debug_frame` the program's; then the section
+        // that describes more code is the one given (`leaf::fde_coverage`).
+        if let Some(index) = debug_frame {
             let section = file.section_by_index(index)?;
-            if section.compressed_file_range()?.format == CompressionFormat::None {
-                binary.debug_frame = SectionBytes::within(image, section.data()?);
+            let data = if section.compressed_file_range()?.format == CompressionFormat::None {
+                SectionBytes::within(image, section.data()?)
+            } else {
+                // Go binaries carry only `.debug_frame`, zlib-compressed: an owned copy,
+                // bounded like every call frame section read from an observed process's file.
+                super::leaf::section_data(&section)
+                    .ok()
+                    .map(|data| SectionBytes::owned(data.into_owned()))
+            };
+            let eh_covers = binary.eh_frame.as_ref().map_or(0, |eh| {
+                super::leaf::fde_coverage(
+                    Some((
+                        &eh[..],
+                        binary.eh_frame_svma.as_ref().map_or(0, |r| r.start),
+                    )),
+                    None,
+                )
+            });
+            if let Some(data) = data
+                && super::leaf::fde_coverage(None, Some(&data[..])) > eh_covers
+            {
+                binary.eh_frame = None;
+                binary.eh_frame_svma = None;
+                binary.eh_frame_hdr = None;
+                binary.eh_frame_hdr_svma = None;
+                binary.debug_frame = Some(data);
             }
         }
         Ok(binary)
@@ -388,6 +412,17 @@ impl SectionBytes {
     }
 }
 
+impl SectionBytes {
+    /// Bytes held in memory (a decompressed section).
+    fn owned(bytes: Vec<u8>) -> Self {
+        let len = bytes.len();
+        Self {
+            image: Arc::new(Image::Owned(bytes)),
+            range: 0..len,
+        }
+    }
+}
+
 /// No bytes (framehop's section info has a default for sections a binary lacks).
 impl Default for SectionBytes {
     fn default() -> Self {
@@ -416,17 +451,17 @@ impl std::fmt::Debug for SectionBytes {
 
 /// One line of `/proc/PID/maps`.
 #[derive(Debug, PartialEq, Eq)]
-struct MapsLine<'a> {
-    start: u64,
-    end: u64,
-    executable: bool,
-    offset: u64,
-    dev: u64,
-    inode: u64,
-    path: &'a str,
+pub(crate) struct MapsLine<'a> {
+    pub start: u64,
+    pub end: u64,
+    pub executable: bool,
+    pub offset: u64,
+    pub dev: u64,
+    pub inode: u64,
+    pub path: &'a str,
 }
 
-fn parse_maps_line(line: &str) -> Option<MapsLine<'_>> {
+pub(crate) fn parse_maps_line(line: &str) -> Option<MapsLine<'_>> {
     let mut rest = line;
     let mut field = || {
         rest = rest.trim_start_matches(' ');
@@ -1255,6 +1290,33 @@ mod tests {
     /// only its call frame information leads through it.
     #[test]
     fn finds_library_loaded_later() {
+        unwinds_through_library(
+            "libunwindtest.so",
+            &["-O2", "-fomit-frame-pointer", "-shared", "-fPIC"],
+        );
+    }
+
+    /// The same with the library's functions described only by `.debug_frame` (its `.eh_frame`
+    /// is empty; `-gz` leaves a section this small uncompressed): the section framehop is
+    /// given is the one that describes more code. (Compressed sections: `leaf.rs`'s tests.)
+    #[test]
+    fn unwinds_with_debug_frame_where_eh_frame_lacks_the_function() {
+        unwinds_through_library(
+            "libunwinddbg.so",
+            &[
+                "-O2",
+                "-fomit-frame-pointer",
+                "-shared",
+                "-fPIC",
+                "-g",
+                "-gz=zlib",
+                "-fno-asynchronous-unwind-tables",
+                "-fno-unwind-tables",
+            ],
+        );
+    }
+
+    fn unwinds_through_library(file: &str, flags: &[&str]) {
         const LIBRARY: &str = r#"
 typedef void (*callback)(void *);
 __attribute__((noinline)) long unwind_c_frame(callback cb, void *arg, long n) {
@@ -1266,13 +1328,9 @@ __attribute__((noinline)) long unwind_c_frame(callback cb, void *arg, long n) {
     return s;
 }
 "#;
-        let dir = std::env::temp_dir().join(format!("ws1-unwind-dlopen-{}", std::process::id()));
-        let Some(library) = crate::profile::fpcheck::compile_c(
-            &dir,
-            "libunwindtest.so",
-            LIBRARY,
-            &["-O2", "-fomit-frame-pointer", "-shared", "-fPIC"],
-        ) else {
+        let dir =
+            std::env::temp_dir().join(format!("ws1-unwind-dlopen-{}-{file}", std::process::id()));
+        let Some(library) = crate::profile::fpcheck::compile_c(&dir, file, LIBRARY, flags) else {
             return;
         };
         let pid = std::process::id();

@@ -872,12 +872,13 @@ pub const DEFAULT_OFFCPU_MIN_NS: u64 = 1_000_000;
 /// How user stacks are walked.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
 pub enum UnwindMode {
-    /// Frame pointers where the main binary keeps them, DWARF (`.eh_frame`) otherwise.
+    /// Frame pointers where the main binary keeps them (Go binaries do), DWARF (`.eh_frame`,
+    /// `.debug_frame`) otherwise.
     #[default]
     Auto,
     /// Frame pointers only (cheapest; broken stacks for binaries built without them).
     Fp,
-    /// Copy the stack and unwind from `.eh_frame` for every process.
+    /// Copy the stack and unwind from `.eh_frame` or `.debug_frame` for every process.
     Dwarf,
 }
 
