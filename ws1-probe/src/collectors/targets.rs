@@ -80,19 +80,7 @@ impl Targets {
 
     /// Decides every existing process. Processes that vanish mid-scan are skipped.
     pub fn scan(&mut self) -> std::io::Result<ScanSummary> {
-        let needs = self.matcher.needs();
-        let mut summary = ScanSummary::default();
-        for pid in list_pids(&self.proc_root)? {
-            let Ok(info) = ProcessInfo::read(&self.proc_root, pid, needs) else {
-                continue;
-            };
-            summary.seen += 1;
-            if let Some(service) = self.matcher.decide(&info) {
-                summary.targeted += 1;
-                self.set(pid, Some(service));
-            }
-        }
-        Ok(summary)
+        self.decide_running()
     }
 
     /// Applies new rules (a configuration reload) without detaching anything: forgets the
@@ -104,6 +92,11 @@ impl Targets {
         for comm in cached {
             let _ = self.comm_services.remove(&comm);
         }
+        self.decide_running()
+    }
+
+    /// Decides every running process and records the decisions that differ from the kernel's.
+    fn decide_running(&mut self) -> std::io::Result<ScanSummary> {
         let needs = self.matcher.needs();
         let mut summary = ScanSummary::default();
         for pid in list_pids(&self.proc_root)? {

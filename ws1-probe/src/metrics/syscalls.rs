@@ -31,7 +31,9 @@ pub struct SyscallBudget {
     per_service: usize,
     grace: Duration,
     first_seen: HashMap<String, Instant>,
-    decided: HashMap<(String, String), bool>,
+    /// service → syscall → whether it keeps its own series; nested so that a lookup by `&str`
+    /// allocates nothing (it runs for every syscall series of every scrape).
+    decided: HashMap<String, HashMap<String, bool>>,
     promoted: HashMap<String, usize>,
 }
 
@@ -69,7 +71,12 @@ impl SyscallBudget {
         let mut newcomers: Vec<(&(String, String), u64)> = calls
             .iter()
             .filter(|((service, _), _)| !self.in_grace(service, now))
-            .filter(|(pair, _)| !self.decided.contains_key(*pair))
+            .filter(|((service, syscall), _)| {
+                !self
+                    .decided
+                    .get(service)
+                    .is_some_and(|m| m.contains_key(syscall))
+            })
             .map(|(pair, n)| (pair, *n))
             .collect();
         newcomers.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(b.0)));
@@ -77,7 +84,10 @@ impl SyscallBudget {
             let promoted = self.promoted.entry(pair.0.clone()).or_insert(0);
             let keep = *promoted < self.per_service;
             *promoted += usize::from(keep);
-            self.decided.insert(pair.clone(), keep);
+            self.decided
+                .entry(pair.0.clone())
+                .or_default()
+                .insert(pair.1.clone(), keep);
         }
     }
 
@@ -86,7 +96,8 @@ impl SyscallBudget {
         self.per_service == 0
             || self
                 .decided
-                .get(&(service.to_owned(), syscall.to_owned()))
+                .get(service)
+                .and_then(|m| m.get(syscall))
                 .copied()
                 .unwrap_or_else(|| self.in_grace(service, now))
     }
