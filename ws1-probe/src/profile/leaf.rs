@@ -712,7 +712,7 @@ int main(int argc, char **argv) { (void)argv; return (int)framed((unsigned long)
             assert!(r.len() <= 2);
         }
         let junk: Vec<u8> = (0..4096u32)
-            .map(|i| ((i * 2_654_435_761) >> 13) as u8)
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
             .collect();
         let r = FramelessRanges::from_sections(Some((&junk, 0)), Some(&junk), 0);
         assert!(r.len() <= MAX_RANGES);
