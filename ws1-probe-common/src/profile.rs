@@ -11,6 +11,9 @@ pub struct ProfileKey {
     /// a DWARF-mode process whose user stack travels in the sample instead).
     pub user_stack: i32,
     pub kernel_stack: i32,
+    /// Id in `PY_STACKS` of the Python frames of the sample (0: none; see `python.rs`).
+    pub python_stack: u32,
+    pub _pad: u32,
 }
 
 /// Value of `OFFCPU_TIME`: blocked time and the number of blocked intervals.
@@ -66,7 +69,8 @@ pub struct StackSampleEvent {
     pub bp: u64,
     /// Bytes of `stack` that hold a copy (0 when the copy failed).
     pub len: u32,
-    pub _pad: u32,
+    /// Id in `PY_STACKS` of the sample's Python frames (0: none).
+    pub python_stack: u32,
     pub stack: [u8; STACK_COPY_BYTES],
 }
 

@@ -218,7 +218,7 @@ fn emit_sample(key: &ProfileKey, kind: u32, value_ns: u64, regs: &UserRegs) -> b
         (*ev).ip = regs.ip;
         (*ev).sp = regs.sp;
         (*ev).bp = regs.bp;
-        (*ev)._pad = 0;
+        (*ev).python_stack = key.python_stack;
         (*ev).len = copy_stack(&mut (*ev).stack, regs.sp);
     }
     entry.submit(0);
@@ -227,7 +227,8 @@ fn emit_sample(key: &ProfileKey, kind: u32, value_ns: u64, regs: &UserRegs) -> b
 
 /// One cpu-clock sample.
 pub fn try_cpu_sample(ctx: &PerfEventContext) -> Result<u32, i32> {
-    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let tgid = (pid_tgid >> 32) as u32;
     // tgid 0 is the idle task.
     if tgid == 0 {
         return Ok(0);
@@ -240,6 +241,8 @@ pub fn try_cpu_sample(ctx: &PerfEventContext) -> Result<u32, i32> {
         service,
         user_stack: -1,
         kernel_stack: stack_id(ctx, 0),
+        python_stack: crate::python::python_stack(tgid, pid_tgid as u32),
+        _pad: 0,
     };
     if dwarf_mode(tgid) {
         if let Some(regs) = perf_user_regs(ctx) {
@@ -314,6 +317,8 @@ fn switch<C: StackIdContext>(
                     service,
                     user_stack: stack_id(ctx, BPF_F_USER_STACK),
                     kernel_stack: stack_id(ctx, 0),
+                    python_stack: 0,
+                    _pad: 0,
                 },
                 voluntary: u32::from(voluntary),
                 _pad: 0,

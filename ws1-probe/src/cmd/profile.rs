@@ -214,6 +214,11 @@ pub fn run(args: ProfileArgs) -> anyhow::Result<()> {
         }
     })?;
     probe.profile_drain();
+    let python = probe
+        .profile
+        .as_ref()
+        .map(|p| ws1_probe::profile::python::describe(&p.python.processes()))
+        .unwrap_or_default();
     let (cpu, off) = probe.profiles.since(started);
     let errors = probe.profiles.sym.errors();
     drop(probe);
@@ -247,6 +252,9 @@ pub fn run(args: ProfileArgs) -> anyhow::Result<()> {
             format!(", written to {}", names.join(", "))
         }
     );
+    if !python.is_empty() {
+        eprintln!("{python}");
+    }
     if errors > 0 {
         eprintln!("{errors} addresses could not be symbolized (kept as build id + offset)");
     }

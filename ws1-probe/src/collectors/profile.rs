@@ -10,8 +10,11 @@ use aya::{
     maps::{HashMap as BpfHashMap, IterableMap, MapData, RingBuf, StackTraceMap},
     programs::perf_event::{SamplePolicy, SoftwareEvent},
 };
-use ws1_probe_common::profile::{
-    OffCpuValue, ProfileKey, ProfileSettings, SAMPLE_OFFCPU, STACK_COPY_BYTES, StackSampleEvent,
+use ws1_probe_common::{
+    profile::{
+        OffCpuValue, ProfileKey, ProfileSettings, SAMPLE_OFFCPU, STACK_COPY_BYTES, StackSampleEvent,
+    },
+    python::{PyProc, PyStack},
 };
 
 use super::{MapUsage, take_map, typed};
@@ -21,6 +24,7 @@ use crate::{
     profile::{
         binary::{CacheBudgets, CacheStat},
         fpcheck::FpCache,
+        python::PyTargets,
         unwind::{DwarfUnwinder, MAX_FRAMES, Unwound, UserRegs},
     },
 };
@@ -66,6 +70,7 @@ struct DwarfKey {
     kernel_stack: i32,
     user: Vec<u64>,
     complete: bool,
+    python_stack: u32,
 }
 
 /// Converts a kernel stack trace into lookup addresses.
@@ -81,6 +86,12 @@ pub struct ProfileCollector {
     stacks: StackTraceMap<MapData>,
     dwarf_pids: BpfHashMap<MapData, u32, u32>,
     ring: RingBuf<MapData>,
+    py_procs: BpfHashMap<MapData, u32, PyProc>,
+    py_stacks: BpfHashMap<MapData, u32, PyStack>,
+    /// CPython processes whose frame chains the kernel walks.
+    pub python: PyTargets,
+    /// Python stacks read so far.
+    py_cache: HashMap<u32, Vec<u64>>,
     pub options: ProfileOptions,
     unwinder: DwarfUnwinder,
     /// Reused unwinding buffer.
@@ -129,6 +140,10 @@ impl ProfileCollector {
             stacks: typed("PROFILE_STACKS", take_map(ebpf, "PROFILE_STACKS")?)?,
             dwarf_pids: typed("PROFILE_DWARF", take_map(ebpf, "PROFILE_DWARF")?)?,
             ring: typed("PROFILE_SAMPLES", take_map(ebpf, "PROFILE_SAMPLES")?)?,
+            py_procs: typed("PY_PROCS", take_map(ebpf, "PY_PROCS")?)?,
+            py_stacks: typed("PY_STACKS", take_map(ebpf, "PY_STACKS")?)?,
+            python: PyTargets::default(),
+            py_cache: HashMap::new(),
             options: options.clone(),
             unwinder: DwarfUnwinder::with_budget(
                 MAX_FRAMES,
@@ -161,6 +176,16 @@ impl ProfileCollector {
                 let _ = self.dwarf_pids.remove(pid);
             }
             self.unwinder.forget(*pid);
+        }
+        let py = self.python.update(targets);
+        for pid in py.remove {
+            let _ = self.py_procs.remove(&pid);
+        }
+        for (pid, proc_) in py.add {
+            if let Err(err) = self.py_procs.insert(pid, proc_, 0) {
+                tracing::warn!("pid {pid}: cannot follow its Python frames: {err}");
+                self.python.drop_target(pid);
+            }
         }
         for (pid, _) in targets {
             if self.modes.contains_key(pid) {
@@ -225,6 +250,7 @@ impl ProfileCollector {
             let kernel_stack =
                 read_u32(std::mem::offset_of!(StackSampleEvent, kernel_stack)) as i32;
             let kind = read_u32(std::mem::offset_of!(StackSampleEvent, kind));
+            let python_stack = read_u32(std::mem::offset_of!(StackSampleEvent, python_stack));
             let value_ns = read_u64(std::mem::offset_of!(StackSampleEvent, value_ns));
             let regs = UserRegs {
                 ip: read_u64(std::mem::offset_of!(StackSampleEvent, ip)),
@@ -246,6 +272,7 @@ impl ProfileCollector {
                 kernel_stack,
                 user: std::mem::take(&mut self.unwound.frames),
                 complete: self.unwound.complete,
+                python_stack,
             };
             let known = if kind == SAMPLE_OFFCPU {
                 self.dwarf_off.get_mut(&key).map(|e| {
@@ -266,6 +293,22 @@ impl ProfileCollector {
             n += 1;
         }
         n
+    }
+
+    /// The frame words of Python stack `id` (empty for 0 or an unknown id).
+    fn python_stack(&mut self, id: u32) -> Vec<u64> {
+        if id == 0 {
+            return Vec::new();
+        }
+        if let Some(s) = self.py_cache.get(&id) {
+            return s.clone();
+        }
+        let words = match self.py_stacks.get(&id, 0) {
+            Ok(s) => s.frames[..(s.len as usize).min(s.frames.len())].to_vec(),
+            Err(_) => Vec::new(),
+        };
+        self.py_cache.insert(id, words.clone());
+        words
     }
 
     fn stack(&mut self, id: i32) -> Vec<u64> {
@@ -301,6 +344,7 @@ impl ProfileCollector {
                 user: self.stack(key.user_stack),
                 dwarf_complete: None,
                 kernel: self.stack(key.kernel_stack),
+                python: self.python_stack(key.python_stack),
                 samples: delta,
                 value_ns: delta * period_ns,
             };
@@ -319,6 +363,7 @@ impl ProfileCollector {
                 user: self.stack(key.user_stack),
                 dwarf_complete: None,
                 kernel: self.stack(key.kernel_stack),
+                python: self.python_stack(key.python_stack),
                 samples: count,
                 value_ns: v.ns.saturating_sub(before.ns),
             };
@@ -326,24 +371,28 @@ impl ProfileCollector {
         }
         for (key, n) in std::mem::take(&mut self.dwarf_cpu) {
             let kernel = self.stack(key.kernel_stack);
+            let python = self.python_stack(key.python_stack);
             out.cpu.push(RawStack {
                 tgid: key.tgid,
                 service: key.service,
                 user: key.user,
                 dwarf_complete: Some(key.complete),
                 kernel,
+                python,
                 samples: n,
                 value_ns: n * period_ns,
             });
         }
         for (key, (n, ns)) in std::mem::take(&mut self.dwarf_off) {
             let kernel = self.stack(key.kernel_stack);
+            let python = self.python_stack(key.python_stack);
             out.off_cpu.push(RawStack {
                 tgid: key.tgid,
                 service: key.service,
                 user: key.user,
                 dwarf_complete: Some(key.complete),
                 kernel,
+                python,
                 samples: n,
                 value_ns: ns,
             });
@@ -368,6 +417,10 @@ impl ProfileCollector {
         for id in self.stack_cache.keys() {
             let _ = self.stacks.remove(&(*id as u32));
         }
+        for id in self.py_cache.keys() {
+            let _ = self.py_stacks.remove(id);
+        }
+        self.py_cache.clear();
         self.seen_cpu.clear();
         self.seen_off.clear();
         self.stack_cache.clear();

@@ -12,6 +12,7 @@ pub mod fpcheck;
 pub mod kallsyms;
 pub mod perfmap;
 pub mod pprof;
+pub mod python;
 pub mod raw;
 pub mod symbols;
 pub mod top;
