@@ -43,6 +43,10 @@ pub struct SamplingArgs {
     /// (auto), or one method for every process
     #[arg(long, value_enum, default_value = "auto")]
     pub unwind: UnwindMode,
+    /// Do not read Python stacks from CPython 3.11/3.12 thread states (their stacks then show
+    /// interpreter frames only)
+    #[arg(long)]
+    pub no_python: bool,
 }
 
 impl SamplingArgs {
@@ -68,6 +72,7 @@ impl SamplingArgs {
             debug_info: true,
             // One-shot: caches need no bound, and every binary gets its DWARF.
             cache_bytes: u64::MAX,
+            python: !self.no_python,
         };
         Ok(settings)
     }

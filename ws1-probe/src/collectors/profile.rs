@@ -177,7 +177,11 @@ impl ProfileCollector {
             }
             self.unwinder.forget(*pid);
         }
-        let py = self.python.update(targets);
+        let py = if self.options.python {
+            self.python.update(targets)
+        } else {
+            Default::default()
+        };
         for pid in py.remove {
             let _ = self.py_procs.remove(&pid);
         }
