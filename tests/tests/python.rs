@@ -112,6 +112,12 @@ fn parse_folded(text: &str) -> Vec<(Vec<String>, u64)> {
         .collect()
 }
 
+/// Whether `chain` appears in `frames` in this order (not necessarily adjacent).
+fn in_order(frames: &[String], chain: &[&str]) -> bool {
+    let mut it = frames.iter();
+    chain.iter().all(|want| it.any(|f| f == want))
+}
+
 /// Whether `chain` appears in `frames` as adjacent frames.
 fn adjacent(frames: &[String], chain: &[&str]) -> bool {
     frames
@@ -131,8 +137,11 @@ fn truncated_share(stderr: &str) -> f64 {
 }
 
 /// Profiles `python args… nested.py` and checks everything; `version` is what the CLI must
-/// report ("3.11", "3.12").
+/// report ("3.11", "3.12"). With `-X perf` (`perf`) Python calls go through C (the
+/// trampolines), so native frames sit between the Python ones, and the native walk must cross
+/// the trampolines to reach `Py_RunMain`.
 fn python_profile(python: &std::path::Path, args: &[&str], version: &str, name: &str) {
+    let perf = args.contains(&"perf");
     let target = PyProcess::start(python, args, 30);
     let pid = target.child.id().to_string();
     let folded_path = temp(&format!("{name}.folded"));
@@ -164,7 +173,7 @@ fn python_profile(python: &std::path::Path, args: &[&str], version: &str, name: 
     let total: u64 = folded.iter().map(|(_, v)| v).sum();
     assert!(total > 1_000, "only {total} samples\n{stderr}");
     let has = |frames: &[String], f: &str| frames.iter().any(|x| x == f);
-    let (mut a, mut b, mut chained) = (0, 0, 0);
+    let (mut a, mut b, mut chained, mut native_root) = (0, 0, 0, 0);
     for (frames, v) in &folded {
         let in_a = has(frames, "inner_a");
         let in_b = has(frames, "inner_b");
@@ -174,11 +183,18 @@ fn python_profile(python: &std::path::Path, args: &[&str], version: &str, name: 
         if in_b {
             b += v;
         }
-        if (in_a || in_b)
-            && (adjacent(frames, &["<module>", "outer", "middle", "inner_a"])
-                || adjacent(frames, &["<module>", "outer", "middle", "inner_b"]))
-        {
+        let chain_a = ["<module>", "outer", "middle", "inner_a"];
+        let chain_b = ["<module>", "outer", "middle", "inner_b"];
+        let chain = if perf {
+            in_order(frames, &chain_a) || in_order(frames, &chain_b)
+        } else {
+            adjacent(frames, &chain_a) || adjacent(frames, &chain_b)
+        };
+        if (in_a || in_b) && chain {
             chained += v;
+        }
+        if in_order(frames, &["Py_RunMain", "<module>"]) {
+            native_root += v;
         }
     }
     // Every sample of the inner functions carries the whole chain, outer to inner.
@@ -197,6 +213,12 @@ fn python_profile(python: &std::path::Path, args: &[&str], version: &str, name: 
     assert!(
         (2.7..=3.3).contains(&ratio),
         "inner_a:inner_b = {a}:{b} = {ratio:.2}\n{text}"
+    );
+    // The native callers of the interpreter are there too (with `-X perf`, across its
+    // trampolines).
+    assert!(
+        native_root * 100 >= total * 95,
+        "only {native_root} of {total} samples reach Py_RunMain:\n{text}"
     );
     let share = truncated_share(&stderr);
     assert!(share < 5.0, "{share}% truncated stacks\n{stderr}");
@@ -218,6 +240,13 @@ fn python_profile(python: &std::path::Path, args: &[&str], version: &str, name: 
     for f in ["outer", "middle", "inner_a", "inner_b"] {
         assert!(svg.contains(f), "the flame graph lacks {f}");
     }
+    let check = run_probe(&["check", "--pid", &pid]);
+    let check_text = String::from_utf8_lossy(&check.stdout);
+    assert!(
+        check_text.contains(&format!("pid {pid}: CPython {version}."))
+            && check_text.contains("Python stacks (1 of 1 thread states"),
+        "check does not report Python stacks for pid {pid}:\n{check_text}"
+    );
     let top = run_probe(&[
         "profile",
         "--pid",

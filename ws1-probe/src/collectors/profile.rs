@@ -186,6 +186,8 @@ impl ProfileCollector {
             let _ = self.py_procs.remove(&pid);
         }
         for (pid, proc_) in py.add {
+            // CPython's `-X perf` trampolines keep frame pointers.
+            self.unwinder.frame_pointers_in_jit(pid);
             if let Err(err) = self.py_procs.insert(pid, proc_, 0) {
                 tracing::warn!("pid {pid}: cannot follow its Python frames: {err}");
                 self.python.drop_target(pid);

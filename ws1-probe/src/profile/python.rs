@@ -337,6 +337,52 @@ pub fn detect(pid: u32) -> Result<Option<PyTarget>, PythonError> {
     }))
 }
 
+/// What `ws1-probe check --pid` says about a process's Python stacks: the interpreter found,
+/// and the thread states the profiler's walk reaches from `_PyRuntime` (read here the same way
+/// the kernel reads them, so wrong offsets show as no thread of the process found).
+pub fn inspect(pid: u32) -> String {
+    let t = match detect(pid) {
+        Ok(Some(t)) => t,
+        Ok(None) => return "no CPython interpreter mapped: native frames only".to_owned(),
+        Err(err) => return format!("no Python stacks: {err}"),
+    };
+    let tids: std::collections::HashSet<u64> = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| e.file_name().to_str()?.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    let o = &t.proc_.offsets;
+    let read = |addr: u64| -> Option<u64> {
+        let mut b = [0u8; 8];
+        read_memory(pid, addr, &mut b).ok()?;
+        Some(u64::from_le_bytes(b))
+    };
+    let (mut states, mut matched) = (0u32, 0u32);
+    let interp = read(t.proc_.runtime + u64::from(o.runtime_interpreters_head)).unwrap_or(0);
+    let mut ts = if interp == 0 {
+        0
+    } else {
+        read(interp + u64::from(o.interp_threads_head)).unwrap_or(0)
+    };
+    while ts != 0 && states < ws1_probe_common::python::PY_MAX_THREADS {
+        states += 1;
+        if read(ts + u64::from(o.tstate_native_thread_id)).is_some_and(|id| tids.contains(&id)) {
+            matched += 1;
+        }
+        ts = read(ts + u64::from(o.tstate_next)).unwrap_or(0);
+    }
+    let head = format!("CPython {} in {}", t.version(), t.binary);
+    if matched == 0 {
+        format!("{head}: no thread state of this process found from _PyRuntime: no Python stacks")
+    } else {
+        format!(
+            "{head}: Python stacks ({matched} of {states} thread states are threads of the process)"
+        )
+    }
+}
+
 /// Times a targeted process is looked at for an interpreter (a process just started may not
 /// have mapped its `libpython` yet).
 const DETECT_TRIES: u8 = 3;
