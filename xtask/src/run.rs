@@ -135,6 +135,8 @@ fn privileged_tests(args: &[String]) -> Result<(u64, u64)> {
     tools::ensure_allocators()?;
     // The web config tests make certificates and bcrypt hashes and ask with curl.
     tools::ensure_web_tools()?;
+    // The Python stack tests profile Debian's CPython 3.11 (pyenv's 3.12 is in the image).
+    tools::ensure_python()?;
     // The Kubernetes manifests are validated against the API schemas.
     let kube_validate = tools::ensure_kubernetes_validate()?;
     let mut build = cargo();

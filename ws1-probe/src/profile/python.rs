@@ -709,6 +709,168 @@ mod tests {
         assert_eq!(version_string(0x030b07f0), "3.11.7");
     }
 
+    /// Prints the offsets the tables hold, measured with `offsetof()` against a CPython's
+    /// internal headers.
+    const OFFSETS_C: &str = r#"
+#define Py_BUILD_CORE 1
+#include <Python.h>
+#include <stddef.h>
+#include <stdio.h>
+#include "internal/pycore_runtime.h"
+#include "internal/pycore_interp.h"
+#include "internal/pycore_frame.h"
+#define P(v) printf("%zu\n", (size_t)(v))
+int main(void) {
+  P(offsetof(_PyRuntimeState, interpreters.head));
+  P(offsetof(PyInterpreterState, threads.head));
+  P(offsetof(PyThreadState, next));
+  P(offsetof(PyThreadState, native_thread_id));
+  P(offsetof(PyThreadState, cframe));
+  P(offsetof(_PyCFrame, current_frame));
+  P(offsetof(_PyInterpreterFrame, f_code));
+  P(offsetof(_PyInterpreterFrame, previous));
+  P(offsetof(_PyInterpreterFrame, owner));
+#if PY_MINOR_VERSION == 11
+  P(offsetof(_PyInterpreterFrame, is_entry));
+#else
+  P(0xffffffffu);
+  if (FRAME_OWNED_BY_CSTACK != 3) return 1;
+#endif
+  P(offsetof(PyObject, ob_type));
+  P(offsetof(PyCodeObject, co_filename));
+  P(offsetof(PyCodeObject, co_name));
+  P(offsetof(PyCodeObject, co_qualname));
+  P(offsetof(PyCodeObject, co_firstlineno));
+  P(offsetof(PyASCIIObject, length));
+  P(offsetof(PyASCIIObject, state));
+  P(sizeof(PyASCIIObject));
+  P(sizeof(PyCompactUnicodeObject));
+  return 0;
+}
+"#;
+
+    fn table(l: &Layout) -> Vec<u64> {
+        let (w, c) = (&l.walker, &l.code);
+        [
+            w.runtime_interpreters_head,
+            w.interp_threads_head,
+            w.tstate_next,
+            w.tstate_native_thread_id,
+            w.tstate_cframe,
+            w.cframe_current_frame,
+            w.frame_code,
+            w.frame_previous,
+            w.frame_owner,
+            w.frame_is_entry,
+            c.ob_type,
+            c.filename,
+            c.name,
+            c.qualname,
+            c.firstlineno,
+            c.str_length,
+            c.str_state,
+            c.ascii_size,
+            c.compact_size,
+        ]
+        .into_iter()
+        .map(u64::from)
+        .collect()
+    }
+
+    /// The include directory of pyenv's newest CPython 3.`minor`.
+    fn pyenv_include(minor: u32) -> Option<std::path::PathBuf> {
+        let root = std::env::var_os("PYENV_ROOT")
+            .map(std::path::PathBuf::from)
+            .unwrap_or_else(|| "/root/.pyenv".into());
+        let mut found: Vec<_> = std::fs::read_dir(root.join("versions"))
+            .ok()?
+            .flatten()
+            .filter(|e| {
+                e.file_name()
+                    .to_string_lossy()
+                    .starts_with(&format!("3.{minor}."))
+            })
+            .map(|e| e.path().join(format!("include/python3.{minor}")))
+            .filter(|p| p.join("internal/pycore_frame.h").exists())
+            .collect();
+        found.sort();
+        found.pop()
+    }
+
+    /// The tables against the headers of the CPython builds on this machine (pyenv's; Debian's
+    /// when python3-dev is installed).
+    #[test]
+    fn offset_tables_match_the_headers() {
+        let dir = std::env::temp_dir().join(format!("ws1-py-offsets-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let src = dir.join("offsets.c");
+        std::fs::write(&src, OFFSETS_C).unwrap();
+        let mut checked = 0;
+        let debian = std::path::PathBuf::from("/usr/include/python3.11");
+        let mut includes = vec![
+            (pyenv_include(11), PY311, "pyenv 3.11"),
+            (pyenv_include(12), PY312, "pyenv 3.12"),
+        ];
+        if debian.join("internal/pycore_frame.h").exists() {
+            includes.push((Some(debian), PY311, "Debian 3.11"));
+        }
+        for (include, layout, what) in includes {
+            let Some(include) = include else {
+                if std::env::var_os("CI").is_some() {
+                    panic!("no {what} headers under ~/.pyenv/versions to check the offsets with");
+                }
+                eprintln!("skipping {what} - no headers under ~/.pyenv/versions");
+                continue;
+            };
+            let bin = dir.join(format!("offsets-{checked}"));
+            let built = std::process::Command::new("cc")
+                .arg(format!("-I{}", include.display()))
+                .arg(format!("-I{}", include.join("internal").display()))
+                .arg(&src)
+                .arg("-o")
+                .arg(&bin)
+                .output()
+                .expect("run cc");
+            assert!(
+                built.status.success(),
+                "{what}: {}",
+                String::from_utf8_lossy(&built.stderr)
+            );
+            let out = std::process::Command::new(&bin).output().unwrap();
+            assert!(
+                out.status.success(),
+                "{what}: FRAME_OWNED_BY_CSTACK is not 3"
+            );
+            let measured: Vec<u64> = String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .map(|l| l.parse().unwrap())
+                .collect();
+            assert_eq!(measured, table(&layout), "{what} ({})", include.display());
+            checked += 1;
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+        eprintln!("{checked} header sets checked");
+    }
+
+    #[test]
+    fn a_process_without_python_is_not_a_target() {
+        assert!(detect(std::process::id()).unwrap().is_none());
+        assert!(inspect(std::process::id()).starts_with("no CPython interpreter"));
+    }
+
+    /// Debian's interpreter, when installed: a non-PIE executable with the symbols exported.
+    #[test]
+    fn interpreter_symbols_of_debians_python() {
+        let path = Path::new("/usr/bin/python3.11");
+        if !path.exists() {
+            eprintln!("skipping - no /usr/bin/python3.11");
+            return;
+        }
+        let syms = read_symbols(path).unwrap();
+        assert_eq!(syms.base, 0x400000, "{syms:x?}");
+        assert!(syms.runtime > syms.base && syms.version > syms.base && syms.code_type > syms.base);
+    }
+
     #[test]
     fn interpreter_files() {
         assert!(is_interpreter_file("/usr/bin/python3.11"));
