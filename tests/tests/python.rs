@@ -321,3 +321,98 @@ fn python_312_with_perf_trampolines_is_not_truncated() {
     };
     python_profile(&python, &["-X", "perf"], "3.12", "py312perf");
 }
+
+const THREADS_SCRIPT: &str = r#"
+import sys, threading, time
+
+def spin_x():
+    s = 0
+    while True:
+        for i in range(10000):
+            s += i
+
+def spin_y():
+    s = 0
+    while True:
+        for i in range(10000):
+            s += i
+
+def start_x():
+    spin_x()
+
+def start_y():
+    spin_y()
+
+for f in (start_x, start_y):
+    threading.Thread(target=f, daemon=True).start()
+print("ready", flush=True)
+time.sleep(float(sys.argv[1]))
+"#;
+
+/// Each thread gets its own chain: the kernel finds the sampled thread's state (not the GIL
+/// holder's, not the main thread's), so `spin_x` is only ever under `start_x` and `spin_y` under
+/// `start_y`, and both threads are sampled.
+#[test]
+fn python_threads_get_their_own_chains() {
+    if !privileged() {
+        return;
+    }
+    let python = PathBuf::from("/usr/bin/python3");
+    if !python.exists() {
+        return fail_or_skip("no /usr/bin/python3 (`cargo xtask test` installs Debian's python3)");
+    }
+    let script = temp("threads.py");
+    std::fs::write(&script, THREADS_SCRIPT).expect("write the script");
+    let mut child = Command::new(&python)
+        .arg(&script)
+        .arg("30")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("start python3");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().expect("stdout"))
+        .read_line(&mut line)
+        .expect("ready line");
+    let target = PyProcess { child };
+    let pid = target.child.id().to_string();
+    let folded_path = temp("threads.folded");
+    let out = run_probe(&[
+        "profile",
+        "--pid",
+        &pid,
+        "--duration",
+        "4s",
+        "--frequency",
+        "997",
+        "-o",
+        folded_path.to_str().unwrap(),
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "profile failed: {stderr}");
+    let text = std::fs::read_to_string(&folded_path).unwrap();
+    let (mut x, mut y, mut total) = (0, 0, 0);
+    for (frames, v) in parse_folded(&text) {
+        total += v;
+        let has = |f: &str| frames.iter().any(|x| x == f);
+        if has("spin_x") {
+            assert!(
+                adjacent(&frames, &["start_x", "spin_x"]) && !has("start_y"),
+                "spin_x outside its thread's chain: {frames:?}"
+            );
+            x += v;
+        }
+        if has("spin_y") {
+            assert!(
+                adjacent(&frames, &["start_y", "spin_y"]) && !has("start_x"),
+                "spin_y outside its thread's chain: {frames:?}"
+            );
+            y += v;
+        }
+    }
+    // The GIL lets one thread run at a time, switching every 5 ms: about half each.
+    assert!(
+        x * 4 >= total && y * 4 >= total,
+        "spin_x {x}, spin_y {y} of {total} samples:\n{text}"
+    );
+}

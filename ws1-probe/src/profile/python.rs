@@ -243,8 +243,36 @@ struct BinarySymbols {
 /// symbols).
 const MAX_BINARY_BYTES: u64 = 256 << 20;
 
+/// Interpreter binaries whose symbols were read, by (device, inode, mtime, size): every Python
+/// process of a host maps one of a few, and reading one is tens of MB.
+static SYMBOLS: std::sync::Mutex<Vec<((u64, u64, i64, u64), BinarySymbols)>> =
+    std::sync::Mutex::new(Vec::new());
+/// Binaries remembered in [`SYMBOLS`].
+const MAX_CACHED_BINARIES: usize = 32;
+
 fn read_symbols(path: &Path) -> Result<BinarySymbols, String> {
+    use std::os::unix::fs::MetadataExt;
     let file = untrusted::open_binary(path).map_err(|e| e.to_string())?;
+    let key = file
+        .metadata()
+        .map(|m| (m.dev(), m.ino(), m.mtime(), m.size()))
+        .map_err(|e| e.to_string())?;
+    if let Ok(cache) = SYMBOLS.lock()
+        && let Some((_, syms)) = cache.iter().find(|(k, _)| *k == key)
+    {
+        return Ok(*syms);
+    }
+    let syms = parse_symbols(file)?;
+    if let Ok(mut cache) = SYMBOLS.lock() {
+        if cache.len() >= MAX_CACHED_BINARIES {
+            cache.remove(0);
+        }
+        cache.push((key, syms));
+    }
+    Ok(syms)
+}
+
+fn parse_symbols(file: std::fs::File) -> Result<BinarySymbols, String> {
     let mut data = Vec::new();
     file.take(MAX_BINARY_BYTES)
         .read_to_end(&mut data)
