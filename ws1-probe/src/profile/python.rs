@@ -245,8 +245,9 @@ const MAX_BINARY_BYTES: u64 = 256 << 20;
 
 /// Interpreter binaries whose symbols were read, by (device, inode, mtime, size): every Python
 /// process of a host maps one of a few, and reading one is tens of MB.
-static SYMBOLS: std::sync::Mutex<Vec<((u64, u64, i64, u64), BinarySymbols)>> =
-    std::sync::Mutex::new(Vec::new());
+static SYMBOLS: std::sync::Mutex<Vec<(FileKey, BinarySymbols)>> = std::sync::Mutex::new(Vec::new());
+/// (device, inode, mtime, size) of a file.
+type FileKey = (u64, u64, i64, u64);
 /// Binaries remembered in [`SYMBOLS`].
 const MAX_CACHED_BINARIES: usize = 32;
 
