@@ -24,16 +24,18 @@ import sys, time
 
 PART = int(sys.argv[2])
 
+# The same loop in both, each iteration the same cost: the values stay single-digit ints
+# (a growing sum would make later iterations dearer and the split depend on n).
 def inner_a(n):
     s = 0
     for i in range(n):
-        s += i * i
+        s = (s * 31 + i) & 0xFFFF
     return s
 
 def inner_b(n):
     s = 0
     for i in range(n):
-        s += i * i
+        s = (s * 31 + i) & 0xFFFF
     return s
 
 def middle():
@@ -210,6 +212,7 @@ fn python_profile(python: &std::path::Path, args: &[&str], version: &str, name: 
         "inner_a+inner_b have {a}+{b} of {total} samples:\n{text}"
     );
     let ratio = a as f64 / b as f64;
+    eprintln!("{name}: inner_a:inner_b = {a}:{b} = {ratio:.2} of {total} samples");
     assert!(
         (2.7..=3.3).contains(&ratio),
         "inner_a:inner_b = {a}:{b} = {ratio:.2}\n{text}"
@@ -414,5 +417,84 @@ fn python_threads_get_their_own_chains() {
     assert!(
         x * 4 >= total && y * 4 >= total,
         "spin_x {x}, spin_y {y} of {total} samples:\n{text}"
+    );
+}
+
+const SLEEPER_SCRIPT: &str = r#"
+import sys, time
+
+def nap_long():
+    time.sleep(0.03)
+
+def nap_short():
+    time.sleep(0.01)
+
+def naps():
+    while True:
+        nap_long()
+        nap_short()
+
+print("ready", flush=True)
+naps()
+"#;
+
+/// Off-CPU profiles carry the Python chain too: blocked time splits 3:1 between the functions
+/// that sleep 30 ms and 10 ms.
+#[test]
+fn python_off_cpu_time_is_attributed_to_the_sleeping_functions() {
+    if !privileged() {
+        return;
+    }
+    let python = PathBuf::from("/usr/bin/python3");
+    if !python.exists() {
+        return fail_or_skip("no /usr/bin/python3 (`cargo xtask test` installs Debian's python3)");
+    }
+    let script = temp("sleeper.py");
+    std::fs::write(&script, SLEEPER_SCRIPT).expect("write the script");
+    let mut child = Command::new(&python)
+        .arg(&script)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("start python3");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().expect("stdout"))
+        .read_line(&mut line)
+        .expect("ready line");
+    let target = PyProcess { child };
+    let pid = target.child.id().to_string();
+    let folded_path = temp("sleeper.folded");
+    let out = run_probe(&[
+        "profile",
+        "--off-cpu",
+        "--pid",
+        &pid,
+        "--duration",
+        "4s",
+        "-o",
+        folded_path.to_str().unwrap(),
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "profile failed: {stderr}");
+    let text = std::fs::read_to_string(&folded_path).unwrap();
+    let (mut long, mut short, mut total) = (0, 0, 0);
+    for (frames, v) in parse_folded(&text) {
+        total += v;
+        if adjacent(&frames, &["<module>", "naps", "nap_long"]) {
+            long += v;
+        }
+        if adjacent(&frames, &["<module>", "naps", "nap_short"]) {
+            short += v;
+        }
+    }
+    assert!(
+        (long + short) * 100 >= total * 95,
+        "nap_long {long} + nap_short {short} of {total} µs blocked:\n{text}"
+    );
+    let ratio = long as f64 / short as f64;
+    eprintln!("nap_long:nap_short = {long}:{short} = {ratio:.2}");
+    assert!(
+        (2.7..=3.3).contains(&ratio),
+        "nap_long:nap_short = {long}:{short} = {ratio:.2}\n{text}"
     );
 }

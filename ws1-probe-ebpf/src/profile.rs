@@ -317,7 +317,7 @@ fn switch<C: StackIdContext>(
                     service,
                     user_stack: stack_id(ctx, BPF_F_USER_STACK),
                     kernel_stack: stack_id(ctx, 0),
-                    python_stack: 0,
+                    python_stack: crate::python::python_stack(tgid, prev_pid),
                     _pad: 0,
                 },
                 voluntary: u32::from(voluntary),
