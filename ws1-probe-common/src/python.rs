@@ -16,7 +16,7 @@ pub const PY_MAX_THREADS: u32 = 32;
 /// Python processes followed at once.
 pub const PY_PROCS: u32 = 4_096;
 /// Distinct Python stacks kept.
-pub const PY_STACK_ENTRIES: u32 = 16_384;
+pub const PY_STACK_ENTRIES: u32 = 8_192;
 
 /// Low bits of a frame word (code objects are 8-byte aligned, so these bits are free).
 /// The frame is the first one its `_PyEval_EvalFrameDefault` call ran (3.11 `is_entry`).

@@ -406,7 +406,11 @@ impl ProfileCollector {
         // Counts are read as deltas, so the maps keep growing; past half their capacity they
         // are emptied (what was just read is reported, a sample landing in between is lost).
         let capacity = ws1_probe_common::profile::PROFILE_ENTRIES as usize;
-        if cpu.len() > capacity / 2 || off.len() > capacity / 2 {
+        let py_capacity = ws1_probe_common::python::PY_STACK_ENTRIES as usize;
+        if cpu.len() > capacity / 2
+            || off.len() > capacity / 2
+            || self.py_cache.len() > py_capacity / 2
+        {
             self.reset();
         }
         out
@@ -423,7 +427,9 @@ impl ProfileCollector {
         for id in self.stack_cache.keys() {
             let _ = self.stacks.remove(&(*id as u32));
         }
-        for id in self.py_cache.keys() {
+        // All of them, not only those read: blocks too short to count still stored theirs.
+        let py_ids: Vec<u32> = self.py_stacks.keys().flatten().collect();
+        for id in &py_ids {
             let _ = self.py_stacks.remove(id);
         }
         self.py_cache.clear();
@@ -443,6 +449,12 @@ impl ProfileCollector {
         vec![
             MapUsage::of("PROFILE_COUNTS", self.seen_cpu.len(), self.counts.map()),
             MapUsage::of("OFFCPU_TIME", self.seen_off.len(), self.offcpu.map()),
+            MapUsage::of("PY_STACKS", self.py_cache.len(), self.py_stacks.map()),
+            MapUsage::of(
+                "PY_PROCS",
+                self.python.processes().len(),
+                self.py_procs.map(),
+            ),
         ]
     }
 }
