@@ -498,3 +498,34 @@ fn python_off_cpu_time_is_attributed_to_the_sleeping_functions() {
         "nap_long:nap_short = {long}:{short} = {ratio:.2}\n{text}"
     );
 }
+
+/// The agent's pprof endpoint carries the Python frames too (the agent keeps the capabilities
+/// reading another process's memory needs).
+#[test]
+fn agent_pprof_names_python_functions() {
+    if !privileged() {
+        return;
+    }
+    let python = PathBuf::from("/usr/bin/python3");
+    if !python.exists() {
+        return fail_or_skip("no /usr/bin/python3 (`cargo xtask test` installs Debian's python3)");
+    }
+    let target = PyProcess::start(&python, &[], 30);
+    let pid = target.child.id().to_string();
+    let agent = ws1_probe_tests::Agent::start(&["--pid", &pid, "--collectors", "profile"]);
+    let (status, body) = ws1_probe_tests::http_get_bytes(
+        agent.port,
+        "/debug/pprof/profile?seconds=3",
+        std::time::Duration::from_secs(20),
+    )
+    .expect("profile request");
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    let mut raw = Vec::new();
+    std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(&body[..]), &mut raw)
+        .expect("gzip pprof");
+    let raw = String::from_utf8_lossy(&raw);
+    // 19 Hz for 3 s: about 57 samples, three quarters of them in inner_a.
+    for f in ["outer", "middle", "inner_a", "nested.py"] {
+        assert!(raw.contains(f), "the agent's pprof lacks {f}");
+    }
+}
