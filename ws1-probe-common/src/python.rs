@@ -11,8 +11,10 @@
 /// Frames of one Python stack the kernel keeps (innermost first). Deeper chains are cut and
 /// marked with [`PY_CHAIN_TRUNCATED`].
 pub const PY_MAX_FRAMES: usize = 48;
-/// Thread states of one interpreter searched for the sampled thread.
-pub const PY_MAX_THREADS: u32 = 32;
+/// Thread states of one interpreter searched for the sampled thread (newest first).
+pub const PY_MAX_THREADS: u32 = 64;
+/// Python threads whose thread state is remembered (LRU).
+pub const PY_THREAD_ENTRIES: u32 = 16_384;
 /// Python processes followed at once.
 pub const PY_PROCS: u32 = 4_096;
 /// Distinct Python stacks kept.

@@ -4,19 +4,20 @@
 //! `PY_STACKS`, keyed by a hash of the chain, so samples are still counted in the kernel (the
 //! id goes into the profile key). See `ws1_probe_common::python`.
 //!
-//! Cost per sample: 2 + 2·(threads before the sampled one) reads to find the thread state, 2 to
-//! reach its innermost frame, 3–4 per frame; bounded by `PY_MAX_THREADS` and `PY_MAX_FRAMES`.
+//! Cost per sample: 1 read to check the thread's cached `PyThreadState` (the first sample of a
+//! thread walks the list instead: 2 + 2·(threads before it) reads), 2 to reach its innermost
+//! frame, 3–4 per frame; bounded by `PY_MAX_THREADS` and `PY_MAX_FRAMES`.
 
 use aya_ebpf::{
     bindings::BPF_NOEXIST,
     helpers::bpf_probe_read_user,
     macros::map,
-    maps::{HashMap, PerCpuArray},
+    maps::{HashMap, LruHashMap, PerCpuArray},
 };
 use ws1_probe_common::python::{
     PY_CHAIN_TRUNCATED, PY_FRAME_ENTRY, PY_FRAME_FLAGS, PY_FRAME_SHIM, PY_HASH_START,
     PY_MAX_FRAMES, PY_MAX_THREADS, PY_OWNER_CSTACK, PY_PROCS as PY_PROC_ENTRIES, PY_STACK_ENTRIES,
-    PyOffsets, PyProc, PyStack, py_stack_hash_step,
+    PY_THREAD_ENTRIES, PyOffsets, PyProc, PyStack, py_stack_hash_step,
 };
 
 /// Processes (tgid) running CPython → where their interpreter state is. Written by the agent.
@@ -26,6 +27,11 @@ static PY_PROCS: HashMap<u32, PyProc> = HashMap::with_max_entries(PY_PROC_ENTRIE
 /// Python stack id → its frames.
 #[map]
 static PY_STACKS: HashMap<u32, PyStack> = HashMap::with_max_entries(PY_STACK_ENTRIES, 0);
+
+/// Thread id → its `PyThreadState`, found by a walk of the thread list and checked again
+/// (`native_thread_id`) on each use, so a thread's later samples skip the walk.
+#[map]
+static PY_THREADS: LruHashMap<u32, u64> = LruHashMap::with_max_entries(PY_THREAD_ENTRIES, 0);
 
 /// Per-CPU room to build a stack in (too large for the BPF stack).
 #[map]
@@ -52,6 +58,12 @@ pub fn python_stack(tgid: u32, tid: u32) -> u32 {
 #[inline(always)]
 fn thread_state(p: &PyProc, tid: u32) -> Option<u64> {
     let o: &PyOffsets = &p.offsets;
+    // SAFETY: the value is copied out at once.
+    if let Some(ts) = unsafe { PY_THREADS.get(&tid) }.copied()
+        && read::<u64>(ts + u64::from(o.tstate_native_thread_id)) == Some(u64::from(tid))
+    {
+        return Some(ts);
+    }
     let interp: u64 = read(p.runtime + u64::from(o.runtime_interpreters_head))?;
     if interp == 0 {
         return None;
@@ -63,6 +75,7 @@ fn thread_state(p: &PyProc, tid: u32) -> Option<u64> {
         }
         let native: u64 = read(ts + u64::from(o.tstate_native_thread_id))?;
         if native == u64::from(tid) {
+            let _ = PY_THREADS.insert(&tid, &ts, 0);
             return Some(ts);
         }
         ts = read(ts + u64::from(o.tstate_next))?;
