@@ -13,6 +13,9 @@
 pub const PY_MAX_FRAMES: usize = 48;
 /// Thread states of one interpreter searched for the sampled thread (newest first).
 pub const PY_MAX_THREADS: u32 = 64;
+/// Bytes of each `_PyInterpreterFrame` the kernel reads (its size in 3.11 and 3.12): the
+/// `frame_*` offsets must lie within.
+pub const PY_FRAME_BYTES: u32 = 72;
 /// Python threads whose thread state is remembered (LRU).
 pub const PY_THREAD_ENTRIES: u32 = 16_384;
 /// Python processes followed at once.

@@ -6,7 +6,7 @@
 //!
 //! Cost per sample: 1 read to check the thread's cached `PyThreadState` (the first sample of a
 //! thread walks the list instead: 2 + 2·(threads before it) reads), 2 to reach its innermost
-//! frame, 3–4 per frame; bounded by `PY_MAX_THREADS` and `PY_MAX_FRAMES`.
+//! frame, 1 per frame; bounded by `PY_MAX_THREADS` and `PY_MAX_FRAMES`.
 
 use aya_ebpf::{
     bindings::BPF_NOEXIST,
@@ -15,9 +15,9 @@ use aya_ebpf::{
     maps::{HashMap, LruHashMap, PerCpuArray},
 };
 use ws1_probe_common::python::{
-    PY_CHAIN_TRUNCATED, PY_FRAME_ENTRY, PY_FRAME_FLAGS, PY_FRAME_SHIM, PY_HASH_START,
-    PY_MAX_FRAMES, PY_MAX_THREADS, PY_OWNER_CSTACK, PY_PROCS as PY_PROC_ENTRIES, PY_STACK_ENTRIES,
-    PY_THREAD_ENTRIES, PyOffsets, PyProc, PyStack, py_stack_hash_step,
+    PY_CHAIN_TRUNCATED, PY_FRAME_BYTES, PY_FRAME_ENTRY, PY_FRAME_FLAGS, PY_FRAME_SHIM,
+    PY_HASH_START, PY_MAX_FRAMES, PY_MAX_THREADS, PY_OWNER_CSTACK, PY_PROCS as PY_PROC_ENTRIES,
+    PY_STACK_ENTRIES, PY_THREAD_ENTRIES, PyOffsets, PyProc, PyStack, py_stack_hash_step,
 };
 
 /// Processes (tgid) running CPython → where their interpreter state is. Written by the agent.
@@ -41,6 +41,43 @@ static PY_SCRATCH: PerCpuArray<PyStack> = PerCpuArray::with_max_entries(1, 0);
 fn read<T>(addr: u64) -> Option<T> {
     // SAFETY: bpf_probe_read_user checks the address; a bad one gives an error.
     unsafe { bpf_probe_read_user(addr as *const T) }.ok()
+}
+
+/// Bytes of a `_PyInterpreterFrame` read (`sizeof` in 3.11 and 3.12; the fields the walk
+/// reads all lie within, which the agent's offset tables are tested for).
+const FRAME_BYTES: usize = PY_FRAME_BYTES as usize;
+/// The buffer they are read into: offsets are masked to it, which the verifier can follow
+/// (the bytes past `FRAME_BYTES` stay zero).
+const HEAD_BYTES: usize = 128;
+
+/// Reads the first `FRAME_BYTES` of the frame at `frame` into a zeroed buffer.
+#[inline(always)]
+fn read_frame(frame: u64, head: &mut [u8; HEAD_BYTES]) -> bool {
+    // SAFETY: `head` has room for FRAME_BYTES bytes; the helper checks the user address.
+    unsafe {
+        aya_ebpf::helpers::generated::bpf_probe_read_user(
+            head.as_mut_ptr().cast(),
+            FRAME_BYTES as u32,
+            frame as *const core::ffi::c_void,
+        ) == 0
+    }
+}
+
+/// The u64 at `off` of a frame's bytes.
+#[inline(always)]
+fn u64_at(head: &[u8; HEAD_BYTES], off: u32) -> u64 {
+    // Offsets past the frame's bytes read zeros (or other fields): the tables keep them within.
+    let off = (off as usize) & 63;
+    // SAFETY: `off + 8 <= 71 < HEAD_BYTES`, within `head`; unaligned read of plain bytes.
+    unsafe { core::ptr::read_unaligned(head.as_ptr().add(off).cast::<u64>()) }
+}
+
+/// The byte at `off` of a frame's bytes; 0 past them (the buffer's tail stays zero), e.g. for
+/// an absent field (`u32::MAX` masks to the last byte).
+#[inline(always)]
+fn u8_at(head: &[u8; HEAD_BYTES], off: u32) -> u8 {
+    // SAFETY: masked to `head`'s length.
+    unsafe { *head.as_ptr().add((off as usize) & (HEAD_BYTES - 1)) }
 }
 
 /// Id in `PY_STACKS` of the Python stack of thread `tid` of process `tgid`, or 0 when the
@@ -104,16 +141,16 @@ fn walk(p: &PyProc, tid: u32) -> Option<u32> {
         if frame == 0 {
             break;
         }
-        let Some(code) = read::<u64>(frame + u64::from(o.frame_code)) else {
+        // One read per frame: the fields the walk needs all lie in its first bytes.
+        let mut head = [0u8; HEAD_BYTES];
+        if !read_frame(frame, &mut head) {
             break;
-        };
-        let mut word = code & !PY_FRAME_FLAGS;
-        if read::<u8>(frame + u64::from(o.frame_owner)) == Some(PY_OWNER_CSTACK) {
+        }
+        let mut word = u64_at(&head, o.frame_code) & !PY_FRAME_FLAGS;
+        if u8_at(&head, o.frame_owner) == PY_OWNER_CSTACK {
             word |= PY_FRAME_SHIM;
         }
-        if o.frame_is_entry != PyOffsets::ABSENT
-            && read::<u8>(frame + u64::from(o.frame_is_entry)).unwrap_or(0) != 0
-        {
+        if u8_at(&head, o.frame_is_entry) != 0 {
             word |= PY_FRAME_ENTRY;
         }
         if let Some(slot) = stack.frames.get_mut(i) {
@@ -121,7 +158,7 @@ fn walk(p: &PyProc, tid: u32) -> Option<u32> {
         }
         hash = py_stack_hash_step(hash, word);
         n = i + 1;
-        frame = read::<u64>(frame + u64::from(o.frame_previous)).unwrap_or(u64::MAX);
+        frame = u64_at(&head, o.frame_previous);
     }
     if n == 0 {
         return None;

@@ -730,6 +730,17 @@ mod tests {
     }
 
     #[test]
+    fn frame_fields_lie_in_the_bytes_the_kernel_reads() {
+        use ws1_probe_common::python::PY_FRAME_BYTES;
+        for l in [PY311, PY312] {
+            let w = l.walker;
+            assert!(w.frame_code + 8 <= PY_FRAME_BYTES && w.frame_previous + 8 <= PY_FRAME_BYTES);
+            assert!(w.frame_owner < PY_FRAME_BYTES);
+            assert!(w.frame_is_entry < PY_FRAME_BYTES || w.frame_is_entry == PyOffsets::ABSENT);
+        }
+    }
+
+    #[test]
     fn versions_and_layouts() {
         assert_eq!(layout_for(0x030b02f0), Some(PY311));
         assert_eq!(layout_for(0x030c01f0), Some(PY312));
