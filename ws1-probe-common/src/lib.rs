@@ -12,6 +12,7 @@ pub mod hist;
 pub mod memory;
 pub mod net;
 pub mod profile;
+pub mod python;
 pub mod sched;
 pub mod syscalls;
 pub mod targets;

@@ -16,6 +16,9 @@ pub struct ProfileKey {
     /// function that set up no frame, which the frame-pointer walk skips (see
     /// `ws1-probe/src/profile/leaf.rs`).
     pub leaf_ret: u64,
+    /// Id in `PY_STACKS` of the Python frames of the sample (0: none; see `python.rs`).
+    pub python_stack: u32,
+    pub _pad: u32,
 }
 
 /// Value of `OFFCPU_TIME`: blocked time and the number of blocked intervals.
@@ -71,7 +74,8 @@ pub struct StackSampleEvent {
     pub bp: u64,
     /// Bytes of `stack` that hold a copy (0 when the copy failed).
     pub len: u32,
-    pub _pad: u32,
+    /// Id in `PY_STACKS` of the sample's Python frames (0: none).
+    pub python_stack: u32,
     pub stack: [u8; STACK_COPY_BYTES],
 }
 

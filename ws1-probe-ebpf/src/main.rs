@@ -13,6 +13,7 @@ mod hist;
 mod memory;
 mod net;
 mod profile;
+mod python;
 mod sched;
 mod syscalls;
 mod targets;

@@ -225,7 +225,7 @@ fn emit_sample(key: &ProfileKey, kind: u32, value_ns: u64, regs: &UserRegs) -> b
         (*ev).ip = regs.ip;
         (*ev).sp = regs.sp;
         (*ev).bp = regs.bp;
-        (*ev)._pad = 0;
+        (*ev).python_stack = key.python_stack;
         (*ev).len = copy_stack(&mut (*ev).stack, regs.sp);
     }
     entry.submit(0);
@@ -289,7 +289,8 @@ fn current_leaf_return(tgid: u32) -> u64 {
 
 /// One cpu-clock sample.
 pub fn try_cpu_sample(ctx: &PerfEventContext) -> Result<u32, i32> {
-    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let tgid = (pid_tgid >> 32) as u32;
     // tgid 0 is the idle task.
     if tgid == 0 {
         return Ok(0);
@@ -303,6 +304,8 @@ pub fn try_cpu_sample(ctx: &PerfEventContext) -> Result<u32, i32> {
         user_stack: -1,
         kernel_stack: stack_id(ctx, 0),
         leaf_ret: 0,
+        python_stack: crate::python::python_stack(tgid, pid_tgid as u32),
+        _pad: 0,
     };
     if dwarf_mode(tgid) {
         if let Some(regs) = perf_user_regs(ctx) {
@@ -379,6 +382,8 @@ fn switch<C: StackIdContext>(
                     user_stack: stack_id(ctx, BPF_F_USER_STACK),
                     kernel_stack: stack_id(ctx, 0),
                     leaf_ret: current_leaf_return(tgid),
+                    python_stack: crate::python::python_stack(tgid, prev_pid),
+                    _pad: 0,
                 },
                 voluntary: u32::from(voluntary),
                 _pad: 0,

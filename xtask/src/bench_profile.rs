@@ -71,9 +71,10 @@ struct Mode {
 }
 
 pub fn run(args: &[String]) -> Result<()> {
+    let python_only = args == ["python"];
     ensure!(
-        args.is_empty(),
-        "bench profile takes no arguments (got {args:?})"
+        args.is_empty() || python_only,
+        "bench profile takes no arguments, or `python` for the Python part alone (got {args:?})"
     );
     apt::ensure_packages(&[("bpftool", "bpftool")])?;
     run::cargo_build_release(&["ws1-probe", "ws1-probe-tests"])?;
@@ -102,13 +103,17 @@ pub fn run(args: &[String]) -> Result<()> {
             dwarf_processes: 1,
         },
     ];
+    if python_only {
+        return crate::bench_python::run(&ctx.probe, &ctx.logs);
+    }
     let mut results = Vec::new();
     for mode in &modes {
         results.push(measure_mode(&ctx, mode)?);
     }
     eprintln!("bench: symbolizing {SYM_ADDRESSES} addresses of the release ws1-probe binary");
     let sym = symbolize(&ctx)?;
-    report(&results, &sym, ctx.tick_hz)
+    report(&results, &sym, ctx.tick_hz)?;
+    crate::bench_python::run(&ctx.probe, &ctx.logs)
 }
 
 struct Ctx {
@@ -396,12 +401,12 @@ fn profiled(ctx: &Ctx, mode: &Mode, burn: &mut Proc, round: usize) -> Result<Pro
 
 /// Turns `kernel.bpf_stats_enabled` on and back to what it was when dropped, so an error path
 /// does not leave every BPF program on the machine paying for the stats.
-struct BpfStats {
+pub(crate) struct BpfStats {
     old: String,
 }
 
 impl BpfStats {
-    fn enable() -> Result<BpfStats> {
+    pub(crate) fn enable() -> Result<BpfStats> {
         let old = fs::read_to_string(BPF_STATS)
             .with_context(|| format!("cannot read {BPF_STATS}: the kernel lacks BPF stats"))?;
         fs::write(BPF_STATS, "1")
@@ -424,7 +429,7 @@ impl Drop for BpfStats {
 }
 
 /// Waits until a line of `p`'s stderr log starts with `prefix` and returns it.
-fn wait_for_log(p: &mut Proc, prefix: &str, timeout: Duration) -> Result<String> {
+pub(crate) fn wait_for_log(p: &mut Proc, prefix: &str, timeout: Duration) -> Result<String> {
     let deadline = Instant::now() + timeout;
     loop {
         let log = fs::read_to_string(&p.log).unwrap_or_default();
@@ -452,7 +457,7 @@ fn dwarf_counts(line: &str) -> Option<(u32, u32)> {
 
 /// The id of `profile_cpu` that process `pid` loaded, and how many others are loaded: bpftool
 /// finds the programs by name, the process's fdinfo says which is its own.
-fn find_program(pid: u32) -> Result<(String, usize)> {
+pub(crate) fn find_program(pid: u32) -> Result<(String, usize)> {
     let out =
         util::capture(Command::new("bpftool").args(["prog", "show", "name", PROGRAM, "--json"]))?;
     let json: Value = serde_json::from_str(&out)
@@ -504,7 +509,7 @@ fn field<'a>(text: &'a str, key: &str) -> Option<&'a str> {
 }
 
 /// (run_time_ns, run_cnt) of program `id` through process `pid`'s fd for it.
-fn program_stats(pid: u32, id: &str) -> Result<(u64, u64)> {
+pub(crate) fn program_stats(pid: u32, id: &str) -> Result<(u64, u64)> {
     for (fd, info) in fdinfos(pid)? {
         if field(&info, "prog_id") != Some(id) {
             continue;
@@ -546,7 +551,7 @@ impl Snapshot {
 }
 
 /// On-CPU ns of all threads of `pid` (first field of each thread's schedstat).
-fn task_cpu_ns(pid: u32) -> Result<u64> {
+pub(crate) fn task_cpu_ns(pid: u32) -> Result<u64> {
     let dir = format!("/proc/{pid}/task");
     let mut total = 0;
     for e in fs::read_dir(&dir).with_context(|| format!("cannot list {dir}"))? {

@@ -9,6 +9,7 @@ mod bench_health;
 mod bench_load;
 mod bench_net;
 mod bench_profile;
+mod bench_python;
 mod bench_scale;
 mod bench_sched;
 mod bench_scrape;

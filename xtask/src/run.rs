@@ -137,6 +137,8 @@ fn privileged_tests(args: &[String]) -> Result<(u64, u64)> {
     tools::ensure_web_tools()?;
     // The runtime tests profile Node.js and a JVM through their perf maps.
     tools::ensure_runtimes()?;
+    // The Python stack tests profile Debian's CPython 3.11 (pyenv's 3.12 is in the image).
+    tools::ensure_python()?;
     // The Kubernetes manifests are validated against the API schemas.
     let kube_validate = tools::ensure_kubernetes_validate()?;
     let mut build = cargo();

@@ -136,6 +136,11 @@ pub fn ensure_allocators() -> Result<()> {
 /// and TLS requests (curl) with.
 const WEB_PACKAGES: &[&str] = &["openssl", "apache2-utils", "curl"];
 
+/// Makes sure Debian's python3 is installed (the Python stack tests profile it).
+pub fn ensure_python() -> Result<()> {
+    ensure_debian_packages(&["python3"])
+}
+
 /// Makes sure the TLS and basic-auth test's tools are installed.
 pub fn ensure_web_tools() -> Result<()> {
     ensure_debian_packages(WEB_PACKAGES)

@@ -17,7 +17,8 @@ pub struct CheckArgs {
     #[arg(long)]
     pub json: bool,
     /// Also say which allocator this process uses and which of its entry points precise
-    /// allocation tracing (`leaks`, `allocs`, `--precise-alloc`) would hook; repeatable
+    /// allocation tracing (`leaks`, `allocs`, `--precise-alloc`) would hook, and whether the
+    /// profiler gets Python stacks from it; repeatable
     #[arg(long = "pid", value_name = "PID")]
     pub pids: Vec<u32>,
 }
@@ -31,6 +32,8 @@ struct JsonReport<'a> {
     problem: Option<String>,
     #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     allocators: std::collections::BTreeMap<u32, Inspection>,
+    #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    python: std::collections::BTreeMap<u32, String>,
 }
 
 /// The allocator of each pid, or why it cannot be inspected.
@@ -53,19 +56,29 @@ pub fn run(args: CheckArgs) -> anyhow::Result<ExitCode> {
     let report = check::run_checks();
     let verdict = report.can_run();
     let allocators = allocators(&args.pids);
+    let python: std::collections::BTreeMap<u32, String> = args
+        .pids
+        .iter()
+        .map(|&pid| (pid, ws1_probe::profile::python::inspect(pid)))
+        .collect();
     let text = if args.json {
         let json = JsonReport {
             report: &report,
             can_run: verdict.is_ok(),
             problem: verdict.clone().err(),
             allocators,
+            python,
         };
         serde_json::to_string_pretty(&json).context("cannot encode the report")? + "\n"
     } else if allocators.is_empty() {
         report.render_text()
     } else {
+        let python: String = python
+            .iter()
+            .map(|(pid, what)| format!("  pid {pid}: {what}\n"))
+            .collect();
         format!(
-            "{}\nallocators (precise allocation tracing):\n{}",
+            "{}\nallocators (precise allocation tracing):\n{}\nPython stacks (profiler):\n{python}",
             report.render_text(),
             render_allocators(&allocators)
         )

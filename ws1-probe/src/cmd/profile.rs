@@ -43,6 +43,10 @@ pub struct SamplingArgs {
     /// (auto), or one method for every process
     #[arg(long, value_enum, default_value = "auto")]
     pub unwind: UnwindMode,
+    /// Do not read Python stacks from CPython 3.11/3.12 thread states (their stacks then show
+    /// interpreter frames only)
+    #[arg(long)]
+    pub no_python: bool,
 }
 
 impl SamplingArgs {
@@ -68,6 +72,7 @@ impl SamplingArgs {
             debug_info: true,
             // One-shot: caches need no bound, and every binary gets its DWARF.
             cache_bytes: u64::MAX,
+            python: !self.no_python,
         };
         Ok(settings)
     }
@@ -219,6 +224,11 @@ pub fn run(args: ProfileArgs) -> anyhow::Result<()> {
         }
     })?;
     probe.profile_drain();
+    let python = probe
+        .profile
+        .as_ref()
+        .map(|p| ws1_probe::profile::python::describe(&p.python.processes()))
+        .unwrap_or_default();
     let (cpu, off) = probe.profiles.since(started);
     let errors = probe.profiles.sym.errors();
     let profile = match kind {
@@ -253,6 +263,9 @@ pub fn run(args: ProfileArgs) -> anyhow::Result<()> {
             format!(", written to {}", names.join(", "))
         }
     );
+    if !python.is_empty() {
+        eprintln!("{python}");
+    }
     if errors > 0 {
         eprintln!("{errors} addresses could not be symbolized (kept as build id + offset)");
     }

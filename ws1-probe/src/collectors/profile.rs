@@ -10,9 +10,12 @@ use aya::{
     maps::{HashMap as BpfHashMap, IterableMap, MapData, RingBuf, StackTraceMap},
     programs::perf_event::{SamplePolicy, SoftwareEvent},
 };
-use ws1_probe_common::profile::{
-    LeafText, OffCpuValue, ProfileKey, ProfileSettings, SAMPLE_OFFCPU, STACK_COPY_BYTES,
-    StackSampleEvent,
+use ws1_probe_common::{
+    profile::{
+        LeafText, OffCpuValue, ProfileKey, ProfileSettings, SAMPLE_OFFCPU, STACK_COPY_BYTES,
+        StackSampleEvent,
+    },
+    python::{PyProc, PyStack},
 };
 
 use super::{MapUsage, take_map, typed};
@@ -23,6 +26,7 @@ use crate::{
         binary::{CacheBudgets, CacheStat},
         fpcheck::FpCache,
         leaf::LeafResolver,
+        python::PyTargets,
         runtime::{self, Runtime},
         unwind::{DwarfUnwinder, MAX_FRAMES, Unwound, UserRegs},
     },
@@ -69,6 +73,7 @@ struct DwarfKey {
     kernel_stack: i32,
     user: Vec<u64>,
     complete: bool,
+    python_stack: u32,
 }
 
 /// Converts a kernel stack trace into lookup addresses.
@@ -88,6 +93,12 @@ pub struct ProfileCollector {
     /// Callers of frameless leaves (`profile/leaf.rs`).
     leaf: LeafResolver,
     ring: RingBuf<MapData>,
+    py_procs: BpfHashMap<MapData, u32, PyProc>,
+    py_stacks: BpfHashMap<MapData, u32, PyStack>,
+    /// CPython processes whose frame chains the kernel walks.
+    pub python: PyTargets,
+    /// Python stacks read so far.
+    py_cache: HashMap<u32, Vec<u64>>,
     pub options: ProfileOptions,
     unwinder: DwarfUnwinder,
     /// Reused unwinding buffer.
@@ -142,6 +153,10 @@ impl ProfileCollector {
             // share holds those of hundreds of large binaries (the unwinder keeps the rest).
             leaf: LeafResolver::new(CacheBudgets::split(options.cache_bytes).unwind_binaries / 8),
             ring: typed("PROFILE_SAMPLES", take_map(ebpf, "PROFILE_SAMPLES")?)?,
+            py_procs: typed("PY_PROCS", take_map(ebpf, "PY_PROCS")?)?,
+            py_stacks: typed("PY_STACKS", take_map(ebpf, "PY_STACKS")?)?,
+            python: PyTargets::default(),
+            py_cache: HashMap::new(),
             options: options.clone(),
             unwinder: DwarfUnwinder::with_budget(
                 MAX_FRAMES,
@@ -184,6 +199,22 @@ impl ProfileCollector {
             self.leaf.forget(*pid);
         }
         self.runtimes.retain(|pid, _| live.contains(pid));
+        let py = if self.options.python {
+            self.python.update(targets)
+        } else {
+            Default::default()
+        };
+        for pid in py.remove {
+            let _ = self.py_procs.remove(&pid);
+        }
+        for (pid, proc_) in py.add {
+            // CPython's `-X perf` trampolines keep frame pointers.
+            self.unwinder.frame_pointers_in_jit(pid);
+            if let Err(err) = self.py_procs.insert(pid, proc_, 0) {
+                tracing::warn!("pid {pid}: cannot follow its Python frames: {err}");
+                self.python.drop_target(pid);
+            }
+        }
         for (pid, _) in targets {
             if self.modes.contains_key(pid) {
                 continue;
@@ -260,6 +291,7 @@ impl ProfileCollector {
             let kernel_stack =
                 read_u32(std::mem::offset_of!(StackSampleEvent, kernel_stack)) as i32;
             let kind = read_u32(std::mem::offset_of!(StackSampleEvent, kind));
+            let python_stack = read_u32(std::mem::offset_of!(StackSampleEvent, python_stack));
             let value_ns = read_u64(std::mem::offset_of!(StackSampleEvent, value_ns));
             let regs = UserRegs {
                 ip: read_u64(std::mem::offset_of!(StackSampleEvent, ip)),
@@ -281,6 +313,7 @@ impl ProfileCollector {
                 kernel_stack,
                 user: std::mem::take(&mut self.unwound.frames),
                 complete: self.unwound.complete,
+                python_stack,
             };
             let known = if kind == SAMPLE_OFFCPU {
                 self.dwarf_off.get_mut(&key).map(|e| {
@@ -301,6 +334,22 @@ impl ProfileCollector {
             n += 1;
         }
         n
+    }
+
+    /// The frame words of Python stack `id` (empty for 0 or an unknown id).
+    fn python_stack(&mut self, id: u32) -> Vec<u64> {
+        if id == 0 {
+            return Vec::new();
+        }
+        if let Some(s) = self.py_cache.get(&id) {
+            return s.clone();
+        }
+        let words = match self.py_stacks.get(&id, 0) {
+            Ok(s) => s.frames[..(s.len as usize).min(s.frames.len())].to_vec(),
+            Err(_) => Vec::new(),
+        };
+        self.py_cache.insert(id, words.clone());
+        words
     }
 
     fn stack(&mut self, id: i32) -> Vec<u64> {
@@ -338,6 +387,7 @@ impl ProfileCollector {
                 user,
                 dwarf_complete: None,
                 kernel: self.stack(key.kernel_stack),
+                python: self.python_stack(key.python_stack),
                 samples: delta,
                 value_ns: delta * period_ns,
             };
@@ -358,6 +408,7 @@ impl ProfileCollector {
                 user,
                 dwarf_complete: None,
                 kernel: self.stack(key.kernel_stack),
+                python: self.python_stack(key.python_stack),
                 samples: count,
                 value_ns: v.ns.saturating_sub(before.ns),
             };
@@ -365,24 +416,28 @@ impl ProfileCollector {
         }
         for (key, n) in std::mem::take(&mut self.dwarf_cpu) {
             let kernel = self.stack(key.kernel_stack);
+            let python = self.python_stack(key.python_stack);
             out.cpu.push(RawStack {
                 tgid: key.tgid,
                 service: key.service,
                 user: key.user,
                 dwarf_complete: Some(key.complete),
                 kernel,
+                python,
                 samples: n,
                 value_ns: n * period_ns,
             });
         }
         for (key, (n, ns)) in std::mem::take(&mut self.dwarf_off) {
             let kernel = self.stack(key.kernel_stack);
+            let python = self.python_stack(key.python_stack);
             out.off_cpu.push(RawStack {
                 tgid: key.tgid,
                 service: key.service,
                 user: key.user,
                 dwarf_complete: Some(key.complete),
                 kernel,
+                python,
                 samples: n,
                 value_ns: ns,
             });
@@ -390,7 +445,11 @@ impl ProfileCollector {
         // Counts are read as deltas, so the maps keep growing; past half their capacity they
         // are emptied (what was just read is reported, a sample landing in between is lost).
         let capacity = ws1_probe_common::profile::PROFILE_ENTRIES as usize;
-        if cpu.len() > capacity / 2 || off.len() > capacity / 2 {
+        let py_capacity = ws1_probe_common::python::PY_STACK_ENTRIES as usize;
+        if cpu.len() > capacity / 2
+            || off.len() > capacity / 2
+            || self.py_cache.len() > py_capacity / 2
+        {
             self.reset();
         }
         // Processes sampled before the target list named them are classified now, while
@@ -416,6 +475,12 @@ impl ProfileCollector {
         for id in self.stack_cache.keys() {
             let _ = self.stacks.remove(&(*id as u32));
         }
+        // All of them, not only those read: blocks too short to count still stored theirs.
+        let py_ids: Vec<u32> = self.py_stacks.keys().flatten().collect();
+        for id in &py_ids {
+            let _ = self.py_stacks.remove(id);
+        }
+        self.py_cache.clear();
         self.seen_cpu.clear();
         self.seen_off.clear();
         self.stack_cache.clear();
@@ -433,6 +498,12 @@ impl ProfileCollector {
         vec![
             MapUsage::of("PROFILE_COUNTS", self.seen_cpu.len(), self.counts.map()),
             MapUsage::of("OFFCPU_TIME", self.seen_off.len(), self.offcpu.map()),
+            MapUsage::of("PY_STACKS", self.py_cache.len(), self.py_stacks.map()),
+            MapUsage::of(
+                "PY_PROCS",
+                self.python.processes().len(),
+                self.py_procs.map(),
+            ),
         ]
     }
 }

@@ -14,6 +14,7 @@ pub mod kallsyms;
 pub mod leaf;
 pub mod perfmap;
 pub mod pprof;
+pub mod python;
 pub mod raw;
 pub mod runtime;
 pub mod symbols;

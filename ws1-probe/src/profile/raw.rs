@@ -22,6 +22,9 @@ pub struct RawStack {
     /// frame); `None` for frame-pointer stacks, judged by their outermost function instead.
     pub dwarf_complete: Option<bool>,
     pub kernel: Vec<u64>,
+    /// Python frame words from the kernel's walk of the thread state (see `python.rs`), empty
+    /// for other processes.
+    pub python: Vec<u64>,
     pub samples: u64,
     pub value_ns: u64,
 }
@@ -93,7 +96,7 @@ pub fn symbolize<'a>(
     let mut out = Vec::with_capacity(raw.len());
     for (r, user) in raw.iter().zip(user_frames) {
         let mut user: Vec<ProfFrame> = user.into_iter().flatten().collect();
-        let truncated = match r.dwarf_complete {
+        let mut truncated = match r.dwarf_complete {
             Some(complete) => !complete,
             None => {
                 // Unnamed frames outside every mapping are where frame-pointer walks go astray.
@@ -101,6 +104,14 @@ pub fn symbolize<'a>(
                 !reaches_root(&user)
             }
         };
+        if !r.python.is_empty() {
+            let (calls, complete) = sym.python.frames(r.tgid, &r.python);
+            let (merged, left_over) = super::python::interleave(user, calls);
+            user = merged;
+            // A native walk that stopped inside Python code (a `-X perf` trampoline) is
+            // completed by the thread state's chain; a chain cut at the kernel's limit is not.
+            truncated = !complete || (truncated && !left_over);
+        }
         let mut frames = sym.kernel(&r.kernel);
         frames.extend(user);
         out.push(StackSample {

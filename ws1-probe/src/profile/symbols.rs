@@ -215,6 +215,8 @@ pub struct ProfileSymbolizer {
     /// Binaries refused for their size ([`MAX_SYMBOL_TABLE_BYTES`]).
     refused: std::collections::HashSet<FileId>,
     stats: SymbolizerStats,
+    /// Names of Python code objects (see `python.rs`).
+    pub python: super::python::PySymbolizer,
 }
 
 impl Default for ProfileSymbolizer {
@@ -257,6 +259,7 @@ impl ProfileSymbolizer {
             perf_maps: ByteLru::new("perf_maps", budgets.perf_maps),
             refused: std::collections::HashSet::new(),
             stats: SymbolizerStats::default(),
+            python: super::python::PySymbolizer::default(),
         }
     }
 
@@ -297,6 +300,7 @@ impl ProfileSymbolizer {
     /// and binaries no other live process was found in are closed, with their cached frames.
     pub fn forget(&mut self, pid: u32) {
         self.perf_maps.remove(&pid);
+        self.python.forget(pid);
         let mut unused = Vec::new();
         for (id, bin) in self.binaries.iter() {
             if bin.pids.contains(&pid) && bin.pids.len() == 1 {

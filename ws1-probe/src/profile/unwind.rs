@@ -511,11 +511,24 @@ struct Process {
     unwinder: UnwinderX86_64<SectionBytes>,
     /// Sorted by start address, as in the maps file.
     mappings: Vec<Mapping>,
+    /// Anonymous executable mappings (JIT code), as last read from the maps.
+    anon_exec: Vec<(u64, u64)>,
     last_load: Instant,
     last_used: u64,
 }
 
 impl Process {
+    /// Whether the unwinder can step from `addr`: a known module, or with `trampolines`
+    /// anonymous executable memory.
+    fn walkable(&self, addr: u64, trampolines: bool) -> bool {
+        self.knows(addr) || (trampolines && self.in_anon_exec(addr))
+    }
+
+    /// Whether `addr` lies in anonymous executable memory.
+    fn in_anon_exec(&self, addr: u64) -> bool {
+        self.anon_exec.iter().any(|&(s, e)| (s..e).contains(&addr))
+    }
+
     /// Whether `addr` lies in a mapping the unwinder has a module for.
     fn knows(&self, addr: u64) -> bool {
         let i = self.mappings.partition_point(|m| m.start <= addr);
@@ -539,6 +552,7 @@ impl Process {
         let mut line = std::mem::take(&mut loader.maps_buf);
         let mut fresh = Vec::with_capacity(self.mappings.len());
         let mut new: Vec<(usize, String)> = Vec::new();
+        let mut anon_exec = Vec::new();
         let mut lines = 0usize;
         loop {
             line.clear();
@@ -557,6 +571,9 @@ impl Process {
             let Some(parsed) = parse_maps_line(line.trim_end_matches('\n')) else {
                 continue;
             };
+            if parsed.executable && parsed.path.is_empty() {
+                anon_exec.push((parsed.start, parsed.end));
+            }
             if !parsed.executable || !(parsed.path.starts_with('/') || parsed.path == "[vdso]") {
                 continue;
             }
@@ -595,6 +612,7 @@ impl Process {
             }
         }
         self.mappings = fresh;
+        self.anon_exec = anon_exec;
         Ok(self.mappings.iter().filter(|m| m.has_module).count())
     }
 }
@@ -762,6 +780,9 @@ pub struct DwarfUnwinder {
     cache: CacheX86_64,
     max_frames: usize,
     reload_interval: Duration,
+    /// CPython processes: their anonymous executable code may be `-X perf` trampolines, which
+    /// are stepped across (see [`frame_pointers_in_jit`](Self::frame_pointers_in_jit)).
+    fp_in_jit: std::collections::HashSet<u32>,
     tick: u64,
     last_sweep: Instant,
     stats: UnwindStats,
@@ -798,6 +819,7 @@ impl DwarfUnwinder {
             cache: CacheX86_64::new(),
             max_frames: max_frames.max(1),
             reload_interval: RELOAD_INTERVAL,
+            fp_in_jit: std::collections::HashSet::new(),
             tick: 0,
             last_sweep: Instant::now(),
             stats: UnwindStats::default(),
@@ -845,6 +867,16 @@ impl DwarfUnwinder {
     /// Drops what is kept for an exited process. A later process with a reused pid starts over.
     pub fn forget(&mut self, pid: u32) {
         self.processes.remove(&pid);
+        self.fp_in_jit.remove(&pid);
+    }
+
+    /// Steps across the anonymous executable code of `pid` as CPython's `-X perf` trampolines
+    /// (3.12 `Python/asm_trampoline.S`: `push rbp; mov rbp, rsp; call *rcx; pop rbp; ret`)
+    /// instead of ending its stacks there: at the trampoline's return address the stack holds
+    /// the saved rbp and then its caller's return address. Only the stack pointer, which the
+    /// callee's CFI restored, is relied on (the interpreter uses rbp as a general register).
+    pub fn frame_pointers_in_jit(&mut self, pid: u32) {
+        self.fp_in_jit.insert(pid);
     }
 
     /// Unwinds one sample of `pid`: `stack` holds the bytes copied from `regs.sp` upwards.
@@ -882,6 +914,7 @@ impl DwarfUnwinder {
             return;
         };
         process.last_used = self.tick;
+        let fp_jit = self.fp_in_jit.contains(&pid);
 
         // Reads outside the copied bytes fail the step, which ends the stack as truncated.
         let mut read_stack = |addr: u64| -> Result<u64, ()> {
@@ -899,7 +932,8 @@ impl DwarfUnwinder {
             // framehop would guess with frame pointers in unknown code, which mostly yields
             // garbage for the binaries this unwinder exists for; stop instead, after giving a
             // library loaded since the last maps read a chance.
-            if !process.knows(lookup) {
+            // (Except in the JIT code of a process marked by `frame_pointers_in_jit`.)
+            if !process.walkable(lookup, fp_jit) {
                 if process.last_load.elapsed() < self.reload_interval {
                     break;
                 }
@@ -907,12 +941,32 @@ impl DwarfUnwinder {
                 if let Err(e) = process.refresh(pid, &mut self.loader) {
                     tracing::debug!("cannot reload modules of pid {pid}: {e}");
                 }
-                if !process.knows(lookup) {
+                if !process.walkable(lookup, fp_jit) {
                     break;
                 }
             }
             if out.frames.len() >= self.max_frames {
                 break;
+            }
+            if fp_jit
+                && !process.knows(lookup)
+                && process.in_anon_exec(lookup)
+                && let FrameAddress::ReturnAddress(_) = address
+            {
+                let sp = fh_regs.sp();
+                let (Ok(bp), Ok(ra)) = (read_stack(sp), read_stack(sp.wrapping_add(8))) else {
+                    break;
+                };
+                fh_regs.set_sp(sp + 16);
+                fh_regs.set_bp(bp);
+                fh_regs.set_ip(ra);
+                match FrameAddress::from_return_address(ra) {
+                    Some(next) => {
+                        address = next;
+                        continue;
+                    }
+                    None => break,
+                }
             }
             match process.unwinder.unwind_frame(
                 address,
@@ -953,6 +1007,7 @@ impl DwarfUnwinder {
         let mut process = Process {
             unwinder: UnwinderX86_64::new(),
             mappings: Vec::new(),
+            anon_exec: Vec::new(),
             last_load: Instant::now(),
             last_used: self.tick,
         };

@@ -898,6 +898,9 @@ pub struct ProfileOptions {
     /// Bytes the profiler's caches (symbolization, unwinding) may hold together
     /// (`--profile-cache-bytes`).
     pub cache_bytes: u64,
+    /// Python stacks of CPython 3.11/3.12 processes from their thread states (off with
+    /// `--no-python`: their stacks show interpreter frames only).
+    pub python: bool,
 }
 
 /// Default of `--profile-cache-bytes`.
@@ -913,6 +916,7 @@ impl Default for ProfileOptions {
             unwind: UnwindMode::Auto,
             debug_info: true,
             cache_bytes: DEFAULT_PROFILE_CACHE_BYTES,
+            python: true,
         }
     }
 }
