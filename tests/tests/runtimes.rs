@@ -9,6 +9,7 @@ use std::{
     io::{BufRead, BufReader},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
+    time::Duration,
 };
 
 use ws1_probe_tests::{Agent, Workload, burn_bin, privileged, run_probe};
@@ -288,9 +289,9 @@ fn agent_exports_samples_and_truncated_shares_by_runtime() {
     }
 }
 
-/// The Java program: the same shape as [`HOT_JS`]. It warms up, then says `ready PID` (the
-/// test asks for the perf map only then, when the hot methods are compiled) and serves for at
-/// most a minute.
+/// The Java program: the same shape as [`HOT_JS`]. It warms up, says `ready PID` and serves
+/// for at most a minute; the test asks for the perf map once the JIT's log shows the hot
+/// methods' C2 code (see [`c2_compiled`]).
 const HOT_JAVA: &str = r#"public class Hot {
     static long spinHeavy(long n) { long x = 0; for (long i = 0; i < n; i++) { x = (x * 31 + i) % 1000003; } return x; }
     static long spinLight(long n) { long x = 0; for (long i = 0; i < n; i++) { x = (x * 31 + i) % 1000003; } return x; }
@@ -308,6 +309,17 @@ const HOT_JAVA: &str = r#"public class Hot {
     }
 }
 "#;
+
+/// Whether a `-XX:+PrintCompilation` line says `method` got its level-4 (C2) code, not an
+/// on-stack-replacement version (`%` and `@ bci`) and not being made not entrant:
+/// `    213   41       4       Hot::spinHeavy (28 bytes)`.
+fn c2_compiled(line: &str, method: &str) -> bool {
+    let t: Vec<&str> = line.split_whitespace().collect();
+    !line.contains('%')
+        && !line.contains("made not")
+        && t.windows(3)
+            .any(|w| w[0] == "4" && w[1] == method && w[2].starts_with('('))
+}
 
 /// A JVM started for a test, killed (and its perf map removed) when dropped.
 struct Jvm {
@@ -351,6 +363,7 @@ fn jvm_methods_are_named_by_the_map_jcmd_writes() {
     let mut child = Command::new(&java)
         .args([
             "-XX:+PreserveFramePointer",
+            "-XX:+PrintCompilation",
             "-XX:CompileCommand=quiet",
             "-XX:CompileCommand=dontinline,Hot::*",
             "-cp",
@@ -362,16 +375,37 @@ fn jvm_methods_are_named_by_the_map_jcmd_writes() {
         .spawn()
         .expect("start java");
     let pid = child.id();
-    let mut ready = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut ready)
-        .expect("java ready line");
+    // The JIT's log (-XX:+PrintCompilation) and the program's lines, drained by a thread so the
+    // JVM never blocks on a full pipe.
+    let (tx, lines) = std::sync::mpsc::channel();
+    let stdout = child.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
     let jvm = Jvm {
         child,
         pid,
         _map: PerfMapFile(PathBuf::from(format!("/tmp/perf-{pid}.map"))),
     };
-    assert_eq!(ready.trim(), format!("ready {pid}"));
+    // Profile once the three methods run their C2 (level 4) versions, not their OSR ones: a
+    // fixed warm-up was too short on a cold CI machine, where 22 % of the leaf samples were
+    // taken in OSR frames, whose frame-pointer chain ends at the leaf.
+    let mut pending: Vec<&str> = vec!["Hot::spinHeavy", "Hot::spinLight", "Hot::handleRequest"];
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    // (The program's own `ready PID` line shares stdout with the JIT's log, which can cut into
+    // it, so the compiles alone decide; they come after the program started serving.)
+    while !pending.is_empty() {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let line = lines
+            .recv_timeout(left)
+            .unwrap_or_else(|_| panic!("java: not ready with C2 code after 60 s: {pending:?}"));
+        pending.retain(|m| !c2_compiled(&line, m));
+    }
     // Java 17+: the JVM writes /tmp/perf-PID.map of the code compiled so far.
     let out = Command::new(&jcmd)
         .args([&pid.to_string(), "Compiler.perfmap"])
