@@ -6,21 +6,25 @@
 //! address next and skips the caller: Go stacks read `runtime.main;main.matchOrders` instead of
 //! `runtime.main;main.main;main.matchOrders`, and the caller's inclusive time is lost.
 //!
-//! The return address of such a leaf is the word at the stack pointer. For processes the agent
-//! lists in `PROFILE_LEAF` (their main executable has frameless code), the kernel program puts
-//! that word into the sample's key when it is an address in the executable's text (0
-//! otherwise, so samples in framed functions, where the word is data, do not multiply the
-//! keys). Here, when the call frame information at the sampled ip says the canonical frame
-//! address is `rsp + 8` — nothing pushed, so the word at `rsp` is the return address — that
-//! address becomes the leaf's caller, between the leaf and the rest of the walk.
+//! The return address of such a leaf is the word at the stack pointer, or a few words above
+//! when it pushed registers (a C leaf saving `rbx` and `r12` to use them). For processes the
+//! agent lists in `PROFILE_LEAF` (their main executable has frameless code), the kernel program
+//! reads the four words at the stack pointer and puts the first that is an address in the
+//! executable's text into the sample's key, with its slot (0 when none, so samples in framed
+//! functions, where the words are data, do not multiply the keys). Here, when the call frame
+//! information at the sampled ip says the canonical frame address is `rsp + N`, N in 8, 16,
+//! 24, 32, and `(N - 8) / 8` is the recorded slot — so that word is the return address — it
+//! becomes the leaf's caller, between the leaf and the rest of the walk. A word from another
+//! slot (a pushed register that held a code address) is ignored: the stack stays as walked.
 //!
 //! The rule comes from `.eh_frame` and `.debug_frame` (Go binaries carry only the second,
 //! usually zlib-compressed: `SHF_COMPRESSED`, or `.zdebug_frame` from older linkers), or for a
 //! Go binary without `.debug_frame` (linked with `-w`) from the SP deltas of `.gopclntab`
-//! ([`gopclntab`](super::gopclntab), Go 1.18+). Leaves that pushed registers (CFA =
-//! `rsp + N`, N > 8) are not handled in frame-pointer mode either: the kernel reads one word,
-//! at `rsp`; those stacks stay as the walk found them. DWARF mode unwinds every frame from CFI
-//! and needs none of this.
+//! ([`gopclntab`](super::gopclntab), Go 1.18+; Go's frameless functions push nothing). Not
+//! handled in frame-pointer mode: leaves with CFA = `rsp + N`, N > 32 (four registers pushed
+//! or more, or a stack adjustment), whose return address is past the words the kernel reads;
+//! those stacks stay as the walk found them. DWARF mode unwinds every frame from CFI and needs
+//! none of this.
 //!
 //! Per binary the frameless address ranges are computed once (one pass over the FDEs) and kept
 //! in a [`ByteLru`]; per process the executable mappings, dropped by [`LeafResolver::forget`].
