@@ -1,6 +1,7 @@
 //! Callers of frameless leaf functions (issue 18): a Go program (Debian's Go, whose small leaves
-//! set up no frame) and a C program built with `-fno-omit-frame-pointer
-//! -momit-leaf-frame-pointer`, both built here from the sources below, each with two leaves
+//! set up no frame) and C programs built with `-fno-omit-frame-pointer
+//! -momit-leaf-frame-pointer` (one whose leaves push nothing, one whose leaves push callee-saved
+//! registers), all built here from the sources below, each with two leaves
 //! under one caller doing 3:1 of the work. Frame-pointer unwinding alone skips that caller in
 //! every sample; the profile must name it in ≥ 95 % of samples and split the leaves 3:1 within
 //! ±10 %, with frame pointers (the kernel's word at the stack pointer, confirmed by CFI from
@@ -111,6 +112,53 @@ int main(int argc, char **argv) {
         return 0;
     }
     return (int)(ws1_leaf_drive() & 1);
+}
+"#;
+
+/// Leaves that push callee-saved registers (the empty `asm` claims them, as a leaf short of
+/// scratch registers does) but set up no frame: `ws1_push_three` saves rbx, r12 and r13 (its
+/// return address three words above the stack pointer in its body), `ws1_push_one` saves rbx
+/// (one word above), under `ws1_push_drive`, 3:1.
+const C_PUSH_SOURCE: &str = r#"#include <stdio.h>
+#include <time.h>
+#include <unistd.h>
+
+__attribute__((noinline)) unsigned long ws1_push_three(unsigned long n) {
+    unsigned long s = 0;
+    __asm__ volatile("" ::: "rbx", "r12", "r13");
+    for (unsigned long i = 0; i < n; i++) {
+        s += i ^ (s >> 3);
+        __asm__ volatile("" : "+r"(s));
+    }
+    return s;
+}
+
+__attribute__((noinline)) unsigned long ws1_push_one(unsigned long n) {
+    unsigned long s = 1;
+    __asm__ volatile("" ::: "rbx");
+    for (unsigned long i = 0; i < n; i++) {
+        s += i ^ (s >> 3);
+        __asm__ volatile("" : "+r"(s));
+    }
+    return s;
+}
+
+__attribute__((noinline)) unsigned long ws1_push_drive(void) {
+    struct timespec start, now;
+    clock_gettime(CLOCK_MONOTONIC, &start);
+    unsigned long total = 0;
+    do { /* bounded: the test kills it long before */
+        total += ws1_push_three(3000000);
+        total += ws1_push_one(1000000);
+        clock_gettime(CLOCK_MONOTONIC, &now);
+    } while (now.tv_sec - start.tv_sec < 120);
+    return total;
+}
+
+int main(void) {
+    printf("ready %d\n", (int)getpid());
+    fflush(stdout);
+    return (int)(ws1_push_drive() & 1);
 }
 "#;
 
@@ -229,8 +277,37 @@ fn go_program(go: &Path, strip_dwarf: bool) -> PathBuf {
     bin
 }
 
-fn c_program() -> PathBuf {
-    let bin = build_cached("ws1-leaf-c", "c", C_SOURCE, |src, out| {
+/// The bodies of `functions` in `objdump -d` of `bin`: their instructions (mnemonic and
+/// operands), by function.
+fn disassembly(bin: &Path, functions: &[&str]) -> Vec<(String, Vec<String>)> {
+    let out = Command::new("objdump")
+        .args(["-d", "--no-show-raw-insn"])
+        .arg(bin)
+        .output()
+        .expect("run objdump");
+    let text = String::from_utf8_lossy(&out.stdout);
+    functions
+        .iter()
+        .map(|function| {
+            let body = text
+                .split(&format!("<{function}>:\n"))
+                .nth(1)
+                .unwrap_or_else(|| panic!("{function} in objdump output"))
+                .split("\n\n")
+                .next()
+                .unwrap_or_default();
+            // Mnemonics: the text after the address's tab (`syscall` is not a call).
+            let insns = body
+                .lines()
+                .map(|line| line.split('\t').nth(1).unwrap_or_default().to_owned())
+                .collect();
+            ((*function).to_owned(), insns)
+        })
+        .collect()
+}
+
+fn c_build(name: &str, source: &str) -> PathBuf {
+    build_cached(name, "c", source, |src, out| {
         let status = Command::new("cc")
             .args([
                 "-O2",
@@ -244,28 +321,34 @@ fn c_program() -> PathBuf {
             .status()
             .expect("run cc");
         assert!(status.success(), "cc failed");
-    });
-    let out = Command::new("objdump")
-        .args(["-d", "--no-show-raw-insn"])
-        .arg(&bin)
-        .output()
-        .expect("run objdump");
-    let text = String::from_utf8_lossy(&out.stdout);
-    for leaf in ["ws1_leaf_three", "ws1_leaf_one", "ws1_leaf_nap"] {
-        let body: String = text
-            .split(&format!("<{leaf}>:\n"))
-            .nth(1)
-            .unwrap_or_else(|| panic!("{leaf} in objdump output"))
-            .split("\n\n")
-            .next()
-            .unwrap_or_default()
-            .to_owned();
-        // Mnemonics: the text after the address's tab (`syscall` is not a call).
-        let framed = body.lines().any(|line| {
-            let insn = line.split('\t').nth(1).unwrap_or_default();
+    })
+}
+
+/// The C program whose leaves push registers: they do push, and set up no frame.
+fn c_push_program() -> PathBuf {
+    let bin = c_build("ws1-leaf-c-push", C_PUSH_SOURCE);
+    for (leaf, pushes) in [("ws1_push_three", 3), ("ws1_push_one", 1)] {
+        let insns = &disassembly(&bin, &[leaf])[0].1;
+        let pushed = insns.iter().filter(|i| i.starts_with("push")).count();
+        let framed = insns
+            .iter()
+            .any(|i| i.starts_with("call") || i.contains("%rbp") || i.contains(",%rsp"));
+        assert!(
+            pushed == pushes && !framed,
+            "{leaf}: {pushed} pushes (expected {pushes}), or a frame or a call:\n{insns:#?}"
+        );
+    }
+    bin
+}
+
+fn c_program() -> PathBuf {
+    let bin = c_build("ws1-leaf-c", C_SOURCE);
+    let leaves = ["ws1_leaf_three", "ws1_leaf_one", "ws1_leaf_nap"];
+    for (leaf, insns) in disassembly(&bin, &leaves) {
+        let framed = insns.iter().any(|insn| {
             insn.starts_with("push") || insn.starts_with("call") || insn.contains("%rbp")
         });
-        assert!(!framed, "{leaf} has a frame or calls:\n{body}");
+        assert!(!framed, "{leaf} has a frame or calls:\n{insns:#?}");
     }
     bin
 }
@@ -433,6 +516,24 @@ fn c_frameless_leaves_keep_their_caller_with_frame_pointers() {
         "ws1_leaf_drive",
         "ws1_leaf_three",
         "ws1_leaf_one",
+    );
+}
+
+/// Leaves that pushed one and three registers: the kernel finds their return addresses one and
+/// three words above the stack pointer, and `.eh_frame` confirms those slots.
+#[test]
+fn c_leaves_that_push_registers_keep_their_caller_with_frame_pointers() {
+    if !privileged() {
+        return;
+    }
+    leaves_keep_their_caller(
+        &c_push_program(),
+        "w-leaf-c-push",
+        "fp",
+        false,
+        "ws1_push_drive",
+        "ws1_push_three",
+        "ws1_push_one",
     );
 }
 

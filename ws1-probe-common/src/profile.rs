@@ -11,9 +11,10 @@ pub struct ProfileKey {
     /// a DWARF-mode process whose user stack travels in the sample instead).
     pub user_stack: i32,
     pub kernel_stack: i32,
-    /// The word at the user stack pointer when the process is in `PROFILE_LEAF` and the word
-    /// falls in one of its [`LeafText`] ranges, else 0: the return address of a sampled leaf
-    /// function that set up no frame, which the frame-pointer walk skips (see
+    /// When the process is in `PROFILE_LEAF`: the first of the [`LEAF_SLOTS`] words at the user
+    /// stack pointer that falls in one of its [`LeafText`] ranges, with its slot in the bits
+    /// from [`LEAF_SLOT_SHIFT`] (see [`leaf_ret_word`]), else 0: the return address of a
+    /// sampled leaf function that set up no frame, which the frame-pointer walk skips (see
     /// `ws1-probe/src/profile/leaf.rs`).
     pub leaf_ret: u64,
     /// Id in `PY_STACKS` of the Python frames of the sample (0: none; see `python.rs`).
@@ -109,6 +110,28 @@ impl ProfileSettings {
 
 /// Text ranges kept per process in `PROFILE_LEAF`.
 pub const LEAF_RANGES: usize = 4;
+/// Words read at the user stack pointer for [`ProfileKey::leaf_ret`]: a leaf that pushed up to
+/// three registers has its return address in one of them.
+pub const LEAF_SLOTS: usize = 4;
+/// Where the slot of the word goes in [`ProfileKey::leaf_ret`] (user addresses are below 2^47).
+pub const LEAF_SLOT_SHIFT: u32 = 60;
+
+/// [`ProfileKey::leaf_ret`] of `word` read at slot `slot` (`sp + 8 * slot`).
+#[inline(always)]
+pub const fn leaf_ret_of(word: u64, slot: usize) -> u64 {
+    word | ((slot as u64 & (LEAF_SLOTS as u64 - 1)) << LEAF_SLOT_SHIFT)
+}
+
+/// The word and its slot in a [`ProfileKey::leaf_ret`].
+#[inline(always)]
+pub const fn leaf_ret_word(leaf_ret: u64) -> (u64, usize) {
+    let mask = (LEAF_SLOTS as u64 - 1) << LEAF_SLOT_SHIFT;
+    (
+        leaf_ret & !mask,
+        ((leaf_ret & mask) >> LEAF_SLOT_SHIFT) as usize,
+    )
+}
+
 /// Processes whose frameless leaves' callers are recovered.
 pub const LEAF_PIDS: u32 = 4_096;
 

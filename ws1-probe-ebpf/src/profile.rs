@@ -19,9 +19,10 @@ use aya_ebpf::{
 };
 use ws1_probe_common::{
     profile::{
-        DWARF_PIDS, LEAF_PIDS, LEAF_RANGES, LeafText, OFFCPU_THREADS, OffCpuPending, OffCpuStart,
-        OffCpuValue, PROFILE_ENTRIES, PROFILE_STACK_ENTRIES, ProfileKey, ProfileSettings,
-        SAMPLE_CPU, SAMPLE_OFFCPU, SAMPLE_RINGBUF_BYTES, STACK_COPY_BYTES, StackSampleEvent,
+        DWARF_PIDS, LEAF_PIDS, LEAF_RANGES, LEAF_SLOTS, LeafText, OFFCPU_THREADS, OffCpuPending,
+        OffCpuStart, OffCpuValue, PROFILE_ENTRIES, PROFILE_STACK_ENTRIES, ProfileKey,
+        ProfileSettings, SAMPLE_CPU, SAMPLE_OFFCPU, SAMPLE_RINGBUF_BYTES, STACK_COPY_BYTES,
+        StackSampleEvent, leaf_ret_of,
     },
     targets::DropReason,
 };
@@ -48,10 +49,11 @@ static PROFILE_STACKS: StackTrace = StackTrace::with_max_entries(PROFILE_STACK_E
 #[map]
 static PROFILE_DWARF: HashMap<u32, u32> = HashMap::with_max_entries(DWARF_PIDS, 0);
 
-/// Frame-pointer-mode processes (tgid → text ranges) whose samples record the word at the user
-/// stack pointer when it is an address in those ranges: the return address of a leaf function
-/// that set up no frame, which the frame-pointer walk skips. Userspace decides from the call
-/// frame information at the sampled ip whether it is one (`ws1-probe/src/profile/leaf.rs`).
+/// Frame-pointer-mode processes (tgid → text ranges) whose samples record the first of the
+/// words at the user stack pointer that is an address in those ranges: the return address of a
+/// leaf function that set up no frame (it may have pushed registers), which the frame-pointer
+/// walk skips. Userspace decides from the call frame information at the sampled ip whether it
+/// is one (`ws1-probe/src/profile/leaf.rs`).
 #[map]
 static PROFILE_LEAF: HashMap<u32, LeafText> = HashMap::with_max_entries(LEAF_PIDS, 0);
 
@@ -239,26 +241,43 @@ fn leaf_text(tgid: u32) -> Option<LeafText> {
     unsafe { PROFILE_LEAF.get(&tgid) }.copied()
 }
 
-/// The word at the user stack pointer `sp` when it is an address in one of `text`'s ranges,
-/// else 0. With the lookup in [`leaf_text`], O(1): one 8-byte user read, four range checks.
-/// Only addresses into code go into the key, so a sample in a function with a frame (where the
-/// word is data) adds no key; what does get in is bounded by the call sites in the text, and
-/// userspace keeps it only where the sampled ip's CFI says the return address is at the stack
-/// pointer. Measured: no extra key for a frame-pointer C program, 2 distinct words for a Go
-/// program with two hot frameless leaves.
+/// The first of the [`LEAF_SLOTS`] words at the user stack pointer `sp` that is an address in
+/// one of `text`'s ranges, with its slot ([`leaf_ret_of`]), else 0. With the lookup in
+/// [`leaf_text`], O(1): one 32-byte user read (one 8-byte read when the stack ends sooner),
+/// sixteen range checks. Only addresses into code go into the key, so a sample in a function
+/// with a frame (where the words are data) adds no key; what does get in is bounded by the call
+/// sites in the text times the slots, and userspace keeps it only where the sampled ip's CFI
+/// says the return address is at that slot. Measured over 4 s: 2 distinct words for each C
+/// program with two hot frameless leaves (pushing or not), 4 for the Go one (see
+/// ARCHITECTURE.md).
 #[inline(always)]
 fn word_in_text(text: &LeafText, sp: u64) -> u64 {
     // SAFETY: bpf_probe_read_user checks the address; a bad one gives an error.
-    let Ok(word) = (unsafe { aya_ebpf::helpers::bpf_probe_read_user(sp as *const u64) }) else {
-        return 0;
-    };
-    let mut i = 0;
-    while i < LEAF_RANGES {
-        let [start, end] = text.ranges[i];
-        if start <= word && word < end {
-            return word;
+    let words =
+        match unsafe { aya_ebpf::helpers::bpf_probe_read_user(sp as *const [u64; LEAF_SLOTS]) } {
+            Ok(words) => words,
+            // SAFETY: as above.
+            Err(_) => match unsafe { aya_ebpf::helpers::bpf_probe_read_user(sp as *const u64) } {
+                Ok(word) => {
+                    let mut words = [0u64; LEAF_SLOTS];
+                    words[0] = word;
+                    words
+                }
+                Err(_) => return 0,
+            },
+        };
+    let mut slot = 0;
+    while slot < LEAF_SLOTS {
+        let word = words[slot];
+        let mut i = 0;
+        while i < LEAF_RANGES {
+            let [start, end] = text.ranges[i];
+            if start <= word && word < end {
+                return leaf_ret_of(word, slot);
+            }
+            i += 1;
         }
-        i += 1;
+        slot += 1;
     }
     0
 }
