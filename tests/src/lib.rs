@@ -4,6 +4,8 @@
 //! The binaries come from `WS1_PROBE_BIN` and `WS1_WORKLOAD_BIN` (set by `cargo xtask test`),
 //! defaulting to the release build in this workspace's target directory.
 
+pub mod folded;
+
 use std::{
     io::{BufRead, BufReader, Read, Write},
     net::TcpStream,

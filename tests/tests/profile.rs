@@ -3,56 +3,15 @@
 
 use std::{path::Path, process::Command, time::Duration};
 
+use ws1_probe_tests::folded::{in_order, parse_folded, truncated_share, user_leaf};
 use ws1_probe_tests::{
     Agent, Workload, burn_bin, http_get_bytes, pprof_bin, privileged, run_probe,
 };
-
-/// One folded line: frames root first, value.
-type Folded = Vec<(Vec<String>, u64)>;
-
-fn parse_folded(text: &str) -> Folded {
-    text.lines()
-        .filter(|l| !l.trim().is_empty())
-        .map(|line| {
-            let (stack, value) = line.rsplit_once(' ').expect("folded line has a value");
-            (
-                stack.split(';').map(str::to_owned).collect(),
-                value.parse().expect("folded value is a number"),
-            )
-        })
-        .collect()
-}
-
-/// The innermost user frame (kernel frames carry the `_[k]` suffix and come last).
-fn user_leaf(frames: &[String]) -> &str {
-    frames
-        .iter()
-        .rev()
-        .find(|f| !f.ends_with("_[k]"))
-        .map_or("", String::as_str)
-}
-
-/// Whether `chain` appears in `frames` in this order (not necessarily adjacent).
-fn in_order(frames: &[String], chain: &[&str]) -> bool {
-    let mut it = frames.iter();
-    chain.iter().all(|want| it.any(|f| f == want))
-}
 
 fn temp(name: &str) -> std::path::PathBuf {
     let dir = std::env::temp_dir().join(format!("ws1-profile-tests-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("temp dir");
     dir.join(name)
-}
-
-/// The share in "…, N.N% truncated" of the CLI's summary line.
-fn truncated_share(stderr: &str) -> f64 {
-    let at = stderr
-        .find("% truncated")
-        .expect("summary line with truncated share");
-    let start = stderr[..at]
-        .rfind(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .map_or(0, |i| i + 1);
-    stderr[start..at].parse().expect("a percentage")
 }
 
 /// CPU time a process has used, in seconds (utime + stime from /proc/PID/stat).

@@ -13,6 +13,7 @@ use std::{
     process::Command,
 };
 
+use ws1_probe_tests::folded::{parse_folded, truncated_share, user_leaf};
 use ws1_probe_tests::{Workload, privileged, run_probe};
 
 /// Two leaves without calls (so the compiler gives them no frame) under `main.main`, 3:1.
@@ -351,40 +352,6 @@ fn c_program() -> PathBuf {
         assert!(!framed, "{leaf} has a frame or calls:\n{insns:#?}");
     }
     bin
-}
-
-/// Folded lines: frames root first, value.
-fn parse_folded(text: &str) -> Vec<(Vec<String>, u64)> {
-    text.lines()
-        .filter(|l| !l.trim().is_empty())
-        .map(|line| {
-            let (stack, value) = line.rsplit_once(' ').expect("folded line has a value");
-            (
-                stack.split(';').map(str::to_owned).collect(),
-                value.parse().expect("folded value is a number"),
-            )
-        })
-        .collect()
-}
-
-/// The innermost user frame (kernel frames carry the `_[k]` suffix and come last).
-fn user_leaf(frames: &[String]) -> &str {
-    frames
-        .iter()
-        .rev()
-        .find(|f| !f.ends_with("_[k]"))
-        .map_or("", String::as_str)
-}
-
-/// The share in "…, N.N% truncated" of the CLI's summary line.
-fn truncated_share(stderr: &str) -> f64 {
-    let at = stderr
-        .find("% truncated")
-        .expect("summary line with truncated share");
-    let start = stderr[..at]
-        .rfind(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .map_or(0, |i| i + 1);
-    stderr[start..at].parse().expect("a percentage")
 }
 
 /// Profiles `bin` (run as `comm`) for 6 s with `--unwind unwind` and checks that it was

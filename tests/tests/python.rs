@@ -14,6 +14,7 @@ use std::{
     process::{Child, Command, Stdio},
 };
 
+use ws1_probe_tests::folded::{in_order, parse_folded, truncated_share};
 use ws1_probe_tests::{privileged, run_probe};
 
 /// Loop iterations of one part of the work (about 2 ms of CPU): short parts alternate often, so
@@ -101,42 +102,11 @@ impl Drop for PyProcess {
     }
 }
 
-/// One folded line: frames root first, value.
-fn parse_folded(text: &str) -> Vec<(Vec<String>, u64)> {
-    text.lines()
-        .filter(|l| !l.trim().is_empty())
-        .map(|line| {
-            let (stack, value) = line.rsplit_once(' ').expect("folded line has a value");
-            (
-                stack.split(';').map(str::to_owned).collect(),
-                value.parse().expect("folded value is a number"),
-            )
-        })
-        .collect()
-}
-
-/// Whether `chain` appears in `frames` in this order (not necessarily adjacent).
-fn in_order(frames: &[String], chain: &[&str]) -> bool {
-    let mut it = frames.iter();
-    chain.iter().all(|want| it.any(|f| f == want))
-}
-
 /// Whether `chain` appears in `frames` as adjacent frames.
 fn adjacent(frames: &[String], chain: &[&str]) -> bool {
     frames
         .windows(chain.len())
         .any(|w| w.iter().zip(chain).all(|(f, c)| f == c))
-}
-
-/// The share in "…, N.N% truncated" of the CLI's summary line.
-fn truncated_share(stderr: &str) -> f64 {
-    let at = stderr
-        .find("% truncated")
-        .expect("summary line with truncated share");
-    let start = stderr[..at]
-        .rfind(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .map_or(0, |i| i + 1);
-    stderr[start..at].parse().expect("a percentage")
 }
 
 /// Samples of `inner_a` and `inner_b` in a second 5 s profile of `pid`.

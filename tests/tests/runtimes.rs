@@ -12,23 +12,8 @@ use std::{
     time::Duration,
 };
 
+use ws1_probe_tests::folded::{Folded, parse_folded};
 use ws1_probe_tests::{Agent, Workload, burn_bin, privileged, run_probe};
-
-/// One folded line: frames root first, value.
-type Folded = Vec<(Vec<String>, u64)>;
-
-fn parse_folded(text: &str) -> Folded {
-    text.lines()
-        .filter(|l| !l.trim().is_empty())
-        .map(|line| {
-            let (stack, value) = line.rsplit_once(' ').expect("folded line has a value");
-            (
-                stack.split(';').map(str::to_owned).collect(),
-                value.parse().expect("folded value is a number"),
-            )
-        })
-        .collect()
-}
 
 /// User frames (kernel frames carry the `_[k]` suffix), root first.
 fn user_frames(frames: &[String]) -> Vec<&str> {
